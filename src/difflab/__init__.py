@@ -1,0 +1,1 @@
+"""difflab: diffusion models with verified math."""

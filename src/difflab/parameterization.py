@@ -1,0 +1,220 @@
+"""What a network predicts, and the one place where predictions are converted.
+
+With ``xt = alpha * x0 + sigma * eps`` every prediction target is a linear function of
+(xt, x0) or (xt, eps). This module holds those conversions, the :class:`Prediction` type that
+samplers consume, the :class:`Denoiser` interface, and :class:`ModelDenoiser`, the wrapper that
+turns a raw network into a denoiser for a given parameterisation:
+
+============  ==========================================================  =====================
+name          network output                                              paper
+============  ==========================================================  =====================
+``eps``       eps_hat                                                     Ho 2020, Eq. 11
+``x0``        x0_hat                                                      Ho 2020, Sec. 3.2
+``v``         v_hat = alpha * eps - sigma * x0                            Salimans 2022, Sec. 4
+``edm``       F, with D = c_skip * x + c_out * F(c_in * x; c_noise)      Karras 2022, Eq. 7
+============  ==========================================================  =====================
+
+With ``learned_variance=True`` the network has twice the output channels; the second half is
+the Improved-DDPM interpolation value v in [-1, 1] between log beta and log beta-tilde
+[Nichol & Dhariwal 2021, Eq. 15], stored as ``Prediction.var_frac = (v + 1) / 2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from difflab.schedules import Schedule, check_choice
+
+__all__ = [
+    "Parameterization",
+    "PARAMETERIZATIONS",
+    "Prediction",
+    "Denoiser",
+    "ModelDenoiser",
+    "broadcast_to",
+    "x0_from_eps",
+    "eps_from_x0",
+    "v_from_x0_eps",
+    "x0_from_v",
+    "eps_from_v",
+    "score_from_eps",
+    "eps_from_score",
+    "edm_preconditioning",
+]
+
+Parameterization = Literal["eps", "x0", "v", "edm"]
+PARAMETERIZATIONS: tuple[str, ...] = get_args(Parameterization)
+
+
+def broadcast_to(coef: Tensor | float, x: Tensor) -> Tensor:
+    """Reshape a per-sample coefficient (B,) or a scalar to broadcast against x (B, ...)."""
+    c = torch.as_tensor(coef, device=x.device).to(x.dtype)
+    if c.ndim == 0:
+        return c
+    return c.reshape(c.shape[0], *([1] * (x.ndim - 1)))
+
+
+# ---- conversions (alpha, sigma: scalars or tensors broadcastable to x) -----------------------
+
+
+def x0_from_eps(xt: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x0 = (xt - sigma * eps) / alpha  [Ho 2020, Eq. 4 solved for x0; Eq. 15]."""
+    return (xt - sigma * eps) / alpha
+
+
+def eps_from_x0(xt: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps = (xt - alpha * x0) / sigma."""
+    return (xt - alpha * x0) / sigma
+
+
+def v_from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """v = alpha * eps - sigma * x0  [Salimans & Ho 2022, Sec. 4]."""
+    return alpha * eps - sigma * x0
+
+
+def x0_from_v(xt: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x0 = (alpha * xt - sigma * v) / (alpha^2 + sigma^2); = alpha xt - sigma v for VP."""
+    return (alpha * xt - sigma * v) / (alpha**2 + sigma**2)
+
+
+def eps_from_v(xt: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps = (sigma * xt + alpha * v) / (alpha^2 + sigma^2); = sigma xt + alpha v for VP."""
+    return (sigma * xt + alpha * v) / (alpha**2 + sigma**2)
+
+
+def score_from_eps(eps: Tensor, sigma: Tensor) -> Tensor:
+    """grad_xt log q(xt) = -E[eps | xt] / sigma  [Song 2021, Eq. 3; Vincent 2011]."""
+    return -eps / sigma
+
+
+def eps_from_score(score: Tensor, sigma: Tensor) -> Tensor:
+    """eps = -sigma * score."""
+    return -sigma * score
+
+
+def edm_preconditioning(
+    edm_sigma: Tensor, sigma_data: float = 0.5
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(c_skip, c_out, c_in, c_noise) of EDM [Karras 2022, Table 1, "Ours"].
+
+    c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2),
+    c_in = 1 / sqrt(s^2 + sd^2), c_noise = ln(s) / 4.
+    """
+    s2 = edm_sigma**2
+    sd2 = sigma_data**2
+    c_skip = sd2 / (s2 + sd2)
+    c_out = edm_sigma * sigma_data / torch.sqrt(s2 + sd2)
+    c_in = 1 / torch.sqrt(s2 + sd2)
+    c_noise = torch.log(edm_sigma) / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+# ---- the interface samplers see ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A denoiser's answer at (xt, t). All tensors have the shape of xt (B, ...).
+
+    Attributes:
+        x0: estimate of the clean data E[x0 | xt].
+        eps: the matching noise estimate, (xt - alpha x0) / sigma.
+        var_frac: learned-variance interpolation in [0, 1] (Improved DDPM) or None.
+    """
+
+    x0: Tensor
+    eps: Tensor
+    var_frac: Tensor | None = None
+
+    def v(self, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """The v target implied by this prediction."""
+        return v_from_x0_eps(self.x0, self.eps, alpha, sigma)
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """``denoiser(xt, t, cond=None) -> Prediction``; ``t`` is a (B,) tensor of schedule times."""
+
+    def __call__(self, xt: Tensor, t: Tensor, cond: Any = None) -> Prediction: ...
+
+
+class ModelDenoiser(nn.Module):
+    """Wrap a network ``model(x, t_in, cond) -> Tensor`` as a :class:`Denoiser`.
+
+    For ``eps``/``x0``/``v`` the network is called with the schedule time ``t`` itself; for
+    ``edm`` with the preconditioned input ``c_in * x / alpha`` and ``c_noise = ln(sigma)/4``.
+
+    Args:
+        model: the raw network.
+        schedule: gives alpha(t), sigma(t).
+        parameterization: what the network outputs, one of ``PARAMETERIZATIONS``.
+        learned_variance: the network also outputs the Improved-DDPM variance value.
+        sigma_data: EDM's data standard deviation (``edm`` only).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Schedule,
+        *,
+        parameterization: Parameterization = "eps",
+        learned_variance: bool = False,
+        sigma_data: float = 0.5,
+    ) -> None:
+        super().__init__()
+        check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+        self.model = model
+        self.schedule = schedule
+        self.parameterization = parameterization
+        self.learned_variance = learned_variance
+        self.sigma_data = float(sigma_data)
+
+    def coefficients(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha(t), sigma(t) cast to x's dtype/device and broadcast to x."""
+        t = t.detach().to("cpu", torch.float64)
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        return broadcast_to(alpha, x), broadcast_to(sigma, x)
+
+    def network_output(self, xt: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """The raw network output (before conversion), as the training losses see it."""
+        t = torch.as_tensor(t, dtype=torch.float64).expand(xt.shape[0])
+        if self.parameterization == "edm":
+            alpha, _ = self.coefficients(t, xt)
+            s = self.schedule.edm_sigma(t.cpu())
+            _, _, c_in, c_noise = edm_preconditioning(s, self.sigma_data)
+            x_in = broadcast_to(c_in, xt) * (xt / alpha)
+            return self.model(x_in, c_noise.to(xt.device, xt.dtype), cond)
+        return self.model(xt, t.to(xt.device, xt.dtype), cond)
+
+    def prediction_from_output(self, out: Tensor, xt: Tensor, t: Tensor) -> Prediction:
+        """Convert a raw network output into a :class:`Prediction`."""
+        t = torch.as_tensor(t, dtype=torch.float64).expand(xt.shape[0])
+        var_frac = None
+        if self.learned_variance:
+            out, v = out.chunk(2, dim=1)
+            var_frac = (v + 1) / 2  # Eq. (15) [Nichol & Dhariwal 2021]
+        alpha, sigma = self.coefficients(t, xt)
+        p = self.parameterization
+        if p == "eps":
+            eps = out
+            x0 = x0_from_eps(xt, eps, alpha, sigma)
+        elif p == "x0":
+            x0 = out
+            eps = eps_from_x0(xt, x0, alpha, sigma)
+        elif p == "v":
+            x0 = x0_from_v(xt, out, alpha, sigma)
+            eps = eps_from_v(xt, out, alpha, sigma)
+        else:  # edm, Eq. (7) [Karras 2022]
+            s = self.schedule.edm_sigma(t.detach().cpu())
+            c_skip, c_out, _, _ = edm_preconditioning(s, self.sigma_data)
+            x_ve = xt / alpha
+            x0 = broadcast_to(c_skip, xt) * x_ve + broadcast_to(c_out, xt) * out
+            eps = (x_ve - x0) / broadcast_to(s, xt)
+        return Prediction(x0=x0, eps=eps, var_frac=var_frac)
+
+    def forward(self, xt: Tensor, t: Tensor, cond: Any = None) -> Prediction:
+        return self.prediction_from_output(self.network_output(xt, t, cond), xt, t)

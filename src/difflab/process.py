@@ -1,0 +1,123 @@
+"""The forward (noising) process and its posterior.
+
+* :func:`q_sample` draws xt ~ q(xt | x0) = N(alpha_t x0, sigma_t^2 I) in closed form
+  [Ho 2020, Eq. 4].
+* :func:`q_step` applies one step of the Markov chain q(x_t | x_{t-1}) =
+  N(sqrt(1 - beta_t) x_{t-1}, beta_t I) [Ho 2020, Eq. 2]; :func:`q_sample_iterative` chains them.
+* :func:`q_posterior` gives q(x_s | x_t, x0) for any s < t, which for s = t - 1 is the DDPM
+  posterior of Eq. 6-7 [Ho 2020] and for other s the respaced posterior used by DDIM and
+  Improved DDPM. In alpha/sigma form, with alpha_{t|s} = alpha_t / alpha_s and
+  sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2 [Kingma 2021, Eq. 10-12]:
+
+      mean = alpha_{t|s} sigma_s^2 / sigma_t^2 * x_t + alpha_s sigma_{t|s}^2 / sigma_t^2 * x0
+      var  = sigma_{t|s}^2 sigma_s^2 / sigma_t^2
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from difflab.parameterization import broadcast_to
+from difflab.schedules import DiscreteSchedule, Schedule
+
+__all__ = ["q_sample", "q_step", "q_sample_iterative", "q_posterior", "transition"]
+
+
+def _times(t: Tensor | float | int, x: Tensor) -> Tensor:
+    t = torch.as_tensor(t, dtype=torch.float64).cpu()
+    return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
+def q_sample(
+    x0: Tensor,
+    t: Tensor | float,
+    schedule: Schedule,
+    *,
+    eps: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """xt = alpha_t x0 + sigma_t eps, eps ~ N(0, I)  [Ho 2020, Eq. 4].
+
+    Args:
+        x0: clean data (B, ...).
+        t: times, a scalar or (B,).
+        eps: the noise to use (drawn with ``generator`` when None).
+    Returns:
+        xt (B, ...).
+    """
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    tt = _times(t, x0)
+    alpha, sigma = schedule.alpha_sigma(tt)
+    return broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * eps
+
+
+def q_step(
+    x_prev: Tensor,
+    t: int,
+    schedule: DiscreteSchedule,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One forward step x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z  [Ho 2020, Eq. 2].
+
+    ``t`` is the paper's index (1..T); the noise is scaled by sqrt(beta_t), not beta_t.
+    """
+    if not 1 <= t <= schedule.T:
+        raise ValueError(f"t must be in 1..{schedule.T}, got {t}")
+    beta = float(schedule.betas[t - 1])
+    z = torch.randn(x_prev.shape, generator=generator, dtype=x_prev.dtype).to(x_prev.device)
+    return (1 - beta) ** 0.5 * x_prev + beta**0.5 * z
+
+
+def q_sample_iterative(
+    x0: Tensor,
+    t: int,
+    schedule: DiscreteSchedule,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """x_t by applying :func:`q_step` t times (the slow, literal Markov chain)."""
+    x = x0
+    for s in range(1, t + 1):
+        x = q_step(x, s, schedule, generator=generator)
+    return x
+
+
+def transition(schedule: Schedule, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """(alpha_{t|s}, sigma_{t|s}^2) of q(x_t | x_s) for s < t, float64  [Kingma 2021, Eq. 10].
+
+    For a discrete schedule and s = t - 1 these are sqrt(1 - beta_t) and beta_t.
+    """
+    a_t, s_t = schedule.alpha_sigma(t)
+    a_s, s_s = schedule.alpha_sigma(s)
+    a_ts = a_t / a_s
+    var_ts = (s_t**2 - a_ts**2 * s_s**2).clamp(min=0)
+    return a_ts, var_ts
+
+
+def q_posterior(
+    x0: Tensor,
+    xt: Tensor,
+    t: Tensor | float,
+    s: Tensor | float,
+    schedule: Schedule,
+) -> tuple[Tensor, Tensor]:
+    """Mean and variance of q(x_s | x_t, x0) for s < t  [Ho 2020, Eq. 6-7; Kingma 2021, Eq. 12].
+
+    Args:
+        x0, xt: (B, ...).
+        t, s: times (scalars or (B,)), s < t. s = 0 gives mean x0 and variance 0.
+    Returns:
+        mean (B, ...) and variance broadcastable to (B, ...), in xt's dtype.
+    """
+    tt, ss = _times(t, xt), _times(s, xt)
+    a_ts, var_ts = transition(schedule, tt, ss)
+    a_s, s_s = schedule.alpha_sigma(ss)
+    s_t2 = schedule.sigma(tt) ** 2
+    coef_xt = a_ts * s_s**2 / s_t2
+    coef_x0 = a_s * var_ts / s_t2
+    var = var_ts * s_s**2 / s_t2
+    mean = broadcast_to(coef_xt, xt) * xt + broadcast_to(coef_x0, xt) * x0
+    return mean, broadcast_to(var, xt)

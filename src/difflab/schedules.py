@@ -1,0 +1,419 @@
+"""Noise schedules: the one source of alpha, sigma and log-SNR at any noise level.
+
+A forward process adds noise as ``xt = alpha(t) * x0 + sigma(t) * eps`` with ``eps ~ N(0, I)``.
+A :class:`Schedule` answers, for any (possibly fractional) time ``t``:
+
+* ``alpha(t)``, ``sigma(t)``                 signal and noise scales;
+* ``logsnr(t) = log(alpha^2 / sigma^2)``     the log signal-to-noise ratio lambda;
+* ``edm_sigma(t) = sigma / alpha``           the same noise level in the variance-exploding
+                                             parameterisation of EDM [Karras 2022, Eq. 4-5];
+* ``t_from_logsnr(lam)``, ``t_from_edm_sigma(s)`` the inverses.
+
+Two concrete schedules:
+
+* :class:`DiscreteSchedule` - the discrete-time DDPM view [Ho 2020]: betas ``beta_1..beta_T`` and
+  ``alpha_bar_t = prod_{s<=t} (1 - beta_s)`` (Eq. 4), indexed as in the paper: ``t = 0`` is the
+  data (``alpha_bar_0 = 1``) and ``t = T`` the last step. Between integers the schedule is
+  continuous: ``log alpha_bar`` is interpolated linearly in ``t`` (as DPM-Solver does for discrete
+  models), so samplers may ask for any ``t`` in ``[0, T]``.
+* :class:`EDMSchedule` - the variance-exploding schedule of EDM [Karras 2022]: ``alpha = 1`` and
+  ``sigma = t``.
+
+Everything is computed in float64; callers cast at use. Step grids for samplers (uniform,
+leading, trailing, Karras rho, uniform in log-SNR) are built by :func:`sampling_timesteps`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BetaScheduleName",
+    "BETA_SCHEDULES",
+    "Spacing",
+    "SPACINGS",
+    "Schedule",
+    "DiscreteSchedule",
+    "EDMSchedule",
+    "make_betas",
+    "rescale_zero_terminal_snr",
+    "sampling_timesteps",
+    "check_choice",
+]
+
+BetaScheduleName = Literal["linear", "cosine", "quadratic", "sigmoid", "sohl-dickstein"]
+BETA_SCHEDULES: tuple[str, ...] = get_args(BetaScheduleName)
+Spacing = Literal["uniform", "leading", "trailing", "karras", "logsnr"]
+SPACINGS: tuple[str, ...] = get_args(Spacing)
+
+_F64 = torch.float64
+
+
+def check_choice(name: str, value: str, options: tuple[str, ...]) -> str:
+    """Validate a string choice once, with an error that lists the valid options."""
+    if value not in options:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(options)}")
+    return value
+
+
+def _as_f64(t: Tensor | float) -> Tensor:
+    return torch.as_tensor(t, dtype=_F64)
+
+
+# --------------------------------------------------------------------------------------------
+# Beta schedules (discrete, T steps)
+# --------------------------------------------------------------------------------------------
+
+
+def _betas_from_alpha_bar(alpha_bar_fn, T: int, max_beta: float = 0.999) -> Tensor:
+    """beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped [Nichol & Dhariwal 2021, Sec. 3.2]."""
+    t = torch.arange(T + 1, dtype=_F64)
+    ab = alpha_bar_fn(t)
+    return (1.0 - ab[1:] / ab[:-1]).clamp(max=max_beta)
+
+
+def make_betas(
+    name: BetaScheduleName,
+    T: int,
+    *,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
+    cosine_s: float = 0.008,
+) -> Tensor:
+    """Forward-process variances ``beta_1..beta_T`` as a float64 tensor of shape (T,).
+
+    * ``linear``    [Ho 2020, Sec. 4]: linspace(1e-4, 0.02) scaled by 1000/T so that other T
+      keep the same total noise [Nichol & Dhariwal 2021].
+    * ``quadratic`` linspace(sqrt(beta_start), sqrt(beta_end))^2 (the DDPM code's "quad").
+    * ``sigmoid``   sigmoid(linspace(-6, 6)) rescaled to [beta_start, beta_end].
+    * ``cosine``    [Nichol & Dhariwal 2021, Eq. 17]: alpha_bar(t) = f(t)/f(0),
+      f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), beta clipped at 0.999.
+    * ``sohl-dickstein`` [Sohl-Dickstein 2015, reference code]: a baseline that destroys a
+      constant fraction of the remaining signal variance per step, beta_t = 1/linspace(T, 2, T),
+      bounded below by 1e-6 (plus 1e-3 on the first step) and above by 1 - 1e-5.
+    """
+    check_choice("beta schedule", name, BETA_SCHEDULES)
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"the number of diffusion steps T must be a positive integer, got {T!r}")
+    scale = 1000.0 / T
+    b0 = beta_start if beta_start is not None else 1e-4 * scale
+    b1 = beta_end if beta_end is not None else 0.02 * scale
+    if name == "linear":
+        betas = torch.linspace(b0, b1, T, dtype=_F64)
+    elif name == "quadratic":
+        betas = torch.linspace(math.sqrt(b0), math.sqrt(b1), T, dtype=_F64) ** 2
+    elif name == "sigmoid":
+        betas = torch.sigmoid(torch.linspace(-6.0, 6.0, T, dtype=_F64)) * (b1 - b0) + b0
+    elif name == "cosine":
+
+        def alpha_bar(t: Tensor) -> Tensor:
+            f = torch.cos((t / T + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+            return f / math.cos(cosine_s / (1 + cosine_s) * math.pi / 2) ** 2
+
+        betas = _betas_from_alpha_bar(alpha_bar, T)
+    else:  # sohl-dickstein
+        min_beta = torch.full((T,), 1e-6, dtype=_F64)
+        min_beta[0] += 1e-3
+        baseline = 1.0 / torch.linspace(float(T), 2.0, T, dtype=_F64) if T > 1 else torch.ones(1)
+        betas = min_beta + baseline.to(_F64) * (1.0 - min_beta - 1e-5)
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError(f"{name} schedule with T={T} gives betas outside (0, 1)")
+    return betas
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Rescale betas so that the last step has zero SNR [Lin 2024, Algorithm 1].
+
+    sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first is unchanged.
+    The last beta becomes 1 (alpha_bar_T = 0): the model sees pure noise at t = T.
+    """
+    sqrt_ab = torch.cumprod(1.0 - betas.to(_F64), 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------
+
+
+class Schedule(ABC):
+    """A noise schedule: alpha(t), sigma(t) and log-SNR for t in [0, t_max].
+
+    Subclasses implement :meth:`logsnr` and :meth:`t_from_logsnr`; everything else derives
+    from them. ``t = 0`` is always clean data (log-SNR = +inf). ``t_min`` is the smallest
+    positive time a network is trained on (1 for DDPM, sigma_min for EDM).
+    """
+
+    t_max: float
+    t_min: float
+    variance_preserving: bool
+
+    @abstractmethod
+    def logsnr(self, t: Tensor | float) -> Tensor:
+        """lambda(t) = log(alpha^2 / sigma^2), float64, same shape as ``t``."""
+
+    @abstractmethod
+    def t_from_logsnr(self, logsnr: Tensor | float) -> Tensor:
+        """Inverse of :meth:`logsnr`, float64."""
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        """Signal scale alpha(t); for VP alpha^2 = sigmoid(lambda) [Kingma 2021, Eq. 3-4]."""
+        lam = self.logsnr(t)
+        if self.variance_preserving:
+            return torch.sigmoid(lam).sqrt()
+        return torch.ones_like(lam)
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        """Noise scale sigma(t); for VP sigma^2 = sigmoid(-lambda)."""
+        lam = self.logsnr(t)
+        if self.variance_preserving:
+            return torch.sigmoid(-lam).sqrt()
+        return torch.exp(-lam / 2)
+
+    def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(alpha(t), sigma(t)) in one call."""
+        return self.alpha(t), self.sigma(t)
+
+    def edm_sigma(self, t: Tensor | float) -> Tensor:
+        """EDM noise level sigma/alpha = exp(-lambda/2) of the scaled variable x/alpha."""
+        return torch.exp(-self.logsnr(t) / 2)
+
+    def t_from_edm_sigma(self, edm_sigma: Tensor | float) -> Tensor:
+        """Inverse of :meth:`edm_sigma`."""
+        return self.t_from_logsnr(-2.0 * torch.log(_as_f64(edm_sigma)))
+
+    @property
+    def sigma_max(self) -> float:
+        """Largest EDM sigma, at t_max."""
+        return float(self.edm_sigma(self.t_max))
+
+    @property
+    def sigma_min(self) -> float:
+        """EDM sigma at t_min (the least noisy trained level)."""
+        return float(self.edm_sigma(self.t_min))
+
+    def to_config(self) -> dict:
+        """A JSON-serialisable description; :func:`schedule_from_config` rebuilds it."""
+        raise NotImplementedError
+
+
+class DiscreteSchedule(Schedule):
+    """The DDPM discrete-time schedule [Ho 2020], with a continuous extension.
+
+    Notation (paper indexing, t = 0..T):
+
+    ======================  ==========================  =======================================
+    code                    paper                       meaning
+    ======================  ==========================  =======================================
+    ``betas[t-1]``          beta_t                      variance added at step t (t = 1..T)
+    ``alphas[t-1]``         alpha_t = 1 - beta_t        Ho 2020, Eq. 4 notation
+    ``alpha_bar[t]``        alpha-bar_t                 prod_{s=1}^{t} alpha_s, alpha_bar[0] = 1
+    ``beta_tilde[t-1]``     beta-tilde_t                posterior variance, Eq. 7
+    ======================  ==========================  =======================================
+
+    ``alpha(t) = sqrt(alpha_bar_t)`` and ``sigma(t) = sqrt(1 - alpha_bar_t)``. For fractional
+    t, log alpha_bar is interpolated linearly between the integers.
+    """
+
+    variance_preserving = True
+
+    def __init__(self, betas: Tensor, *, name: str = "custom") -> None:
+        betas = torch.as_tensor(betas, dtype=_F64).flatten()
+        if betas.numel() < 1 or not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas must be a non-empty 1-D tensor with values in (0, 1]")
+        self.name = name
+        self.T = betas.numel()
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alpha_bar = torch.cat([torch.ones(1, dtype=_F64), torch.cumprod(self.alphas, 0)])
+        # Eq. (7) [Ho 2020]: beta-tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t
+        self.beta_tilde = (1 - self.alpha_bar[:-1]) / (1 - self.alpha_bar[1:]) * betas
+        # (T+1,), strictly decreasing; floored at 1e-20 so a zero-terminal-SNR schedule
+        # (alpha_bar_T = 0) stays finite when interpolated
+        self._log_ab = torch.log(self.alpha_bar.clamp(min=1e-20))
+        self.t_max = float(self.T)
+        self.t_min = 1.0
+        self._config: dict = {"type": "discrete", "name": name, "T": self.T}
+
+    @classmethod
+    def from_name(
+        cls,
+        name: BetaScheduleName,
+        T: int = 1000,
+        *,
+        zero_terminal_snr: bool = False,
+        **kwargs: float,
+    ) -> DiscreteSchedule:
+        """Build from a named beta schedule (see :func:`make_betas`)."""
+        betas = make_betas(name, T, **kwargs)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        sched = cls(betas, name=name)
+        sched._config = {
+            "type": "discrete",
+            "name": name,
+            "T": T,
+            "zero_terminal_snr": zero_terminal_snr,
+            **kwargs,
+        }
+        return sched
+
+    def to_config(self) -> dict:
+        if self.name == "custom":
+            return {"type": "discrete", "name": "custom", "betas": self.betas.tolist()}
+        return dict(self._config)
+
+    def log_alpha_bar(self, t: Tensor | float) -> Tensor:
+        """log alpha_bar(t), linear in t between integer steps; t in [0, T]."""
+        t = _as_f64(t)
+        if bool(((t < 0) | (t > self.T)).any()):
+            raise ValueError(f"t must lie in [0, {self.T}]")
+        lo = t.floor().clamp(0, self.T - 1).long()
+        frac = t - lo.to(_F64)
+        return (1 - frac) * self._log_ab[lo] + frac * self._log_ab[lo + 1]
+
+    def logsnr(self, t: Tensor | float) -> Tensor:
+        lab = self.log_alpha_bar(t)
+        # lambda = log(ab / (1 - ab)), computed stably; +inf at t = 0
+        return lab - torch.log(-torch.expm1(lab))
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return torch.exp(self.log_alpha_bar(t) / 2)
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return torch.sqrt(-torch.expm1(self.log_alpha_bar(t)))
+
+    def t_from_logsnr(self, logsnr: Tensor | float) -> Tensor:
+        lam = _as_f64(logsnr)
+        # log alpha_bar = log sigmoid(lambda); invert the piecewise-linear log alpha_bar(t)
+        lab = torch.nn.functional.logsigmoid(lam).clamp(min=float(self._log_ab[-1]))
+        neg = -self._log_ab  # increasing
+        hi = torch.searchsorted(neg, (-lab).contiguous()).clamp(1, self.T)
+        lo = hi - 1
+        span = neg[hi] - neg[lo]
+        frac = ((-lab) - neg[lo]) / span
+        return lo.to(_F64) + frac.clamp(0, 1)
+
+    def __repr__(self) -> str:
+        return f"DiscreteSchedule(name={self.name!r}, T={self.T})"
+
+
+class EDMSchedule(Schedule):
+    """Variance-exploding schedule of EDM [Karras 2022, Table 1]: alpha = 1, sigma(t) = t.
+
+    Trained noise levels lie in [sigma_min, sigma_max] (0.002 and 80 in the paper).
+    """
+
+    variance_preserving = False
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError("EDM schedule needs 0 < sigma_min < sigma_max")
+        self.t_min = float(sigma_min)
+        self.t_max = float(sigma_max)
+
+    def logsnr(self, t: Tensor | float) -> Tensor:
+        return -2.0 * torch.log(_as_f64(t))
+
+    def t_from_logsnr(self, logsnr: Tensor | float) -> Tensor:
+        return torch.exp(-_as_f64(logsnr) / 2)
+
+    def to_config(self) -> dict:
+        return {"type": "edm", "sigma_min": self.t_min, "sigma_max": self.t_max}
+
+    def __repr__(self) -> str:
+        return f"EDMSchedule(sigma_min={self.t_min}, sigma_max={self.t_max})"
+
+
+def schedule_from_config(config: dict) -> Schedule:
+    """Rebuild a schedule from :meth:`Schedule.to_config`."""
+    kind = config.get("type")
+    if kind == "edm":
+        return EDMSchedule(config["sigma_min"], config["sigma_max"])
+    if kind == "discrete":
+        if config.get("name") == "custom":
+            return DiscreteSchedule(torch.tensor(config["betas"], dtype=_F64))
+        extra = {k: v for k, v in config.items() if k not in ("type", "name", "T")}
+        return DiscreteSchedule.from_name(config["name"], config["T"], **extra)
+    raise ValueError(f"unknown schedule type {kind!r}; choose one of: discrete, edm")
+
+
+__all__.append("schedule_from_config")
+
+
+# --------------------------------------------------------------------------------------------
+# Step grids for samplers
+# --------------------------------------------------------------------------------------------
+
+
+def sampling_timesteps(
+    schedule: Schedule,
+    steps: int,
+    *,
+    spacing: Spacing = "trailing",
+    rho: float = 7.0,
+    t_start: float | None = None,
+) -> Tensor:
+    """A decreasing grid of ``steps + 1`` times ``t_0 > t_1 > ... > t_steps = 0``, float64.
+
+    The sampler takes ``steps`` steps and calls the network at the first ``steps`` times.
+
+    * ``trailing``  [Lin 2024, Table 2]: t_max, t_max - t_max/N, ..., t_max/N (rounded to
+      integers for a discrete schedule). Starts at the most noisy level.
+    * ``leading``   [Song 2021 (DDIM) code]: 1 + k * (T // N) for k = N-1..0; does not reach T.
+    * ``uniform``   linspace(t_max, t_min, N) (rounded for a discrete schedule).
+    * ``karras``    [Karras 2022, Eq. 5]: sigma_i = (sigma_max^(1/rho) + i/(N-1)
+      (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho in EDM sigma, mapped back to t.
+    * ``logsnr``    uniform in log-SNR between t_max and t_min [Lu 2022 (DPM-Solver)].
+
+    ``t_start`` (default t_max) starts the grid lower, e.g. for image-to-image (SDEdit).
+    """
+    check_choice("spacing", spacing, SPACINGS)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    t_hi = schedule.t_max if t_start is None else float(t_start)
+    t_lo = schedule.t_min
+    if not t_lo <= t_hi <= schedule.t_max:
+        raise ValueError(f"t_start must lie in [{t_lo}, {schedule.t_max}], got {t_hi}")
+    discrete = isinstance(schedule, DiscreteSchedule)
+    if spacing == "trailing":
+        ts = t_hi - torch.arange(steps, dtype=_F64) * (t_hi / steps)
+        ts = ts.clamp(min=t_lo)
+    elif spacing == "leading":
+        if not discrete:
+            raise ValueError("leading spacing is defined for discrete schedules only")
+        stride = max(int(t_hi) // steps, 1)
+        ts = (1 + torch.arange(steps - 1, -1, -1, dtype=_F64) * stride).clamp(max=t_hi)
+    elif spacing == "uniform":
+        ts = torch.linspace(t_hi, t_lo, steps, dtype=_F64)
+    elif spacing == "karras":
+        s_hi = float(schedule.edm_sigma(t_hi))
+        s_lo = schedule.sigma_min
+        ramp = torch.linspace(0, 1, steps, dtype=_F64)
+        sig = (s_hi ** (1 / rho) + ramp * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
+        ts = schedule.t_from_edm_sigma(sig)
+    else:  # logsnr
+        lam = torch.linspace(
+            float(schedule.logsnr(t_hi)), float(schedule.logsnr(t_lo)), steps, dtype=_F64
+        )
+        ts = schedule.t_from_logsnr(lam)
+    if discrete and spacing in ("trailing", "uniform"):
+        ts = ts.round()
+    if steps == 1:
+        ts = torch.tensor([t_hi], dtype=_F64)
+    ts = ts.clamp(t_lo, schedule.t_max)
+    if bool((ts[1:] >= ts[:-1]).any()):
+        raise ValueError(
+            f"{steps} steps with {spacing} spacing give repeated times on this schedule; "
+            "use fewer steps or another spacing"
+        )
+    return torch.cat([ts, torch.zeros(1, dtype=_F64)])
