@@ -121,6 +121,7 @@ def make_betas(
         min_beta[0] += 1e-3
         baseline = 1.0 / torch.linspace(float(T), 2.0, T, dtype=_F64) if T > 1 else torch.ones(1)
         betas = min_beta + baseline.to(_F64) * (1.0 - min_beta - 1e-5)
+    betas = betas.clamp(max=0.999)  # short T: the 1000/T scaling would exceed 1
     if not bool(((betas > 0) & (betas < 1)).all()):
         raise ValueError(f"{name} schedule with T={T} gives betas outside (0, 1)")
     return betas
