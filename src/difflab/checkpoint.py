@@ -1,0 +1,593 @@
+"""Run directories and crash-safe checkpoints.
+
+Layout of a run directory::
+
+    RUN_DIR/config.json                  app config (JSON object), written atomically at run start
+    RUN_DIR/checkpoints/step-00001000/   one complete checkpoint:
+        <group>.safetensors                  named tensor groups (model, ema, ...); no pickle
+        state.pt                             optimizer state, step, RNG states, read back with
+                                             torch.load(weights_only=True)
+        manifest.json                        file names, sizes, SHA-256, step, format version
+    RUN_DIR/checkpoints/latest           names the newest complete checkpoint
+    RUN_DIR/metrics.csv                  one row per logged step
+    RUN_DIR/finished.json                written when the run completed
+
+A checkpoint is written into ``checkpoints/.tmp-step-XXXXXXXX-*/``; every file and the directory
+are fsynced, the directory is renamed to ``step-XXXXXXXX`` (atomic on POSIX), only then is
+``latest`` replaced atomically, and only after that are older checkpoints removed. A process
+killed at any moment therefore leaves the previous (or the new) checkpoint complete, and
+:func:`load_checkpoint` finds it even when ``latest`` is missing or dangling. One process writes
+to a run directory at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"step-(\d+)")
+_OLD_STEP_DIR = re.compile(r"\.old-step-(\d+)-[0-9a-f]+")
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_CHUNK = 1 << 20
+_STATE_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+class CheckpointError(RuntimeError):
+    """A run directory or checkpoint is missing, incomplete or corrupted (one-line message)."""
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def _fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems cannot fsync a directory
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically: a reader sees the old or the new file, never a mix.
+
+    Writes a temporary file in the same directory, flushes and fsyncs it, renames it over ``path``
+    with ``os.replace`` and fsyncs the directory. The directory must exist.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_bytes(obj: Any, what: str) -> bytes:
+    try:
+        return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"cannot write {what} as JSON: {_one_line(e)}") from e
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """:func:`atomic_write_bytes` for a JSON document (indented, UTF-8)."""
+    atomic_write_bytes(path, _json_bytes(obj, str(path)))
+
+
+# ----------------------------------------------------------------------------- saving
+def _checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _sync_and_hash(path: Path) -> dict[str, Any]:
+    """fsync a written file and return its manifest entry (size, SHA-256)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "r+b") as f:
+        os.fsync(f.fileno())
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _plain_tensors(group: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors that own their storage (safetensors refuses shared storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be strings; group {group!r} has {name!r}")
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            raise TypeError(f"tensors[{group!r}][{name!r}] is not a dense torch.Tensor")
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu", memory_format=torch.contiguous_format)
+        else:
+            storage = t.untyped_storage()
+            if (
+                storage.data_ptr() in seen
+                or not t.is_contiguous()
+                or storage.nbytes() != t.numel() * t.element_size()
+            ):
+                t = t.clone(memory_format=torch.contiguous_format)
+            seen.add(storage.data_ptr())
+        out[name] = t
+    return out
+
+
+def _check_state(obj: Any, where: str) -> None:
+    """Refuse at save time what ``torch.load(weights_only=True)`` would refuse at load time."""
+    kind = type(obj)
+    if isinstance(obj, torch.Tensor) or kind in _STATE_SCALARS or kind is torch.Size:
+        return
+    if kind in (dict, collections.OrderedDict):
+        for key, value in obj.items():
+            _check_state(key, f"{where} key {key!r}")
+            _check_state(value, f"{where}[{key!r}]")
+        return
+    if kind in (list, tuple, set):
+        for i, value in enumerate(obj):
+            _check_state(value, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"{where} has type {kind.__module__}.{kind.__qualname__}, which "
+        "torch.load(weights_only=True) cannot read; use tensors, numbers, strings, lists, dicts"
+    )
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    *,
+    step: int,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    state: Mapping[str, Any],
+    keep: int | None = 2,
+) -> Path:
+    """Write ``RUN_DIR/checkpoints/step-XXXXXXXX/`` completely, point ``latest`` at it, prune.
+
+    Args:
+        run_dir: the run directory (``checkpoints/`` is created inside it).
+        step: training step (>= 0); names the checkpoint. Saving a step that already exists
+            replaces it without a moment where no complete copy of it exists.
+        tensors: named tensor groups, e.g. ``{"model": model.state_dict(), "ema": ...}``; each
+            is written to ``<group>.safetensors`` (moved to CPU, made contiguous, shared storage
+            cloned). Group names: letters, digits, ``_``, ``-``.
+        state: anything ``torch.load(weights_only=True)`` reads (tensors, dicts, lists, tuples,
+            numbers, strings, None): optimizer state, step, RNG states. Numpy objects are refused.
+        keep: number of checkpoints to keep, counting the new one and ordering the others by
+            step (None keeps all). Older ones are removed only after ``latest`` names the new one.
+
+    Returns:
+        The path of the new checkpoint directory.
+    """
+    if type(step) is not int or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if keep is not None and (type(keep) is not int or keep < 1):
+        raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
+    for group in tensors:
+        if not isinstance(group, str) or not _GROUP_NAME.fullmatch(group):
+            raise ValueError(f"tensor group name {group!r} must match {_GROUP_NAME.pattern}")
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    _check_state(dict(state), "state")
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = _checkpoint_name(step)
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    old: Path | None = None
+    try:
+        tmp.chmod(0o755)
+        files: dict[str, dict[str, Any]] = {}
+        for group, group_tensors in tensors.items():
+            fname = f"{group}.safetensors"
+            save_file(_plain_tensors(group, group_tensors), str(tmp / fname))
+            files[fname] = _sync_and_hash(tmp / fname)
+        torch.save(dict(state), tmp / "state.pt")
+        files["state.pt"] = _sync_and_hash(tmp / "state.pt")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "tensor_groups": list(tensors),
+            "files": files,
+        }
+        (tmp / "manifest.json").write_bytes(_json_bytes(manifest, "manifest"))
+        _sync_and_hash(tmp / "manifest.json")
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step: keep the old copy until the new one is in place
+            old = root / f".old-{name}-{secrets.token_hex(4)}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists():
+            os.rename(old, final)
+        raise
+    atomic_write_text(root / "latest", name + "\n")
+    _prune(root, keep=keep, current=name)
+    return final
+
+
+def _prune(root: Path, *, keep: int | None, current: str) -> None:
+    """Remove leftovers of interrupted saves and all but ``keep`` checkpoints."""
+    for p in root.iterdir():
+        if p.name.startswith((".tmp-", ".old-", ".trash-")) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(".latest.") and p.name.endswith(".tmp") and p.is_file():
+            p.unlink(missing_ok=True)  # left by an interrupted atomic_write_text
+    if keep is None:
+        return
+    others = sorted(
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir() and p.name != current
+    )
+    for _, p in others[: max(len(others) - (keep - 1), 0)]:
+        trash = root / f".trash-{p.name}-{secrets.token_hex(4)}"
+        os.rename(p, trash)  # a half-deleted directory never looks like a checkpoint
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- loading
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: ``tensors[group][name]`` and the ``state`` dict given to save."""
+
+    step: int
+    path: Path
+    tensors: dict[str, dict[str, torch.Tensor]]
+    state: dict[str, Any]
+
+
+def _read_manifest(ckpt_dir: Path) -> dict[str, Any]:
+    path = ckpt_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: manifest missing (incomplete checkpoint)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest ({_one_line(e)})") from e
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: unreadable manifest ({what})")
+
+    if not isinstance(manifest, dict):
+        raise bad("not a JSON object")
+    version = manifest.get("format_version")
+    if type(version) is not int or version < 1:
+        raise bad("missing or invalid format_version")
+    if version > FORMAT_VERSION:
+        raise bad(f"format_version {version} is newer than this difflab ({FORMAT_VERSION})")
+    if type(manifest.get("step")) is not int:
+        raise bad("missing or invalid step")
+    files, groups = manifest.get("files"), manifest.get("tensor_groups")
+    if not isinstance(files, dict) or "state.pt" not in files:
+        raise bad("missing or invalid files")
+    for fname, info in files.items():
+        if (
+            not _FILE_NAME.fullmatch(fname)
+            or not isinstance(info, dict)
+            or type(info.get("size")) is not int
+            or not isinstance(info.get("sha256"), str)
+        ):
+            raise bad(f"invalid entry for file {fname!r}")
+    if not isinstance(groups, list) or any(f"{g}.safetensors" not in files for g in groups):
+        raise bad("missing or invalid tensor_groups")
+    return manifest
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """Check every file of a checkpoint against its manifest (size, SHA-256); return the manifest.
+
+    Raises:
+        CheckpointError: naming the file that is missing, truncated or corrupted.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    manifest = _read_manifest(ckpt_dir)
+    for fname, info in manifest["files"].items():
+        path = ckpt_dir / fname
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: file missing (incomplete checkpoint)") from None
+        if size != info["size"]:
+            raise CheckpointError(
+                f"{path}: {size} bytes but the manifest records {info['size']} (truncated file)"
+            )
+        if _sha256(path) != info["sha256"]:
+            raise CheckpointError(f"{path}: SHA-256 differs from the manifest (corrupted file)")
+    return manifest
+
+
+def _checkpoints_root(path: Path) -> Path:
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def _resolve(run_dir: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint to load and, when none is found, why the newest candidate was skipped."""
+    root = _checkpoints_root(run_dir)
+    try:
+        name = (root / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if _STEP_DIR.fullmatch(name) and (root / name / "manifest.json").is_file():
+        return root / name, None
+    # `latest` missing or dangling: the newest checkpoint directory that verifies.
+    candidates = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _STEP_DIR.fullmatch(p.name) or _OLD_STEP_DIR.fullmatch(p.name)
+            if m and p.is_dir():
+                candidates.append((int(m.group(1)), not p.name.startswith("."), p))
+    reason = None
+    for _, _, p in sorted(candidates, reverse=True):
+        try:
+            verify_checkpoint(p)
+            return p, None
+        except CheckpointError as e:
+            reason = reason or str(e)
+    return None, reason
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint directory :func:`load_checkpoint` would load from ``run_dir``, or None.
+
+    Follows ``checkpoints/latest``; when it is missing or dangling, falls back to the newest
+    checkpoint directory that passes verification.
+    """
+    run_dir = Path(run_dir)
+    return _resolve(run_dir)[0] if run_dir.is_dir() else None
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+) -> Checkpoint:
+    """Load a checkpoint from a run directory (following ``latest``) or a checkpoint directory.
+
+    Every file is verified against the manifest first; ``state.pt`` is read with
+    ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: no checkpoint at all, unreadable manifest, missing, truncated or
+            corrupted file (the message names the file).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a run directory or checkpoint directory")
+    if (path / "manifest.json").exists() or _STEP_DIR.fullmatch(path.name):
+        ckpt_dir = path
+    else:
+        found, reason = _resolve(path)
+        if found is None:
+            raise CheckpointError(
+                f"{path}: no complete checkpoint found" + (f" (skipped {reason})" if reason else "")
+            )
+        ckpt_dir = found
+    manifest = verify_checkpoint(ckpt_dir)
+    device = str(torch.device(map_location))
+    tensors = {}
+    for group in manifest["tensor_groups"]:
+        file = ckpt_dir / f"{group}.safetensors"
+        try:
+            tensors[group] = load_file(file, device=device)
+        except Exception as e:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({_one_line(e)})") from e
+    file = ckpt_dir / "state.pt"
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{file}: torch.load(weights_only=True) failed ({_one_line(e)})"
+        ) from e
+    return Checkpoint(step=manifest["step"], path=ckpt_dir, tensors=tensors, state=state)
+
+
+# ----------------------------------------------------------------------------- run directories
+def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read ``RUN_DIR/config.json`` (a JSON object)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found (not a difflab run directory?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({_one_line(e)})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def is_finished(run_dir: str | os.PathLike) -> bool:
+    """Whether ``RUN_DIR/finished.json`` exists."""
+    return (Path(run_dir) / "finished.json").is_file()
+
+
+def mark_finished(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> None:
+    """Write ``RUN_DIR/finished.json`` (e.g. final step, wall time) atomically."""
+    atomic_write_json(Path(run_dir) / "finished.json", dict(info))
+
+
+def prepare_run_dir(
+    run_dir: str | os.PathLike, *, config: Mapping[str, Any] | None = None, resume: bool
+) -> None:
+    """Create a new run directory holding ``config.json``, or check that one can be resumed.
+
+    New run (``resume=False``): ``run_dir`` must not exist or be empty; ``config`` is written
+    atomically. Resume: ``run_dir`` must hold ``config.json``; nothing is written and ``config``
+    is ignored (the stored config is authoritative: read it with :func:`read_config`).
+    Existing files are never modified when an error is raised.
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        if not run_dir.is_dir():
+            raise CheckpointError(f"{run_dir}: cannot resume, no such run directory")
+        if not (run_dir / "config.json").is_file():
+            raise CheckpointError(f"{run_dir}: cannot resume, it holds no config.json")
+        return
+    if config is None:
+        raise ValueError("prepare_run_dir needs config= for a new run")
+    payload = _json_bytes(dict(config), "config")
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise CheckpointError(f"{run_dir} is not a directory; use a new --out directory")
+        if is_finished(run_dir):
+            raise CheckpointError(
+                f"{run_dir} already holds a finished run; use a new --out directory"
+            )
+        if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
+            raise CheckpointError(
+                f"{run_dir} holds an unfinished run; pass --resume to continue it "
+                "or use a new --out directory"
+            )
+        if any(run_dir.iterdir()):
+            raise CheckpointError(f"{run_dir} is not empty; use a new or empty --out directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "config.json", payload)
+
+
+# ----------------------------------------------------------------------------- metrics
+def _complete_lines(text: str) -> list[str]:
+    """Lines of a file that end in a newline (a crash may leave a partial last line)."""
+    return [line + "\n" for line in text.split("\n")[:-1]]
+
+
+class MetricsLog:
+    """Append rows to a CSV file: header written once, each row flushed.
+
+    With ``resume_step``, rows with ``step > resume_step`` (logged after the checkpoint a run
+    resumes from) are removed first, so a resumed run has no duplicate steps. A partial last
+    line left by a crash is removed too. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fieldnames: Sequence[str],
+        *,
+        resume_step: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.fieldnames = list(fieldnames)
+        if not self.fieldnames or len(set(self.fieldnames)) != len(self.fieldnames):
+            raise ValueError(f"fieldnames must be non-empty and unique, got {self.fieldnames}")
+        if resume_step is not None and "step" not in self.fieldnames:
+            raise ValueError("resume_step needs a 'step' column in fieldnames")
+        self._repair(resume_step)
+        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.fieldnames, lineterminator="\n")
+        if self._file.tell() == 0:
+            self._writer.writeheader()
+            self._file.flush()
+
+    def _repair(self, resume_step: int | None) -> None:
+        if not self.path.exists():
+            return
+        text = self.path.read_text(encoding="utf-8")
+        lines = _complete_lines(text)
+        if lines:
+            header = next(csv.reader([lines[0]]))
+            if header != self.fieldnames:
+                raise CheckpointError(
+                    f"{self.path}: columns {header} differ from the expected {self.fieldnames}"
+                )
+        if resume_step is not None and lines:
+            col = self.fieldnames.index("step")
+            kept = lines[:1]
+            for line in lines[1:]:
+                row = next(csv.reader([line]))
+                try:
+                    if float(row[col]) <= resume_step:
+                        kept.append(line)
+                except (IndexError, ValueError):
+                    continue
+            lines = kept
+        if "".join(lines) != text:
+            atomic_write_text(self.path, "".join(lines))
+
+    def append(self, row: Mapping[str, Any] | None = None, **values: Any) -> None:
+        """Write one row (missing columns are left empty) and flush it."""
+        row = {**(row or {}), **values}
+        unknown = set(row) - set(self.fieldnames)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; columns are {self.fieldnames}")
+        self._writer.writerow(row)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, list[float]]:
+    """Columns of a metrics CSV as float lists (empty or non-numeric cells become NaN)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: metrics file not found") from None
+    lines = _complete_lines(text)
+    if not lines:
+        return {}
+    reader = csv.reader(lines)
+    header = next(reader)
+    columns: dict[str, list[float]] = {name: [] for name in header}
+    for row in reader:
+        for i, name in enumerate(header):
+            try:
+                columns[name].append(float(row[i]))
+            except (IndexError, ValueError):
+                columns[name].append(math.nan)
+    return columns

@@ -1,0 +1,25 @@
+"""The code base is ruff clean (lint and format)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ruff() -> list[str] | None:
+    exe = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    return [exe] if exe else None
+
+
+@pytest.mark.parametrize("args", [["check"], ["format", "--check"]])
+def test_ruff_clean(args):
+    ruff = _ruff()
+    if ruff is None:
+        pytest.skip("ruff is not installed")
+    dirs = [d for d in ("src", "tests", "benchmarks", "tutorials") if (ROOT / d).exists()]
+    proc = subprocess.run(ruff + args + dirs, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

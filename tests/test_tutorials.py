@@ -1,0 +1,119 @@
+"""Every tutorial runs in fast mode, writes its figures and checks the claims it makes.
+
+The tutorials (``tutorials/[0-9]*.py``, found by glob so new ones are picked up) assert their
+own claims; each one leaves a module-level ``RESULTS: dict[str, float]`` with the checked
+numbers, and the key ones are re-checked here against the same oracles' tolerances.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import runpy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TUTORIAL_DIR = ROOT / "tutorials"
+TUTORIALS = sorted(TUTORIAL_DIR.glob("[0-9]*.py"))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _z(limit: float = 4.0) -> Callable[[float], bool]:
+    """A Monte Carlo z-score within ``limit`` standard errors."""
+    return lambda v: abs(v) < limit
+
+
+def _below(limit: float) -> Callable[[float], bool]:
+    return lambda v: abs(v) < limit
+
+
+# tutorial number -> {RESULTS key: check}
+KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
+    "01": {
+        "uniform_sq_mean_z": _z(),
+        "uniform_sq_var_z": _z(),
+        "covariance_max_abs_z": _z(),
+        "conditional_mean_max_abs_z": _z(),
+        "conditional_var_max_abs_z": _z(),
+        "convolution_max_abs_err": _below(1e-8),
+        "std_added_max_abs_err": lambda v: v > 1e-2,
+        "one_step_variance_identity_max_err": _below(1e-12),
+    },
+    "02": {
+        "reparam_grad_mu_z": _z(),
+        "reparam_grad_s_z": _z(),
+        "kl_library_vs_formula_max_abs": _below(1e-12),
+        "kl_monte_carlo_max_abs_z": _z(),
+        "kl_diagonal_5d_z": _z(),
+        "elbo_gap_minus_kl_max_abs": _below(1e-12),
+        "elbo_max_over_grid_minus_log_px": lambda v: v <= 1e-12,
+        "elbo_at_posterior_minus_log_px": _below(1e-12),
+        "elbo_mc_z": _z(),
+        "fit_mean_error": _below(0.05),
+    },
+    "03": {
+        "image_chain_mean_max_abs_z": _z(),
+        "image_chain_var_max_abs_z": _z(),
+        "slip_std_as_variance_max_abs_z": lambda v: v > 20,
+        "toy_chain_residual_max_abs_z": _z(4.5),
+        "toy_closed_vs_chain_var_max_abs_z": _z(),
+        "cosine_vs_eq17_max_abs": _below(1e-12),
+        "t_half_linear": lambda v: 200 < v < 300,
+    },
+    "04": {
+        "posterior_mean_err_in_sd": _below(1e-6),
+        "posterior_var_rel_err": _below(1e-6),
+        "ideal_bound_minus_nll_max_abs": _below(1e-9),
+        "gap_small_nats": lambda v: v > 0,
+        "gap_large_nats": lambda v: v > 0,
+        "vlb_monte_carlo_z": _z(),
+        "lsimple_identity_small_max_rel_err": _below(1e-9),
+        "lsimple_identity_large_max_rel_err": _below(1e-9),
+    },
+}
+
+
+def test_tutorials_are_found():
+    assert [p.name[:2] for p in TUTORIALS[:4]] == ["01", "02", "03", "04"]
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
+def test_tutorial_runs_in_fast_mode(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    out = tmp_path / "figures"
+    monkeypatch.setenv("DIFFLAB_FAST", "1")
+    monkeypatch.setenv("DIFFLAB_TUTORIAL_OUT", str(out))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("DIFFLAB_DATA_DIR", raising=False)
+    monkeypatch.syspath_prepend(str(TUTORIAL_DIR))  # for `from _common import ...`
+    monkeypatch.setattr(sys, "argv", [str(path)])
+    monkeypatch.chdir(tmp_path)  # nothing may depend on the working directory
+
+    namespace = runpy.run_path(str(path), run_name="__main__")
+
+    results = namespace.get("RESULTS")
+    assert isinstance(results, dict) and results, "a tutorial must leave a non-empty RESULTS"
+    for key, value in results.items():
+        assert isinstance(key, str) and isinstance(value, float), (key, value)
+        assert math.isfinite(value), f"RESULTS[{key!r}] = {value}"
+    figures = sorted(out.glob("*.png"))
+    assert figures, f"{path.name} wrote no PNG into DIFFLAB_TUTORIAL_OUT"
+    for fig in figures:
+        assert fig.read_bytes()[:8] == PNG_MAGIC and fig.stat().st_size > 2000, fig
+    for key, check in KEY_CHECKS.get(path.name[:2], {}).items():
+        assert key in results, f"{path.name}: RESULTS lacks {key!r}"
+        assert check(results[key]), f"{path.name}: RESULTS[{key!r}] = {results[key]}"
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
+def test_tutorial_is_a_percent_notebook_listed_in_the_readme(path: Path):
+    text = path.read_text(encoding="utf-8")
+    assert re.search(r"^# %% \[markdown\]\n# # \d+\. ", text, re.MULTILINE), (
+        f"{path.name} must open with a markdown cell whose first line is '# # N. Title'"
+    )
+    assert re.search(r"^# %%$", text, re.MULTILINE), f"{path.name} has no code cell"
+    readme = (TUTORIAL_DIR / "README.md").read_text(encoding="utf-8")
+    assert path.name in readme, f"tutorials/README.md does not list {path.name}"
