@@ -1,0 +1,260 @@
+"""Run configurations for the app layer (CLI): frozen dataclasses, presets, JSON round trip.
+
+The library itself takes keyword arguments; only ``difflab train`` and friends use these
+objects, and every run directory stores the full configuration as ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "DiffusionConfig",
+    "TrainConfig",
+    "SampleConfig",
+    "RunConfig",
+    "PRESETS",
+    "get_preset",
+    "apply_overrides",
+]
+
+TOY_NAMES = ("swissroll", "moons", "8gaussians", "checkerboard", "gmm")
+IMAGE_NAMES = ("mnist", "fashion-mnist", "cifar10", "folder")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "swissroll"  # toy: swissroll|moons|8gaussians|checkerboard|gmm; images: mnist|...
+    data_dir: str | None = None  # folder with the dataset files (images only)
+    download: bool = False  # fetch the standard files (SHA-256 checked) when missing
+    image_size: int | None = None  # resize/crop images to this size (folder datasets)
+    channels: int | None = None  # 1 or 3 (folder datasets); None keeps the dataset's own
+    hflip: bool | None = None  # random horizontal flips; None = the dataset's default
+    limit: int | None = None  # use only the first N training images (quick experiments)
+
+    @property
+    def is_toy(self) -> bool:
+        return self.name in TOY_NAMES
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "mlp"  # mlp (2-D) | unet (images) | sohl-dickstein (2-D, the 2015 model)
+    preset: str = "mnist-cpu"  # U-Net size preset (see difflab.nn.unet.UNET_PRESETS)
+    hidden: int = 128  # MLP width
+    depth: int = 3  # MLP residual blocks
+    dropout: float | None = None  # override the preset's dropout
+    num_classes: int = 0  # > 0: class-conditional (with a null class for guidance)
+    label_dropout: float = 0.1  # probability of dropping the label (classifier-free guidance)
+    parameterization: str = "eps"  # what the network predicts: eps | x0 | v | edm
+    learned_variance: bool = False  # Improved DDPM: also output the variance interpolation
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: str = (
+        "linear"  # beta schedule (linear|cosine|quadratic|sigmoid|sohl-dickstein) or edm
+    )
+    T: int = 1000  # number of diffusion steps (discrete schedules)
+    zero_terminal_snr: bool = False  # rescale betas so the last step has zero SNR [Lin 2024]
+    sigma_min: float = 0.002  # EDM schedule only
+    sigma_max: float = 80.0  # EDM schedule only
+    sigma_data: float = 0.5  # EDM preconditioning
+    loss_type: str = "mse"  # mse | l1 | huber
+    weighting: str = "uniform"  # uniform | snr | min-snr | edm
+    t_sampling: str = "uniform"  # uniform | lognormal | importance
+    offset_noise: float = 0.0  # offset-noise strength (0 = off)
+    vlb_weight: float = 0.001  # lambda of the hybrid loss (learned variance only)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000  # optimisation steps
+    batch_size: int = 512  # examples per step
+    lr: float = 1e-3  # AdamW learning rate (after warm-up)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 200  # linear LR warm-up
+    grad_clip: float = 1.0  # max gradient norm (0 = off)
+    ema_half_life: float = 50_000.0  # EMA half-life in examples seen (EDM convention)
+    bf16: bool = False  # autocast to bfloat16 (on by default on CUDA via --bf16)
+    seed: int = 0  # seed of the whole run
+    max_minutes: float | None = None  # wall-clock budget; stops early (and checkpoints) when hit
+    log_every: int = 100  # steps between metrics.csv rows
+    ckpt_every: int = 2000  # steps between checkpoints
+    sample_every: int = 0  # steps between sample grids during training (0 = only at the end)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile the network
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: str = "ddpm"  # ddpm | ddim | dpm++2m | dpm++3m | euler | heun | euler-ancestral
+    steps: int = 1000  # sampler steps
+    n: int = 5000  # samples drawn for the end-of-training figures and metrics
+    eta: float = 0.0  # DDIM eta
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    preset: str = "swissroll"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        sections = {f.name: f.type for f in fields(cls)}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config sections: {', '.join(sorted(unknown))}")
+        kwargs: dict[str, Any] = {}
+        for name, value in d.items():
+            if name == "preset":
+                kwargs[name] = value
+                continue
+            section_cls = _SECTIONS[name]
+            names = {f.name for f in fields(section_cls)}
+            bad = set(value) - names
+            if bad:
+                raise ValueError(
+                    f"unknown keys in config section {name!r}: {', '.join(sorted(bad))}"
+                )
+            kwargs[name] = section_cls(**value)
+        return cls(**kwargs)
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
+
+
+def _toy(name: str) -> RunConfig:
+    return RunConfig(preset=name, data=DataConfig(name=name))
+
+
+PRESETS: dict[str, RunConfig] = {name: _toy(name) for name in TOY_NAMES}
+PRESETS["swissroll-sd2015"] = RunConfig(
+    preset="swissroll-sd2015",
+    data=DataConfig(name="swissroll"),
+    model=ModelConfig(kind="sohl-dickstein", hidden=128),
+    diffusion=DiffusionConfig(schedule="sohl-dickstein", T=40),
+    train=TrainConfig(steps=6000, batch_size=512, lr=1e-3, ema_half_life=50_000.0),
+    sample=SampleConfig(sampler="ddpm", steps=40),
+)
+PRESETS["mnist"] = RunConfig(
+    preset="mnist",
+    data=DataConfig(name="mnist"),
+    model=ModelConfig(kind="unet", preset="mnist-cpu"),
+    diffusion=DiffusionConfig(schedule="linear", T=1000),
+    train=TrainConfig(
+        steps=100_000,
+        batch_size=128,
+        lr=1e-3,
+        warmup_steps=200,
+        ema_half_life=20_000.0,
+        log_every=50,
+        ckpt_every=500,
+    ),
+    sample=SampleConfig(sampler="ddim", steps=50, n=64),
+)
+PRESETS["mnist-cond"] = replace(
+    PRESETS["mnist"],
+    preset="mnist-cond",
+    model=ModelConfig(kind="unet", preset="mnist-cpu", num_classes=10, label_dropout=0.1),
+)
+PRESETS["fashion-mnist"] = replace(
+    PRESETS["mnist"], preset="fashion-mnist", data=DataConfig(name="fashion-mnist")
+)
+PRESETS["cifar10"] = RunConfig(
+    preset="cifar10",
+    data=DataConfig(name="cifar10"),
+    model=ModelConfig(kind="unet", preset="ddpm-cifar10"),
+    diffusion=DiffusionConfig(schedule="linear", T=1000),
+    # DDPM: Adam 2e-4, batch 128, 800k steps, warm-up 5000, EMA 0.9999 (= half-life 887k images)
+    train=TrainConfig(
+        steps=800_000,
+        batch_size=128,
+        lr=2e-4,
+        warmup_steps=5000,
+        ema_half_life=887_000.0,
+        log_every=100,
+        ckpt_every=5000,
+        sample_every=10_000,
+    ),
+    sample=SampleConfig(sampler="ddim", steps=100, n=64),
+)
+PRESETS["folder"] = replace(
+    PRESETS["cifar10"],
+    preset="folder",
+    data=DataConfig(name="folder", image_size=32, channels=3),
+    model=ModelConfig(kind="unet", preset="ddpm-cifar10"),
+)
+
+
+def get_preset(name: str) -> RunConfig:
+    """The named preset; a one-line error lists the valid names."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+    if text.lower() in ("none", "null"):
+        return None
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key} expects true or false, got {text!r}")
+    try:
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+    except ValueError:
+        raise ValueError(f"{key} expects a number, got {text!r}") from None
+    if current is None:
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+    return text
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.key=value`` overrides (e.g. ``train.lr=3e-4``)."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        path, text = item.split("=", 1)
+        section, key = path.split(".", 1)
+        if section not in _SECTIONS:
+            raise ValueError(
+                f"unknown config section {section!r}; choose one of: {', '.join(_SECTIONS)}"
+            )
+        sec = getattr(cfg, section)
+        if key not in {f.name for f in fields(sec)}:
+            names = ", ".join(f.name for f in fields(sec))
+            raise ValueError(f"unknown key {key!r} in section {section!r}; choose one of: {names}")
+        value = _parse_value(text, getattr(sec, key), path)
+        cfg = replace(cfg, **{section: replace(sec, **{key: value})})
+    return cfg

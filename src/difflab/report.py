@@ -1,0 +1,178 @@
+"""End-of-run figures and metrics written into a run directory.
+
+2-D runs: ``samples.png`` (scatter), ``forward_reverse.png`` (the forward process of the data
+and the model's reverse process at t = 0, T/2, T, as in Sohl-Dickstein 2015, Fig. 1),
+``denoising.gif``, ``loss.png`` and, in ``finished.json``, the sliced Wasserstein distance and
+MMD of ``sample.n`` samples to fresh data next to the same distances between two fresh data sets.
+
+Image runs: ``samples.png`` (grid), ``denoising.gif`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab.app import Built
+
+__all__ = ["final_report", "sample_figure", "toy_quality", "trajectory"]
+
+
+def trajectory(
+    built: Built, n: int, *, seed: int, frames: int = 40
+) -> tuple[Tensor, list[Tensor], list[float]]:
+    """Samples and up to ``frames`` snapshots (x at decreasing t) of the reverse process."""
+    from difflab.runner import draw_samples
+
+    cfg = built.cfg
+    xs: list[Tensor] = []
+    ts: list[float] = []
+
+    def keep(info: dict) -> None:
+        xs.append(info["x"].detach().float().cpu())
+        ts.append(float(info["t"]))
+
+    if built.denoiser is None:  # Sohl-Dickstein model returns its own trajectory
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            x, traj = built.model.sample(n, generator=g, return_trajectory=True)  # type: ignore
+        T = traj.shape[0] - 1  # traj[t] = x_t; frames run from x_T down to x_0
+        xs = [traj[t].float().cpu() for t in range(T, -1, -1)]
+        ts = [float(t) for t in range(T, -1, -1)]
+    else:
+        x = draw_samples(
+            built,
+            n,
+            sampler=cfg.sample.sampler,
+            steps=cfg.sample.steps,
+            seed=seed,
+            batch_size=n,
+            callback=keep,
+        )
+        xs.append(x)
+        ts.append(0.0)
+    stride = max(1, len(xs) // frames)
+    idx = list(range(0, len(xs), stride))
+    if idx[-1] != len(xs) - 1:
+        idx.append(len(xs) - 1)
+    return x.float().cpu(), [xs[i] for i in idx], [ts[i] for i in idx]
+
+
+def toy_quality(built: Built, samples: Tensor, *, seed: int, repeats: int = 5) -> dict[str, float]:
+    """Distances of samples to fresh data, with the data-vs-data reference at the same size.
+
+    Sliced Wasserstein (1,024 directions) is averaged over ``repeats`` fresh data sets, and the
+    reference over ``repeats`` independent pairs of fresh data sets.
+    """
+    from difflab.data.toy import sample_toy, toy_density
+    from difflab.metrics import exact_nll, mmd, sliced_wasserstein
+
+    name = built.cfg.data.name
+    n = samples.shape[0]
+    g = torch.Generator().manual_seed(10_000 + seed)
+    # both distances fluctuate a lot between draws: average over `repeats` fresh data sets
+    fresh = [sample_toy(name, n, generator=g) for _ in range(2 * repeats)]  # type: ignore
+    sw = lambda a, b: sliced_wasserstein(  # noqa: E731
+        a, b, n_projections=1024, generator=torch.Generator().manual_seed(7)
+    )
+    fresh_a = fresh[0]
+    out = {
+        "n": float(n),
+        "sliced_wasserstein": mean(sw(samples, fresh[i]) for i in range(repeats)),
+        "sliced_wasserstein_data_vs_data": mean(
+            sw(fresh[2 * i], fresh[2 * i + 1]) for i in range(repeats)
+        ),
+        "mmd": mmd(samples, fresh_a),
+        "mmd_data_vs_data": mmd(fresh[1], fresh_a),
+        "repeats": float(repeats),
+    }
+    if name in ("gmm", "8gaussians"):
+        density = toy_density(name)  # type: ignore[arg-type]
+        out["nll"] = exact_nll(samples, density)
+        out["nll_data"] = exact_nll(fresh_a, density)
+    return out
+
+
+def sample_figure(built: Built, path: Path, *, n: int | None = None, seed: int = 0) -> Tensor:
+    """Draw samples with the run's sampler and save a scatter (2-D) or a grid (images)."""
+    from difflab import viz
+    from difflab.runner import draw_samples
+
+    cfg = built.cfg
+    n = n or (cfg.sample.n if cfg.data.is_toy else 64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = draw_samples(built, n, sampler=cfg.sample.sampler, steps=cfg.sample.steps, seed=seed)
+    if cfg.data.is_toy:
+        viz.scatter(x, path, title=f"{cfg.preset}: {n} samples", lim=_lim(x))
+    else:
+        viz.save_image_grid(x, path, scale=2 if x.shape[-1] <= 32 else 1)
+    return x
+
+
+def _lim(*xs: Tensor) -> float:
+    return float(max(torch.quantile(x.abs().flatten().float(), 0.995) for x in xs)) * 1.15
+
+
+def forward_reverse_figure(
+    built: Built, reverse: list[Tensor], ts: list[float], path: Path
+) -> None:
+    """2 x 3 grid: data noised to t = 0, T/2, T (top) and the reverse process there (bottom)."""
+    from difflab import viz
+    from difflab.data.toy import sample_toy
+    from difflab.process import q_sample
+
+    sched = built.schedule
+    n = reverse[0].shape[0]
+    g = torch.Generator().manual_seed(123)
+    x0 = sample_toy(built.cfg.data.name, n, generator=g).double()  # type: ignore[arg-type]
+    T = sched.t_max
+    marks = [0.0, T / 2, T]
+    forward = [x0.float() if m == 0 else q_sample(x0, m, sched, generator=g).float() for m in marks]
+    # reverse snapshots closest to each mark
+    rev = [reverse[min(range(len(ts)), key=lambda i: abs(ts[i] - m))] for m in marks]
+    lim = _lim(forward[0], rev[0]) * 1.5
+    labels = [f"t = {m:g}" for m in marks]
+    viz.scatter_grid([forward, rev], ["forward q(x_t)", "reverse p(x_t)"], labels, path, lim=lim)
+
+
+def final_report(
+    built: Built, run_dir: Path, *, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Write the end-of-run figures and return metrics for ``finished.json``."""
+    from difflab import viz
+    from difflab.checkpoint import read_metrics
+
+    cfg = built.cfg
+    info: dict[str, Any] = {}
+    m = read_metrics(run_dir / "metrics.csv")
+    if m.get("step"):
+        viz.plot_loss_curve(m["step"], m["loss"], run_dir / "loss.png")
+    seed = cfg.train.seed
+    if cfg.data.is_toy:
+        x, frames, ts = trajectory(built, cfg.sample.n, seed=seed)
+        lim = _lim(x) * 1.5
+        viz.scatter(x, run_dir / "samples.png", title=f"{cfg.preset}: samples", lim=lim)
+        forward_reverse_figure(built, frames, ts, run_dir / "forward_reverse.png")
+        viz.scatter_trajectory_gif(
+            [f[:2000] for f in frames],
+            run_dir / "denoising.gif",
+            lim=lim,
+            titles=[f"t = {t:.0f}" for t in ts],
+        )
+        q = toy_quality(built, x, seed=seed)
+        info["quality"] = q
+        log(
+            f"sliced Wasserstein to fresh data: {q['sliced_wasserstein']:.4f} "
+            f"(data vs data: {q['sliced_wasserstein_data_vs_data']:.4f}, n = {int(q['n'])})"
+        )
+    else:
+        x, frames, _ = trajectory(built, 64, seed=seed)
+        viz.save_image_grid(x, run_dir / "samples.png", scale=2 if x.shape[-1] <= 32 else 1)
+        viz.image_trajectory_gif(frames, run_dir / "denoising.gif")
+    log(f"figures written to {run_dir}")
+    return info

@@ -1,0 +1,298 @@
+"""Training and sampling runs: the loops behind ``difflab train`` and ``difflab sample``.
+
+A run directory holds ``config.json``, checkpoints (see :mod:`difflab.checkpoint`),
+``metrics.csv``, TensorBoard event files, figures and ``finished.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab import checkpoint as ckpt
+from difflab.app import Built, build, make_batch_fn
+from difflab.config import RunConfig
+from difflab.train import Trainer, TrainingDiverged
+
+__all__ = ["train_run", "load_run", "draw_samples", "TrainResult"]
+
+METRIC_FIELDS = ["step", "loss", "grad_norm", "lr", "examples_per_s", "elapsed_s"]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    finished: bool
+    metrics: dict[str, float]
+
+
+def make_loss_fn(built: Built, extra_state: dict[str, Any]) -> Callable:
+    """loss_fn(batch, generator) -> (loss, logs) for the configured objective."""
+    cfg = built.cfg
+    if cfg.model.kind == "sohl-dickstein":
+
+        def sd_loss(batch: tuple[Tensor, Any], g: torch.Generator):
+            x0, _ = batch
+            return built.model.loss(x0, generator=g), {}
+
+        return sd_loss
+
+    from difflab.objectives import ImportanceTimeSampler, diffusion_loss
+
+    d = cfg.diffusion
+    time_sampler = None
+    if d.t_sampling == "importance":
+        time_sampler = ImportanceTimeSampler(built.schedule.T)  # type: ignore[attr-defined]
+        extra_state["time_sampler"] = time_sampler
+    num_classes = cfg.model.num_classes
+    p_drop = cfg.model.label_dropout
+
+    def loss_fn(batch: tuple[Tensor, Tensor | None], g: torch.Generator):
+        x0, labels = batch
+        cond = None
+        if num_classes > 0 and labels is not None:
+            drop = torch.rand(labels.shape, generator=g) < p_drop
+            cond = torch.where(drop.to(labels.device), torch.full_like(labels, num_classes), labels)
+        out = diffusion_loss(
+            built.denoiser,
+            x0,
+            cond=cond,
+            loss_type=d.loss_type,
+            weighting=d.weighting,
+            t_sampling="uniform" if d.t_sampling == "importance" else d.t_sampling,
+            time_sampler=time_sampler,
+            vlb_weight=d.vlb_weight,
+            offset_noise=d.offset_noise,
+            generator=g,
+        )
+        return out.loss, {}
+
+    return loss_fn
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def train_run(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train ``cfg`` into ``run_dir`` (new, or ``resume=True`` to continue it).
+
+    When resuming, ``cfg`` is the stored config, possibly with a new step count, time budget
+    or device (the CLI allows only those); it replaces the stored one.
+    """
+    from tqdm import tqdm
+
+    run_dir = Path(run_dir)
+    if resume:
+        ckpt.prepare_run_dir(run_dir, config=cfg.to_dict(), resume=True)
+        if ckpt.is_finished(run_dir):
+            raise ckpt.CheckpointError(f"{run_dir} already holds a finished run; nothing to resume")
+        if cfg.to_dict() != ckpt.read_config(run_dir):  # a new budget, device or step count
+            ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed only
+    built = build(cfg)
+    if not resume:
+        ckpt.prepare_run_dir(run_dir, config=cfg.to_dict(), resume=False)
+    extra_state: dict[str, Any] = {}
+    loss_fn = make_loss_fn(built, extra_state)
+    t = cfg.train
+    trainer = Trainer(
+        built.model,
+        batch_fn=make_batch_fn(built),
+        loss_fn=loss_fn,
+        lr=t.lr,
+        batch_size=t.batch_size,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        grad_clip=t.grad_clip or None,
+        ema_half_life_images=t.ema_half_life,
+        bf16=t.bf16,
+        seed=t.seed,
+        device=built.device,
+        extra_state=extra_state,
+        fused_adam=built.device.type == "cuda",
+    )
+    if resume and ckpt.latest_checkpoint(run_dir) is not None:
+        c = ckpt.load_checkpoint(run_dir)
+        trainer.load(c.tensors, c.state)
+        log(f"resumed {run_dir} at step {trainer.step}")
+    metrics = ckpt.MetricsLog(
+        run_dir / "metrics.csv", METRIC_FIELDS, resume_step=trainer.step if resume else None
+    )
+    tb = _tensorboard(run_dir)
+    n_params = sum(p.numel() for p in built.model.parameters())
+    log(f"{cfg.preset}: {n_params / 1e6:.3g}M parameters on {built.device}, run dir {run_dir}")
+
+    def save() -> None:
+        ckpt.save_checkpoint(
+            run_dir, step=trainer.step, tensors=trainer.tensors(), state=trainer.state()
+        )
+
+    start = time.perf_counter()
+    budget = None if t.max_minutes is None else t.max_minutes * 60.0
+    window_t, window_n = time.perf_counter(), 0
+    acc: dict[str, Tensor] = {}
+    acc_n = 0
+    last: dict[str, float] = {}
+    bar = tqdm(total=t.steps, initial=trainer.step, disable=not progress, dynamic_ncols=True)
+    stopped_early = False
+    try:
+        while trainer.step < t.steps:
+            logs = trainer.train_step()
+            for k, v in logs.items():
+                acc[k] = acc[k] + v if k in acc else v.clone()
+            acc_n += 1
+            window_n += t.batch_size
+            step = trainer.step
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                means = {k: float(v) / acc_n for k, v in acc.items()}  # one host sync per log
+                acc, acc_n = {}, 0
+                if not math.isfinite(means["loss"]):
+                    raise TrainingDiverged(
+                        f"loss became {means['loss']} at step {step}; stopped, the last good "
+                        f"checkpoint in {run_dir} is kept (try a lower lr or --set train.grad_clip)"
+                    )
+                now = time.perf_counter()
+                rate = window_n / (now - window_t)
+                window_t, window_n = now, 0
+                row = {
+                    "step": step,
+                    "loss": means["loss"],
+                    "grad_norm": means["grad_norm"],
+                    "lr": trainer.optimizer.param_groups[0]["lr"],
+                    "examples_per_s": rate,
+                    "elapsed_s": now - start,
+                }
+                metrics.append(row)
+                tb.scalars(step, {k: v for k, v in row.items() if k != "step"})
+                last = row
+                bar.set_postfix(loss=_fmt(means["loss"]), per_s=_fmt(rate))
+            if step % t.ckpt_every == 0 and step < t.steps:
+                save()
+            if t.sample_every and step % t.sample_every == 0 and step < t.steps:
+                _progress_samples(built, trainer, run_dir, step)
+            if budget is not None and time.perf_counter() - start > budget:
+                stopped_early = True
+                log(f"time budget of {t.max_minutes} min reached at step {step}")
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        save()
+        metrics.close()
+        raise
+    bar.close()
+    save()
+    metrics.close()
+    tb.close()
+    from difflab.report import final_report
+
+    built.model.load_state_dict(trainer.ema.model.state_dict())  # report on the EMA weights
+    built.model.eval()
+    info = final_report(built, run_dir, log=log)
+    info.update({"step": trainer.step, "train_seconds": time.perf_counter() - start, "last": last})
+    if stopped_early:
+        info["stopped_early"] = "time budget"
+    ckpt.mark_finished(run_dir, info)
+    return TrainResult(run_dir, trainer.step, True, info)
+
+
+def _progress_samples(built: Built, trainer: Trainer, run_dir: Path, step: int) -> None:
+    from difflab.app import with_model
+    from difflab.report import sample_figure
+
+    sample_figure(with_model(built, trainer.ema.model), run_dir / "progress" / f"{step:08d}.png")
+
+
+class _NoTensorBoard:
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from difflab.tensorboard import EventWriter
+    except ImportError:  # pragma: no cover
+        return _NoTensorBoard()
+    return EventWriter(run_dir / "tb")
+
+
+def load_run(run_dir: str | Path, *, ema: bool = True, device: torch.device | None = None) -> Built:
+    """Rebuild a run's model from its config.json and latest checkpoint (EMA weights)."""
+    run_dir = Path(run_dir)
+    cfg = RunConfig.from_dict(ckpt.read_config(run_dir))
+    built = build(cfg, device=device or torch.device("cpu"), load_data=False)
+    c = ckpt.load_checkpoint(run_dir)
+    group = "ema" if ema else "model"
+    built.model.load_state_dict(c.tensors[group])
+    built.model.eval()
+    return built
+
+
+def draw_samples(
+    built: Built,
+    n: int,
+    *,
+    sampler: str,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 1000,
+    cond: Tensor | None = None,
+    guidance: float | None = None,
+    callback: Callable[[dict], None] | None = None,
+    **options: Any,
+) -> Tensor:
+    """n samples (n, *data_shape) on the CPU, drawn in batches; a seed reproduces them."""
+    from difflab.samplers import sample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    done = 0
+    model = built.model
+    with torch.no_grad():
+        while done < n:
+            b = min(batch_size, n - done)
+            if built.denoiser is None:
+                x = model.sample(b, generator=g)  # type: ignore[operator]
+            else:
+                den: Any = built.denoiser
+                c = None if cond is None else cond[done : done + b].to(built.device)
+                if guidance is not None:
+                    from difflab.guidance import ClassifierFreeGuidance
+
+                    den = ClassifierFreeGuidance(
+                        built.denoiser, scale=guidance, null_label=built.cfg.model.num_classes
+                    )
+                x = sample(
+                    den,
+                    built.schedule,
+                    (b, *built.data_shape),
+                    sampler=sampler,
+                    steps=steps,
+                    generator=g,
+                    cond=c,
+                    callback=callback if done == 0 else None,
+                    device=built.device,
+                    **options,
+                )
+            out.append(x.float().cpu())
+            done += b
+    return torch.cat(out)

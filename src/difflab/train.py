@@ -1,0 +1,202 @@
+"""The training loop: AdamW, LR warm-up, gradient clipping, EMA, bf16 autocast, exact resume.
+
+Reproducibility is by construction: every source of randomness of step ``k`` (the batch, the
+diffusion times and noise, dropout) is drawn from generators seeded with ``(seed, k)``, so a run
+resumed from a checkpoint at step ``k`` takes exactly the same next steps as the uninterrupted
+run (bit for bit on CPU). The checkpoint holds the model, its EMA, the optimizer state and any
+extra state (e.g. the importance sampler of Improved DDPM).
+
+EMA follows EDM [Karras 2022, App. C / training code]: its decay is given as a half-life in
+*images seen*, so it does not change with the batch size: ``beta = 0.5 ** (batch / half_life)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["EMA", "Trainer", "StepGenerators", "TrainingDiverged", "step_generators"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class EMA:
+    """Exponential moving average of a model's parameters, decay set by a half-life in images."""
+
+    def __init__(self, model: nn.Module, *, half_life_images: float) -> None:
+        if half_life_images < 0:
+            raise ValueError("the EMA half-life must be >= 0 images")
+        self.half_life_images = float(half_life_images)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay(self, batch_size: int) -> float:
+        """beta = 0.5 ** (batch_size / half_life); 0 (a copy) when the half-life is 0."""
+        if self.half_life_images == 0:
+            return 0.0
+        return 0.5 ** (batch_size / self.half_life_images)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, *, batch_size: int) -> None:
+        beta = self.decay(batch_size)
+        ema_p = list(self.model.parameters())
+        src_p = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_p, src_p, 1.0 - beta)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+@dataclass
+class StepGenerators:
+    """Independent CPU generators for one training step."""
+
+    data: torch.Generator
+    diffusion: torch.Generator
+
+
+def step_generators(seed: int, step: int) -> StepGenerators:
+    """Generators for step ``step`` of a run with seed ``seed`` (deterministic in both)."""
+    base = (int(seed) * 1_000_003 + int(step) * 7919) % (2**62)
+    return StepGenerators(
+        data=torch.Generator().manual_seed(base + 1),
+        diffusion=torch.Generator().manual_seed(base + 2),
+    )
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int) -> float:
+    """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then constant (DDPM's recipe)."""
+    if warmup_steps <= 0:
+        return lr
+    return lr * min(1.0, (step + 1) / warmup_steps)
+
+
+class Trainer:
+    """Optimise ``loss_fn`` over batches from ``batch_fn``.
+
+    Args:
+        model: the network being trained (the EMA copy tracks it).
+        batch_fn: ``batch_fn(step, generator) -> batch`` (any object ``loss_fn`` accepts).
+        loss_fn: ``loss_fn(batch, generator) -> (loss scalar tensor, logs dict of tensors)``.
+        lr, weight_decay, warmup_steps, grad_clip: optimiser settings (AdamW).
+        ema_half_life_images: EMA half-life in images.
+        batch_size: images (or points) per step, for the EMA decay and throughput.
+        bf16: autocast the forward pass to bfloat16 (CUDA, or CPU where supported).
+        seed: the run's seed.
+        device: where the model lives.
+        extra_state: objects with ``state_dict()/load_state_dict()`` saved with checkpoints.
+        fused_adam: use the fused AdamW kernel (CUDA only).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        batch_fn: Callable[[int, torch.Generator], Any],
+        loss_fn: Callable[[Any, torch.Generator], tuple[Tensor, dict[str, Tensor]]],
+        lr: float,
+        batch_size: int,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        grad_clip: float | None = 1.0,
+        ema_half_life_images: float = 0.0,
+        bf16: bool = False,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        extra_state: dict[str, Any] | None = None,
+        fused_adam: bool = False,
+    ) -> None:
+        self.model = model
+        self.batch_fn = batch_fn
+        self.loss_fn = loss_fn
+        self.lr = float(lr)
+        self.batch_size = int(batch_size)
+        self.warmup_steps = int(warmup_steps)
+        self.grad_clip = grad_clip
+        self.bf16 = bool(bf16)
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.extra_state = extra_state or {}
+        kwargs: dict[str, Any] = {"fused": True} if fused_adam else {}
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=self.lr, weight_decay=weight_decay, **kwargs
+        )
+        self.ema = EMA(model, half_life_images=ema_half_life_images)
+        self.step = 0
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, Tensor]:
+        """Run step ``self.step`` and advance; returns detached logs (tensors, no host sync)."""
+        gens = step_generators(self.seed, self.step)
+        torch.manual_seed(gens.diffusion.initial_seed() + 3)  # dropout and other global draws
+        batch = self.batch_fn(self.step, gens.data)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, lr=self.lr, warmup_steps=self.warmup_steps)
+        self.model.train()
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, logs = self.loss_fn(batch, gens.diffusion)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip is not None and self.grad_clip > 0:
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        else:
+            grad_norm = torch.zeros((), device=loss.device)
+        self.optimizer.step()
+        self.ema.update(self.model, batch_size=self.batch_size)
+        self.step += 1
+        out = {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
+        out.update({k: v.detach() for k, v in logs.items()})
+        return out
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, dict[str, Tensor]]:
+        """Named tensor groups for safetensors: the model and its EMA."""
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "ema": {k: v.detach().cpu() for k, v in self.ema.model.state_dict().items()},
+        }
+
+    def state(self) -> dict[str, Any]:
+        """Everything else needed to resume exactly (loadable with weights_only=True)."""
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "extra": {k: v.state_dict() for k, v in self.extra_state.items()},
+        }
+
+    def load(self, tensors: dict[str, dict[str, Tensor]], state: dict[str, Any]) -> None:
+        """Restore from :meth:`tensors` and :meth:`state`."""
+        self.model.load_state_dict(tensors["model"])
+        self.ema.model.load_state_dict(tensors["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for k, v in self.extra_state.items():
+            v.load_state_dict(state["extra"][k])
+        self.step = int(state["step"])
+
+
+class ThroughputMeter:
+    """Images per second over a sliding window of wall-clock time."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def rate(self) -> float:
+        dt = time.perf_counter() - self.t0
+        return self.count / dt if dt > 0 else math.nan
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.count = 0

@@ -1,0 +1,126 @@
+"""The command line: bad input gives one line on stderr, a non-zero exit, and changes nothing."""
+
+import json
+
+import numpy as np
+import pytest
+
+from difflab import checkpoint as ckpt
+from difflab.cli import main
+from difflab.config import PRESETS, RunConfig, apply_overrides, get_preset
+
+FAST = [
+    "--set",
+    "train.steps=30",
+    "--set",
+    "train.batch_size=64",
+    "--set",
+    "train.log_every=10",
+    "--set",
+    "train.ckpt_every=10",
+    "--set",
+    "model.hidden=32",
+    "--set",
+    "model.depth=2",
+    "--set",
+    "sample.n=100",
+    "--set",
+    "sample.steps=10",
+    "--set",
+    "sample.sampler=ddim",
+]
+
+
+def _one_line_error(capsys, code, expected_code=2):
+    assert code == expected_code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("difflab: error:") and "\n" not in err, err
+    return err
+
+
+def test_config_round_trip_and_overrides():
+    for name, cfg in PRESETS.items():
+        again = RunConfig.from_dict(json.loads(cfg.to_json()))
+        assert again == cfg, name
+    cfg = apply_overrides(get_preset("mnist"), ["train.lr=3e-4", "model.learned_variance=true"])
+    assert cfg.train.lr == 3e-4 and cfg.model.learned_variance is True
+    with pytest.raises(ValueError, match="choose one of"):
+        apply_overrides(cfg, ["train.lrr=1"])
+    with pytest.raises(ValueError, match="expects a number"):
+        apply_overrides(cfg, ["train.lr=fast"])
+
+
+def test_unknown_preset(capsys, tmp_path):
+    err = _one_line_error(capsys, main(["train", "--preset", "nope", "--out", str(tmp_path / "r")]))
+    assert "unknown preset 'nope'" in err and "swissroll" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_negative_steps(capsys, tmp_path):
+    err = _one_line_error(capsys, main(["train", "--steps", "-5", "--out", str(tmp_path / "r")]))
+    assert "--steps must be positive" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_sample_without_checkpoint(capsys, tmp_path):
+    _one_line_error(capsys, main(["sample", str(tmp_path / "missing")]))
+    (tmp_path / "empty").mkdir()
+    _one_line_error(capsys, main(["sample", str(tmp_path / "empty")]))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["train", "--preset", "moons", "--out", str(run), "--no-progress", *FAST])
+    assert code == 0
+    return run
+
+
+def test_train_then_sample(trained_run, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    args = ["sample", str(trained_run), "--n", "50", "--steps", "5", "--sampler", "ddim"]
+    assert main([*args, "--out", str(out), "--seed", "3", "--gif"]) == 0
+    x = np.load(out)["samples"]
+    assert x.shape == (50, 2) and np.isfinite(x).all()
+    assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".gif").exists()
+    # a seed reproduces the samples exactly
+    assert main([*args, "--out", str(tmp_path / "t.npz"), "--seed", "3"]) == 0
+    assert np.array_equal(np.load(tmp_path / "t.npz")["samples"], x)
+
+
+def test_finished_run_is_not_overwritten(trained_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
+    err = _one_line_error(capsys, main(["train", "--preset", "moons", "--out", str(trained_run)]))
+    assert "finished run" in err
+    err = _one_line_error(capsys, main(["train", "--resume", str(trained_run)]))
+    assert "finished" in err
+    assert before == {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
+
+
+def test_truncated_checkpoint(trained_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    latest = ckpt.latest_checkpoint(copy)
+    for old in (copy / "checkpoints").glob("step-*"):
+        if old != latest:
+            shutil.rmtree(old)
+    f = latest / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    err = _one_line_error(capsys, main(["sample", str(copy)]))
+    assert "model.safetensors" in err
+
+
+def test_bad_sampler_and_class(trained_run, capsys):
+    err = _one_line_error(capsys, main(["sample", str(trained_run), "--sampler", "magic"]))
+    assert "choose one of" in err or "valid" in err
+    err = _one_line_error(capsys, main(["sample", str(trained_run), "--class", "3"]))
+    assert "class-conditional" in err
+
+
+def test_presets_and_viz(capsys, tmp_path):
+    assert main(["presets"]) == 0
+    assert "swissroll" in capsys.readouterr().out
+    assert main(["viz", "schedules", "--out", str(tmp_path / "s.png"), "--T", "100"]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0

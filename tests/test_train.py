@@ -1,0 +1,207 @@
+"""Trainer: EMA half-life, warm-up, exact resume, divergence handling, crash recovery."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from difflab import checkpoint as ckpt
+from difflab.config import apply_overrides, get_preset
+from difflab.train import EMA, Trainer, lr_at
+
+FAST = [
+    "train.steps=60",
+    "train.batch_size=64",
+    "train.log_every=10",
+    "train.ckpt_every=20",
+    "train.warmup_steps=5",
+    "model.hidden=32",
+    "model.depth=2",
+    "sample.n=200",
+    "sample.steps=20",
+    "sample.sampler=ddim",
+]
+
+
+def test_ema_half_life_in_images():
+    src = nn.Linear(3, 1)
+    ema = EMA(src, half_life_images=1000.0)
+    init = ema.model.weight.detach().clone()
+    with torch.no_grad():
+        src.weight.fill_(2.0)
+    k, batch = 25, 40  # 1000 images = exactly one half-life
+    for _ in range(k):
+        ema.update(src, batch_size=batch)
+    expected = 2.0 + (init - 2.0) * 0.5 ** (k * batch / 1000.0)
+    assert torch.allclose(ema.model.weight, expected, atol=1e-6)
+    # the decay per step depends on the batch size so that images, not steps, count
+    assert EMA(src, half_life_images=500).decay(500) == pytest.approx(0.5)
+    assert EMA(src, half_life_images=0).decay(128) == 0.0
+
+
+def test_lr_warmup():
+    assert lr_at(0, lr=1.0, warmup_steps=10) == pytest.approx(0.1)
+    assert lr_at(9, lr=1.0, warmup_steps=10) == pytest.approx(1.0)
+    assert lr_at(500, lr=1.0, warmup_steps=10) == 1.0
+    assert lr_at(0, lr=1.0, warmup_steps=0) == 1.0
+
+
+def _toy_trainer(seed=0):
+    from difflab.data.toy import sample_toy
+    from difflab.nn.mlp import TimeMLP
+    from difflab.objectives import diffusion_loss
+    from difflab.parameterization import ModelDenoiser
+    from difflab.schedules import DiscreteSchedule
+
+    torch.manual_seed(seed)
+    model = TimeMLP(dim=2, hidden=32, depth=2)
+    den = ModelDenoiser(model, DiscreteSchedule.from_name("linear", 100))
+
+    def batch_fn(step, g):
+        return sample_toy("moons", 32, generator=g)
+
+    def loss_fn(x0, g):
+        return diffusion_loss(den, x0, generator=g).loss, {}
+
+    return Trainer(
+        model,
+        batch_fn=batch_fn,
+        loss_fn=loss_fn,
+        lr=1e-3,
+        batch_size=32,
+        warmup_steps=3,
+        ema_half_life_images=200,
+        seed=seed,
+    )
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight = _toy_trainer()
+    losses_straight = [float(straight.train_step()["loss"]) for _ in range(12)]
+
+    first = _toy_trainer()
+    for _ in range(6):
+        first.train_step()
+    ckpt.save_checkpoint(tmp_path, step=first.step, tensors=first.tensors(), state=first.state())
+    resumed = _toy_trainer(seed=0)
+    c = ckpt.load_checkpoint(tmp_path)
+    resumed.load(c.tensors, c.state)
+    assert resumed.step == 6
+    losses_resumed = [float(resumed.train_step()["loss"]) for _ in range(6)]
+    assert losses_resumed == losses_straight[6:]  # bit for bit
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.ema.model.parameters(), resumed.ema.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_training_reduces_the_loss():
+    tr = _toy_trainer()
+    losses = [float(tr.train_step()["loss"]) for _ in range(300)]
+    assert sum(losses[-50:]) / 50 < 0.8 * sum(losses[:20]) / 20
+
+
+def _cfg(*extra):
+    return apply_overrides(get_preset("moons"), FAST + list(extra))
+
+
+def test_train_run_writes_a_complete_run_dir(tmp_path):
+    from difflab.runner import train_run
+
+    res = train_run(_cfg(), tmp_path / "run", progress=False, log=lambda s: None)
+    run = tmp_path / "run"
+    for name in ["config.json", "metrics.csv", "loss.png", "samples.png", "forward_reverse.png"]:
+        assert (run / name).stat().st_size > 0, name
+    assert (run / "denoising.gif").stat().st_size > 0
+    assert ckpt.is_finished(run)
+    assert ckpt.load_checkpoint(run).step == 60
+    m = ckpt.read_metrics(run / "metrics.csv")
+    assert m["step"] == [10, 20, 30, 40, 50, 60]
+    assert all(math.isfinite(v) for v in m["loss"])
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert res.metrics["quality"]["sliced_wasserstein"] > 0
+    # a finished run is never overwritten
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ckpt.CheckpointError, match="finished"):
+        train_run(_cfg(), run, progress=False, log=lambda s: None)
+    assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import difflab.runner as runner
+
+    real = runner.make_loss_fn
+
+    def poisoned(built, extra_state):
+        fn = real(built, extra_state)
+        calls = {"n": 0}
+
+        def loss_fn(batch, g):
+            calls["n"] += 1
+            loss, logs = fn(batch, g)
+            return (loss * math.nan if calls["n"] > 45 else loss), logs
+
+        return loss_fn
+
+    monkeypatch.setattr(runner, "make_loss_fn", poisoned)
+    from difflab.train import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="step 50"):
+        runner.train_run(_cfg(), tmp_path / "run", progress=False, log=lambda s: None)
+    c = ckpt.load_checkpoint(tmp_path / "run")
+    assert c.step == 40
+    assert all(torch.isfinite(v).all() for v in c.tensors["model"].values())
+    assert not ckpt.is_finished(tmp_path / "run")
+
+
+def _cli(*args, cwd=None, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "difflab", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def _final_weights(run):
+    return ckpt.load_checkpoint(run).tensors["model"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    sets = [a for s in FAST + ["train.steps=200", "train.ckpt_every=10"] for a in ("--set", s)]
+    ref = _cli("train", "--preset", "moons", "--out", str(tmp_path / "ref"), "--no-progress", *sets)
+    killed = _cli(
+        "train", "--preset", "moons", "--out", str(tmp_path / "k"), "--no-progress", *sets
+    )
+    # kill at an arbitrary moment after the first checkpoint exists
+    deadline = time.time() + 60
+    while ckpt.latest_checkpoint(tmp_path / "k") is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not ckpt.is_finished(tmp_path / "k")
+    step_at_kill = ckpt.load_checkpoint(tmp_path / "k").step
+    assert step_at_kill < 200
+    resumed = _cli("train", "--resume", str(tmp_path / "k"), "--no-progress")
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    ref_out, ref_err = ref.communicate(timeout=120)
+    assert ref.returncode == 0, ref_err
+    a, b = _final_weights(tmp_path / "ref"), _final_weights(tmp_path / "k")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = ckpt.read_metrics(Path(tmp_path / "k" / "metrics.csv"))["step"]
+    assert steps == sorted(set(steps)) and steps[-1] == 200
