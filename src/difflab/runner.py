@@ -93,27 +93,57 @@ def train_run(
     """Train ``cfg`` into ``run_dir`` (new, or ``resume=True`` to continue it).
 
     When resuming, ``cfg`` is the stored config, possibly with a new step count, time budget
-    or device (the CLI allows only those); it replaces the stored one.
+    or device (the CLI allows only those); it replaces the stored one. Under ``torchrun`` the
+    run is data-parallel (see :mod:`difflab.distributed`); only rank 0 writes files.
     """
     from tqdm import tqdm
 
+    from difflab import distributed as ddp
+    from difflab.app import resolve_device
+
     run_dir = Path(run_dir)
-    if resume:
-        ckpt.prepare_run_dir(run_dir, config=cfg.to_dict(), resume=True)
-        if ckpt.is_finished(run_dir):
-            raise ckpt.CheckpointError(f"{run_dir} already holds a finished run; nothing to resume")
-        if cfg.to_dict() != ckpt.read_config(run_dir):  # a new budget, device or step count
-            ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    device = resolve_device(cfg.train.device)
+    dist = ddp.init_from_env(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    main = dist.is_main
+    if not main:
+        progress, log = False, _silent
+    if main:
+        if resume:
+            ckpt.prepare_run_dir(run_dir, config=cfg.to_dict(), resume=True)
+            if ckpt.is_finished(run_dir):
+                raise ckpt.CheckpointError(
+                    f"{run_dir} already holds a finished run; nothing to resume"
+                )
+            if cfg.to_dict() != ckpt.read_config(run_dir):  # new budget, device or steps
+                ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
+        else:
+            ckpt.prepare_run_dir(run_dir, config=cfg.to_dict(), resume=False)
+    ddp.barrier(dist)
     torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed only
-    built = build(cfg)
-    if not resume:
-        ckpt.prepare_run_dir(run_dir, config=cfg.to_dict(), resume=False)
+    built = build(cfg, device=device)
     extra_state: dict[str, Any] = {}
     loss_fn = make_loss_fn(built, extra_state)
+    batch_fn = make_batch_fn(built)
+    if dist.enabled:
+        if built.denoiser is None:
+            raise ValueError("the Sohl-Dickstein model trains in a single process")
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        built.denoiser.model = DistributedDataParallel(built.model, device_ids=ids)
+        global_batch = batch_fn
+
+        def batch_fn(step: int, g: torch.Generator) -> Any:  # this rank's rows
+            x, y = global_batch(step, g)
+            sl = slice(dist.rank, None, dist.world_size)
+            return x[sl], (None if y is None else y[sl])
+
     t = cfg.train
     trainer = Trainer(
         built.model,
-        batch_fn=make_batch_fn(built),
+        batch_fn=batch_fn,
         loss_fn=loss_fn,
         lr=t.lr,
         batch_size=t.batch_size,
@@ -126,22 +156,28 @@ def train_run(
         device=built.device,
         extra_state=extra_state,
         fused_adam=built.device.type == "cuda",
+        rank=dist.rank,
     )
     if resume and ckpt.latest_checkpoint(run_dir) is not None:
         c = ckpt.load_checkpoint(run_dir)
         trainer.load(c.tensors, c.state)
         log(f"resumed {run_dir} at step {trainer.step}")
-    metrics = ckpt.MetricsLog(
-        run_dir / "metrics.csv", METRIC_FIELDS, resume_step=trainer.step if resume else None
-    )
-    tb = _tensorboard(run_dir)
+    metrics: Any = _NoLog()
+    tb: Any = _NoLog()
+    if main:
+        metrics = ckpt.MetricsLog(
+            run_dir / "metrics.csv", METRIC_FIELDS, resume_step=trainer.step if resume else None
+        )
+        tb = _tensorboard(run_dir)
     n_params = sum(p.numel() for p in built.model.parameters())
-    log(f"{cfg.preset}: {n_params / 1e6:.3g}M parameters on {built.device}, run dir {run_dir}")
+    where = f"{dist.world_size} processes" if dist.enabled else str(built.device)
+    log(f"{cfg.preset}: {n_params / 1e6:.3g}M parameters on {where}, run dir {run_dir}")
 
     def save() -> None:
-        ckpt.save_checkpoint(
-            run_dir, step=trainer.step, tensors=trainer.tensors(), state=trainer.state()
-        )
+        if main:
+            ckpt.save_checkpoint(
+                run_dir, step=trainer.step, tensors=trainer.tensors(), state=trainer.state()
+            )
 
     start = time.perf_counter()
     budget = None if t.max_minutes is None else t.max_minutes * 60.0
@@ -161,7 +197,8 @@ def train_run(
             step = trainer.step
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
-                means = {k: float(v) / acc_n for k, v in acc.items()}  # one host sync per log
+                # one host sync per log interval; the mean over ranks keeps them in step
+                means = {k: float(ddp.all_mean(v, dist)) / acc_n for k, v in acc.items()}
                 acc, acc_n = {}, 0
                 if not math.isfinite(means["loss"]):
                     raise TrainingDiverged(
@@ -185,12 +222,14 @@ def train_run(
                 bar.set_postfix(loss=_fmt(means["loss"]), per_s=_fmt(rate))
             if step % t.ckpt_every == 0 and step < t.steps:
                 save()
-            if t.sample_every and step % t.sample_every == 0 and step < t.steps:
+            if main and t.sample_every and step % t.sample_every == 0 and step < t.steps:
                 _progress_samples(built, trainer, run_dir, step)
-            if budget is not None and time.perf_counter() - start > budget:
-                stopped_early = True
-                log(f"time budget of {t.max_minutes} min reached at step {step}")
-                break
+            if budget is not None:
+                over = time.perf_counter() - start > budget
+                if ddp.any_rank(over, dist, built.device):
+                    stopped_early = True
+                    log(f"time budget of {t.max_minutes} min reached at step {step}")
+                    break
     except KeyboardInterrupt:
         bar.close()
         save()
@@ -200,16 +239,42 @@ def train_run(
     save()
     metrics.close()
     tb.close()
-    from difflab.report import final_report
+    in_sync = ddp.ranks_in_sync(built.model, dist)
+    info: dict[str, Any] = {}
+    if main:
+        from difflab.report import final_report
 
-    built.model.load_state_dict(trainer.ema.model.state_dict())  # report on the EMA weights
-    built.model.eval()
-    info = final_report(built, run_dir, log=log)
-    info.update({"step": trainer.step, "train_seconds": time.perf_counter() - start, "last": last})
-    if stopped_early:
-        info["stopped_early"] = "time budget"
-    ckpt.mark_finished(run_dir, info)
+        if dist.enabled:
+            built.denoiser.model = built.model  # type: ignore[union-attr]
+        built.model.load_state_dict(trainer.ema.model.state_dict())  # report on the EMA
+        built.model.eval()
+        info = final_report(built, run_dir, log=log)
+        info.update(
+            {"step": trainer.step, "train_seconds": time.perf_counter() - start, "last": last}
+        )
+        if dist.enabled:
+            info.update({"world_size": dist.world_size, "ranks_in_sync": in_sync})
+        if stopped_early:
+            info["stopped_early"] = "time budget"
+        ckpt.mark_finished(run_dir, info)
+    ddp.barrier(dist)
+    ddp.shutdown(dist)
     return TrainResult(run_dir, trainer.step, True, info)
+
+
+def _silent(msg: str) -> None:
+    pass
+
+
+class _NoLog:
+    def append(self, row: dict) -> None:
+        pass
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _progress_samples(built: Built, trainer: Trainer, run_dir: Path, step: int) -> None:
@@ -219,19 +284,11 @@ def _progress_samples(built: Built, trainer: Trainer, run_dir: Path, step: int) 
     sample_figure(with_model(built, trainer.ema.model), run_dir / "progress" / f"{step:08d}.png")
 
 
-class _NoTensorBoard:
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _tensorboard(run_dir: Path) -> Any:
     try:
         from difflab.tensorboard import EventWriter
     except ImportError:  # pragma: no cover
-        return _NoTensorBoard()
+        return _NoLog()
     return EventWriter(run_dir / "tb")
 
 

@@ -62,12 +62,16 @@ class StepGenerators:
     diffusion: torch.Generator
 
 
-def step_generators(seed: int, step: int) -> StepGenerators:
-    """Generators for step ``step`` of a run with seed ``seed`` (deterministic in both)."""
+def step_generators(seed: int, step: int, rank: int = 0) -> StepGenerators:
+    """Generators for step ``step`` of a run with seed ``seed`` (deterministic in both).
+
+    The data generator is shared by all ranks of a distributed run (they draw the same global
+    batch); the diffusion generator differs per rank (independent noise per example).
+    """
     base = (int(seed) * 1_000_003 + int(step) * 7919) % (2**62)
     return StepGenerators(
         data=torch.Generator().manual_seed(base + 1),
-        diffusion=torch.Generator().manual_seed(base + 2),
+        diffusion=torch.Generator().manual_seed(base + 2 + 104_729 * int(rank)),
     )
 
 
@@ -93,6 +97,7 @@ class Trainer:
         device: where the model lives.
         extra_state: objects with ``state_dict()/load_state_dict()`` saved with checkpoints.
         fused_adam: use the fused AdamW kernel (CUDA only).
+        rank: this process's rank in a distributed run (0 otherwise).
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class Trainer:
         device: str | torch.device = "cpu",
         extra_state: dict[str, Any] | None = None,
         fused_adam: bool = False,
+        rank: int = 0,
     ) -> None:
         self.model = model
         self.batch_fn = batch_fn
@@ -124,6 +130,7 @@ class Trainer:
         self.seed = int(seed)
         self.device = torch.device(device)
         self.extra_state = extra_state or {}
+        self.rank = int(rank)
         kwargs: dict[str, Any] = {"fused": True} if fused_adam else {}
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=self.lr, weight_decay=weight_decay, **kwargs
@@ -135,7 +142,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Tensor]:
         """Run step ``self.step`` and advance; returns detached logs (tensors, no host sync)."""
-        gens = step_generators(self.seed, self.step)
+        gens = step_generators(self.seed, self.step, self.rank)
         torch.manual_seed(gens.diffusion.initial_seed() + 3)  # dropout and other global draws
         batch = self.batch_fn(self.step, gens.data)
         for group in self.optimizer.param_groups:

@@ -1,0 +1,75 @@
+"""Data-parallel training with torchrun on CPU (gloo, 2 processes): ranks in sync, resumable."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from difflab import checkpoint as ckpt
+
+SETS = [
+    "train.batch_size=64",
+    "train.log_every=10",
+    "train.ckpt_every=10",
+    "train.warmup_steps=5",
+    "model.hidden=32",
+    "model.depth=2",
+    "sample.n=200",
+    "sample.steps=10",
+    "sample.sampler=ddim",
+]
+
+
+def _torchrun(*args, steps=None):
+    sets = [a for s in SETS for a in ("--set", s)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "difflab",
+        *args,
+        "--no-progress",
+    ]
+    if args[0] == "train" and "--resume" not in args:
+        cmd += sets
+    if steps is not None:
+        cmd += ["--steps", str(steps)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_stay_in_sync_and_resume(tmp_path):
+    run = tmp_path / "run"
+    p = _torchrun("train", "--preset", "moons", "--out", str(run), steps=400)
+    deadline = time.time() + 90
+    while ckpt.latest_checkpoint(run) is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.latest_checkpoint(run) is not None, p.communicate()[1]
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher and both workers
+    p.wait()
+    killed_at = ckpt.load_checkpoint(run).step
+    assert killed_at < 400 and not ckpt.is_finished(run)
+    p = _torchrun("train", "--resume", str(run), steps=60 if killed_at < 60 else killed_at + 20)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-3000:]
+    info = json.loads((run / "finished.json").read_text())
+    assert info["world_size"] == 2
+    assert info["ranks_in_sync"] is True
+    assert info["step"] > killed_at
+    steps = ckpt.read_metrics(run / "metrics.csv")["step"]
+    assert steps == sorted(set(steps))
