@@ -1,0 +1,174 @@
+"""Samplers: walk from noise to data with any denoiser on any schedule.
+
+All samplers share one signature (see :mod:`difflab.samplers.common`)::
+
+    sampler(denoiser, x, ts, *, schedule, cond=None, generator=None, callback=None, **options)
+
+=================== ================================ ====== ================================
+name                function                         NFE    paper
+=================== ================================ ====== ================================
+``ddpm``            :func:`ancestral.ddpm`           N      Ho 2020, Algorithm 2
+``ddim``            :func:`ddim.ddim`                N      Song 2021, Eq. 12
+``dpm++2m``         :func:`dpm_solver.dpmpp_2m`      N      Lu 2022b, Algorithm 2
+``dpm++3m``         :func:`dpm_solver.dpmpp_3m`      N      Lu 2022b, multistep of order 3
+``dpm++2s``         :func:`dpm_solver.dpmpp_2s`      2N-1   Lu 2022b, Algorithm 1
+``euler``           :func:`edm.euler`                N      Karras 2022, Alg. 2 (Euler)
+``heun``            :func:`edm.heun`                 2N-1   Karras 2022, Algorithm 2
+``euler-ancestral`` :func:`edm.euler_ancestral`      N      k-diffusion ``euler_a``
+=================== ================================ ====== ================================
+
+N is the number of steps of a grid ending at t = 0 (see :func:`nfe`).
+
+:func:`sample` is the high-level entry point: it builds the time grid, draws the prior noise and
+runs a sampler by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab.parameterization import Denoiser
+from difflab.samplers.ancestral import ddpm
+from difflab.samplers.common import Callback, ThresholdedDenoiser, prior_noise
+from difflab.samplers.ddim import ddim, ddim_invert
+from difflab.samplers.dpm_solver import dpm_solver_pp, dpmpp_2m, dpmpp_2s, dpmpp_3m
+from difflab.samplers.edm import euler, euler_ancestral, heun
+from difflab.schedules import (
+    DiscreteSchedule,
+    Schedule,
+    Spacing,
+    check_choice,
+    sampling_timesteps,
+)
+
+__all__ = [
+    "SAMPLERS",
+    "DEFAULT_SPACING",
+    "Sampler",
+    "ThresholdedDenoiser",
+    "ddim",
+    "ddim_invert",
+    "ddpm",
+    "default_spacing",
+    "dpm_solver_pp",
+    "dpmpp_2m",
+    "dpmpp_2s",
+    "dpmpp_3m",
+    "euler",
+    "euler_ancestral",
+    "heun",
+    "nfe",
+    "prior_noise",
+    "sample",
+]
+
+Sampler = Callable[..., Tensor]
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "dpm++2m": dpmpp_2m,
+    "dpm++3m": dpmpp_3m,
+    "dpm++2s": dpmpp_2s,
+    "euler": euler,
+    "heun": heun,
+    "euler-ancestral": euler_ancestral,
+}
+
+# on DDPM schedules: trailing spacing starts at the most noisy level [Lin 2024]; Karras spacing
+# concentrates the steps at low noise, where the ODE solvers need them [Karras 2022, Eq. 5]
+DEFAULT_SPACING: dict[str, Spacing] = {
+    "ddpm": "trailing",
+    "ddim": "trailing",
+    "dpm++2m": "karras",
+    "dpm++3m": "karras",
+    "dpm++2s": "karras",
+    "euler": "karras",
+    "heun": "karras",
+    "euler-ancestral": "karras",
+}
+
+
+# samplers that call the network twice per step except on the step to t = 0
+_TWO_EVALS_PER_STEP = ("heun", "dpm++2s")
+
+
+def _check_sampler(name: str) -> str:
+    return check_choice("sampler", name, tuple(SAMPLERS))
+
+
+def default_spacing(sampler: str, schedule: Schedule) -> Spacing:
+    """``DEFAULT_SPACING[sampler]`` for a discrete (DDPM) schedule; ``karras`` for the others,
+    where a grid uniform in sigma would leave the low-noise levels to one large last step."""
+    _check_sampler(sampler)
+    return DEFAULT_SPACING[sampler] if isinstance(schedule, DiscreteSchedule) else "karras"
+
+
+def nfe(sampler: str, steps: int) -> int:
+    """Number of network evaluations of ``sampler`` for ``steps`` steps ending at t = 0."""
+    _check_sampler(sampler)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return 2 * steps - 1 if sampler in _TWO_EVALS_PER_STEP else steps
+
+
+def sample(
+    denoiser: Denoiser,
+    schedule: Schedule,
+    shape: tuple[int, ...] | torch.Size,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    spacing: Spacing | None = None,
+    t_start: float | None = None,
+    generator: torch.Generator | None = None,
+    cond: Any = None,
+    callback: Callback | None = None,
+    x_init: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    **options: Any,
+) -> Tensor:
+    """Draw samples of ``shape`` (B, ...) with a named sampler.
+
+    Args:
+        denoiser: the model, as a :class:`~difflab.parameterization.Denoiser`.
+        schedule: the noise schedule the denoiser was trained with.
+        shape: output shape, e.g. (B, 2) for points or (B, C, H, W) for images.
+        sampler: one of ``SAMPLERS``.
+        steps: number of steps (see :func:`nfe` for the network evaluations).
+        spacing: time grid (see :func:`~difflab.schedules.sampling_timesteps`); default
+            :func:`default_spacing`.
+        t_start: start below t_max (with ``x_init`` a noised image: SDEdit-style editing).
+        generator: randomness for the prior noise and stochastic samplers.
+        x_init: the starting sample at the first time of the grid (default: prior noise).
+        **options: sampler options (``eta``, ``variance``, ``s_churn``, ...).
+    Returns:
+        Samples at t = 0, shape ``shape``, dtype ``dtype`` on ``device``.
+    """
+    fn = SAMPLERS[_check_sampler(sampler)]
+    ts = sampling_timesteps(
+        schedule, steps, spacing=spacing or default_spacing(sampler, schedule), t_start=t_start
+    )
+    if x_init is None:
+        x = prior_noise(
+            schedule, shape, generator=generator, t=float(ts[0]), dtype=dtype, device=device
+        )
+    else:
+        if tuple(x_init.shape) != tuple(shape):
+            raise ValueError(f"x_init has shape {tuple(x_init.shape)}, expected {tuple(shape)}")
+        x = x_init.to(device=device, dtype=dtype)
+    return fn(
+        denoiser,
+        x,
+        ts,
+        schedule=schedule,
+        cond=cond,
+        generator=generator,
+        callback=callback,
+        **options,
+    )

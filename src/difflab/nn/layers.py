@@ -1,0 +1,235 @@
+"""Building blocks shared by the denoising networks.
+
+- `sinusoidal_embedding`: the Transformer position encoding used for the DDPM timestep [Ho 2020,
+  Appendix B; Vaswani 2017, Sec. 3.5].
+- `GaussianFourierFeatures`: random Fourier features of the noise level [Song 2021, Sec. C.1;
+  Tancik 2020].
+- `TimeEmbedding`: one of the two feature maps followed by a two-layer MLP head.
+- `ClassEmbedding`: a label table with an extra "null" row for classifier-free guidance
+  [Ho & Salimans 2022].
+- `AttentionBlock`: multi-head self-attention over the pixels of a feature map with GroupNorm
+  and a residual connection [Ho 2020, Appendix B; Vaswani 2017].
+- `split_cond`: reads the `cond` argument of the network contract `model(x, t, cond=None)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TimeEmbeddingKind = Literal["sinusoidal", "fourier"]
+_COND_KEYS = ("class", "image")
+
+
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of a (possibly fractional or negative) noise level.
+
+    emb(t) = [sin(w_0 t), ..., sin(w_{h-1} t), cos(w_0 t), ..., cos(w_{h-1} t)] with h = dim // 2
+    and frequencies geometric from w_0 = 1 down to w_{h-1} = 1 / max_period, as in the DDPM
+    reference code [Ho 2020, Appendix B; Vaswani 2017, Sec. 3.5]. An odd `dim` gets one zero
+    column at the end. Every row has squared norm exactly h.
+
+    Args:
+        t: (B,) noise levels (timesteps, or any real number such as ln(sigma) / 4).
+        dim: embedding width (>= 2).
+        max_period: the longest period is 2 pi * max_period.
+
+    Returns:
+        (B, dim) float32 embedding.
+    """
+    if t.ndim != 1:
+        raise ValueError(f"t must have shape (B,), got {tuple(t.shape)}")
+    if dim < 2:
+        raise ValueError(f"embedding dim must be >= 2, got {dim}")
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=t.device) / max(half - 1, 1)
+    freqs = torch.exp(-math.log(max_period) * exponent)  # w_i = max_period^(-i / (h - 1))
+    angles = t.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GaussianFourierFeatures(nn.Module):
+    """Fixed random Fourier features of the noise level [Song 2021, Sec. C.1].
+
+    emb(t) = [sin(2 pi W t), cos(2 pi W t)], W ~ N(0, scale^2) drawn once and stored as a buffer
+    (saved with the weights, never trained). Song et al. use scale 16 on log(sigma).
+
+    Shapes: t (B,) -> (B, dim), dim even.
+    """
+
+    def __init__(
+        self, dim: int, scale: float = 16.0, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        if dim < 2 or dim % 2 != 0:
+            raise ValueError(f"Fourier feature dim must be even and >= 2, got {dim}")
+        self.register_buffer("W", torch.randn(dim // 2, generator=generator) * scale)
+
+    def forward(self, t: Tensor) -> Tensor:
+        if t.ndim != 1:
+            raise ValueError(f"t must have shape (B,), got {tuple(t.shape)}")
+        angles = 2 * math.pi * t.float()[:, None] * self.W[None, :]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class TimeEmbedding(nn.Module):
+    """Noise-level features followed by Linear -> SiLU -> Linear [Ho 2020, Appendix B].
+
+    Args:
+        dim: width of the sinusoidal / Fourier features.
+        embed_dim: output width (DDPM uses 4 * base channels).
+        kind: "sinusoidal" (`sinusoidal_embedding`) or "fourier" (`GaussianFourierFeatures`).
+        fourier_scale: standard deviation of the Fourier frequencies.
+        generator: random source for the Fourier frequencies.
+
+    Shapes: t (B,) -> (B, embed_dim).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        embed_dim: int,
+        kind: TimeEmbeddingKind = "sinusoidal",
+        fourier_scale: float = 16.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in get_args(TimeEmbeddingKind):
+            raise ValueError(
+                f"unknown time embedding {kind!r}; valid: {', '.join(get_args(TimeEmbeddingKind))}"
+            )
+        self.dim = dim
+        self.kind = kind
+        self.fourier = (
+            GaussianFourierFeatures(dim, fourier_scale, generator) if kind == "fourier" else None
+        )
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
+        )
+
+    def forward(self, t: Tensor) -> Tensor:
+        feats = sinusoidal_embedding(t, self.dim) if self.fourier is None else self.fourier(t)
+        return self.mlp(feats)
+
+
+class ClassEmbedding(nn.Module):
+    """Class-label table with an extra null label for classifier-free guidance [Ho & Salimans 2022].
+
+    Labels 0 .. num_classes - 1 are real classes; label `num_classes` (= `self.null_index`) is the
+    "no label" token used for unconditional training and sampling.
+
+    Shapes: labels (B,) int64 -> (B, dim).
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.null_index = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def null_labels(self, batch: int, device: torch.device | str | None = None) -> Tensor:
+        """(batch,) int64 tensor filled with the null index."""
+        return torch.full((batch,), self.null_index, dtype=torch.long, device=device)
+
+    def forward(self, labels: Tensor) -> Tensor:
+        if labels.ndim != 1 or labels.dtype != torch.long:
+            raise ValueError(
+                f"class labels must be an int64 tensor of shape (B,), got {labels.dtype} "
+                f"{tuple(labels.shape)}"
+            )
+        if labels.device.type == "cpu" and labels.numel() > 0:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi > self.null_index:
+                raise ValueError(
+                    f"class labels must lie in [0, {self.null_index}] "
+                    f"({self.null_index} = null label), got range [{lo}, {hi}]"
+                )
+        return self.table(labels)
+
+
+def drop_class_labels(
+    labels: Tensor, p: float, num_classes: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Replace each label by the null index `num_classes` with probability p (CFG training).
+
+    [Ho & Salimans 2022, Algorithm 1]. Shapes: labels (B,) int64 -> (B,) int64.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"label dropout probability must be in [0, 1], got {p}")
+    u = torch.rand(labels.shape, generator=generator).to(labels.device)
+    return torch.where(u < p, torch.full_like(labels, num_classes), labels)
+
+
+def split_cond(cond: Tensor | dict[str, Tensor] | None) -> tuple[Tensor | None, Tensor | None]:
+    """Read the `cond` argument of `model(x, t, cond)` into (class_labels, image).
+
+    `cond` is None, an int64 tensor of class labels (B,), or a dict with optional keys
+    "class" (B,) int64 and "image" (B, C_cond, H, W) float.
+    """
+    if cond is None:
+        return None, None
+    if isinstance(cond, Tensor):
+        return cond, None
+    if isinstance(cond, dict):
+        unknown = set(cond) - set(_COND_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown cond keys {sorted(unknown)}; valid keys: {', '.join(_COND_KEYS)}"
+            )
+        return cond.get("class"), cond.get("image")
+    raise ValueError(
+        f"cond must be None, an int64 label tensor or a dict, got {type(cond).__name__}"
+    )
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions of a feature map, with a residual.
+
+    out = x + proj(softmax(Q K^T / sqrt(d)) V),  Q, K, V = 1x1 convs of GroupNorm(x)
+    [Vaswani 2017, Eq. (1); Ho 2020, Appendix B]. The output projection starts at zero, so a fresh
+    block is the identity (as in the DDPM and Improved DDPM code).
+
+    Shapes: x (B, C, H, W) -> (B, C, H, W); C must be divisible by `num_heads` and `norm_groups`.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 1, norm_groups: int = 32) -> None:
+        super().__init__()
+        if channels % num_heads != 0:
+            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels, norm_groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
+        self.proj = nn.Conv2d(channels, channels, kernel_size=1)
+        zero_(self.proj)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        d = c // self.num_heads
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, d, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each (B, heads, HW, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(QK^T / sqrt(d)) V
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm with a clear error when `channels` is not divisible by `groups`."""
+    if channels % groups != 0:
+        raise ValueError(f"channels ({channels}) must be divisible by norm_groups ({groups})")
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    """Set all parameters of `module` to zero in place and return it."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module

@@ -1,0 +1,372 @@
+"""The image U-Net of DDPM and Improved DDPM, plus a plain encoder-decoder baseline.
+
+Layout [Ho 2020, Appendix B; Nichol & Dhariwal 2021, Sec. 3-4]: a 3x3 input conv, then per
+resolution level `num_res_blocks` residual blocks (optionally followed by self-attention) and a
+strided-conv downsample; a middle of residual block, attention, residual block; a mirrored up path
+with `num_res_blocks + 1` blocks per level that concatenate the skip activations, with
+nearest-neighbour + conv upsampling; GroupNorm, SiLU and a 3x3 output conv. The noise level enters
+every residual block through a sinusoidal embedding and an MLP, either added to the features
+(DDPM) or as a GroupNorm scale and shift (Improved DDPM "use_scale_shift_norm"). Class labels add
+a learned embedding (with a null label for classifier-free guidance [Ho & Salimans 2022]) to the
+time embedding; image conditioning is concatenated to the input channels.
+
+The last conv of every residual block, the attention output projection and the output conv start
+at zero, so a fresh network outputs 0 and each fresh block is the identity on its skip path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from difflab.nn.layers import (
+    AttentionBlock,
+    ClassEmbedding,
+    TimeEmbedding,
+    TimeEmbeddingKind,
+    group_norm,
+    split_cond,
+    zero_,
+)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a `UNet`; `dataclasses.asdict(config)` gives its keyword arguments."""
+
+    image_size: int = 32  # training resolution; attention_resolutions refer to it
+    in_channels: int = 3  # channels of x (not counting cond_channels)
+    out_channels: int | None = None  # None = in_channels; 2 * in_channels for learned variance
+    base_channels: int = 128  # channels at the first level (DDPM "ch")
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)  # channels per level = base * mult; one per level
+    num_res_blocks: int = 2  # residual blocks per level on the down path (+1 on the up path)
+    attention_resolutions: tuple[int, ...] = (16,)  # feature-map sizes that get self-attention
+    mid_attention: bool = True  # self-attention between the two middle residual blocks
+    num_heads: int = 1  # attention heads (channels must be divisible by it)
+    dropout: float = 0.1  # dropout before the second conv of each residual block
+    num_classes: int = 0  # class conditioning if > 0; label num_classes is the null label
+    cond_channels: int = 0  # channels of cond["image"], concatenated to x
+    use_scale_shift_norm: bool = True  # Improved DDPM time injection; False = DDPM's addition
+    norm_groups: int = 32  # GroupNorm groups; every channel count must be divisible by it
+    time_embedding: TimeEmbeddingKind = "sinusoidal"  # "fourier" for Song 2021 features
+    time_features: int | None = None  # width of the sin/cos features of t; None = base_channels
+    fourier_scale: float = 16.0  # std of the Fourier frequencies (time_embedding="fourier")
+
+    def __post_init__(self) -> None:  # JSON gives lists: keep tuples so configs compare equal
+        for name in ("channel_mult", "attention_resolutions"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # DDPM CIFAR-10 model [Ho 2020, Appendix B]: 35.7M parameters.
+    "ddpm-cifar10": UNetConfig(use_scale_shift_norm=False),
+    # 28x28 grayscale, chosen for training speed on a 2-core CPU (benchmarks/cpu_unet_speed.py).
+    "mnist-cpu": UNetConfig(
+        image_size=28,
+        in_channels=1,
+        base_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        mid_attention=True,
+        num_heads=1,
+        dropout=0.0,
+        norm_groups=8,
+    ),
+    # A few thousand parameters, for tests.
+    "tiny": UNetConfig(
+        image_size=16,
+        in_channels=1,
+        base_channels=4,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        mid_attention=False,
+        num_heads=2,
+        dropout=0.0,
+        norm_groups=2,
+        time_features=32,  # 4 sin/cos features cannot resolve t in [0, 1000]
+    ),
+}
+
+
+class ResBlock(nn.Module):
+    """Residual block with time embedding [Ho 2020, Appendix B; Nichol & Dhariwal 2021].
+
+    h = conv1(SiLU(GN(x)))
+    additive:    h = conv2(Dropout(SiLU(GN(h + W emb))))
+    scale-shift: h = conv2(Dropout(SiLU(GN(h) * (1 + scale) + shift))), (scale, shift) = W emb
+    out = skip(x) + h, skip = 1x1 conv when the channel count changes. conv2 starts at zero.
+
+    Shapes: x (B, in_ch, H, W), emb (B, embed_dim) -> (B, out_ch, H, W).
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        embed_dim: int,
+        dropout: float = 0.0,
+        use_scale_shift_norm: bool = True,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.norm1 = group_norm(in_ch, norm_groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(embed_dim, 2 * out_ch if use_scale_shift_norm else out_ch)
+        self.norm2 = group_norm(out_ch, norm_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class _ResAttn(nn.Module):
+    """A ResBlock optionally followed by self-attention."""
+
+    def __init__(self, res: ResBlock, attn: AttentionBlock | None) -> None:
+        super().__init__()
+        self.res = res
+        self.attn = attn
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        h = self.res(h, emb)
+        return h if self.attn is None else self.attn(h)
+
+
+class Downsample(nn.Module):
+    """3x3 conv with stride 2: (B, C, H, W) -> (B, C, H/2, W/2)."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, h: Tensor, emb: Tensor | None = None) -> Tensor:
+        return self.conv(h)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, h: Tensor, emb: Tensor | None = None) -> Tensor:
+        return self.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """DDPM / Improved DDPM U-Net, `model(x, t, cond=None)`; arguments as in `UNetConfig`.
+
+    Shapes: x (B, in_channels, H, W) with H, W divisible by 2^(len(channel_mult) - 1); t (B,);
+    cond None | (B,) int64 labels | {"class": (B,) int64, "image": (B, cond_channels, H, W)}
+    -> (B, out_channels, H, W). Without labels a class-conditional model uses the null label.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        cfg = UNetConfig(**kwargs)
+        _validate(cfg)
+        self.config = cfg
+        self.out_channels = cfg.out_channels or cfg.in_channels
+        ch, groups = cfg.base_channels, cfg.norm_groups
+        embed_dim = 4 * ch
+        self.time_embed = TimeEmbedding(
+            cfg.time_features or ch, embed_dim, cfg.time_embedding, cfg.fourier_scale
+        )
+        self.class_embed = ClassEmbedding(cfg.num_classes, embed_dim) if cfg.num_classes else None
+
+        def res_attn(cin: int, cout: int, level: int) -> _ResAttn:
+            res = ResBlock(cin, cout, embed_dim, cfg.dropout, cfg.use_scale_shift_norm, groups)
+            use_attn = cfg.image_size // 2**level in cfg.attention_resolutions
+            return _ResAttn(res, AttentionBlock(cout, cfg.num_heads, groups) if use_attn else None)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_chs, cur = [ch], ch
+        last = len(cfg.channel_mult) - 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(res_attn(cur, ch * mult, level))
+                cur = ch * mult
+                skip_chs.append(cur)
+            if level != last:
+                self.down.append(Downsample(cur))
+                skip_chs.append(cur)
+
+        def mid_res() -> ResBlock:
+            return ResBlock(cur, cur, embed_dim, cfg.dropout, cfg.use_scale_shift_norm, groups)
+
+        mid_attn = AttentionBlock(cur, cfg.num_heads, groups) if cfg.mid_attention else None
+        self.mid = nn.ModuleList([_ResAttn(mid_res(), mid_attn), _ResAttn(mid_res(), None)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(res_attn(cur + skip_chs.pop(), ch * mult, level))
+                cur = ch * mult
+            if level != 0:
+                self.up.append(Upsample(cur))
+
+        self.norm_out = group_norm(cur, groups)
+        self.conv_out = zero_(nn.Conv2d(cur, self.out_channels, 3, padding=1))
+
+    def forward(
+        self, x: Tensor, t: Tensor, cond: Tensor | dict[str, Tensor] | None = None
+    ) -> Tensor:
+        cfg = self.config
+        factor = 2 ** (len(cfg.channel_mult) - 1)
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"x must have shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(
+                f"image height and width must be divisible by {factor} "
+                f"(2^(levels-1) for {len(cfg.channel_mult)} levels), got {tuple(x.shape[2:])}"
+            )
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+        labels, image = split_cond(cond)
+
+        emb = self.time_embed(t)
+        if self.class_embed is not None:
+            if labels is None:
+                labels = self.class_embed.null_labels(x.shape[0], device=x.device)
+            emb = emb + self.class_embed(labels)
+        elif labels is not None:
+            raise ValueError("class labels given but the model has num_classes=0")
+        if cfg.cond_channels:
+            expected = (x.shape[0], cfg.cond_channels, *x.shape[2:])
+            if image is None or tuple(image.shape) != expected:
+                got = None if image is None else tuple(image.shape)
+                raise ValueError(f"cond['image'] must have shape {expected}, got {got}")
+            x = torch.cat([x, image.to(x.dtype)], dim=1)
+        elif image is not None:
+            raise ValueError("cond['image'] given but the model has cond_channels=0")
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, emb)
+        for block in self.up:
+            if isinstance(block, _ResAttn):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _validate(cfg: UNetConfig) -> None:
+    levels = len(cfg.channel_mult)
+    if levels < 1 or cfg.num_res_blocks < 1 or cfg.base_channels < 1:
+        raise ValueError("channel_mult must be non-empty; num_res_blocks, base_channels >= 1")
+    factor = 2 ** (levels - 1)
+    if cfg.image_size % factor:
+        raise ValueError(
+            f"image_size {cfg.image_size} is not divisible by 2^(levels-1) = {factor} "
+            f"for channel_mult {cfg.channel_mult}; use fewer levels or pad the images"
+        )
+    sizes = [cfg.image_size // 2**i for i in range(levels)]
+    bad = [r for r in cfg.attention_resolutions if r not in sizes]
+    if bad:
+        raise ValueError(f"attention_resolutions {bad} match no level; level sizes are {sizes}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.num_classes < 0 or cfg.cond_channels < 0:
+        raise ValueError("num_classes and cond_channels must be >= 0")
+
+
+def build_unet(preset: str | UNetConfig, **overrides: Any) -> UNet:
+    """Build a `UNet` from a preset name in `UNET_PRESETS` or a `UNetConfig`, with field overrides.
+
+    Example: `build_unet("mnist-cpu", num_classes=10)`.
+    """
+    if isinstance(preset, str):
+        if preset not in UNET_PRESETS:
+            raise ValueError(f"unknown U-Net preset {preset!r}; valid: {', '.join(UNET_PRESETS)}")
+        preset = UNET_PRESETS[preset]
+    fields = {f.name for f in dataclasses.fields(UNetConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown UNetConfig fields {sorted(unknown)}; valid: {sorted(fields)}")
+    return UNet(**dataclasses.asdict(dataclasses.replace(preset, **overrides)))
+
+
+class BasicUNet(nn.Module):
+    """A plain convolutional encoder-decoder with additive skips and no noise-level input.
+
+    Convs of width `channels` with max-pool downsampling, mirrored with nearest upsampling; the
+    skip activations are added on the way up. It ignores `t`, so it must infer the noise level
+    from the image alone: the baseline that shows why diffusion networks take t as input.
+
+    Shapes: x (B, in_channels, H, W), H and W divisible by 2^(len(channels) - 1), t (B,) ignored,
+    cond must be None -> (B, out_channels, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        channels: tuple[int, ...] = (32, 64, 64),
+        kernel_size: int = 5,
+    ) -> None:
+        super().__init__()
+        if len(channels) < 2 or kernel_size % 2 == 0:
+            raise ValueError("BasicUNet needs >= 2 channel levels and an odd kernel_size")
+        out_channels = out_channels or in_channels
+        self.in_channels, self.levels = in_channels, len(channels)
+        pad = kernel_size // 2
+        ins = (in_channels, *channels[:-1])
+        self.down = nn.ModuleList(
+            nn.Conv2d(i, o, kernel_size, padding=pad) for i, o in zip(ins, channels)
+        )
+        outs = (*reversed(channels[:-1]), out_channels)
+        self.up = nn.ModuleList(
+            nn.Conv2d(i, o, kernel_size, padding=pad) for i, o in zip(reversed(channels), outs)
+        )
+
+    def forward(
+        self, x: Tensor, t: Tensor, cond: Tensor | dict[str, Tensor] | None = None
+    ) -> Tensor:
+        factor = 2 ** (self.levels - 1)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"image height and width must be divisible by {factor}")
+        if cond is not None:
+            raise ValueError("BasicUNet is unconditional; cond must be None")
+        h, skips = x, []
+        for i, conv in enumerate(self.down):
+            h = F.silu(conv(h))
+            if i < self.levels - 1:
+                skips.append(h)
+                h = F.max_pool2d(h, 2)
+        for i, conv in enumerate(self.up):
+            if i > 0:
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest") + skips.pop()
+            h = conv(h)
+            if i < self.levels - 1:
+                h = F.silu(h)
+        return h

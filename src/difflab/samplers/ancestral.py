@@ -1,0 +1,158 @@
+"""DDPM ancestral sampling [Ho 2020, Algorithm 2] on any grid of times.
+
+Each step t -> s (s < t, the next time of the grid) samples the model's reverse transition
+p(x_s | x_t) = N(mu, v I), where mu is the mean of the forward posterior q(x_s | x_t, x0) with
+x0 replaced by the denoiser's x0_hat [Ho 2020, Eq. 6-7, 11]. On the full grid T, T-1, ..., 0 this
+is the original sampler; on a subset of times it is the respaced sampler of Improved DDPM
+[Nichol & Dhariwal 2021, Sec. 4]. Notation, with alpha_{t|s} = alpha_t / alpha_s:
+
+==================  ==============================================  =========================
+code                formula                                         paper
+==================  ==============================================  =========================
+``beta_step``       sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2  beta_t (Ho 2020, Eq. 2);
+                    = 1 - alpha_bar_t / alpha_bar_s for VP schedules     "large" variance
+``beta_tilde``      sigma_{t|s}^2 sigma_s^2 / sigma_t^2            beta-tilde_t (Eq. 7);
+                                                                    "small" variance
+``logvar``          frac log beta_step + (1 - frac) log beta_tilde  Nichol & Dhariwal, Eq. 15
+==================  ==============================================  =========================
+
+The last step (s = 0) adds no noise: it returns the posterior mean, which is x0_hat.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor
+
+from difflab.parameterization import Denoiser
+from difflab.process import q_posterior, transition
+from difflab.samplers.common import Callback, call_denoiser, check_grid, randn, report
+from difflab.schedules import Schedule, check_choice
+
+__all__ = ["Variance", "VARIANCES", "ddpm", "grid_posterior", "reverse_log_variance"]
+
+Variance = Literal["small", "large", "learned"]
+VARIANCES: tuple[str, ...] = get_args(Variance)
+
+_F64 = torch.float64
+
+
+def grid_posterior(schedule: Schedule, ts: Tensor) -> dict[str, Tensor]:
+    """Coefficients of every step ts[i] -> ts[i + 1] of a grid, float64 tensors of shape (n,).
+
+    ``coef_xt``, ``coef_x0``: the posterior mean of q(x_s | x_t, x0) is
+    coef_xt * x_t + coef_x0 * x0 [Ho 2020, Eq. 7]; read off :func:`~difflab.process.q_posterior`
+    (linear in (x_t, x0)) at unit inputs, all steps at once.
+    ``beta_tilde``: its variance; ``beta_step``: sigma_{t|s}^2 [Kingma 2021, Eq. 10].
+    ``log_beta_tilde``: log beta_tilde, clipped on a step to t = 0 (where beta_tilde = 0) to the
+    value of the step before, as Improved DDPM does (log beta_step on a one-step grid).
+    """
+    ts = torch.as_tensor(ts, dtype=_F64).cpu()
+    t, s = ts[:-1], ts[1:]
+    one, zero = torch.ones(t.numel(), 1, dtype=_F64), torch.zeros(t.numel(), 1, dtype=_F64)
+    coef_x0, beta_tilde = q_posterior(one, zero, t, s, schedule)
+    coef_xt, _ = q_posterior(zero, one, t, s, schedule)
+    _, beta_step = transition(schedule, t, s)
+    beta_tilde = beta_tilde.flatten()
+    clipped = beta_tilde.clone()
+    for i in range(clipped.numel()):
+        if clipped[i] <= 0:
+            clipped[i] = clipped[i - 1] if i > 0 else beta_step[i]
+    return {
+        "coef_xt": coef_xt.flatten(),
+        "coef_x0": coef_x0.flatten(),
+        "beta_tilde": beta_tilde,
+        "beta_step": beta_step,
+        "log_beta_tilde": clipped.log(),
+    }
+
+
+def _log_variance(
+    variance: str, log_beta_step: float, log_beta_tilde: float, var_frac: Tensor | None
+) -> Tensor | float:
+    if variance == "small":
+        return log_beta_tilde
+    if variance == "large":
+        return log_beta_step
+    if var_frac is None:
+        raise ValueError(
+            'variance="learned" needs a denoiser that predicts var_frac '
+            "(a ModelDenoiser with learned_variance=True)"
+        )
+    return var_frac * log_beta_step + (1 - var_frac) * log_beta_tilde  # Eq. (15) [Nichol 2021]
+
+
+def reverse_log_variance(
+    schedule: Schedule,
+    ts: Tensor,
+    i: int,
+    *,
+    variance: Variance,
+    var_frac: Tensor | None = None,
+) -> Tensor | float:
+    """log of the variance of the reverse step i, ts[i] -> ts[i + 1].
+
+    ``"small"``: log beta_tilde; ``"large"``: log beta_step; ``"learned"``:
+    frac log beta_step + (1 - frac) log beta_tilde [Nichol & Dhariwal 2021, Eq. 15] with
+    ``frac = var_frac`` (a tensor of the sample's shape; the result is then a tensor too).
+    On a step to t = 0 beta_tilde is clipped as in :func:`grid_posterior`; the sampler adds no
+    noise on that step, so the clipped value only matters for likelihoods.
+    """
+    check_choice("variance", variance, VARIANCES)
+    ts = torch.as_tensor(ts, dtype=_F64)
+    lo = max(i - 1, 0)
+    table = grid_posterior(schedule, ts[lo : i + 2])
+    j = i - lo
+    log_step = float(table["beta_step"][j].log())
+    return _log_variance(variance, log_step, float(table["log_beta_tilde"][j]), var_frac)
+
+
+@torch.no_grad()
+def ddpm(
+    denoiser: Denoiser,
+    x: Tensor,
+    ts: Tensor,
+    *,
+    schedule: Schedule,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    variance: Variance = "small",
+) -> Tensor:
+    """DDPM ancestral sampling [Ho 2020, Algorithm 2], on the grid ``ts`` (respaced or full).
+
+    Args:
+        denoiser: gives x0_hat (and ``var_frac`` for ``variance="learned"``).
+        x: the sample at time ``ts[0]``, shape (B, ...).
+        ts: strictly decreasing times, normally ending at 0.
+        variance: ``"small"`` (beta-tilde, the posterior variance), ``"large"`` (beta_step) or
+            ``"learned"`` (Improved DDPM interpolation of the two in the log domain, Eq. 15,
+            using ``Prediction.var_frac``).
+    Returns:
+        The sample at time ``ts[-1]``, same shape and dtype as ``x``.
+    """
+    check_choice("variance", variance, VARIANCES)
+    ts = check_grid(ts, schedule)
+    n = ts.numel() - 1
+    table = grid_posterior(schedule, ts)
+    coef_xt, coef_x0 = table["coef_xt"].tolist(), table["coef_x0"].tolist()
+    log_step, log_tilde = table["beta_step"].log().tolist(), table["log_beta_tilde"].tolist()
+    for i in range(n):
+        t, s = float(ts[i]), float(ts[i + 1])
+        pred = call_denoiser(denoiser, x, t, cond)
+        report(callback, i, t, s, x, pred.x0)
+        if variance == "learned" and pred.var_frac is None:
+            _log_variance(variance, 0.0, 0.0, None)  # raises the error
+        # posterior mean with x0 -> x0_hat  [Ho 2020, Eq. 7 and 11]
+        mean = coef_xt[i] * x + coef_x0[i] * pred.x0
+        if s == 0:
+            x = mean  # no noise on the last step (Algorithm 2, "z = 0 if t = 1")
+            continue
+        logvar = _log_variance(variance, log_step[i], log_tilde[i], pred.var_frac)
+        std = logvar.mul(0.5).exp() if isinstance(logvar, Tensor) else math.exp(0.5 * logvar)
+        z = randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        x = mean + std * z  # std is a float, or a tensor of x's shape (learned variance)
+    return x

@@ -1,0 +1,226 @@
+"""EDM samplers [Karras 2022]: Euler, Heun (Algorithm 2) and Euler-ancestral, on any schedule.
+
+The samplers integrate the probability-flow ODE in the scaled variable y = x / alpha with the EDM
+noise level s = sigma / alpha = ``schedule.edm_sigma(t)`` [Karras 2022, Eq. 4 with s(t) = alpha]:
+
+    dy/ds = (y - D(y; s)) / s,                        [Karras 2022, Eq. 1 with Eq. 3]
+
+where D(y; s) = x0_hat is the denoiser called at x = alpha(t) y and t = t_from_edm_sigma(s). For
+the EDM schedule (alpha = 1, sigma = t) y is x itself. Notation:
+
+==============  ==================  ==============================================
+code            paper (Alg. 2)      meaning
+==============  ==================  ==============================================
+``s_cur``       t_i                 EDM noise level at step i
+``s_hat``       t-hat_i             level after "increase noise temporarily"
+``y_cur``       x_i                 the sample in the scaled variable
+``d_cur``       d_i                 (x - D(x; t)) / t, the ODE direction
+``s_churn``     S_churn             total stochasticity, spread over the steps
+``s_tmin/max``  S_tmin, S_tmax      range of noise levels where churn is applied
+``s_noise``     S_noise             noise inflation (slightly above 1 in the paper)
+==============  ==================  ==============================================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab.parameterization import Denoiser
+from difflab.samplers.common import (
+    Callback,
+    call_denoiser,
+    check_grid,
+    coefficients,
+    grid_coefficients,
+    randn,
+    report,
+)
+from difflab.schedules import Schedule
+
+__all__ = ["euler", "heun", "euler_ancestral"]
+
+_F64 = torch.float64
+
+
+def _denoise(denoiser: Denoiser, y: Tensor, t: float, alpha: float, cond: Any) -> Tensor:
+    """D(y; s) at time t: the denoiser's x0_hat at x = alpha(t) y."""
+    return call_denoiser(denoiser, alpha * y, t, cond).x0
+
+
+def _edm_sampler(
+    denoiser: Denoiser,
+    x: Tensor,
+    ts: Tensor,
+    *,
+    schedule: Schedule,
+    cond: Any,
+    generator: torch.Generator | None,
+    callback: Callback | None,
+    second_order: bool,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+) -> Tensor:
+    """Algorithm 2 of [Karras 2022]; with ``second_order=False`` the Euler variant."""
+    if s_churn < 0 or s_noise < 0:
+        raise ValueError(f"s_churn and s_noise must be non-negative, got {s_churn}, {s_noise}")
+    ts = check_grid(ts, schedule)
+    n = ts.numel() - 1
+    coef = grid_coefficients(schedule, ts)
+    y_cur = x / coef["alpha"][0]
+    for i in range(n):
+        t_cur, t_next = float(ts[i]), float(ts[i + 1])
+        s_cur, s_next = coef["edm_sigma"][i], coef["edm_sigma"][i + 1]
+
+        # Increase noise temporarily.
+        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= s_cur <= s_tmax else 0.0
+        s_hat = min(s_cur * (1 + gamma), schedule.sigma_max)  # the model ends at sigma_max
+        if s_hat > s_cur:
+            t_hat = float(schedule.t_from_edm_sigma(torch.tensor(s_hat, dtype=_F64)))
+            z = randn(y_cur.shape, generator=generator, dtype=y_cur.dtype, device=y_cur.device)
+            y_hat = y_cur + math.sqrt(s_hat**2 - s_cur**2) * s_noise * z
+            alpha_hat = coefficients(schedule, t_hat)[0]
+        else:
+            s_hat, t_hat, y_hat, alpha_hat = s_cur, t_cur, y_cur, coef["alpha"][i]
+
+        # Euler step.
+        x0_hat = _denoise(denoiser, y_hat, t_hat, alpha_hat, cond)
+        report(callback, i, t_cur, t_next, alpha_hat * y_hat, x0_hat)
+        d_cur = (y_hat - x0_hat) / s_hat
+        y_next = y_hat + (s_next - s_hat) * d_cur
+
+        # 2nd-order correction.
+        if second_order and s_next > 0:
+            x0_next = _denoise(denoiser, y_next, t_next, coef["alpha"][i + 1], cond)
+            d_prime = (y_next - x0_next) / s_next
+            y_next = y_hat + (s_next - s_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        y_cur = y_next
+    return coef["alpha"][-1] * y_cur
+
+
+@torch.no_grad()
+def euler(
+    denoiser: Denoiser,
+    x: Tensor,
+    ts: Tensor,
+    *,
+    schedule: Schedule,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Euler method for the EDM probability-flow ODE, with optional churn [Karras 2022, Alg. 2
+    without the 2nd-order correction]. 1 NFE per step. With ``s_churn = 0`` it equals DDIM with
+    eta = 0 on the same grid.
+
+    Args:
+        x: the sample at time ``ts[0]``, shape (B, ...).
+        ts: strictly decreasing times, normally ending at 0.
+        s_churn, s_tmin, s_tmax, s_noise: EDM's stochasticity parameters (see module table);
+            s_tmin, s_tmax are EDM noise levels. The temporary noise increase is capped at the
+            schedule's sigma_max.
+    """
+    return _edm_sampler(
+        denoiser,
+        x,
+        ts,
+        schedule=schedule,
+        cond=cond,
+        generator=generator,
+        callback=callback,
+        second_order=False,
+        s_churn=s_churn,
+        s_tmin=s_tmin,
+        s_tmax=s_tmax,
+        s_noise=s_noise,
+    )
+
+
+@torch.no_grad()
+def heun(
+    denoiser: Denoiser,
+    x: Tensor,
+    ts: Tensor,
+    *,
+    schedule: Schedule,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Heun's 2nd-order method with churn [Karras 2022, Algorithm 2]: 2 NFE per step, except
+    the last step to noise level 0, which is an Euler step (2 * steps - 1 NFE in total).
+
+    Arguments as for :func:`euler`.
+    """
+    return _edm_sampler(
+        denoiser,
+        x,
+        ts,
+        schedule=schedule,
+        cond=cond,
+        generator=generator,
+        callback=callback,
+        second_order=True,
+        s_churn=s_churn,
+        s_tmin=s_tmin,
+        s_tmax=s_tmax,
+        s_noise=s_noise,
+    )
+
+
+@torch.no_grad()
+def euler_ancestral(
+    denoiser: Denoiser,
+    x: Tensor,
+    ts: Tensor,
+    *,
+    schedule: Schedule,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Euler-ancestral sampling (k-diffusion's ``euler_a``) in y = x / alpha.
+
+    A step s -> s' splits the posterior q(y_s' | y_s, y0) of the variance-exploding process
+    into a deterministic Euler step down to s_down and fresh noise of std s_up:
+
+        s_up = min(s', eta * sqrt(s'^2 (s^2 - s'^2) / s^2)),  s_down = sqrt(s'^2 - s_up^2),
+        y <- y + (s_down - s) (y - D(y; s)) / s + s_noise * s_up * z.
+
+    With eta = 1 this is exactly DDPM ancestral sampling with the posterior ("small") variance
+    (s_up^2 is the posterior variance and s_down = s'^2 / s gives the posterior mean); with
+    eta = 0 it is the Euler sampler. 1 NFE per step; no noise on the step to s' = 0.
+    """
+    if not eta >= 0:
+        raise ValueError(f"eta must be non-negative, got {eta}")
+    ts = check_grid(ts, schedule)
+    coef = grid_coefficients(schedule, ts)
+    y = x / coef["alpha"][0]
+    for i in range(ts.numel() - 1):
+        t_cur, t_next = float(ts[i]), float(ts[i + 1])
+        s_cur, s_next = coef["edm_sigma"][i], coef["edm_sigma"][i + 1]
+        alpha = coef["alpha"][i]
+        x0_hat = _denoise(denoiser, y, t_cur, alpha, cond)
+        report(callback, i, t_cur, t_next, alpha * y, x0_hat)
+        s_up = min(s_next, eta * math.sqrt(s_next**2 * (s_cur**2 - s_next**2) / s_cur**2))
+        s_down = math.sqrt(s_next**2 - s_up**2)
+        y = y + (s_down - s_cur) * (y - x0_hat) / s_cur  # Euler step to s_down
+        if s_up > 0:
+            z = randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+            y = y + s_noise * s_up * z
+    return coef["alpha"][-1] * y

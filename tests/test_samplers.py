@@ -1,0 +1,564 @@
+"""Samplers against oracles: exact denoisers for Gaussian and Gaussian-mixture data, the exact
+probability-flow ODE solution, and algebraic identities between samplers.
+
+Discretisation allowances: for the 2-D Gaussian below (eigenvalues 0.26 and 1.34) the step
+counts in ``GAUSSIAN_STEPS`` keep the bias of every sampler (measured once with 4e5 samples)
+below ~3% of sd_i sd_j on the covariance and ~1% of sd_i on the mean; the tests allow 6% and
+1.5% on top of 4 Monte Carlo standard errors.
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from difflab.data.toy import default_gmm
+from difflab.oracles import GaussianDenoiser, GMMDenoiser, gaussian_pf_ode_solution
+from difflab.parameterization import Prediction
+from difflab.samplers import (
+    SAMPLERS,
+    ThresholdedDenoiser,
+    ddim,
+    ddim_invert,
+    ddpm,
+    dpm_solver_pp,
+    euler,
+    euler_ancestral,
+    nfe,
+    prior_noise,
+    sample,
+)
+from difflab.samplers.ancestral import reverse_log_variance
+from difflab.schedules import DiscreteSchedule, EDMSchedule, sampling_timesteps
+
+F64 = torch.float64
+LINEAR = DiscreteSchedule.from_name("linear", 1000)
+EDM = EDMSchedule()
+MEAN = torch.tensor([0.8, -0.5], dtype=F64)
+COV = torch.tensor([[1.0, 0.5], [0.5, 0.6]], dtype=F64)  # correlation 0.65
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """These tests use many small tensors: run them on one thread (intra-op parallelism of
+    tiny element-wise ops only adds synchronisation, which is costly on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+GAUSSIAN_STEPS = {
+    "ddpm": 400,
+    "ddim": 200,
+    "dpm++2m": 40,
+    "dpm++3m": 30,
+    "dpm++2s": 25,
+    "euler": 200,
+    "heun": 40,
+    "euler-ancestral": 400,
+}
+
+
+def _seed(s: int) -> torch.Generator:
+    return torch.Generator().manual_seed(s)
+
+
+def assert_moments(x, mean, cov, *, mean_allow=0.015, cov_allow=0.06):
+    """Sample mean and covariance within 4 standard errors plus a discretisation allowance."""
+    n = x.shape[0]
+    sd = cov.diag().sqrt()
+    se_mean = sd / math.sqrt(n)
+    se_cov = ((cov.diag().outer(cov.diag()) + cov**2) / n).sqrt()  # Var(x_i x_j) for Gaussians
+    err_mean = (x.mean(0) - mean).abs()
+    err_cov = (torch.cov(x.T) - cov).abs()
+    assert bool((err_mean <= 4 * se_mean + mean_allow * sd).all()), (x.mean(0), mean)
+    assert bool((err_cov <= 4 * se_cov + cov_allow * sd.outer(sd)).all()), (torch.cov(x.T), cov)
+
+
+# ---- the data law is reproduced -------------------------------------------------------------
+
+GAUSSIAN_CASES = [("linear", name, {}) for name in SAMPLERS] + [
+    ("linear", "ddpm", {"variance": "large", "steps": 100}),
+    ("linear", "ddim", {"eta": 0.5}),
+    ("edm", "euler", {}),
+    ("edm", "heun", {}),
+    ("edm", "heun", {"s_churn": 10.0, "s_tmin": 0.05, "s_tmax": 50.0}),
+    ("edm", "euler-ancestral", {}),
+    ("edm", "ddim", {}),
+    ("edm", "dpm++2m", {}),
+    ("edm", "dpm++3m", {}),
+    ("edm", "dpm++2s", {}),
+]
+
+
+@pytest.mark.parametrize("schedule,name,options", GAUSSIAN_CASES)
+def test_samplers_reproduce_gaussian_data(schedule, name, options):
+    sched = {"linear": LINEAR, "edm": EDM}[schedule]
+    options = dict(options)
+    steps = options.pop("steps", GAUSSIAN_STEPS[name])
+    den = GaussianDenoiser(MEAN, COV, sched)
+    x = sample(
+        den,
+        sched,
+        (20_000, 2),
+        sampler=name,
+        steps=steps,
+        generator=_seed(0),
+        dtype=F64,
+        **options,
+    )
+    assert x.shape == (20_000, 2) and x.dtype == F64
+    assert_moments(x, MEAN, COV)
+
+
+def test_moment_check_detects_a_coarse_sampler():
+    """The tolerance is tight enough to fail: 20 DDPM steps under-disperse visibly."""
+    x = sample(
+        GaussianDenoiser(MEAN, COV, LINEAR),
+        LINEAR,
+        (20_000, 2),
+        sampler="ddpm",
+        steps=20,
+        generator=_seed(0),
+        dtype=F64,
+    )
+    with pytest.raises(AssertionError):
+        assert_moments(x, MEAN, COV)
+
+
+@functools.lru_cache(maxsize=1)
+def _gmm_reference():
+    gmm = default_gmm()
+    ref = gmm.sample(5000, _seed(101), dtype=F64)
+    ref2 = gmm.sample(5000, _seed(102), dtype=F64)
+    return gmm, ref, ref2
+
+
+def _component_mass(gmm, x):
+    """Fraction of points whose most probable mixture component is k (Bayes' rule)."""
+    log_r = torch.stack(
+        [gmm.weights[k].log() + _component_log_prob(gmm, k, x) for k in range(5)], dim=1
+    )
+    return torch.bincount(log_r.argmax(1), minlength=5).to(F64) / x.shape[0]
+
+
+def _component_log_prob(gmm, k, x):
+    diff = x - gmm.means[k]
+    cov = gmm.covariances[k]
+    maha = (diff * torch.linalg.solve(cov, diff.T).T).sum(1)
+    return -0.5 * (maha + torch.logdet(cov) + 2 * math.log(2 * math.pi))
+
+
+def _sliced_w2(x, y, n_proj=64):
+    theta = torch.randn(2, n_proj, generator=_seed(7), dtype=F64)
+    theta = theta / theta.norm(dim=0)
+    xs, ys = (x @ theta).sort(0).values, (y @ theta).sort(0).values
+    return float((xs - ys).pow(2).mean().sqrt())
+
+
+GMM_STEPS = {
+    "ddpm": 150,
+    "ddim": 60,
+    "dpm++2m": 30,
+    "dpm++3m": 30,
+    "dpm++2s": 20,
+    "euler": 60,
+    "heun": 30,
+    "euler-ancestral": 150,
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_samplers_reproduce_a_gaussian_mixture(name):
+    """Component masses, cross-entropy and sliced W2 match fresh data of the same size.
+
+    The Karras grid puts the steps at low noise, where the narrow components are resolved.
+    """
+    gmm, ref, ref2 = _gmm_reference()
+    n = ref.shape[0]
+    x = sample(
+        GMMDenoiser(gmm, LINEAR),
+        LINEAR,
+        (n, 2),
+        sampler=name,
+        steps=GMM_STEPS[name],
+        spacing="karras",
+        generator=_seed(0),
+        dtype=F64,
+    )
+    # per-component mass: two-sample binomial test plus 1% allowance
+    p_ref, p_x = _component_mass(gmm, ref), _component_mass(gmm, x)
+    se = (2 * p_ref * (1 - p_ref) / n).sqrt()
+    assert bool(((p_x - p_ref).abs() <= 4 * se + 0.01).all()), (p_x, p_ref)
+    # cross-entropy under the true density vs the data entropy (a mode-seeking sampler has
+    # a lower value, an over-dispersed one a higher value)
+    lp_x, lp_ref = gmm.log_prob(x), gmm.log_prob(ref)
+    se_nll = math.sqrt((lp_x.var() + lp_ref.var()) / n)
+    assert abs(float(lp_x.mean() - lp_ref.mean())) <= 4 * se_nll + 0.1
+    # sliced Wasserstein-2 distance of the order of that between two fresh data sets
+    assert _sliced_w2(x, ref) <= 2.5 * _sliced_w2(ref2, ref)
+
+
+def test_mixture_check_detects_a_wrong_law():
+    """The mixture checks fail for samples from the mixture's moment-matched Gaussian."""
+    gmm, ref, _ = _gmm_reference()
+    g = _seed(3)
+    x = (
+        gmm.mean()
+        + torch.randn(5000, 2, generator=g, dtype=F64) @ torch.linalg.cholesky(gmm.covariance()).T
+    )
+    lp_x, lp_ref = gmm.log_prob(x), gmm.log_prob(ref)
+    assert abs(float(lp_x.mean() - lp_ref.mean())) > 0.3
+
+
+# ---- identities between samplers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [1000, 37])
+def test_ddim_eta_one_equals_ddpm_sample_for_sample(steps):
+    """eta = 1 makes DDIM's update the DDPM posterior step with beta-tilde (Song 2021, Eq. 16)."""
+    den = GaussianDenoiser(MEAN, COV, LINEAR)
+    ts = sampling_timesteps(LINEAR, steps, spacing="trailing")
+    x_t = torch.randn(256, 2, generator=_seed(1), dtype=F64)
+    a = ddim(den, x_t, ts, schedule=LINEAR, eta=1.0, generator=_seed(2))
+    b = ddpm(den, x_t, ts, schedule=LINEAR, variance="small", generator=_seed(2))
+    assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+    c = ddpm(den, x_t, ts, schedule=LINEAR, variance="small", generator=_seed(3))
+    assert not torch.allclose(a, c, atol=1e-3)  # the noise matters
+
+
+@pytest.mark.parametrize("sched", [LINEAR, EDM], ids=["linear", "edm"])
+def test_euler_ancestral_equals_ddpm_posterior_sampling(sched):
+    """In y = x / alpha, s_up^2 is the posterior variance and s_down = s'^2 / s its mean."""
+    den = GaussianDenoiser(MEAN, COV, sched)
+    ts = sampling_timesteps(sched, 30, spacing="karras")
+    x_t = prior_noise(sched, (256, 2), generator=_seed(1), dtype=F64)
+    a = euler_ancestral(den, x_t, ts, schedule=sched, generator=_seed(2))
+    b = ddpm(den, x_t, ts, schedule=sched, generator=_seed(2))
+    assert torch.allclose(a, b, atol=1e-8, rtol=1e-8)
+
+
+def _random_schedule(kind: str, t_count: int, sigma_max: float):
+    if kind == "edm":
+        return EDMSchedule(0.002, sigma_max)
+    return DiscreteSchedule.from_name(kind, t_count)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    kind=st.sampled_from(["linear", "cosine", "edm"]),
+    t_count=st.integers(10, 1000),
+    sigma_max=st.floats(1.0, 200.0),
+    cuts=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=8, unique=True),
+    shape=st.sampled_from([(5, 2), (3, 1, 2, 2), (4, 4)]),
+    seed=st.integers(0, 2**16),
+)
+def test_ddim_equals_first_order_dpm_solver_and_euler(kind, t_count, sigma_max, cuts, shape, seed):
+    """DDIM (eta = 0), DPM-Solver++ of order 1 and EDM's Euler are one map, step for step."""
+    sched = _random_schedule(kind, t_count, sigma_max)
+    times = sorted({sched.t_min + c * (sched.t_max - sched.t_min) for c in cuts}, reverse=True)
+    ts = torch.tensor([*times, 0.0], dtype=F64)
+    d = math.prod(shape[1:])
+    a = torch.randn(d, d, generator=_seed(seed), dtype=F64)
+    den = GaussianDenoiser(
+        torch.randn(d, generator=_seed(seed + 1), dtype=F64),
+        a @ a.T / d + 0.05 * torch.eye(d, dtype=F64),
+        sched,
+    )
+    x = prior_noise(sched, shape, generator=_seed(seed + 2), t=times[0], dtype=F64)
+    runs = []
+    for fn, opts in ((ddim, {}), (dpm_solver_pp, {"order": 1}), (euler, {})):
+        traj = []
+        out = fn(den, x, ts, schedule=sched, callback=lambda s, tr=traj: tr.append(s["x"]), **opts)
+        runs.append((traj, out))
+    (ref_traj, ref_out) = runs[0]
+    scale = 1 + float(x.abs().max())
+    for traj, out in runs[1:]:
+        assert len(traj) == len(ref_traj) == len(times)
+        for u, v in zip(traj, ref_traj):
+            assert torch.allclose(u, v, rtol=1e-7, atol=1e-9 * scale)
+        assert torch.allclose(out, ref_out, rtol=1e-7, atol=1e-9 * scale)
+
+
+def test_ddim_eta_zero_is_deterministic():
+    den = GaussianDenoiser(MEAN, COV, LINEAR)
+    x = torch.randn(64, 2, generator=_seed(0), dtype=F64)
+    ts = sampling_timesteps(LINEAR, 20)
+    a = ddim(den, x, ts, schedule=LINEAR, generator=_seed(1))
+    b = ddim(den, x, ts, schedule=LINEAR, generator=_seed(2))
+    assert torch.equal(a, b)
+
+
+def test_ddim_inversion_reconstructs_the_data():
+    """Invert then sample on the same grid: a first-order round trip, error ~ 1 / steps."""
+    den = GaussianDenoiser(MEAN, COV, LINEAR)
+    x0 = MEAN + torch.randn(500, 2, generator=_seed(0), dtype=F64) @ torch.linalg.cholesky(COV).T
+    errors = []
+    for steps in (100, 200):
+        ts = sampling_timesteps(LINEAR, steps, spacing="trailing")
+        x_T = ddim_invert(den, x0, ts.flip(0), schedule=LINEAR)
+        rec = ddim(den, x_T, ts, schedule=LINEAR)
+        errors.append(float((rec - x0).pow(2).mean().sqrt()))
+    assert errors[1] < 0.02
+    assert 1.6 < errors[0] / errors[1] < 2.5
+    # the encoding is Gaussian noise: x_T ~ N(~0, ~I) for Gaussian data
+    assert torch.allclose(x_T.std(0), torch.ones(2, dtype=F64), atol=0.1)
+
+
+# ---- convergence order against the exact probability-flow ODE -------------------------------
+
+ORDER_CASES = [
+    ("euler", "edm", 1.6, 2.5),
+    ("heun", "edm", 3.0, 5.5),
+    ("dpm++2m", "edm", 3.0, 5.5),
+    ("dpm++2s", "edm", 3.0, 5.5),
+    ("dpm++3m", "edm", 6.0, 11.0),
+    ("dpm++2m", "linear", 3.0, 5.5),
+    ("dpm++3m", "linear", 6.0, 11.0),
+]
+
+
+@pytest.mark.parametrize("name,schedule,lo,hi", ORDER_CASES)
+def test_convergence_order(name, schedule, lo, hi):
+    """The error falls by 2^order per doubling of steps.
+
+    Reference: :func:`gaussian_pf_ode_solution` from sigma_max to the last non-zero level of
+    the Karras grid (the final step to sigma = 0 is a first-order denoising step in every
+    sampler, with an error set by sigma_min, not by the number of steps). Float64, 32 -> 64
+    -> 128 steps: the asymptotic regime for rho = 7 (below ~16 steps the ratios are erratic).
+    """
+    sched = {"linear": LINEAR, "edm": EDM}[schedule]
+    den = GaussianDenoiser(MEAN, COV, sched)
+    fn = SAMPLERS[name]
+    errors = []
+    for steps in (32, 64, 128):
+        ts = sampling_timesteps(sched, steps, spacing="karras")
+        s_start = float(sched.edm_sigma(ts[0]))
+        alpha_start = float(sched.alpha(ts[0]))
+        y0 = MEAN + s_start * torch.randn(64, 2, generator=_seed(0), dtype=F64)
+        seen = {}
+        fn(den, alpha_start * y0, ts, schedule=sched, callback=lambda s, seen=seen: seen.update(s))
+        t_last = torch.tensor(seen["t"], dtype=F64)
+        assert seen["i"] == steps - 1 and seen["t"] == float(ts[-2])
+        y_last = seen["x"] / float(sched.alpha(t_last))
+        ref = gaussian_pf_ode_solution(y0, s_start, float(sched.edm_sigma(t_last)), MEAN, COV)
+        errors.append(float((y_last - ref).pow(2).mean().sqrt()))
+    ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+    assert all(lo <= r <= hi for r in ratios), (errors, ratios)
+
+
+# ---- DDPM variances -------------------------------------------------------------------------
+
+
+class _WithVarFrac:
+    def __init__(self, den, frac):
+        self.den, self.frac = den, frac
+
+    def __call__(self, xt, t, cond=None):
+        p = self.den(xt, t, cond)
+        return Prediction(x0=p.x0, eps=p.eps, var_frac=torch.full_like(xt, self.frac))
+
+
+@pytest.mark.parametrize("variance,frac", [("small", None), ("large", None), ("learned", 0.3)])
+def test_ddpm_step_has_the_posterior_mean_and_the_chosen_variance(variance, frac):
+    """One step t -> t - 1 against Ho 2020, Eq. 7 built from the schedule's tables."""
+    t, n = 3, 40_000
+    den = GaussianDenoiser(MEAN, COV, LINEAR)
+    if frac is not None:
+        den = _WithVarFrac(den, frac)
+    x_t = torch.tensor([[0.4, -0.9]], dtype=F64).expand(n, 2)
+    seen = []
+    ddpm(
+        den,
+        x_t,
+        torch.tensor([t, t - 1, 0.0], dtype=F64),
+        schedule=LINEAR,
+        variance=variance,
+        generator=_seed(0),
+        callback=seen.append,
+    )
+    x_s = seen[1]["x"]
+    ab_t, ab_s = float(LINEAR.alpha_bar[t]), float(LINEAR.alpha_bar[t - 1])
+    beta, beta_tilde = float(LINEAR.betas[t - 1]), float(LINEAR.beta_tilde[t - 1])
+    x0_hat = seen[0]["x0_hat"][0]
+    mean = (
+        math.sqrt(ab_s) * beta / (1 - ab_t) * x0_hat
+        + math.sqrt(1 - beta) * (1 - ab_s) / (1 - ab_t) * x_t[0]
+    )
+    var = {
+        "small": beta_tilde,
+        "large": beta,
+        "learned": math.exp(0.3 * math.log(beta) + 0.7 * math.log(beta_tilde)),
+    }[variance]
+    assert torch.allclose(x_s.mean(0), mean, atol=4 * math.sqrt(var / n))
+    assert torch.allclose(x_s.var(0), torch.full((2,), var, dtype=F64), rtol=4 * math.sqrt(2 / n))
+
+
+def test_learned_variance_interpolates_between_small_and_large():
+    den = GaussianDenoiser(MEAN, COV, LINEAR)
+    ts = sampling_timesteps(LINEAR, 25)
+    x = torch.randn(128, 2, generator=_seed(0), dtype=F64)
+    for frac, fixed in ((0.0, "small"), (1.0, "large")):
+        a = ddpm(
+            _WithVarFrac(den, frac), x, ts, schedule=LINEAR, variance="learned", generator=_seed(1)
+        )
+        b = ddpm(den, x, ts, schedule=LINEAR, variance=fixed, generator=_seed(1))
+        assert torch.allclose(a, b, atol=1e-9)
+    # the step to 0 has beta-tilde = 0; its log is clipped to the step before (Improved DDPM)
+    full = sampling_timesteps(LINEAR, 1000)
+    last = reverse_log_variance(LINEAR, full, 999, variance="small")
+    assert last == pytest.approx(math.log(float(LINEAR.beta_tilde[1])), rel=1e-9)
+    learned = reverse_log_variance(
+        LINEAR, full, 999, variance="learned", var_frac=torch.ones(2, dtype=F64)
+    )
+    assert torch.isfinite(learned).all()
+    with pytest.raises(ValueError, match="var_frac"):
+        ddpm(den, x, ts, schedule=LINEAR, variance="learned")
+
+
+# ---- shapes, callbacks, NFE, dtypes, the last step -------------------------------------------
+
+
+class _Counting:
+    def __init__(self, den):
+        self.den, self.calls = den, 0
+
+    def __call__(self, xt, t, cond=None):
+        assert t.shape == (xt.shape[0],) and t.dtype == F64
+        self.calls += 1
+        return self.den(xt, t, cond)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_nfe_callback_and_shapes(name):
+    d = 12
+    a = torch.randn(d, d, generator=_seed(0), dtype=F64)
+    den = _Counting(GaussianDenoiser(torch.zeros(d, dtype=F64), a @ a.T / d, LINEAR))
+    seen = []
+    img = sample(
+        den,
+        LINEAR,
+        (6, 3, 2, 2),
+        sampler=name,
+        steps=7,
+        generator=_seed(1),
+        callback=seen.append,
+        dtype=F64,
+    )
+    assert den.calls == nfe(name, 7)
+    ts = sampling_timesteps(LINEAR, 7, spacing="trailing" if name in ("ddpm", "ddim") else "karras")
+    assert [s["i"] for s in seen] == list(range(7))
+    assert [s["t"] for s in seen] == pytest.approx(ts[:-1].tolist())
+    assert [s["t_next"] for s in seen] == pytest.approx(ts[1:].tolist())
+    assert all(set(s) == {"i", "t", "t_next", "x", "x0_hat"} for s in seen)
+    assert all(s["x"].shape == s["x0_hat"].shape == (6, 3, 2, 2) for s in seen)
+    # images and flat vectors are the same computation (same noise, same order)
+    flat = sample(den, LINEAR, (6, 12), sampler=name, steps=7, generator=_seed(1), dtype=F64)
+    assert img.shape == (6, 3, 2, 2)
+    assert torch.allclose(img.reshape(6, 12), flat, atol=1e-12)
+    # float32 in, float32 out; for the deterministic samplers close to the float64 result
+    # (noise drawn in float32 differs from noise drawn in float64)
+    x_init = prior_noise(LINEAR, (6, 3, 2, 2), generator=_seed(1), dtype=F64)
+    x32 = sample(
+        den, LINEAR, (6, 3, 2, 2), sampler=name, steps=7, generator=_seed(1), x_init=x_init.float()
+    )
+    assert x32.dtype == torch.float32 and bool(torch.isfinite(x32).all())
+    if name not in ("ddpm", "euler-ancestral"):
+        assert torch.allclose(x32.double(), img, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_last_step_returns_x0_hat_without_noise(name):
+    """With a denoiser that always answers c, every sampler ends exactly at c."""
+    c = torch.tensor([0.25, -1.5], dtype=F64)
+
+    def constant(xt, t, cond=None):
+        alpha, sigma = LINEAR.alpha_sigma(t)
+        x0 = c.expand_as(xt)
+        return Prediction(x0=x0, eps=(xt - alpha[:, None] * x0) / sigma[:, None])
+
+    x = sample(constant, LINEAR, (50, 2), sampler=name, steps=5, generator=_seed(0), dtype=F64)
+    assert torch.allclose(x, c.expand(50, 2), atol=1e-12)
+
+
+def test_prior_noise():
+    for sched, var in ((LINEAR, 1.0), (EDM, 1.0 + 80.0**2)):
+        x = prior_noise(sched, (50_000, 2), generator=_seed(0), dtype=F64)
+        assert abs(float(x.var()) / var - 1) < 4 * math.sqrt(2 / 1e5)
+        assert torch.equal(x, prior_noise(sched, (50_000, 2), generator=_seed(0), dtype=F64))
+    assert prior_noise(LINEAR, (3, 1, 4, 4)).dtype == torch.float32
+
+
+def test_bad_input_is_rejected():
+    den = GaussianDenoiser(MEAN, COV, LINEAR)
+    x = torch.zeros(4, 2, dtype=F64)
+    with pytest.raises(ValueError, match="unknown sampler 'foo'; choose one of: ddpm, ddim"):
+        sample(den, LINEAR, (4, 2), sampler="foo")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        nfe("foo", 10)
+    with pytest.raises(ValueError, match="small, large, learned"):
+        ddpm(den, x, sampling_timesteps(LINEAR, 5), schedule=LINEAR, variance="tiny")
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        ddim(den, x, torch.tensor([10.0, 20.0, 0.0]), schedule=LINEAR)
+    with pytest.raises(ValueError, match="must lie in"):
+        ddim(den, x, torch.tensor([2000.0, 0.0]), schedule=LINEAR)
+    with pytest.raises(ValueError, match="order"):
+        dpm_solver_pp(den, x, sampling_timesteps(LINEAR, 5), schedule=LINEAR, order=4)
+    with pytest.raises(ValueError, match="x_init has shape"):
+        sample(den, LINEAR, (4, 2), x_init=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="eta"):
+        ddim(den, x, sampling_timesteps(LINEAR, 5), schedule=LINEAR, eta=-1.0)
+    with pytest.raises(ValueError, match="clip, dynamic"):
+        ThresholdedDenoiser(den, LINEAR, mode="soft")
+
+
+# ---- thresholding ---------------------------------------------------------------------------
+
+
+class _Fixed:
+    """A denoiser that predicts a fixed x0 (to test the wrapper on chosen values)."""
+
+    def __init__(self, x0):
+        self.x0 = x0
+
+    def __call__(self, xt, t, cond=None):
+        a, s = LINEAR.alpha_sigma(t)
+        return Prediction(x0=self.x0, eps=(xt - a[:, None, None] * self.x0) / s[:, None, None])
+
+
+def test_clip_thresholding_keeps_x0_in_range_and_eps_consistent():
+    x0 = 3 * torch.randn(8, 4, 5, generator=_seed(0), dtype=F64)
+    xt = torch.randn(8, 4, 5, generator=_seed(1), dtype=F64)
+    t = torch.linspace(1, 1000, 8, dtype=F64)
+    p = ThresholdedDenoiser(_Fixed(x0), LINEAR, mode="clip", c=1.5)(xt, t)
+    assert float(p.x0.abs().max()) <= 1.5
+    inside = x0.abs() <= 1.5
+    assert torch.equal(p.x0[inside], x0[inside])
+    a, s = LINEAR.alpha_sigma(t)
+    assert torch.allclose(a[:, None, None] * p.x0 + s[:, None, None] * p.eps, xt)
+
+
+def test_dynamic_thresholding():
+    g = _seed(0)
+    small = 0.9 * torch.rand(1, 200, generator=g, dtype=F64) * 2 - 0.9  # in [-0.9, 0.9]
+    big = 4 * torch.randn(1, 200, generator=g, dtype=F64)
+    x0 = torch.cat([small, big])[:, :, None]
+    xt = torch.randn(2, 200, 1, generator=g, dtype=F64)
+    t = torch.tensor([300.0, 300.0], dtype=F64)
+    p = ThresholdedDenoiser(_Fixed(x0), LINEAR, mode="dynamic", percentile=0.9)(xt, t)
+    assert torch.equal(p.x0[0], x0[0])  # in range: untouched
+    s = torch.sort(x0[1].abs().flatten()).values
+    q = float(torch.quantile(s, 0.9))
+    assert q > 1
+    expected = x0[1].clamp(-q, q) / q  # Imagen: clip to [-s, s], divide by s
+    assert torch.allclose(p.x0[1], expected)
+    assert float(p.x0.abs().max()) <= 1.0
+    a, sig = LINEAR.alpha_sigma(t)
+    assert torch.allclose(a[:, None, None] * p.x0 + sig[:, None, None] * p.eps, xt)
+    # percentile 1 is the per-sample maximum
+    p1 = ThresholdedDenoiser(_Fixed(x0), LINEAR, mode="dynamic", percentile=1.0)(xt, t)
+    assert torch.allclose(p1.x0[1], x0[1] / x0[1].abs().max())
