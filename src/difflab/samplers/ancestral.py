@@ -6,15 +6,12 @@ x0 replaced by the denoiser's x0_hat [Ho 2020, Eq. 6-7, 11]. On the full grid T,
 is the original sampler; on a subset of times it is the respaced sampler of Improved DDPM
 [Nichol & Dhariwal 2021, Sec. 4]. Notation, with alpha_{t|s} = alpha_t / alpha_s:
 
-==================  ==============================================  =========================
-code                formula                                         paper
-==================  ==============================================  =========================
-``beta_step``       sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2  beta_t (Ho 2020, Eq. 2);
-                    = 1 - alpha_bar_t / alpha_bar_s for VP schedules     "large" variance
-``beta_tilde``      sigma_{t|s}^2 sigma_s^2 / sigma_t^2            beta-tilde_t (Eq. 7);
-                                                                    "small" variance
-``logvar``          frac log beta_step + (1 - frac) log beta_tilde  Nichol & Dhariwal, Eq. 15
-==================  ==============================================  =========================
+* ``beta_step``  = sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2 (= 1 - alpha_bar_t /
+  alpha_bar_s for VP schedules): beta_t of Ho 2020, Eq. 2, the "large" variance;
+* ``beta_tilde`` = sigma_{t|s}^2 sigma_s^2 / sigma_t^2: beta-tilde_t of Ho 2020, Eq. 7, the
+  variance of q(x_s | x_t, x0), the "small" variance;
+* ``logvar``     = frac log beta_step + (1 - frac) log beta_tilde: the learned variance of
+  Nichol & Dhariwal 2021, Eq. 15, with frac = ``Prediction.var_frac``.
 
 The last step (s = 0) adds no noise: it returns the posterior mean, which is x0_hat.
 """
@@ -58,9 +55,8 @@ def grid_posterior(schedule: Schedule, ts: Tensor) -> dict[str, Tensor]:
     _, beta_step = transition(schedule, t, s)
     beta_tilde = beta_tilde.flatten()
     clipped = beta_tilde.clone()
-    for i in range(clipped.numel()):
-        if clipped[i] <= 0:
-            clipped[i] = clipped[i - 1] if i > 0 else beta_step[i]
+    for i in (clipped <= 0).nonzero().flatten().tolist():  # only a step to t = 0
+        clipped[i] = clipped[i - 1] if i > 0 else beta_step[i]
     return {
         "coef_xt": coef_xt.flatten(),
         "coef_x0": coef_x0.flatten(),
