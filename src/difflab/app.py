@@ -101,7 +101,7 @@ class Built:
     cfg: RunConfig
     schedule: Schedule
     model: nn.Module
-    denoiser: ModelDenoiser | None  # None for the Sohl-Dickstein model
+    denoiser: ModelDenoiser | None  # None for the Sohl-Dickstein model and classifiers
     data_shape: tuple[int, ...]  # shape of one example
     dataset: Any
     device: torch.device
@@ -129,14 +129,30 @@ def build_model(cfg: RunConfig, data_shape: tuple[int, ...], schedule: Schedule)
         )
         if m.dropout is not None:
             overrides["dropout"] = m.dropout
+        if m.image_task != "none":  # Palette: the degraded image is concatenated to x_t
+            from difflab.image_to_image import cond_channels
+
+            overrides["cond_channels"] = cond_channels(m.image_task, c)  # type: ignore[arg-type]
         return build_unet(m.preset, **overrides)
+    if m.kind == "classifier":
+        from difflab.classifier import build_classifier
+
+        if len(data_shape) != 3:
+            raise ValueError("model.kind=classifier needs image data (C, H, W)")
+        extra = {} if m.dropout is None else {"dropout": m.dropout}
+        c, h, _ = data_shape
+        return build_classifier(
+            m.preset, num_classes=m.num_classes, in_channels=c, image_size=h, **extra
+        )
     if m.kind == "sohl-dickstein":
         from difflab.nn.sohl_dickstein import SohlDicksteinModel
 
         if not isinstance(schedule, DiscreteSchedule):
             raise ValueError("the Sohl-Dickstein model needs a discrete schedule")
         return SohlDicksteinModel(dim=data_shape[0], T=schedule.T, hidden=m.hidden)
-    raise ValueError(f"unknown model kind {m.kind!r}; choose one of: mlp, unet, sohl-dickstein")
+    raise ValueError(
+        f"unknown model kind {m.kind!r}; choose one of: mlp, unet, sohl-dickstein, classifier"
+    )
 
 
 def build(cfg: RunConfig, *, device: torch.device | None = None, load_data: bool = True) -> Built:
@@ -154,9 +170,11 @@ def build(cfg: RunConfig, *, device: torch.device | None = None, load_data: bool
             data_shape = tuple(cfg_data_shape(cfg))
     if cfg.model.kind == "sohl-dickstein" and not cfg.data.is_toy:
         raise ValueError("the Sohl-Dickstein model is implemented for 2-D data only")
+    if cfg.model.image_task != "none" and cfg.model.kind != "unet":
+        raise ValueError("image-to-image tasks (model.image_task) need model.kind=unet")
     model = build_model(cfg, data_shape, schedule).to(device)
     denoiser = None
-    if cfg.model.kind != "sohl-dickstein":
+    if cfg.model.kind not in ("sohl-dickstein", "classifier"):
         denoiser = ModelDenoiser(
             model,
             schedule,

@@ -4,6 +4,10 @@
     difflab train --preset mnist --minutes 10 --data-dir data/mnist
     difflab train --resume runs/mnist-...  # continue a run exactly where it stopped
     difflab sample RUN_DIR --sampler ddim --steps 50 --n 10000 --out samples.npz
+    difflab sample COND_RUN --class 3 --guidance 2.0       # classifier-free guidance
+    difflab sample COND_RUN --guidance-sweep 0,1,2,4 --n 40  # figure: class rows, scale blocks
+    difflab sample RUN_DIR --classifier CLF_RUN --class 3 --classifier-scale 2
+    difflab sample RESTORE_RUN --input degraded.npz        # image-to-image (Palette) runs
     difflab presets                        # list the presets
 
 Every error is one line on stderr and a non-zero exit status.
@@ -48,7 +52,25 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gif", action="store_true", help="also write the denoising trajectory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class", dest="label", type=int, help="class label (conditional models)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale s (0 uncond., 1 cond.)"
+    )
+    p.add_argument(
+        "--guidance-sweep",
+        metavar="S1,S2,...",
+        help="figure over guidance scales: a row per class, a block per scale, --n per scale "
+        "(with --classifier the classifier scale is swept)",
+    )
+    p.add_argument(
+        "--classifier", type=Path, metavar="CLF_RUN", help="classifier guidance with this run"
+    )
+    p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance s")
+    p.add_argument(
+        "--input",
+        type=Path,
+        help="image-to-image runs: .npz whose 'degraded' array holds the conditioning images "
+        "(default: degrade test images)",
+    )
     p.add_argument("--eta", type=float, help="DDIM eta")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument("--device", default="auto")
@@ -128,17 +150,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _positive("--steps", args.steps)
     built = load_run(args.run_dir, ema=not args.no_ema, device=resolve_device(args.device))
     cfg = built.cfg
+    if cfg.model.kind == "classifier":
+        raise ValueError(
+            f"{args.run_dir} is a classifier run; pass it to a diffusion run with --classifier"
+        )
     sampler = args.sampler or cfg.sample.sampler
     steps = args.steps or cfg.sample.steps
+    options = {} if args.eta is None else {"eta": args.eta}
+    classifier = None if args.classifier is None else _load_classifier(args.classifier, built)
+    if args.guidance is not None and cfg.model.num_classes == 0:
+        raise ValueError("--guidance needs a class-conditional run (model.num_classes)")
+    if args.guidance_sweep is not None:
+        return _guidance_sweep(args, built, sampler, steps, classifier, options)
+    if cfg.model.image_task != "none":
+        return _image_task(args, built, sampler, steps, options)
     cond = None
-    if args.label is not None or args.guidance is not None:
-        k = cfg.model.num_classes
+    if args.label is not None or args.guidance is not None or classifier is not None:
+        k = cfg.model.num_classes if classifier is None else classifier.num_classes
         if k == 0:
             raise ValueError("--class/--guidance need a class-conditional run (model.num_classes)")
         if args.label is None or not 0 <= args.label < k:
             raise ValueError(f"--class must be in 0..{k - 1}")
         cond = torch.full((args.n,), args.label, dtype=torch.long)
-    options = {} if args.eta is None else {"eta": args.eta}
     frames: list = []
     callback = (lambda info: frames.append(info["x"].float().cpu())) if args.gif else None
     x = draw_samples(
@@ -150,6 +183,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         cond=cond,
         guidance=args.guidance,
+        classifier=classifier,
+        classifier_scale=args.classifier_scale,
         callback=callback,
         **options,
     )
@@ -170,6 +205,101 @@ def cmd_sample(args: argparse.Namespace) -> int:
         else:
             viz.image_trajectory_gif([f[:64] for f in frames], gif)
     print(f"wrote {out} and {png}")
+    return 0
+
+
+def _load_classifier(run_dir: Path, built):
+    """The noise-aware classifier of a classifier run, checked against the diffusion run."""
+    from difflab.runner import load_run
+
+    clf = load_run(run_dir, device=built.device)
+    if clf.cfg.model.kind != "classifier":
+        raise ValueError(f"{run_dir} is not a classifier run (model.kind={clf.cfg.model.kind})")
+    if clf.schedule.to_config() != built.schedule.to_config():
+        raise ValueError(
+            f"{run_dir} was trained with another noise schedule than the diffusion run"
+        )
+    if tuple(clf.data_shape) != tuple(built.data_shape):
+        raise ValueError(
+            f"{run_dir} classifies images of shape {tuple(clf.data_shape)}, the diffusion run "
+            f"makes {tuple(built.data_shape)}"
+        )
+    return clf.model
+
+
+def _parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--guidance-sweep expects numbers like 0,1,2,4, got {text!r}") from None
+    if not scales:
+        raise ValueError("--guidance-sweep needs at least one scale")
+    return scales
+
+
+def _guidance_sweep(args, built, sampler: str, steps: int, classifier, options: dict) -> int:
+    """Samples of every class at every scale, with the same noise for every scale."""
+    import numpy as np
+
+    from difflab.data.images import to_uint8
+    from difflab.report import guidance_sweep_figure, guidance_sweep_samples
+
+    scales = _parse_scales(args.guidance_sweep)
+    cfg = built.cfg
+    k = cfg.model.num_classes if classifier is None else classifier.num_classes
+    if k == 0 or cfg.data.is_toy or cfg.model.image_task != "none":
+        raise ValueError(
+            "--guidance-sweep needs a class-conditional image run, or --classifier CLF_RUN"
+        )
+    samples = guidance_sweep_samples(
+        built, scales, per_class=max(1, args.n // k), seed=args.seed, sampler=sampler,
+        steps=steps, classifier=classifier, guidance=args.guidance,
+        batch_size=args.batch_size, **options,
+    )  # fmt: skip
+    out = args.out or args.run_dir / f"guidance-sweep-{time.strftime('%Y%m%d-%H%M%S')}.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labels = np.repeat(np.arange(k), samples.shape[2])
+    np.savez_compressed(
+        out, samples=to_uint8(samples).numpy(), scales=np.array(scales), labels=labels
+    )
+    what = "classifier scale" if classifier is not None else "guidance scale"
+    guidance_sweep_figure(samples, scales, out.with_suffix(".png"), label=what)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _image_task(args, built, sampler: str, steps: int, options: dict) -> int:
+    """Restore degraded test images, or the conditioning images of --input."""
+    import numpy as np
+    import torch
+
+    from difflab.data.images import to_uint8, to_unit_range
+    from difflab.report import restoration_figure
+
+    y = None
+    if args.input is not None:
+        with np.load(args.input) as data:
+            if "degraded" not in data:
+                raise ValueError(f"{args.input} has no 'degraded' array")
+            y = torch.from_numpy(data["degraded"])
+        y = to_unit_range(y) if y.dtype == torch.uint8 else y.float()
+        expected = built.model.config.cond_channels, *built.data_shape[1:]
+        if y.ndim != 4 or tuple(y.shape[1:]) != tuple(expected):
+            raise ValueError(
+                f"'degraded' must have shape (N, {', '.join(map(str, expected))}), "
+                f"got {tuple(y.shape)}"
+            )
+    out = args.out or args.run_dir / f"samples-{time.strftime('%Y%m%d-%H%M%S')}.npz"
+    res = restoration_figure(
+        built, out.with_suffix(".png"), n=args.n, seed=args.seed, y=y, sampler=sampler,
+        steps=steps, batch_size=args.batch_size, **options,
+    )  # fmt: skip
+    arrays = {"samples": to_uint8(res["samples"]).numpy(), "degraded": res["degraded"].numpy()}
+    if res["originals"] is not None:
+        arrays["originals"] = to_uint8(res["originals"]).numpy()
+        print(f"PSNR restored {res['psnr']:.2f} dB, degraded {res['psnr_degraded']:.2f} dB")
+    np.savez_compressed(out, **arrays)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 

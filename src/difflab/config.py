@@ -44,7 +44,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "mlp"  # mlp (2-D) | unet (images) | sohl-dickstein (2-D, the 2015 model)
+    kind: str = "mlp"  # mlp (2-D) | unet (images) | sohl-dickstein (2-D) | classifier (noisy x_t)
     preset: str = "mnist-cpu"  # U-Net size preset (see difflab.nn.unet.UNET_PRESETS)
     hidden: int = 128  # MLP width
     depth: int = 3  # MLP residual blocks
@@ -53,6 +53,7 @@ class ModelConfig:
     label_dropout: float = 0.1  # probability of dropping the label (classifier-free guidance)
     parameterization: str = "eps"  # what the network predicts: eps | x0 | v | edm
     learned_variance: bool = False  # Improved DDPM: also output the variance interpolation
+    image_task: str = "none"  # Palette image-to-image: none | colorize | restore | inpaint
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,19 @@ PRESETS["mnist-cond"] = replace(
     preset="mnist-cond",
     model=ModelConfig(kind="unet", preset="mnist-cpu", num_classes=10, label_dropout=0.1),
 )
+# noise-aware classifier for classifier guidance [Dhariwal & Nichol 2021]: the U-Net's encoder
+PRESETS["mnist-classifier"] = replace(
+    PRESETS["mnist"],
+    preset="mnist-classifier",
+    model=ModelConfig(kind="classifier", preset="mnist-cpu", num_classes=10),
+    train=replace(PRESETS["mnist"].train, steps=5000),
+)
+# Palette [Saharia 2022]: restore blurred, noisy digits (degraded on the fly, see image_to_image)
+PRESETS["mnist-restore"] = replace(
+    PRESETS["mnist"],
+    preset="mnist-restore",
+    model=ModelConfig(kind="unet", preset="mnist-cpu", image_task="restore"),
+)
 PRESETS["fashion-mnist"] = replace(
     PRESETS["mnist"], preset="fashion-mnist", data=DataConfig(name="fashion-mnist")
 )
@@ -199,6 +213,11 @@ PRESETS["cifar10"] = RunConfig(
         sample_every=10_000,
     ),
     sample=SampleConfig(sampler="ddim", steps=100, n=64),
+)
+PRESETS["cifar10-colorize"] = replace(
+    PRESETS["cifar10"],
+    preset="cifar10-colorize",
+    model=ModelConfig(kind="unet", preset="ddpm-cifar10", image_task="colorize"),
 )
 PRESETS["folder"] = replace(
     PRESETS["cifar10"],

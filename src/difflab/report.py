@@ -5,11 +5,16 @@ and the model's reverse process at t = 0, T/2, T, as in Sohl-Dickstein 2015, Fig
 ``denoising.gif``, ``loss.png`` and, in ``finished.json``, the sliced Wasserstein distance and
 MMD of ``sample.n`` samples to fresh data next to the same distances between two fresh data sets.
 
-Image runs: ``samples.png`` (grid), ``denoising.gif`` and ``loss.png``.
+Image runs: ``samples.png`` (grid), ``denoising.gif`` and ``loss.png``; class-conditional runs
+also ``guidance.png`` (a row per class, a block per classifier-free guidance scale).
+Image-to-image runs (``model.image_task``): ``samples.png`` with rows degraded / restored /
+original and the PSNRs in ``finished.json``. Classifier runs: ``loss.png`` and the accuracy on
+noisy test images x_t in ``finished.json``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from statistics import mean
@@ -20,7 +25,15 @@ from torch import Tensor
 
 from difflab.app import Built
 
-__all__ = ["final_report", "sample_figure", "toy_quality", "trajectory"]
+__all__ = [
+    "final_report",
+    "guidance_sweep_figure",
+    "guidance_sweep_samples",
+    "restoration_figure",
+    "sample_figure",
+    "toy_quality",
+    "trajectory",
+]
 
 
 def trajectory(
@@ -104,6 +117,10 @@ def sample_figure(built: Built, path: Path, *, n: int | None = None, seed: int =
     from difflab.runner import draw_samples
 
     cfg = built.cfg
+    if cfg.model.kind == "classifier":
+        return torch.empty(0)
+    if cfg.model.image_task != "none":
+        return restoration_figure(built, path, seed=seed)["samples"]
     n = n or (cfg.sample.n if cfg.data.is_toy else 64)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = draw_samples(built, n, sampler=cfg.sample.sampler, steps=cfg.sample.steps, seed=seed)
@@ -153,7 +170,13 @@ def final_report(
     if m.get("step"):
         viz.plot_loss_curve(m["step"], m["loss"], run_dir / "loss.png")
     seed = cfg.train.seed
-    if cfg.data.is_toy:
+    if cfg.model.kind == "classifier":
+        info["noisy_accuracy"] = classifier_accuracy(built, log=log)
+    elif cfg.model.image_task != "none":
+        out = restoration_figure(built, run_dir / "samples.png", seed=seed)
+        info["psnr"], info["psnr_degraded"] = out["psnr"], out["psnr_degraded"]
+        log(f"PSNR restored {out['psnr']:.2f} dB, degraded {out['psnr_degraded']:.2f} dB")
+    elif cfg.data.is_toy:
         x, frames, ts = trajectory(built, cfg.sample.n, seed=seed)
         lim = _lim(x) * 1.5
         viz.scatter(x, run_dir / "samples.png", title=f"{cfg.preset}: samples", lim=lim)
@@ -174,5 +197,151 @@ def final_report(
         x, frames, _ = trajectory(built, 64, seed=seed)
         viz.save_image_grid(x, run_dir / "samples.png", scale=2 if x.shape[-1] <= 32 else 1)
         viz.image_trajectory_gif(frames, run_dir / "denoising.gif")
+        if cfg.model.num_classes > 0:  # class-conditional: classifier-free guidance sweep
+            scales = [0.0, 1.0, 3.0]
+            sweep = guidance_sweep_samples(built, scales, per_class=4, seed=seed)
+            guidance_sweep_figure(sweep, scales, run_dir / "guidance.png")
     log(f"figures written to {run_dir}")
     return info
+
+
+def evaluation_images(built: Built, n: int) -> tuple[Tensor, Tensor]:
+    """The first n test images (float in [-1, 1]) and labels; the training split if none."""
+    from difflab.app import build_data
+
+    try:
+        ds = build_data(built.cfg, train=False)
+    except (FileNotFoundError, ValueError):
+        ds = built.dataset if built.dataset is not None else build_data(built.cfg)
+    idx = torch.arange(min(n, len(ds)))
+    return ds.batch(idx, generator=torch.Generator().manual_seed(0))
+
+
+def _psnr(x: Tensor, ref: Tensor) -> float:
+    """Peak signal-to-noise ratio in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = float(((x.clamp(-1, 1) - ref) ** 2).mean())
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
+def restoration_figure(
+    built: Built,
+    path: Path,
+    *,
+    n: int = 16,
+    seed: int = 0,
+    y: Tensor | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Restore n degraded evaluation images (or the given conditioning images ``y``).
+
+    The degradation uses a generator seeded with ``seed``; sampling uses the run's sampler and
+    steps unless given (``**options`` go to :func:`~difflab.runner.draw_samples`). Saves a grid
+    of the first 16 with rows degraded / restored / original (no original row for given ``y``);
+    returns {"samples", "degraded", "originals", "psnr", "psnr_degraded"} (PSNRs NaN without
+    originals).
+    """
+    from difflab import viz
+    from difflab.image_to_image import degrade, preview
+    from difflab.runner import draw_samples
+
+    cfg = built.cfg
+    task, channels = cfg.model.image_task, built.data_shape[0]
+    x0 = None
+    if y is None:
+        x0, _ = evaluation_images(built, n)
+        y = degrade(x0, task, generator=torch.Generator().manual_seed(seed))  # type: ignore
+    x = draw_samples(
+        built, y.shape[0], sampler=sampler or cfg.sample.sampler, steps=steps or cfg.sample.steps,
+        seed=seed, cond={"image": y}, **options,
+    )  # fmt: skip
+    shown = preview(y, task, channels)  # type: ignore[arg-type]
+    rows = [shown[:16], x[:16]] + ([] if x0 is None else [x0[:16]])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    viz.save_image_grid(torch.cat(rows), path, nrow=rows[0].shape[0], scale=2)
+    nan = float("nan")
+    return {
+        "samples": x,
+        "degraded": y,
+        "originals": x0,
+        "psnr": nan if x0 is None else _psnr(x, x0),
+        "psnr_degraded": nan if x0 is None else _psnr(shown, x0),
+    }
+
+
+def classifier_accuracy(
+    built: Built, *, n: int = 2000, seed: int = 0, log: Callable[[str], None] = print
+) -> dict[str, float]:
+    """Accuracy of a noise-aware classifier run on n evaluation images noised to several t."""
+    from difflab.classifier import noisy_accuracy
+
+    x0, labels = evaluation_images(built, n)
+    t_max = built.schedule.t_max
+    ts = [built.schedule.t_min] + [round(f * t_max, 6) for f in (0.25, 0.5, 0.75)]
+    acc = noisy_accuracy(built.model, x0, labels, built.schedule, ts=ts, seed=seed)
+    log("accuracy on noisy images: " + ", ".join(f"t={t:g}: {a:.3f}" for t, a in acc.items()))
+    return {f"t={t:g}": a for t, a in acc.items()}
+
+
+def guidance_sweep_samples(
+    built: Built,
+    scales: list[float],
+    *,
+    per_class: int,
+    seed: int = 0,
+    sampler: str | None = None,
+    steps: int | None = None,
+    classifier: torch.nn.Module | None = None,
+    guidance: float | None = None,
+    **options: Any,
+) -> Tensor:
+    """Samples (S, K, per_class, *data_shape) of every class at every guidance scale.
+
+    Without ``classifier`` the scales are classifier-free guidance scales; with one they are
+    classifier-guidance scales (and ``guidance`` an optional fixed CFG scale). Every scale
+    uses the same seed, hence the same initial noise.
+    """
+    from difflab.runner import draw_samples
+
+    cfg = built.cfg
+    k = cfg.model.num_classes if classifier is None else int(classifier.num_classes)
+    labels = torch.arange(k).repeat_interleave(per_class)
+    blocks = []
+    for s in scales:
+        kw: dict[str, Any] = {"guidance": s}
+        if classifier is not None:
+            kw = {"guidance": guidance, "classifier": classifier, "classifier_scale": s}
+        x = draw_samples(
+            built, labels.numel(), sampler=sampler or cfg.sample.sampler,
+            steps=steps or cfg.sample.steps, seed=seed, cond=labels, **kw, **options,
+        )  # fmt: skip
+        blocks.append(x.reshape(k, per_class, *built.data_shape))
+    return torch.stack(blocks)
+
+
+def guidance_sweep_figure(
+    samples: Tensor, scales: list[float], path: Path, *, label: str = "guidance scale"
+) -> None:
+    """One panel per scale: rows are classes, columns samples, (S, K, m, C, H, W) in [-1, 1]."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from difflab import viz
+
+    s, k, m = samples.shape[:3]
+    fig = Figure(figsize=(1.0 + 0.45 * m * s, 0.5 + 0.45 * k))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, s, squeeze=False)
+    for ax, block, scale in zip(axes[0], samples, scales):
+        grid = viz.make_grid(block.reshape(k * m, *block.shape[2:]), nrow=m)
+        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{label} {scale:g}", fontsize=9)
+        ax.set_xticks([])
+        step = grid.shape[0] / k
+        ax.set_yticks([step * (i + 0.5) for i in range(k)], [str(i) for i in range(k)])
+        ax.tick_params(length=0, labelsize=7)
+    axes[0][0].set_ylabel("class")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)

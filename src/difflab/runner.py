@@ -44,6 +44,17 @@ def make_loss_fn(built: Built, extra_state: dict[str, Any]) -> Callable:
             return built.model.loss(x0, generator=g), {}
 
         return sd_loss
+    if cfg.model.kind == "classifier":  # noise-aware classifier [Dhariwal & Nichol 2021]
+        from difflab.classifier import classifier_loss
+
+        if built.dataset is not None and bool((built.dataset.labels < 0).any()):
+            raise ValueError("training a classifier needs a labelled dataset")
+
+        def clf_loss(batch: tuple[Tensor, Tensor], g: torch.Generator):
+            loss, _ = classifier_loss(built.model, batch[0], batch[1], built.schedule, generator=g)
+            return loss, {}
+
+        return clf_loss
 
     from difflab.objectives import ImportanceTimeSampler, diffusion_loss
 
@@ -54,13 +65,19 @@ def make_loss_fn(built: Built, extra_state: dict[str, Any]) -> Callable:
         extra_state["time_sampler"] = time_sampler
     num_classes = cfg.model.num_classes
     p_drop = cfg.model.label_dropout
+    task = cfg.model.image_task
 
     def loss_fn(batch: tuple[Tensor, Tensor | None], g: torch.Generator):
         x0, labels = batch
-        cond = None
+        cond: Any = None
         if num_classes > 0 and labels is not None:
             drop = torch.rand(labels.shape, generator=g) < p_drop
             cond = torch.where(drop.to(labels.device), torch.full_like(labels, num_classes), labels)
+        if task != "none":  # Palette: degrade on the fly with the step's generator
+            from difflab.image_to_image import degrade
+
+            image = degrade(x0, task, generator=g)
+            cond = {"image": image} if cond is None else {"class": cond, "image": image}
         out = diffusion_loss(
             built.denoiser,
             x0,
@@ -312,12 +329,20 @@ def draw_samples(
     steps: int,
     seed: int = 0,
     batch_size: int = 1000,
-    cond: Tensor | None = None,
+    cond: Tensor | dict[str, Tensor] | None = None,
     guidance: float | None = None,
+    classifier: torch.nn.Module | None = None,
+    classifier_scale: float = 1.0,
     callback: Callable[[dict], None] | None = None,
     **options: Any,
 ) -> Tensor:
-    """n samples (n, *data_shape) on the CPU, drawn in batches; a seed reproduces them."""
+    """n samples (n, *data_shape) on the CPU, drawn in batches; a seed reproduces them.
+
+    ``cond``: (n,) class labels or a dict of (n, ...) tensors ({"class", "image"}), sliced per
+    batch. ``guidance``: classifier-free guidance scale (class-conditional runs). ``classifier``:
+    a noise-aware classifier for classifier guidance at ``classifier_scale`` towards the labels
+    of ``cond``; the labels reach the diffusion model only when it is class-conditional.
+    """
     from difflab.samplers import sample
 
     g = torch.Generator().manual_seed(seed)
@@ -331,13 +356,15 @@ def draw_samples(
                 x = model.sample(b, generator=g)  # type: ignore[operator]
             else:
                 den: Any = built.denoiser
-                c = None if cond is None else cond[done : done + b].to(built.device)
+                c = _cond_slice(cond, done, done + b, built.device)
                 if guidance is not None:
                     from difflab.guidance import ClassifierFreeGuidance
 
                     den = ClassifierFreeGuidance(
                         built.denoiser, scale=guidance, null_label=built.cfg.model.num_classes
                     )
+                if classifier is not None:
+                    den, c = _classifier_guided(built, den, c, classifier, classifier_scale)
                 x = sample(
                     den,
                     built.schedule,
@@ -353,3 +380,28 @@ def draw_samples(
             out.append(x.float().cpu())
             done += b
     return torch.cat(out)
+
+
+def _cond_slice(cond: Any, lo: int, hi: int, device: torch.device) -> Any:
+    """Rows lo:hi of a label tensor or of every tensor in a cond dict, on ``device``."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: v[lo:hi].to(device) for k, v in cond.items()}
+    return cond[lo:hi].to(device)
+
+
+def _classifier_guided(
+    built: Built, den: Any, c: Any, classifier: torch.nn.Module, scale: float
+) -> tuple[Any, Any]:
+    """Wrap ``den`` in classifier guidance towards the labels of ``c``; the cond it keeps."""
+    from difflab.guidance import ClassifierGuidance, labels_from_cond
+
+    labels = labels_from_cond(c)
+    if labels is None:
+        raise ValueError("classifier guidance needs class labels (--class)")
+    guided = ClassifierGuidance(den, classifier, built.schedule, scale=scale, labels=labels)
+    if built.cfg.model.num_classes == 0:  # an unconditional model must not see the labels
+        rest = {k: v for k, v in c.items() if k != "class"} if isinstance(c, dict) else {}
+        c = rest or None
+    return guided, c
