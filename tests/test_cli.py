@@ -124,3 +124,14 @@ def test_presets_and_viz(capsys, tmp_path):
     assert "swissroll" in capsys.readouterr().out
     assert main(["viz", "schedules", "--out", str(tmp_path / "s.png"), "--T", "100"]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_eval_and_nll(trained_run, capsys):
+    assert main(["eval", str(trained_run), "--n", "300", "--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "sliced_wasserstein_data_vs_data" in out
+    args = ["nll", str(trained_run), "--n", "40", "--vlb-stride", "50", "--ode-steps", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("vlb: ") and "ode: " in out and "nats" in out
+    _one_line_error(capsys, main(["nll", str(trained_run), "--n", "0"]))

@@ -82,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sample(sub)
     sub.add_parser("presets", help="list the presets")
+    p = sub.add_parser("eval", help="sample quality of a trained run")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--n", type=int, default=5000, help="number of samples")
+    p.add_argument("--sampler", help="default: the run's")
+    p.add_argument("--steps", type=int, help="default: the run's")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("nll", help="likelihood of held-out data (VLB and PF-ODE)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--n", type=int, default=1000, help="held-out examples")
+    p.add_argument("--vlb-stride", type=int, default=1, help="evaluate every k-th VLB term")
+    p.add_argument("--ode-steps", type=int, default=32)
+    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes")
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("viz", help="plots that need no trained model")
     p.add_argument("what", choices=["schedules"])
     p.add_argument("--out", type=Path, default=Path("schedules.png"))
@@ -333,7 +346,58 @@ def cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "presets": cmd_presets, "viz": cmd_viz}
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from difflab.run_eval import evaluate_quality
+    from difflab.runner import load_run
+
+    _positive("--n", args.n)
+    _positive("--steps", args.steps)
+    built = load_run(args.run_dir)
+    res = evaluate_quality(
+        built,
+        n=args.n,
+        sampler=args.sampler or built.cfg.sample.sampler,
+        steps=args.steps or built.cfg.sample.steps,
+        seed=args.seed,
+    )
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_nll(args: argparse.Namespace) -> int:
+    import json
+
+    from difflab.run_eval import evaluate_nll
+    from difflab.runner import load_run
+
+    for name in ("n", "vlb_stride", "ode_steps", "probes"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    res = evaluate_nll(
+        load_run(args.run_dir),
+        n=args.n,
+        seed=args.seed,
+        vlb_stride=args.vlb_stride,
+        ode_steps=args.ode_steps,
+        n_probes=args.probes,
+    )
+    for key in ("vlb", "ode"):
+        if key in res:
+            r = res[key]
+            print(f"{key}: {r['mean']:.4f} +- {r['stderr']:.4f} {res['unit']} (n = {res['n']})")
+    print(json.dumps(res))
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "presets": cmd_presets,
+    "viz": cmd_viz,
+    "eval": cmd_eval,
+    "nll": cmd_nll,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ def _held_out(built: Built, n: int, *, seed: int) -> torch.Tensor:
         from difflab.data.toy import sample_toy
 
         g = torch.Generator().manual_seed(50_000 + seed)
-        return sample_toy(cfg.data.name, n, generator=g).double()  # type: ignore[arg-type]
+        return sample_toy(cfg.data.name, n, generator=g)  # type: ignore[arg-type]
     ds = build_data(cfg, train=False)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     x, _ = ds.batch(idx)
@@ -89,8 +89,7 @@ def evaluate_nll(
     variance = "learned" if built.cfg.model.learned_variance else "small"
     vlb_vals, ode_vals = [], []
     den = built.denoiser
-    dtype = torch.float64 if not images else torch.float32
-    den.model.to(dtype)
+    dtype = torch.float32
     for i in range(0, n, batch_size):
         xb = x[i : i + batch_size].to(built.device, dtype)
         if isinstance(built.schedule, DiscreteSchedule):
