@@ -76,6 +76,64 @@ def save(fig: Any, name: str, dpi: int = 110) -> Path:
     return path
 
 
+def use_threads(n: int) -> int:
+    """Set torch's intra-op threads to ``n`` and return the previous number (to restore it).
+
+    The 2-D tutorials multiply tiny matrices, which run fastest on one thread: several threads
+    only wait for each other, and slow down badly when the cores are busy.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return previous
+
+
+# seven-segment layout: segment -> end points in a unit box (x right, y down)
+_SEGMENTS = {
+    "a": ((0.0, 0.0), (1.0, 0.0)),
+    "b": ((1.0, 0.0), (1.0, 0.5)),
+    "c": ((1.0, 0.5), (1.0, 1.0)),
+    "d": ((0.0, 1.0), (1.0, 1.0)),
+    "e": ((0.0, 0.5), (0.0, 1.0)),
+    "f": ((0.0, 0.0), (0.0, 0.5)),
+    "g": ((0.0, 0.5), (1.0, 0.5)),
+}
+_DIGITS = ("abcdef", "bc", "abdeg", "abcdg", "bcfg", "acdfg", "acdefg", "abc", "abcdefg", "abcdfg")
+
+
+def digit_like_images(n: int, size: int = 16, *, generator=None):
+    """n seven-segment digits with random size, slant, offset and stroke width, as images.
+
+    Returns (images (n, 1, size, size) float32 in [-1, 1], labels (n,) int64): a stand-in for
+    MNIST that needs no download. Strokes are soft (a sigmoid of the distance to the segment),
+    so the images are smooth like scanned digits.
+    """
+    import torch
+
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    u = torch.rand(n, 6, generator=generator)
+    width, height = 0.30 + 0.15 * u[:, 0], 0.55 + 0.15 * u[:, 1]  # box, in units of the image
+    cx, cy = 0.5 + 0.08 * (u[:, 2] - 0.5), 0.5 + 0.08 * (u[:, 3] - 0.5)
+    slant, stroke = 0.35 * (u[:, 4] - 0.5), 0.05 + 0.04 * u[:, 5]
+    ends = torch.tensor([_SEGMENTS[k] for k in "abcdefg"])  # (7, 2 ends, 2 coordinates)
+    on = torch.tensor([[k in _DIGITS[d] for k in "abcdefg"] for d in range(10)])[labels]
+    # segment end points in image coordinates, (n, 7, 2, 2)
+    y = cy[:, None, None] + (ends[None, :, :, 1] - 0.5) * height[:, None, None]
+    x = cx[:, None, None] + (ends[None, :, :, 0] - 0.5) * width[:, None, None]
+    x = x - slant[:, None, None] * (y - cy[:, None, None])
+    p0, p1 = torch.stack([x[..., 0], y[..., 0]], -1), torch.stack([x[..., 1], y[..., 1]], -1)
+    grid = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    pix = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).reshape(-1, 2)  # (P, 2)
+    seg = (p1 - p0)[:, :, None, :]  # (n, 7, 1, 2)
+    rel = pix[None, None] - p0[:, :, None, :]  # (n, 7, P, 2)
+    along = ((rel * seg).sum(-1) / (seg**2).sum(-1)).clamp(0, 1)
+    dist = (rel - along[..., None] * seg).norm(dim=-1)  # distance to each segment
+    dist = torch.where(on[:, :, None], dist, torch.full_like(dist, 10.0)).amin(1)  # (n, P)
+    ink = torch.sigmoid((stroke[:, None] - dist) * (4.0 * size))
+    return (2 * ink - 1).reshape(n, 1, size, size), labels
+
+
 def _in_ipython() -> bool:
     ipython = sys.modules.get("IPython")
     return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
