@@ -186,7 +186,7 @@ def eps_mse_at(eps_fn, t: int) -> float:
     return float(((eps_fn(xt, torch.full((n_val,), float(t))) - val_eps) ** 2).mean())
 
 
-steps, batch = pick(200, 2000), pick(32, 64)
+steps, batch = pick(200, 1500), 32
 opt = torch.optim.Adam(net.parameters(), lr=pick(3e-3, 1e-3))
 RESULTS["scratch_heldout_before"] = heldout_loss(net)
 scratch_losses = []
@@ -260,7 +260,7 @@ def algorithm2(eps_model, n: int, *, variance: str, generator: torch.Generator, 
 # %%
 net64 = copy.deepcopy(net).double()
 denoiser64 = ModelDenoiser(net64, sched, parameterization="eps")
-n_check = pick(8, 16)
+n_check = pick(8, 4)
 ours, theirs = {}, {}
 for variance in ("large", "small"):
     ours[variance] = algorithm2(
@@ -306,7 +306,7 @@ if is_fast():  # a very small U-Net: 8 channels, two levels, no attention
 else:
     unet = build_unet("mnist-cpu", image_size=H)
 denoiser = ModelDenoiser(unet, sched, parameterization="eps")
-unet_batch = pick(32, 64)
+unet_batch = 32
 
 
 def batch_fn(step: int, g: torch.Generator) -> torch.Tensor:
@@ -320,10 +320,10 @@ def loss_fn(x0: torch.Tensor, g: torch.Generator):
 
 trainer = Trainer(
     denoiser, batch_fn=batch_fn, loss_fn=loss_fn, lr=pick(1e-2, 1e-3), batch_size=unet_batch,
-    warmup_steps=pick(20, 200), grad_clip=1.0, ema_half_life_images=pick(200, 20_000), seed=0,
+    warmup_steps=pick(20, 200), grad_clip=1.0, ema_half_life_images=pick(200, 5_000), seed=0,
 )  # fmt: skip
 RESULTS["unet_heldout_before"] = heldout_loss(lambda x, t: denoiser(x, t).eps)
-unet_losses = [float(trainer.train_step()["loss"]) for _ in range(pick(60, 800))]
+unet_losses = [float(trainer.train_step()["loss"]) for _ in range(pick(60, 600))]
 ema = trainer.ema.model
 RESULTS["unet_heldout_after"] = heldout_loss(lambda x, t: denoiser(x, t).eps)
 RESULTS["unet_ema_heldout_after"] = heldout_loss(lambda x, t: ema(x, t).eps)
