@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -301,6 +302,31 @@ def test_unet_errors() -> None:
         build_unet("tiny")(x, torch.zeros(3))
     with pytest.raises(ValueError, match="x must have shape"):
         build_unet("tiny")(torch.randn(2, 3, 16, 16), t)
+
+
+def test_patch_size_is_a_fold_around_the_same_network() -> None:
+    """patch_size=p equals the p=1 network on the p x p-folded image with the same weights."""
+    torch.manual_seed(0)
+    cfg = dict(image_size=16, base_channels=8, channel_mult=(1, 2), norm_groups=4, dropout=0.0)
+    folded = build_unet("tiny", in_channels=1, patch_size=2, **cfg)
+    inner = build_unet(
+        "tiny", in_channels=4, image_size=8, **{k: v for k, v in cfg.items() if k != "image_size"}
+    )
+    for p in folded.parameters():  # the output conv starts at zero: make it non-trivial
+        nn.init.normal_(p, std=0.2)
+    inner.load_state_dict(folded.state_dict())
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0.0, 10.0, 500.0])
+    expected = F.pixel_shuffle(inner(F.pixel_unshuffle(x, 2), t), 2)
+    torch.testing.assert_close(folded(x, t), expected)
+    assert folded(x, t).shape == x.shape
+    # attention resolutions refer to the folded feature maps (16 / 2 = 8 at level 0)
+    build_unet("tiny", patch_size=2, image_size=16, attention_resolutions=(8, 4))
+    with pytest.raises(ValueError, match="divisible"):
+        build_unet("tiny", patch_size=3, image_size=16)
+    with pytest.raises(ValueError, match="divisible"):
+        folded(torch.randn(1, 1, 14, 14), torch.zeros(1))
+    with pytest.raises(ValueError, match="patch_size"):
+        build_unet("tiny", patch_size=0)
 
 
 def test_presets_are_configs_and_tiny_is_small() -> None:

@@ -60,8 +60,8 @@ class NoisyClassifier(nn.Module):
             ``num_res_blocks``, ``attention_resolutions``, ``mid_attention``, ``num_heads``,
             ``dropout``, ``norm_groups``, ``use_scale_shift_norm``, time-embedding fields).
 
-    Shapes: xt (B, in_channels, H, W) with H, W divisible by 2^(levels - 1), t (B,) schedule
-    times -> logits (B, K). The output layer starts at zero (uniform predictions).
+    Shapes: xt (B, in_channels, H, W) with H, W divisible by patch_size * 2^(levels - 1),
+    t (B,) schedule times -> logits (B, K). The output layer starts at zero (uniform predictions).
     """
 
     def __init__(self, *, num_classes: int, **unet_kwargs: Any) -> None:
@@ -69,10 +69,11 @@ class NoisyClassifier(nn.Module):
         if num_classes < 2:
             raise ValueError(f"a classifier needs num_classes >= 2, got {num_classes}")
         cfg = UNetConfig(**unet_kwargs)
-        factor = 2 ** (len(cfg.channel_mult) - 1)
-        if cfg.image_size % factor:
+        factor = cfg.patch_size * 2 ** (len(cfg.channel_mult) - 1)
+        if cfg.patch_size < 1 or cfg.image_size % factor:
             raise ValueError(
-                f"image_size {cfg.image_size} is not divisible by 2^(levels-1) = {factor}"
+                f"image_size {cfg.image_size} is not divisible by "
+                f"patch_size * 2^(levels-1) = {factor}"
             )
         self.config = cfg
         self.num_classes = num_classes
@@ -85,12 +86,12 @@ class NoisyClassifier(nn.Module):
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, embed_dim, cfg.dropout, cfg.use_scale_shift_norm, groups)
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch_size**2, ch, 3, padding=1)
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleList()  # one per block; Identity where there is none
         cur, last = ch, len(cfg.channel_mult) - 1
         for level, mult in enumerate(cfg.channel_mult):
-            use_attn = cfg.image_size // 2**level in cfg.attention_resolutions
+            use_attn = cfg.image_size // cfg.patch_size // 2**level in cfg.attention_resolutions
             for _ in range(cfg.num_res_blocks):
                 self.blocks.append(res(cur, ch * mult))
                 cur = ch * mult
@@ -115,6 +116,8 @@ class NoisyClassifier(nn.Module):
             )
         t = torch.as_tensor(t, device=xt.device).expand(xt.shape[0])
         emb = self.time_embed(t.to(xt.dtype))
+        if cfg.patch_size > 1:
+            xt = F.pixel_unshuffle(xt, cfg.patch_size)
         h = self.conv_in(xt)
         for block, attn in zip(self.blocks, self.attn):
             h = attn(block(h, emb))

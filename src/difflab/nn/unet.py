@@ -8,7 +8,11 @@ nearest-neighbour + conv upsampling; GroupNorm, SiLU and a 3x3 output conv. The 
 every residual block through a sinusoidal embedding and an MLP, either added to the features
 (DDPM) or as a GroupNorm scale and shift (Improved DDPM "use_scale_shift_norm"). Class labels add
 a learned embedding (with a null label for classifier-free guidance [Ho & Salimans 2022]) to the
-time embedding; image conditioning is concatenated to the input channels.
+time embedding; image conditioning is concatenated to the input channels. With `patch_size`
+p > 1 the image is folded into p*p times more channels at 1/p the resolution (space-to-depth)
+before the input conv and unfolded after the output conv, the cheap patching stem of "simple
+diffusion" [Hoogeboom, Heek & Salimans 2023]: it cuts the cost of the full-resolution level by
+about p^2.
 
 The last conv of every residual block, the attention output projection and the output conv start
 at zero, so a fresh network outputs 0 and each fresh block is the identity on its skip path.
@@ -56,6 +60,7 @@ class UNetConfig:
     time_embedding: TimeEmbeddingKind = "sinusoidal"  # "fourier" for Song 2021 features
     time_features: int | None = None  # width of the sin/cos features of t; None = base_channels
     fourier_scale: float = 16.0  # std of the Fourier frequencies (time_embedding="fourier")
+    patch_size: int = 1  # p > 1: space-to-depth by p at the input, depth-to-space at the output
 
     def __post_init__(self) -> None:  # JSON gives lists: keep tuples so configs compare equal
         for name in ("channel_mult", "attention_resolutions"):
@@ -65,12 +70,13 @@ class UNetConfig:
 UNET_PRESETS: dict[str, UNetConfig] = {
     # DDPM CIFAR-10 model [Ho 2020, Appendix B]: 35.7M parameters.
     "ddpm-cifar10": UNetConfig(use_scale_shift_norm=False),
-    # 28x28 grayscale, chosen for training speed on a 2-core CPU (benchmarks/cpu_unet_speed.py).
+    # 28x28 grayscale, chosen for training speed on a 2-core CPU (benchmarks/unet_speed.py).
     "mnist-cpu": UNetConfig(
         image_size=28,
         in_channels=1,
+        patch_size=2,  # 2x2 fold: levels at 14x14 and 7x7, ~4x cheaper than a 28x28 level
         base_channels=32,
-        channel_mult=(1, 2, 2),
+        channel_mult=(1, 2),
         num_res_blocks=1,
         attention_resolutions=(),
         mid_attention=True,
@@ -195,10 +201,11 @@ class UNet(nn.Module):
 
         def res_attn(cin: int, cout: int, level: int) -> _ResAttn:
             res = ResBlock(cin, cout, embed_dim, cfg.dropout, cfg.use_scale_shift_norm, groups)
-            use_attn = cfg.image_size // 2**level in cfg.attention_resolutions
+            use_attn = cfg.image_size // cfg.patch_size // 2**level in cfg.attention_resolutions
             return _ResAttn(res, AttentionBlock(cout, cfg.num_heads, groups) if use_attn else None)
 
-        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
+        p2 = cfg.patch_size**2
+        self.conv_in = nn.Conv2d((cfg.in_channels + cfg.cond_channels) * p2, ch, 3, padding=1)
         self.down = nn.ModuleList()
         skip_chs, cur = [ch], ch
         last = len(cfg.channel_mult) - 1
@@ -226,13 +233,13 @@ class UNet(nn.Module):
                 self.up.append(Upsample(cur))
 
         self.norm_out = group_norm(cur, groups)
-        self.conv_out = zero_(nn.Conv2d(cur, self.out_channels, 3, padding=1))
+        self.conv_out = zero_(nn.Conv2d(cur, self.out_channels * p2, 3, padding=1))
 
     def forward(
         self, x: Tensor, t: Tensor, cond: Tensor | dict[str, Tensor] | None = None
     ) -> Tensor:
         cfg = self.config
-        factor = 2 ** (len(cfg.channel_mult) - 1)
+        factor = cfg.patch_size * 2 ** (len(cfg.channel_mult) - 1)
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(
                 f"x must have shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}"
@@ -240,7 +247,8 @@ class UNet(nn.Module):
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(
                 f"image height and width must be divisible by {factor} "
-                f"(2^(levels-1) for {len(cfg.channel_mult)} levels), got {tuple(x.shape[2:])}"
+                f"(patch_size * 2^(levels-1) for {len(cfg.channel_mult)} levels), "
+                f"got {tuple(x.shape[2:])}"
             )
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
@@ -262,6 +270,8 @@ class UNet(nn.Module):
         elif image is not None:
             raise ValueError("cond['image'] given but the model has cond_channels=0")
 
+        if cfg.patch_size > 1:
+            x = F.pixel_unshuffle(x, cfg.patch_size)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
@@ -273,20 +283,23 @@ class UNet(nn.Module):
             if isinstance(block, _ResAttn):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, cfg.patch_size) if cfg.patch_size > 1 else out
 
 
 def _validate(cfg: UNetConfig) -> None:
     levels = len(cfg.channel_mult)
     if levels < 1 or cfg.num_res_blocks < 1 or cfg.base_channels < 1:
         raise ValueError("channel_mult must be non-empty; num_res_blocks, base_channels >= 1")
-    factor = 2 ** (levels - 1)
+    if cfg.patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {cfg.patch_size}")
+    factor = cfg.patch_size * 2 ** (levels - 1)
     if cfg.image_size % factor:
         raise ValueError(
-            f"image_size {cfg.image_size} is not divisible by 2^(levels-1) = {factor} "
+            f"image_size {cfg.image_size} is not divisible by patch_size * 2^(levels-1) = {factor} "
             f"for channel_mult {cfg.channel_mult}; use fewer levels or pad the images"
         )
-    sizes = [cfg.image_size // 2**i for i in range(levels)]
+    sizes = [cfg.image_size // cfg.patch_size // 2**i for i in range(levels)]
     bad = [r for r in cfg.attention_resolutions if r not in sizes]
     if bad:
         raise ValueError(f"attention_resolutions {bad} match no level; level sizes are {sizes}")
