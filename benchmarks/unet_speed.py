@@ -1,25 +1,25 @@
-"""CPU training throughput of the image networks on 28x28 grayscale batches.
+"""Training throughput of the image U-Nets: images per second of a full optimisation step.
 
 One training step = forward + backward + AdamW update of an epsilon-prediction MSE loss at random
-timesteps, batch 128, 1x28x28 inputs, `torch.set_num_threads(2)` by default. The models are timed
-in interleaved rounds (so a burst of load from other processes hits all of them alike); the table
-gives parameters, forward multiply-accumulates per image (convolutions and linear layers), the
-best step time and the images per second at the best and at the median step time.
+timesteps on a fixed random batch. The models are timed in interleaved rounds (so a burst of
+load from other processes hits all of them alike); the table gives parameters, forward
+multiply-accumulates per image (convolutions and linear layers), the best step time and the
+images per second at the best and at the median step time.
 
-    .venv/bin/python benchmarks/cpu_unet_speed.py                 # mnist-cpu preset + BasicUNet
-    .venv/bin/python benchmarks/cpu_unet_speed.py --candidates    # + the candidate configs
-    .venv/bin/python benchmarks/cpu_unet_speed.py --append BENCHMARKS.md
+    .venv/bin/python benchmarks/unet_speed.py                     # mnist-cpu preset + BasicUNet
+    .venv/bin/python benchmarks/unet_speed.py --candidates        # + the candidate configs
+    .venv/bin/python benchmarks/unet_speed.py --append BENCHMARKS.md
+    # on a GPU: the DDPM CIFAR-10 U-Net (35.7M parameters), bf16 autocast
+    python benchmarks/unet_speed.py --preset ddpm-cifar10 --device cuda --bf16 \\
+        --append BENCHMARKS.md
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import datetime
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -30,17 +30,20 @@ from difflab.nn.unet import UNET_PRESETS, BasicUNet, build_unet
 
 BASE = UNET_PRESETS["mnist-cpu"]
 
-# Candidates for the "mnist-cpu" preset, as overrides of its config (levels 28 -> 14 -> 7).
+# Candidates for the "mnist-cpu" preset, as full configs (28x28 grayscale).
 CANDIDATES: dict[str, dict] = {
-    "c32 (1,2,2) r1": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1),
-    "c24 (1,1,2) r1": dict(base_channels=24, channel_mult=(1, 1, 2), num_res_blocks=1),
-    "c16 (1,2,2) r1": dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1),
-    "c16 (1,2,4) r1": dict(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1),
-    "c16 (1,1,2) r1": dict(base_channels=16, channel_mult=(1, 1, 2), num_res_blocks=1),
-    "c16 (1,1,2) r2": dict(base_channels=16, channel_mult=(1, 1, 2), num_res_blocks=2),
-    "c16 (1,2,2) r1 attn7": dict(
-        base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,)
+    "c32 (1,2,2) r1": dict(patch_size=1, base_channels=32, channel_mult=(1, 2, 2)),
+    "c24 (1,1,2) r1": dict(patch_size=1, base_channels=24, channel_mult=(1, 1, 2)),
+    "c16 (1,2,2) r1": dict(patch_size=1, base_channels=16, channel_mult=(1, 2, 2)),
+    "c16 (1,1,2) r1": dict(patch_size=1, base_channels=16, channel_mult=(1, 1, 2)),
+    "c16 (1,1,2) r2": dict(
+        patch_size=1, base_channels=16, channel_mult=(1, 1, 2), num_res_blocks=2
     ),
+    # patch_size=2: the network runs at 14x14 and 7x7 on the 2x2-folded image
+    "p2 c32 (1,2) r1": dict(patch_size=2, base_channels=32, channel_mult=(1, 2)),
+    "p2 c48 (1,2) r1": dict(patch_size=2, base_channels=48, channel_mult=(1, 2)),
+    "p2 c64 (1,2) r1": dict(patch_size=2, base_channels=64, channel_mult=(1, 2)),
+    "p2 c64 (1,1) r2": dict(patch_size=2, base_channels=64, channel_mult=(1, 1), num_res_blocks=2),
 }
 
 
@@ -48,8 +51,8 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def forward_macs(model: nn.Module) -> int:
-    """Multiply-accumulates of the conv and linear layers for one 1x28x28 image."""
+def forward_macs(model: nn.Module, shape: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of the conv and linear layers for one image of shape (C, H, W)."""
     total = 0
 
     def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
@@ -58,8 +61,9 @@ def forward_macs(model: nn.Module) -> int:
 
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     handles = [m.register_forward_hook(hook) for m in layers]
+    device = next(model.parameters()).device
     with torch.no_grad():
-        model(torch.zeros(1, 1, 28, 28), torch.zeros(1))
+        model(torch.zeros(1, *shape, device=device), torch.zeros(1, device=device))
     for h in handles:
         h.remove()
     return total
@@ -68,46 +72,59 @@ def forward_macs(model: nn.Module) -> int:
 class TrainStep:
     """One model, its AdamW optimiser and a fixed random batch; `run()` times one step."""
 
-    def __init__(self, model: nn.Module, batch_size: int, channels_last: bool) -> None:
+    def __init__(self, model: nn.Module, shape, batch_size: int, device, bf16: bool) -> None:
         gen = torch.Generator().manual_seed(0)
-        self.x0 = torch.randn(batch_size, 1, 28, 28, generator=gen)
-        self.eps = torch.randn(batch_size, 1, 28, 28, generator=gen)
-        self.t = torch.randint(0, 1000, (batch_size,), generator=gen).float()
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-            self.x0 = self.x0.contiguous(memory_format=torch.channels_last)
-        self.model = model.train()
+        self.x0 = torch.randn(batch_size, *shape, generator=gen).to(device)
+        self.eps = torch.randn(batch_size, *shape, generator=gen).to(device)
+        self.t = torch.randint(0, 1000, (batch_size,), generator=gen).float().to(device)
+        self.model = model.to(device).train()
         self.opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
+        self.device, self.bf16 = torch.device(device), bf16
         self.times: list[float] = []
 
     def run(self, record: bool = True) -> None:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.bf16
+            else contextlib.nullcontext()
+        )
+        sync()
         start = time.perf_counter()
         xt = 0.8 * self.x0 + 0.6 * self.eps
-        loss = (self.model(xt, self.t) - self.eps).square().mean()
+        with autocast:
+            loss = (self.model(xt, self.t).float() - self.eps).square().mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        sync()
         if record:
             self.times.append(time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", action="append", help="U-Net presets (default: mnist-cpu)")
     parser.add_argument("--candidates", action="store_true", help="also time CANDIDATES")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--append", metavar="PATH", help="append the table to this markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
+    presets = args.preset or ["mnist-cpu"]
+    cfg0 = UNET_PRESETS[presets[0]]
+    shape = (cfg0.in_channels, cfg0.image_size, cfg0.image_size)
     makers: dict[str, tuple[Callable[[], nn.Module], str]] = {
-        "UNet mnist-cpu": (lambda: build_unet("mnist-cpu"), "preset"),
-        "BasicUNet": (lambda: BasicUNet(in_channels=1), "(32, 64, 64), k=5"),
+        f"UNet {p}": (lambda p=p: build_unet(p), "preset") for p in presets
     }
+    if shape == (1, 28, 28):
+        makers["BasicUNet"] = (lambda: BasicUNet(in_channels=1), "(32, 64, 64), k=5")
     if args.candidates:
         for name, overrides in CANDIDATES.items():
             desc = ", ".join(f"{k}={v}" for k, v in overrides.items() if getattr(BASE, k) != v)
@@ -116,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                 desc or "= mnist-cpu",
             )
     benches = {
-        name: TrainStep(make(), args.batch_size, args.channels_last)
+        name: TrainStep(make(), shape, args.batch_size, args.device, args.bf16)
         for name, (make, _) in makers.items()
     }
     for bench in benches.values():
@@ -127,32 +144,28 @@ def main(argv: list[str] | None = None) -> None:
                 bench.run()
 
     lines = [
-        "| model | notes | params | fwd MMAC/img | best ms/step | img/s (best) | img/s (median) |",
+        "| model | notes | params | fwd GMAC/img | best ms/step | img/s (best) | img/s (median) |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, bench in benches.items():
         best, median = min(bench.times), statistics.median(bench.times)
         lines.append(
             f"| {name} | {makers[name][1]} | {count_params(bench.model) / 1e6:.3f}M "
-            f"| {forward_macs(bench.model) / 1e6:.1f} | {1000 * best:.0f} "
+            f"| {forward_macs(bench.model, shape) / 1e9:.3f} | {1000 * best:.1f} "
             f"| {args.batch_size / best:.0f} | {args.batch_size / median:.0f} |"
         )
-    print("\n".join(lines))
-
+    table = "\n".join(lines)
+    print(table)
     if args.append:
-        cmd = " ".join(["python", *sys.argv])
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-        header = [
-            "",
-            f"## CPU U-Net training throughput ({datetime.date.today().isoformat()})",
-            "",
-            f"`{cmd}` -- {machine}, torch {torch.__version__}, {args.threads} threads, "
-            f"batch {args.batch_size}, 1x28x28, forward + backward + AdamW step, "
-            f"{args.rounds} x {args.steps} timed steps per model.",
-            "",
-        ]
-        with open(args.append, "a", encoding="utf-8") as f:
-            f.write("\n".join(header + lines) + "\n")
+        from _record import record
+
+        where = f"{args.threads} CPU threads" if args.device == "cpu" else args.device
+        notes = (
+            f"{where}, batch {args.batch_size} of {'x'.join(map(str, shape))}, "
+            f"{'bf16 autocast' if args.bf16 else 'float32'}; one step = forward + backward + "
+            f"AdamW; {args.rounds} x {args.steps} timed steps per model after a warm-up step."
+        )
+        record("U-Net training throughput", table, path=args.append, notes=notes)
 
 
 if __name__ == "__main__":
