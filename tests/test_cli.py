@@ -50,6 +50,12 @@ def test_config_round_trip_and_overrides():
         apply_overrides(cfg, ["train.lr=fast"])
 
 
+def test_bad_threshold_in_config(capsys, tmp_path):
+    code = main(["train", "--preset", "moons", "--out", str(tmp_path / "r"),
+                 "--set", "sample.threshold=soft", *FAST])  # fmt: skip
+    assert "sample.threshold" in _one_line_error(capsys, code)
+
+
 def test_unknown_preset(capsys, tmp_path):
     err = _one_line_error(capsys, main(["train", "--preset", "nope", "--out", str(tmp_path / "r")]))
     assert "unknown preset 'nope'" in err and "swissroll" in err
@@ -86,6 +92,12 @@ def test_train_then_sample(trained_run, tmp_path, capsys):
     # a seed reproduces the samples exactly
     assert main([*args, "--out", str(tmp_path / "t.npz"), "--seed", "3"]) == 0
     assert np.array_equal(np.load(tmp_path / "t.npz")["samples"], x)
+    # --threshold clip keeps every sample in [-1, 1] (moons data reach beyond it)
+    assert np.abs(x).max() > 1
+    assert (
+        main([*args, "--out", str(tmp_path / "c.npz"), "--seed", "3", "--threshold", "clip"]) == 0
+    )
+    assert np.abs(np.load(tmp_path / "c.npz")["samples"]).max() <= 1
 
 
 def test_finished_run_is_not_overwritten(trained_run, capsys):

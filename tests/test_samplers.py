@@ -32,6 +32,7 @@ from difflab.samplers import (
     sample,
 )
 from difflab.samplers.ancestral import reverse_log_variance
+from difflab.samplers.common import THRESHOLD_MODES
 from difflab.schedules import DiscreteSchedule, EDMSchedule, sampling_timesteps
 
 F64 = torch.float64
@@ -562,3 +563,21 @@ def test_dynamic_thresholding():
     # percentile 1 is the per-sample maximum
     p1 = ThresholdedDenoiser(_Fixed(x0), LINEAR, mode="dynamic", percentile=1.0)(xt, t)
     assert torch.allclose(p1.x0[1], x0[1] / x0[1].abs().max())
+
+
+def test_sample_threshold_option_is_the_wrapper():
+    """`sample(..., threshold=mode)` draws exactly what the wrapped denoiser draws."""
+    x0 = 3 * torch.randn(6, 3, generator=_seed(2), dtype=F64)
+    for mode in THRESHOLD_MODES:
+        got = sample(_Fixed(x0), LINEAR, (6, 3), sampler="ddpm", steps=5, generator=_seed(3),
+                     dtype=F64, threshold=mode)  # fmt: skip
+        wrapped = ThresholdedDenoiser(_Fixed(x0), LINEAR, mode=mode)
+        want = sample(wrapped, LINEAR, (6, 3), sampler="ddpm", steps=5, generator=_seed(3),
+                      dtype=F64)  # fmt: skip
+        assert torch.equal(got, want)
+        assert float(got.abs().max()) <= 1.0 + 1e-9  # the last step returns the thresholded x0
+    raw = sample(_Fixed(x0), LINEAR, (6, 3), sampler="ddpm", steps=5, generator=_seed(3),
+                 dtype=F64)  # fmt: skip
+    assert float(raw.abs().max()) > 1.0
+    with pytest.raises(ValueError, match="clip, dynamic"):
+        sample(_Fixed(x0), LINEAR, (6, 3), steps=5, threshold="soft")

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from difflab.config import RunConfig
 from difflab.parameterization import ModelDenoiser
-from difflab.schedules import DiscreteSchedule, EDMSchedule, Schedule
+from difflab.samplers.common import THRESHOLD_MODES
+from difflab.schedules import DiscreteSchedule, EDMSchedule, Schedule, check_choice
 
 __all__ = ["Built", "build", "build_schedule", "build_data", "resolve_device", "ImageBatches"]
 
@@ -172,6 +173,8 @@ def build(cfg: RunConfig, *, device: torch.device | None = None, load_data: bool
         raise ValueError("the Sohl-Dickstein model is implemented for 2-D data only")
     if cfg.model.image_task != "none" and cfg.model.kind != "unet":
         raise ValueError("image-to-image tasks (model.image_task) need model.kind=unet")
+    if cfg.sample.threshold is not None:
+        check_choice("sample.threshold", cfg.sample.threshold, THRESHOLD_MODES)
     model = build_model(cfg, data_shape, schedule).to(device)
     denoiser = None
     if cfg.model.kind not in ("sohl-dickstein", "classifier"):

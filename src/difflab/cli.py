@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -72,6 +73,11 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "(default: degrade test images)",
     )
     p.add_argument("--eta", type=float, help="DDIM eta")
+    p.add_argument(
+        "--threshold",
+        choices=("none", "clip", "dynamic"),
+        help="threshold the x0 prediction to [-1, 1] (default: the run's sample.threshold)",
+    )
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument("--device", default="auto")
 
@@ -169,7 +175,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
     sampler = args.sampler or cfg.sample.sampler
     steps = args.steps or cfg.sample.steps
-    options = {} if args.eta is None else {"eta": args.eta}
+    options: dict = {} if args.eta is None else {"eta": args.eta}
+    if args.threshold is not None:
+        options["threshold"] = None if args.threshold == "none" else args.threshold
     classifier = None if args.classifier is None else _load_classifier(args.classifier, built)
     if args.guidance is not None and cfg.model.num_classes == 0:
         raise ValueError("--guidance needs a class-conditional run (model.num_classes)")
@@ -209,16 +217,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
         viz.scatter(x, png, title=f"{sampler}, {steps} steps")
     else:
         np.savez_compressed(out, samples=to_uint8(x).numpy())
-        viz.save_image_grid(x[:256], png, scale=2 if x.shape[-1] <= 32 else 1)
+        viz.save_image_grid(x[:256], png, scale=_scale(x))
     if args.gif and frames:
         frames.append(x[: frames[0].shape[0]])
         gif = out.with_suffix(".gif")
         if cfg.data.is_toy:
             viz.scatter_trajectory_gif(frames, gif)
         else:
-            viz.image_trajectory_gif([f[:64] for f in frames], gif)
+            viz.image_trajectory_gif([f[:64] for f in frames], gif, scale=_scale(x))
     print(f"wrote {out} and {png}")
     return 0
+
+
+def _scale(x: Any) -> int:
+    """Upsampling of image grids: 2 for small images (<= 32 pixels wide), else 1."""
+    return 2 if x.shape[-1] <= 32 else 1
 
 
 def _load_classifier(run_dir: Path, built):

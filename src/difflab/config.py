@@ -82,6 +82,7 @@ class TrainConfig:
     warmup_steps: int = 200  # linear LR warm-up
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     ema_half_life: float = 50_000.0  # EMA half-life in examples seen (EDM convention)
+    ema_rampup: float | None = 0.05  # half-life <= this fraction of the examples seen (EDM)
     bf16: bool = False  # autocast to bfloat16 (on by default on CUDA via --bf16)
     seed: int = 0  # seed of the whole run
     max_minutes: float | None = None  # wall-clock budget; stops early (and checkpoints) when hit
@@ -98,6 +99,7 @@ class SampleConfig:
     steps: int = 1000  # sampler steps
     n: int = 5000  # samples drawn for the end-of-training figures and metrics
     eta: float = 0.0  # DDIM eta
+    threshold: str | None = None  # x0 thresholding to [-1, 1]: None | clip | dynamic (images)
 
 
 @dataclass(frozen=True)
@@ -164,16 +166,17 @@ PRESETS["mnist"] = RunConfig(
     data=DataConfig(name="mnist"),
     model=ModelConfig(kind="unet", preset="mnist-cpu"),
     diffusion=DiffusionConfig(schedule="linear", T=1000),
+    # tuned for quality after 10 CPU minutes (benchmarks/mnist_quality.py, BENCHMARKS.md)
     train=TrainConfig(
         steps=100_000,
-        batch_size=128,
-        lr=1e-3,
-        warmup_steps=200,
+        batch_size=64,
+        lr=2e-3,
+        warmup_steps=100,
         ema_half_life=20_000.0,
         log_every=50,
         ckpt_every=500,
     ),
-    sample=SampleConfig(sampler="ddim", steps=50, n=64),
+    sample=SampleConfig(sampler="ddim", steps=50, n=64, threshold="clip"),
 )
 PRESETS["mnist-cond"] = replace(
     PRESETS["mnist"],
@@ -212,7 +215,7 @@ PRESETS["cifar10"] = RunConfig(
         ckpt_every=5000,
         sample_every=10_000,
     ),
-    sample=SampleConfig(sampler="ddim", steps=100, n=64),
+    sample=SampleConfig(sampler="ddim", steps=100, n=64, threshold="clip"),
 )
 PRESETS["cifar10-colorize"] = replace(
     PRESETS["cifar10"],

@@ -168,6 +168,7 @@ def train_run(
         warmup_steps=t.warmup_steps,
         grad_clip=t.grad_clip or None,
         ema_half_life_images=t.ema_half_life,
+        ema_rampup_ratio=t.ema_rampup,
         bf16=t.bf16,
         seed=t.seed,
         device=built.device,
@@ -342,9 +343,11 @@ def draw_samples(
     batch. ``guidance``: classifier-free guidance scale (class-conditional runs). ``classifier``:
     a noise-aware classifier for classifier guidance at ``classifier_scale`` towards the labels
     of ``cond``; the labels reach the diffusion model only when it is class-conditional.
+    ``threshold`` (in ``options``) defaults to the run's ``sample.threshold``.
     """
     from difflab.samplers import sample
 
+    options.setdefault("threshold", built.cfg.sample.threshold)
     g = torch.Generator().manual_seed(seed)
     out = []
     done = 0

@@ -131,6 +131,7 @@ def sample(
     x_init: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    threshold: str | None = None,
     **options: Any,
 ) -> Tensor:
     """Draw samples of ``shape`` (B, ...) with a named sampler.
@@ -146,11 +147,15 @@ def sample(
         t_start: start below t_max (with ``x_init`` a noised image: SDEdit-style editing).
         generator: randomness for the prior noise and stochastic samplers.
         x_init: the starting sample at the first time of the grid (default: prior noise).
+        threshold: None, ``"clip"`` or ``"dynamic"``: threshold the x0 prediction to the data
+            range [-1, 1] (:class:`ThresholdedDenoiser`), for images in [-1, 1].
         **options: sampler options (``eta``, ``variance``, ``s_churn``, ...).
     Returns:
         Samples at t = 0, shape ``shape``, dtype ``dtype`` on ``device``.
     """
     fn = SAMPLERS[_check_sampler(sampler)]
+    if threshold is not None:
+        denoiser = ThresholdedDenoiser(denoiser, schedule, mode=threshold)  # type: ignore[arg-type]
     ts = sampling_timesteps(
         schedule, steps, spacing=spacing or default_spacing(sampler, schedule), t_start=t_start
     )
