@@ -46,6 +46,28 @@ def test_ema_half_life_in_images():
     assert EMA(src, half_life_images=0).decay(128) == 0.0
 
 
+def test_ema_rampup_limits_the_half_life_early():
+    """EDM ramp-up: half-life min(H, r * images seen); the EMA weight of the random start
+    after n images is prod_k beta_k, which the ramp-up makes vanish even for n << H."""
+    src = nn.Linear(3, 1)
+    ema = EMA(src, half_life_images=10_000.0, rampup_ratio=0.1)
+    assert ema.half_life(500) == pytest.approx(50.0)
+    assert ema.half_life(10**6) == pytest.approx(10_000.0)
+    assert ema.decay(50, images_seen=500) == pytest.approx(0.5)
+    init = ema.model.weight.detach().clone()
+    with torch.no_grad():
+        src.weight.fill_(2.0)
+    batch, start_weight = 10, torch.tensor(1.0, dtype=torch.float64)
+    for k in range(1, 41):
+        ema.update(src, batch_size=batch, images_seen=k * batch)
+        start_weight *= 0.5 ** (batch / min(10_000.0, 0.1 * k * batch))
+    expected = 2.0 + (init - 2.0) * float(start_weight)
+    assert torch.allclose(ema.model.weight, expected, atol=1e-6)
+    assert float(start_weight) < 1e-6  # without ramp-up it would be 0.5 ** (400 / 10000) ~ 0.97
+    with pytest.raises(ValueError, match="ramp-up"):
+        EMA(src, half_life_images=1.0, rampup_ratio=0.0)
+
+
 def test_lr_warmup():
     assert lr_at(0, lr=1.0, warmup_steps=10) == pytest.approx(0.1)
     assert lr_at(9, lr=1.0, warmup_steps=10) == pytest.approx(1.0)

@@ -8,6 +8,8 @@ extra state (e.g. the importance sampler of Improved DDPM).
 
 EMA follows EDM [Karras 2022, App. C / training code]: its decay is given as a half-life in
 *images seen*, so it does not change with the batch size: ``beta = 0.5 ** (batch / half_life)``.
+With a ramp-up ratio r the half-life is ``min(half_life, r * images_seen)`` (EDM's
+``ema_rampup_ratio``, 0.05 there), so that a short run is not averaged over its random start.
 """
 
 from __future__ import annotations
@@ -32,21 +34,38 @@ class TrainingDiverged(RuntimeError):
 class EMA:
     """Exponential moving average of a model's parameters, decay set by a half-life in images."""
 
-    def __init__(self, model: nn.Module, *, half_life_images: float) -> None:
+    def __init__(
+        self, model: nn.Module, *, half_life_images: float, rampup_ratio: float | None = None
+    ) -> None:
         if half_life_images < 0:
             raise ValueError("the EMA half-life must be >= 0 images")
+        if rampup_ratio is not None and not rampup_ratio > 0:
+            raise ValueError(f"the EMA ramp-up ratio must be > 0 or None, got {rampup_ratio}")
         self.half_life_images = float(half_life_images)
+        self.rampup_ratio = rampup_ratio
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
-    def decay(self, batch_size: int) -> float:
-        """beta = 0.5 ** (batch_size / half_life); 0 (a copy) when the half-life is 0."""
-        if self.half_life_images == 0:
+    def half_life(self, images_seen: float | None = None) -> float:
+        """The half-life in images after ``images_seen`` images (ramped up if a ratio is set)."""
+        if self.rampup_ratio is None or images_seen is None:
+            return self.half_life_images
+        return min(self.half_life_images, self.rampup_ratio * images_seen)
+
+    def decay(self, batch_size: int, images_seen: float | None = None) -> float:
+        """beta = 0.5 ** (batch_size / half_life); 0 (a copy) when the half-life is 0.
+
+        ``images_seen`` counts the images trained on, this batch included.
+        """
+        half_life = self.half_life(images_seen)
+        if half_life == 0:
             return 0.0
-        return 0.5 ** (batch_size / self.half_life_images)
+        return 0.5 ** (batch_size / half_life)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, *, batch_size: int) -> None:
-        beta = self.decay(batch_size)
+    def update(
+        self, model: nn.Module, *, batch_size: int, images_seen: float | None = None
+    ) -> None:
+        beta = self.decay(batch_size, images_seen)
         ema_p = list(self.model.parameters())
         src_p = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_p, src_p, 1.0 - beta)
@@ -91,6 +110,7 @@ class Trainer:
         loss_fn: ``loss_fn(batch, generator) -> (loss scalar tensor, logs dict of tensors)``.
         lr, weight_decay, warmup_steps, grad_clip: optimiser settings (AdamW).
         ema_half_life_images: EMA half-life in images.
+        ema_rampup_ratio: if set, the half-life is at most this fraction of the images seen.
         batch_size: images (or points) per step, for the EMA decay and throughput.
         bf16: autocast the forward pass to bfloat16 (CUDA, or CPU where supported).
         seed: the run's seed.
@@ -112,6 +132,7 @@ class Trainer:
         warmup_steps: int = 0,
         grad_clip: float | None = 1.0,
         ema_half_life_images: float = 0.0,
+        ema_rampup_ratio: float | None = None,
         bf16: bool = False,
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -135,7 +156,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=self.lr, weight_decay=weight_decay, **kwargs
         )
-        self.ema = EMA(model, half_life_images=ema_half_life_images)
+        self.ema = EMA(model, half_life_images=ema_half_life_images, rampup_ratio=ema_rampup_ratio)
         self.step = 0
 
     # ---- one step ---------------------------------------------------------------------------
@@ -157,7 +178,8 @@ class Trainer:
         else:
             grad_norm = torch.zeros((), device=loss.device)
         self.optimizer.step()
-        self.ema.update(self.model, batch_size=self.batch_size)
+        seen = (self.step + 1) * self.batch_size
+        self.ema.update(self.model, batch_size=self.batch_size, images_seen=seen)
         self.step += 1
         out = {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
         out.update({k: v.detach() for k, v in logs.items()})
