@@ -23,23 +23,32 @@ to a run directory at a time.
 from __future__ import annotations
 
 import collections
-import csv
-import errno
 import hashlib
 import json
-import math
 import os
 import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from difflab.safe_io import (  # noqa: F401  (re-exported: the run-directory API)
+    CheckpointError,
+    MetricsLog,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    json_bytes,
+    one_line,
+    read_metrics,
+)
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -48,65 +57,6 @@ _GROUP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _CHUNK = 1 << 20
 _STATE_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
-
-
-class CheckpointError(RuntimeError):
-    """A run directory or checkpoint is missing, incomplete or corrupted (one-line message)."""
-
-
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
-# ----------------------------------------------------------------------------- atomic writes
-def _fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some filesystems cannot fsync a directory
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically: a reader sees the old or the new file, never a mix.
-
-    Writes a temporary file in the same directory, flushes and fsyncs it, renames it over ``path``
-    with ``os.replace`` and fsyncs the directory. The directory must exist.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_bytes(obj: Any, what: str) -> bytes:
-    try:
-        return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"cannot write {what} as JSON: {_one_line(e)}") from e
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """:func:`atomic_write_bytes` for a JSON document (indented, UTF-8)."""
-    atomic_write_bytes(path, _json_bytes(obj, str(path)))
 
 
 # ----------------------------------------------------------------------------- saving
@@ -236,14 +186,14 @@ def save_checkpoint(
             "tensor_groups": list(tensors),
             "files": files,
         }
-        (tmp / "manifest.json").write_bytes(_json_bytes(manifest, "manifest"))
+        (tmp / "manifest.json").write_bytes(json_bytes(manifest, "manifest"))
         _sync_and_hash(tmp / "manifest.json")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving a step: keep the old copy until the new one is in place
             old = root / f".old-{name}-{secrets.token_hex(4)}"
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not final.exists():
@@ -292,7 +242,7 @@ def _read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: manifest missing (incomplete checkpoint)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable manifest ({_one_line(e)})") from e
+        raise CheckpointError(f"{path}: unreadable manifest ({one_line(e)})") from e
 
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{path}: unreadable manifest ({what})")
@@ -419,13 +369,13 @@ def load_checkpoint(
         try:
             tensors[group] = load_file(file, device=device)
         except Exception as e:
-            raise CheckpointError(f"{file}: unreadable safetensors file ({_one_line(e)})") from e
+            raise CheckpointError(f"{file}: unreadable safetensors file ({one_line(e)})") from e
     file = ckpt_dir / "state.pt"
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(
-            f"{file}: torch.load(weights_only=True) failed ({_one_line(e)})"
+            f"{file}: torch.load(weights_only=True) failed ({one_line(e)})"
         ) from e
     return Checkpoint(step=manifest["step"], path=ckpt_dir, tensors=tensors, state=state)
 
@@ -439,7 +389,7 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found (not a difflab run directory?)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({_one_line(e)})") from e
+        raise CheckpointError(f"{path}: invalid JSON ({one_line(e)})") from e
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
@@ -474,7 +424,7 @@ def prepare_run_dir(
         return
     if config is None:
         raise ValueError("prepare_run_dir needs config= for a new run")
-    payload = _json_bytes(dict(config), "config")
+    payload = json_bytes(dict(config), "config")
     if run_dir.exists():
         if not run_dir.is_dir():
             raise CheckpointError(f"{run_dir} is not a directory; use a new --out directory")
@@ -491,103 +441,3 @@ def prepare_run_dir(
             raise CheckpointError(f"{run_dir} is not empty; use a new or empty --out directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.json", payload)
-
-
-# ----------------------------------------------------------------------------- metrics
-def _complete_lines(text: str) -> list[str]:
-    """Lines of a file that end in a newline (a crash may leave a partial last line)."""
-    return [line + "\n" for line in text.split("\n")[:-1]]
-
-
-class MetricsLog:
-    """Append rows to a CSV file: header written once, each row flushed.
-
-    With ``resume_step``, rows with ``step > resume_step`` (logged after the checkpoint a run
-    resumes from) are removed first, so a resumed run has no duplicate steps. A partial last
-    line left by a crash is removed too. Use as a context manager or call :meth:`close`.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        fieldnames: Sequence[str],
-        *,
-        resume_step: int | None = None,
-    ) -> None:
-        self.path = Path(path)
-        self.fieldnames = list(fieldnames)
-        if not self.fieldnames or len(set(self.fieldnames)) != len(self.fieldnames):
-            raise ValueError(f"fieldnames must be non-empty and unique, got {self.fieldnames}")
-        if resume_step is not None and "step" not in self.fieldnames:
-            raise ValueError("resume_step needs a 'step' column in fieldnames")
-        self._repair(resume_step)
-        self._file = open(self.path, "a", newline="", encoding="utf-8")
-        self._writer = csv.DictWriter(self._file, fieldnames=self.fieldnames, lineterminator="\n")
-        if self._file.tell() == 0:
-            self._writer.writeheader()
-            self._file.flush()
-
-    def _repair(self, resume_step: int | None) -> None:
-        if not self.path.exists():
-            return
-        text = self.path.read_text(encoding="utf-8")
-        lines = _complete_lines(text)
-        if lines:
-            header = next(csv.reader([lines[0]]))
-            if header != self.fieldnames:
-                raise CheckpointError(
-                    f"{self.path}: columns {header} differ from the expected {self.fieldnames}"
-                )
-        if resume_step is not None and lines:
-            col = self.fieldnames.index("step")
-            kept = lines[:1]
-            for line in lines[1:]:
-                row = next(csv.reader([line]))
-                try:
-                    if float(row[col]) <= resume_step:
-                        kept.append(line)
-                except (IndexError, ValueError):
-                    continue
-            lines = kept
-        if "".join(lines) != text:
-            atomic_write_text(self.path, "".join(lines))
-
-    def append(self, row: Mapping[str, Any] | None = None, **values: Any) -> None:
-        """Write one row (missing columns are left empty) and flush it."""
-        row = {**(row or {}), **values}
-        unknown = set(row) - set(self.fieldnames)
-        if unknown:
-            raise ValueError(f"unknown metrics {sorted(unknown)}; columns are {self.fieldnames}")
-        self._writer.writerow(row)
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> MetricsLog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def read_metrics(path: str | os.PathLike) -> dict[str, list[float]]:
-    """Columns of a metrics CSV as float lists (empty or non-numeric cells become NaN)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: metrics file not found") from None
-    lines = _complete_lines(text)
-    if not lines:
-        return {}
-    reader = csv.reader(lines)
-    header = next(reader)
-    columns: dict[str, list[float]] = {name: [] for name in header}
-    for row in reader:
-        for i, name in enumerate(header):
-            try:
-                columns[name].append(float(row[i]))
-            except (IndexError, ValueError):
-                columns[name].append(math.nan)
-    return columns

@@ -1,0 +1,193 @@
+"""Crash-safe files of a run: atomic replacement and an append-only metrics CSV.
+
+:func:`atomic_write_bytes` (and its text and JSON forms) replaces a file so that a reader, or a
+run resumed after a kill, sees the old or the new content, never a mix. :class:`MetricsLog`
+appends flushed CSV rows and, on resume, drops rows logged after the checkpoint and a partial
+last line left by a crash. :mod:`difflab.checkpoint` builds checkpoints on these.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CheckpointError",
+    "MetricsLog",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "fsync_dir",
+    "json_bytes",
+    "one_line",
+    "read_metrics",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A run directory or checkpoint is missing, incomplete or corrupted (one-line message)."""
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory (after a rename in it); a no-op where the filesystem cannot."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems cannot fsync a directory
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically: a reader sees the old or the new file, never a mix.
+
+    Writes a temporary file in the same directory, flushes and fsyncs it, renames it over ``path``
+    with ``os.replace`` and fsyncs the directory. The directory must exist.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_bytes(obj: Any, what: str) -> bytes:
+    """Indented UTF-8 JSON of obj; a TypeError naming ``what`` if it is not serialisable."""
+    try:
+        return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"cannot write {what} as JSON: {one_line(e)}") from e
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """:func:`atomic_write_bytes` for a JSON document (indented, UTF-8)."""
+    atomic_write_bytes(path, json_bytes(obj, str(path)))
+
+
+# ----------------------------------------------------------------------------- metrics
+def _complete_lines(text: str) -> list[str]:
+    """Lines of a file that end in a newline (a crash may leave a partial last line)."""
+    return [line + "\n" for line in text.split("\n")[:-1]]
+
+
+class MetricsLog:
+    """Append rows to a CSV file: header written once, each row flushed.
+
+    With ``resume_step``, rows with ``step > resume_step`` (logged after the checkpoint a run
+    resumes from) are removed first, so a resumed run has no duplicate steps. A partial last
+    line left by a crash is removed too. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fieldnames: Sequence[str],
+        *,
+        resume_step: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.fieldnames = list(fieldnames)
+        if not self.fieldnames or len(set(self.fieldnames)) != len(self.fieldnames):
+            raise ValueError(f"fieldnames must be non-empty and unique, got {self.fieldnames}")
+        if resume_step is not None and "step" not in self.fieldnames:
+            raise ValueError("resume_step needs a 'step' column in fieldnames")
+        self._repair(resume_step)
+        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.fieldnames, lineterminator="\n")
+        if self._file.tell() == 0:
+            self._writer.writeheader()
+            self._file.flush()
+
+    def _repair(self, resume_step: int | None) -> None:
+        if not self.path.exists():
+            return
+        text = self.path.read_text(encoding="utf-8")
+        lines = _complete_lines(text)
+        if lines:
+            header = next(csv.reader([lines[0]]))
+            if header != self.fieldnames:
+                raise CheckpointError(
+                    f"{self.path}: columns {header} differ from the expected {self.fieldnames}"
+                )
+        if resume_step is not None and lines:
+            col = self.fieldnames.index("step")
+            kept = lines[:1]
+            for line in lines[1:]:
+                row = next(csv.reader([line]))
+                try:
+                    if float(row[col]) <= resume_step:
+                        kept.append(line)
+                except (IndexError, ValueError):
+                    continue
+            lines = kept
+        if "".join(lines) != text:
+            atomic_write_text(self.path, "".join(lines))
+
+    def append(self, row: Mapping[str, Any] | None = None, **values: Any) -> None:
+        """Write one row (missing columns are left empty) and flush it."""
+        row = {**(row or {}), **values}
+        unknown = set(row) - set(self.fieldnames)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; columns are {self.fieldnames}")
+        self._writer.writerow(row)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, list[float]]:
+    """Columns of a metrics CSV as float lists (empty or non-numeric cells become NaN)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: metrics file not found") from None
+    lines = _complete_lines(text)
+    if not lines:
+        return {}
+    reader = csv.reader(lines)
+    header = next(reader)
+    columns: dict[str, list[float]] = {name: [] for name in header}
+    for row in reader:
+        for i, name in enumerate(header):
+            try:
+                columns[name].append(float(row[i]))
+            except (IndexError, ValueError):
+                columns[name].append(math.nan)
+    return columns
