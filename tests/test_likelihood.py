@@ -16,11 +16,11 @@ from difflab.likelihood import (
     gaussian_log_likelihood,
     mean_and_stderr,
     normal_kl,
-    pf_ode_nll,
     prior_kl,
     vlb,
     vlb_term,
 )
+from difflab.ode_likelihood import pf_ode_nll
 from difflab.parameterization import Prediction
 from difflab.schedules import DiscreteSchedule, EDMSchedule
 

@@ -22,7 +22,7 @@
 #   invertible map from noise to data, so the change-of-variables formula gives the exact
 #   log-density of the ODE model, $\log p(x) = \log p_T(y_T) + \int \nabla \cdot f \, ds$, with
 #   the divergence estimated by Hutchinson's trick $\nabla \cdot f = \mathbb{E}_z[z^\top
-#   (\partial f / \partial y)\, z]$ [Grathwohl 2019], `likelihood.pf_ode_nll`.
+#   (\partial f / \partial y)\, z]$ [Grathwohl 2019], `ode_likelihood.pf_ode_nll`.
 #
 # Both are reported in **bits per dimension**: nats divided by $D \ln 2$ (`bits_per_dim`).
 #
@@ -40,10 +40,11 @@ import torch
 from _common import is_fast, new_figure, out_path, pick, save, use_threads
 
 from difflab.data.toy import default_gmm
-from difflab.likelihood import bits_per_dim, gaussian_log_likelihood, mean_and_stderr, pf_ode_nll
+from difflab.likelihood import bits_per_dim, gaussian_log_likelihood, mean_and_stderr
 from difflab.likelihood import vlb as variational_bound
 from difflab.nn.mlp import TimeMLP
 from difflab.objectives import diffusion_loss
+from difflab.ode_likelihood import pf_ode_nll
 from difflab.oracles import GaussianDenoiser
 from difflab.parameterization import ModelDenoiser, Prediction
 from difflab.schedules import DiscreteSchedule

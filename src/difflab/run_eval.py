@@ -77,7 +77,8 @@ def evaluate_nll(
     batch_size: int = 250,
 ) -> dict[str, Any]:
     """NLL of ``n`` held-out examples by the variational bound and the PF-ODE."""
-    from difflab.likelihood import bits_per_dim, mean_and_stderr, pf_ode_nll, vlb
+    from difflab.likelihood import bits_per_dim, mean_and_stderr, vlb
+    from difflab.ode_likelihood import pf_ode_nll
     from difflab.schedules import DiscreteSchedule
 
     if built.denoiser is None:
