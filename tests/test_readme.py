@@ -18,3 +18,19 @@ def test_readme_python_example_runs():
     exec(compile(code, "README.md", "exec"), ns)  # noqa: S102
     x = ns["x"]
     assert x.shape == (200, 2) and torch.isfinite(x).all()
+
+
+def test_readme_links_every_tutorial_in_order():
+    text = README.read_text()
+    tutorials = sorted(p.name for p in (README.parent / "tutorials").glob("[0-9][0-9]_*.py"))
+    linked = re.findall(r"\]\(tutorials/([0-9][0-9]_[^)]+\.py)\)", text)
+    assert linked == tutorials
+
+
+def test_readme_images_exist_and_are_small():
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text())
+    assert len(images) >= 3, "the README shows sample grids, a denoising GIF and a schedule plot"
+    for rel in images:
+        path = README.parent / rel
+        assert path.is_file(), rel
+        assert path.stat().st_size < 600_000, f"{rel} is too large to commit"
