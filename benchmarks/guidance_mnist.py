@@ -25,15 +25,12 @@ import time
 from pathlib import Path
 
 import torch
+from _mnist import mnist_yardstick
 
-from difflab.data.images import load_image_dataset
 from difflab.evaluation import (
     classify,
     frechet_digit_distance,
-    image_features,
-    load_or_train_classifier,
 )
-from difflab.metrics import feature_statistics
 from difflab.runner import draw_samples, load_run
 
 
@@ -130,10 +127,8 @@ def main() -> None:
     sampler = args.sampler or cfg.sample.sampler
     steps = args.steps or cfg.sample.steps
 
-    net = load_or_train_classifier(data_dir=data_dir, cache_dir=args.cache_dir, device=device)
-    test = load_image_dataset("mnist", data_dir=data_dir, train=False)
-    reference = feature_statistics(image_features(net, test.images))
-    train = load_image_dataset("mnist", data_dir=data_dir, train=True)
+    yard = mnist_yardstick(data_dir, cache_dir=args.cache_dir, device=device)
+    net, reference, train = yard.net, yard.reference, yard.train
     real = train.images[: args.n]
     floor = measure(real, train.labels[: args.n], net, reference)
     rows = sweep(
@@ -164,7 +159,7 @@ def main() -> None:
             path=args.append,
             notes=(
                 f"Run {args.run_dir.name} (step {_step(args.run_dir)}), {sampler} with {steps} "
-                f"steps; FDD against the {len(test):,} test images with the digit classifier "
+                f"steps; FDD against the {yard.n_test:,} test images with the digit classifier "
                 f"{(net.cache_info or {}).get('name', '?')}. {scale_note}"
             ),
         )

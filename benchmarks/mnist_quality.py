@@ -29,16 +29,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from _mnist import mnist_yardstick
 
 from difflab.config import apply_overrides, get_preset
-from difflab.data.images import load_image_dataset
 from difflab.evaluation import (
     class_histogram,
     frechet_digit_distance,
-    image_features,
-    load_or_train_classifier,
 )
-from difflab.metrics import feature_statistics
 from difflab.runner import draw_samples, load_run, train_run
 from difflab.viz import save_image_grid
 
@@ -80,13 +77,9 @@ def main() -> None:
     args = ap.parse_args()
 
     # the evaluation network first: its one-time training must not eat into the budget
-    net = load_or_train_classifier(
-        data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device
-    )
-    test = load_image_dataset("mnist", data_dir=args.data_dir, train=False)
-    reference = feature_statistics(image_features(net, test.images))
-    train = load_image_dataset("mnist", data_dir=args.data_dir, train=True)
-    floor = frechet_digit_distance(train.images[: args.n], reference, net=net)
+    yard = mnist_yardstick(args.data_dir, cache_dir=args.cache_dir, device=args.device)
+    net, reference = yard.net, yard.reference
+    floor = frechet_digit_distance(yard.train.images[: args.n], reference, net=net)
     print(f"real vs real at n={args.n}: FDD {floor:.2f}", flush=True)
 
     steps = img_s = seconds = None

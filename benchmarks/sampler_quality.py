@@ -24,9 +24,9 @@ import argparse
 import time
 from pathlib import Path
 
-from difflab.data.images import load_image_dataset
-from difflab.evaluation import frechet_digit_distance, image_features, load_or_train_classifier
-from difflab.metrics import feature_statistics
+from _mnist import mnist_yardstick
+
+from difflab.evaluation import frechet_digit_distance
 from difflab.runner import draw_samples, load_run
 from difflab.samplers import SAMPLERS, nfe
 
@@ -87,11 +87,9 @@ def main() -> None:
     budgets = sorted(int(b) for b in args.budgets.split(","))
     long = set(args.long.split(","))
 
-    net = load_or_train_classifier(data_dir=data_dir, cache_dir=args.cache_dir)
-    test = load_image_dataset("mnist", data_dir=data_dir, train=False)
-    reference = feature_statistics(image_features(net, test.images))
-    train = load_image_dataset("mnist", data_dir=data_dir, train=True)
-    floor = frechet_digit_distance(train.images[: args.n], reference, net=net)
+    yard = mnist_yardstick(data_dir, cache_dir=args.cache_dir)
+    net, reference = yard.net, yard.reference
+    floor = frechet_digit_distance(yard.train.images[: args.n], reference, net=net)
     print(f"real vs real at n={args.n}: FDD {floor:.2f}", flush=True)
 
     # results[sampler][budget] = (NFE spent, FDD); equal step counts are sampled once
