@@ -289,6 +289,8 @@ def test_fresh_classifier_predicts_uniformly_and_training_lowers_the_loss(tmp_pa
 
 
 def test_classifier_input_errors(tmp_path):
+    with pytest.raises(ValueError, match="divisible"):
+        build_classifier("mnist-cpu", num_classes=10, image_size=30)
     with pytest.raises(ValueError, match="num_classes >= 2"):
         build_classifier("tiny", num_classes=1, image_size=8)
     with pytest.raises(ValueError, match="valid"):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from difflab.data.images import to_unit_range
 from difflab.nn.layers import AttentionBlock, TimeEmbedding, group_norm, zero_
-from difflab.nn.unet import UNET_PRESETS, Downsample, ResBlock, UNetConfig
+from difflab.nn.unet import UNET_PRESETS, Downsample, ResBlock, UNetConfig, validate_config
 from difflab.objectives import sample_training_times
 from difflab.process import q_sample
 from difflab.schedules import Schedule
@@ -69,12 +69,7 @@ class NoisyClassifier(nn.Module):
         if num_classes < 2:
             raise ValueError(f"a classifier needs num_classes >= 2, got {num_classes}")
         cfg = UNetConfig(**unet_kwargs)
-        factor = cfg.patch_size * 2 ** (len(cfg.channel_mult) - 1)
-        if cfg.patch_size < 1 or cfg.image_size % factor:
-            raise ValueError(
-                f"image_size {cfg.image_size} is not divisible by "
-                f"patch_size * 2^(levels-1) = {factor}"
-            )
+        validate_config(cfg)  # the trunk's rules are the U-Net's
         self.config = cfg
         self.num_classes = num_classes
         ch, groups = cfg.base_channels, cfg.norm_groups

@@ -189,7 +189,7 @@ class UNet(nn.Module):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
         cfg = UNetConfig(**kwargs)
-        _validate(cfg)
+        validate_config(cfg)
         self.config = cfg
         self.out_channels = cfg.out_channels or cfg.in_channels
         ch, groups = cfg.base_channels, cfg.norm_groups
@@ -287,7 +287,8 @@ class UNet(nn.Module):
         return F.pixel_shuffle(out, cfg.patch_size) if cfg.patch_size > 1 else out
 
 
-def _validate(cfg: UNetConfig) -> None:
+def validate_config(cfg: UNetConfig) -> None:
+    """Raise ValueError with a one-line reason if ``cfg`` describes no valid network."""
     levels = len(cfg.channel_mult)
     if levels < 1 or cfg.num_res_blocks < 1 or cfg.base_channels < 1:
         raise ValueError("channel_mult must be non-empty; num_res_blocks, base_channels >= 1")
