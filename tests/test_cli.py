@@ -69,9 +69,11 @@ def test_negative_steps(capsys, tmp_path):
 
 
 def test_sample_without_checkpoint(capsys, tmp_path):
-    _one_line_error(capsys, main(["sample", str(tmp_path / "missing")]))
+    err = _one_line_error(capsys, main(["sample", str(tmp_path / "missing")]))
+    assert "config.json: not found" in err
     (tmp_path / "empty").mkdir()
-    _one_line_error(capsys, main(["sample", str(tmp_path / "empty")]))
+    err = _one_line_error(capsys, main(["sample", str(tmp_path / "empty")]))
+    assert "config.json: not found" in err
 
 
 @pytest.fixture(scope="module")

@@ -343,11 +343,11 @@ def _fit(model: nn.Module, make_batch, steps: int, lr: float) -> tuple[float, fl
     gen = torch.Generator().manual_seed(1)
     x_test, t_test, y_test = make_batch(gen)
 
-    def test_loss() -> float:
+    def held_out_loss() -> float:
         with torch.no_grad():
             return float((model(x_test, t_test) - y_test).square().mean())
 
-    before = test_loss()
+    before = held_out_loss()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
         x, t, y = make_batch(gen)
@@ -355,7 +355,7 @@ def _fit(model: nn.Module, make_batch, steps: int, lr: float) -> tuple[float, fl
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return before, test_loss()
+    return before, held_out_loss()
 
 
 def test_tiny_unet_learns_a_time_dependent_regression() -> None:
