@@ -8,6 +8,7 @@ below ~3% of sd_i sd_j on the covariance and ~1% of sd_i on the mean; the tests 
 """
 
 import functools
+import inspect
 import math
 
 import pytest
@@ -16,15 +17,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from difflab.data.toy import default_gmm
-from difflab.oracles import GaussianDenoiser, GMMDenoiser, gaussian_pf_ode_solution
+from difflab.oracles import (
+    GaussianDenoiser,
+    GMMDenoiser,
+    gaussian_pf_ode_solution,
+    gaussian_sde_mean,
+)
 from difflab.parameterization import Prediction
 from difflab.samplers import (
+    SAMPLER_OPTIONS,
     SAMPLERS,
     ThresholdedDenoiser,
     ddim,
     ddim_invert,
     ddpm,
     dpm_solver_pp,
+    dpmpp_2m,
+    dpmpp_sde,
     euler,
     euler_ancestral,
     nfe,
@@ -58,6 +67,7 @@ GAUSSIAN_STEPS = {
     "dpm++2m": 40,
     "dpm++3m": 30,
     "dpm++2s": 25,
+    "dpm++2m-sde": 100,
     "euler": 200,
     "heun": 40,
     "euler-ancestral": 400,
@@ -93,6 +103,8 @@ GAUSSIAN_CASES = [("linear", name, {}) for name in SAMPLERS] + [
     ("edm", "dpm++2m", {}),
     ("edm", "dpm++3m", {}),
     ("edm", "dpm++2s", {}),
+    ("edm", "dpm++2m-sde", {}),
+    ("linear", "dpm++2m-sde", {"eta": 0.5}),
 ]
 
 
@@ -167,6 +179,7 @@ GMM_STEPS = {
     "dpm++2m": 30,
     "dpm++3m": 30,
     "dpm++2s": 20,
+    "dpm++2m-sde": 60,
     "euler": 60,
     "heun": 30,
     "euler-ancestral": 150,
@@ -277,12 +290,30 @@ def test_ddim_equals_first_order_dpm_solver_and_euler(kind, t_count, sigma_max, 
         out = fn(den, x, ts, schedule=sched, callback=lambda s, tr=traj: tr.append(s["x"]), **opts)
         runs.append((traj, out))
     (ref_traj, ref_out) = runs[0]
-    scale = 1 + float(x.abs().max())
+    # Euler works in y = x / alpha: float64 round-off there is ~1e-16 sigma_max / alpha_max
+    # relative to x (sigma/alpha reaches 2.6e8 on a 10-step linear schedule)
+    s_max = float(sched.edm_sigma(torch.tensor(times[0], dtype=F64)))
+    scale = (1 + float(x.abs().max())) * (1 + 1e-6 * s_max)
     for traj, out in runs[1:]:
         assert len(traj) == len(ref_traj) == len(times)
         for u, v in zip(traj, ref_traj):
             assert torch.allclose(u, v, rtol=1e-7, atol=1e-9 * scale)
         assert torch.allclose(out, ref_out, rtol=1e-7, atol=1e-9 * scale)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "karras"])
+def test_first_order_sde_dpm_solver_is_ddpm_posterior_sampling(spacing):
+    """SDE-DPM-Solver++1 with eta = 1 is DDIM with eta = 1 (DDPM's posterior step), draw for
+    draw; with eta = 0 the second-order SDE solver is DPM-Solver++(2M)."""
+    den = GaussianDenoiser(MEAN, COV, LINEAR)
+    ts = sampling_timesteps(LINEAR, 23, spacing=spacing)
+    x_t = torch.randn(256, 2, generator=_seed(1), dtype=F64)
+    a = dpmpp_sde(den, x_t, ts, schedule=LINEAR, order=1, generator=_seed(2))
+    b = ddim(den, x_t, ts, schedule=LINEAR, eta=1.0, generator=_seed(2))
+    assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+    c = dpmpp_sde(den, x_t, ts, schedule=LINEAR, order=2, eta=0.0, generator=_seed(2))
+    assert torch.allclose(c, dpmpp_2m(den, x_t, ts, schedule=LINEAR), atol=1e-10, rtol=1e-10)
+    assert not torch.allclose(a, c, atol=1e-3)
 
 
 def test_ddim_eta_zero_is_deterministic():
@@ -348,6 +379,62 @@ def test_convergence_order(name, schedule, lo, hi):
         y_last = seen["x"] / float(sched.alpha(t_last))
         ref = gaussian_pf_ode_solution(y0, s_start, float(sched.edm_sigma(t_last)), MEAN, COV)
         errors.append(float((y_last - ref).pow(2).mean().sqrt()))
+    ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+    assert all(lo <= r <= hi for r in ratios), (errors, ratios)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_sde_dpm_solver_with_eta_one_has_the_exact_mean_for_gaussian_data(order):
+    """Given the exact E[x0 | x_t], DDPM's posterior step (order 1, eta = 1) has the exact mean
+    of x_s for any step size; along the exact mean path E[x0 | x] stays constant (a martingale
+    of the reverse SDE), so the second-order correction D_i - D_{i-1} vanishes as well."""
+    den = GaussianDenoiser(MEAN, COV, EDM)
+    ts = sampling_timesteps(EDM, 7, spacing="karras")
+    y0 = MEAN + 80.0 * torch.randn(16, 2, generator=_seed(0), dtype=F64)
+    seen = {}
+    dpmpp_sde(den, y0, ts, schedule=EDM, order=order, s_noise=0.0, callback=seen.update)
+    ref = gaussian_sde_mean(
+        y0, float(EDM.edm_sigma(ts[0])), float(EDM.edm_sigma(ts[-2])), MEAN, COV
+    )
+    assert torch.allclose(seen["x"], ref, atol=1e-10)
+
+
+def test_sde_mean_of_gaussian_data_is_the_denoiser():
+    """Run to s = 0 from y, the reverse diffusion SDE (eta = 1) samples the posterior of x0
+    given y, so its mean is E[x0 | y] = D(y; s); the ODE (eta = 0) is the same oracle."""
+    sched = EDM
+    den = GaussianDenoiser(MEAN, COV, sched)
+    y = 3.0 * torch.randn(32, 2, generator=_seed(0), dtype=F64)
+    for s in (0.3, 2.0, 40.0):
+        t = sched.t_from_edm_sigma(torch.tensor(s, dtype=F64))
+        expected = den(y * float(sched.alpha(t)), t.expand(32)).x0
+        assert torch.allclose(gaussian_sde_mean(y, s, 0.0, MEAN, COV), expected, atol=1e-10)
+        ode = gaussian_pf_ode_solution(y, s, 0.5, MEAN, COV)
+        assert torch.allclose(ode, gaussian_sde_mean(y, s, 0.5, MEAN, COV, eta=0.0))
+        assert not torch.allclose(ode, gaussian_sde_mean(y, s, 0.5, MEAN, COV), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "order,eta,lo,hi", [(1, 0.5, 1.6, 2.5), (2, 0.5, 3.0, 5.5), (2, 0.25, 3.0, 5.5)]
+)
+def test_sde_dpm_solver_mean_converges_at_its_order(order, eta, lo, hi):
+    """For Gaussian data the update is affine in x, so with s_noise = 0 it computes the mean of
+    the stochastic sampler's output; that mean converges to the exact mean of the SDE
+    (:func:`gaussian_sde_mean`) at the method's order: the error falls by 2^order per doubling.
+
+    (With eta = 1 the mean is exact here whatever the step size, see the test below, so the
+    order shows only for eta < 1.)"""
+    den = GaussianDenoiser(MEAN, COV, EDM)
+    errors = []
+    for steps in (32, 64, 128):
+        ts = sampling_timesteps(EDM, steps, spacing="karras")
+        s_start = float(EDM.edm_sigma(ts[0]))
+        y0 = MEAN + s_start * torch.randn(64, 2, generator=_seed(0), dtype=F64)
+        seen = {}
+        dpmpp_sde(den, y0, ts, schedule=EDM, order=order, eta=eta, s_noise=0.0,
+                  callback=lambda s, seen=seen: seen.update(s))  # fmt: skip
+        ref = gaussian_sde_mean(y0, s_start, float(EDM.edm_sigma(seen["t"])), MEAN, COV, eta=eta)
+        errors.append(float((seen["x"] - ref).pow(2).mean().sqrt()))
     ratios = [errors[0] / errors[1], errors[1] / errors[2]]
     assert all(lo <= r <= hi for r in ratios), (errors, ratios)
 
@@ -468,7 +555,7 @@ def test_nfe_callback_and_shapes(name):
         den, LINEAR, (6, 3, 2, 2), sampler=name, steps=7, generator=_seed(1), x_init=x_init.float()
     )
     assert x32.dtype == torch.float32 and bool(torch.isfinite(x32).all())
-    if name not in ("ddpm", "euler-ancestral"):
+    if name not in ("ddpm", "euler-ancestral", "dpm++2m-sde"):  # the stochastic samplers
         assert torch.allclose(x32.double(), img, atol=1e-3, rtol=1e-3)
 
 
@@ -515,6 +602,28 @@ def test_bad_input_is_rejected():
         ddim(den, x, sampling_timesteps(LINEAR, 5), schedule=LINEAR, eta=-1.0)
     with pytest.raises(ValueError, match="clip, dynamic"):
         ThresholdedDenoiser(den, LINEAR, mode="soft")
+    with pytest.raises(
+        ValueError, match="sampler 'ddpm' has no option 'eta' .its options: variance"
+    ):
+        sample(den, LINEAR, (4, 2), sampler="ddpm", eta=0.5)
+    ts = sampling_timesteps(LINEAR, 5)
+    for bad in ({"order": 3}, {"eta": -0.1}, {"s_noise": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            dpmpp_sde(den, x, ts, schedule=LINEAR, **bad)
+
+
+def _keyword_options(fn) -> set[str]:
+    params = inspect.signature(fn).parameters.values()
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY} - {
+        "schedule", "cond", "generator", "callback", "order"
+    }  # fmt: skip
+
+
+def test_sampler_options_are_the_keyword_options_of_the_functions():
+    wrapped = {"dpm++2m": dpm_solver_pp, "dpm++3m": dpm_solver_pp, "dpm++2m-sde": dpmpp_sde}
+    assert set(SAMPLER_OPTIONS) == set(SAMPLERS)
+    for name, fn in SAMPLERS.items():
+        assert set(SAMPLER_OPTIONS[name]) == _keyword_options(wrapped.get(name, fn)), name
 
 
 # ---- thresholding ---------------------------------------------------------------------------

@@ -32,6 +32,10 @@
 # Once sampling is solving an ODE, better ODE solvers apply: Heun's second-order method
 # [Karras 2022, Algorithm 1] and the exponential integrators DPM-Solver++ (2M, 3M, 2S)
 # [Lu 2022b], which integrate the linear part exactly in $\lambda = \log(\alpha/\sigma)$.
+# The same exponential integrator also solves the reverse *SDE* (`dpm++2m-sde`,
+# SDE-DPM-Solver++(2M) [Lu 2022b]): it injects fresh noise at each step, which on a trained
+# network corrects part of the denoiser's error where the ODE carries it along (on MNIST it is
+# the best sampler at 10 NFE, see BENCHMARKS.md).
 #
 # Every difflab sampler has the same signature, so they can be compared on one model. We use a
 # model with **no training error**: for the 8-Gaussians data the optimal denoiser
@@ -195,7 +199,10 @@ for name in ("dpm++2m", "dpm++2s"):
     k = results[name][0][-1]
     assert RESULTS[f"ode_error_{name}_nfe{k}"] < 0.5 * first, name
 
-styles = dict(zip(SAMPLERS, ["C0o-", "C1s-", "C2^-", "C3v-", "C4D-", "C5<-", "C6>-", "C7x-"]))
+styles = dict(
+    zip(SAMPLERS, ["C0o-", "C1s-", "C2^-", "C3v-", "C4D-", "C5<-", "C6>-", "C7x-", "C8P-"])
+)
+assert set(styles) == set(SAMPLERS)
 cols = [5, 10, 20]
 show = ("ddpm", "ddim", "dpm++2m", "heun")
 rows = [[drawn[name, b] for b in cols] for name in show]

@@ -12,7 +12,8 @@ the oracles of the sampler tests and of the tutorials.
 * :class:`GMMDenoiser` - x0 from a :class:`~difflab.data.toy.GaussianMixture`; the posterior
   mean is the responsibility-weighted sum of the per-component Gaussian posterior means.
 * :func:`gaussian_pf_ode_solution` - the closed-form solution of the probability-flow ODE of
-  EDM [Karras 2022, Eq. 1 and 3], dy/ds = (y - D(y; s)) / s, for Gaussian data.
+  EDM [Karras 2022, Eq. 1 and 3], dy/ds = (y - D(y; s)) / s, for Gaussian data, and
+  :func:`gaussian_sde_mean`, the mean of the reverse SDEs with the same marginals.
 
 Both denoisers satisfy Tweedie's formula: the score of the noised law is
 grad log q(xt) = (alpha E[x0 | xt] - xt) / sigma^2 [Efron 2011 (Tweedie's formula)].
@@ -30,7 +31,7 @@ from difflab.data.toy import GaussianMixture
 from difflab.parameterization import Prediction
 from difflab.schedules import Schedule
 
-__all__ = ["GaussianDenoiser", "GMMDenoiser", "gaussian_pf_ode_solution"]
+__all__ = ["GaussianDenoiser", "GMMDenoiser", "gaussian_pf_ode_solution", "gaussian_sde_mean"]
 
 _F64 = torch.float64
 
@@ -167,6 +168,32 @@ def gaussian_pf_ode_solution(
     Returns:
         y(sigma_end), same shape and dtype as ``y_start``; computed in float64.
     """
+    return gaussian_sde_mean(y_start, sigma_start, sigma_end, mean, cov, eta=0.0)
+
+
+def gaussian_sde_mean(
+    y_start: Tensor,
+    sigma_start: float | Tensor,
+    sigma_end: float | Tensor,
+    mean: Tensor,
+    cov: Tensor,
+    *,
+    eta: float = 1.0,
+) -> Tensor:
+    """E[y(s_end) | y(s_start)] for the reverse SDEs of Gaussian data x0 ~ N(m, C).
+
+    In y = x / alpha and s = sigma / alpha the reverse SDEs with the data's marginals are
+    dy = -(1 + eta) s ds score - sqrt(2 eta s) dw (s decreasing) [Karras 2022, Eq. 6 with
+    beta = eta / s; Song 2021 (score SDE), Eq. 6 and 13]; eta = 0 is the probability-flow ODE,
+    eta = 1 the reverse diffusion SDE. The score (D - y) / s^2 is affine in y for Gaussian data,
+    so the mean obeys dm/ds = (1 + eta) s (C + s^2 I)^-1 (m - mean), and per eigenvalue l_i
+
+        E[y(s_end)] - m = ((C + s_end^2 I) (C + s_start^2 I)^-1)^((1 + eta) / 2) (y_start - m).
+
+    Args and return as :func:`gaussian_pf_ode_solution`; ``eta`` >= 0.
+    """
+    if not eta >= 0:
+        raise ValueError(f"eta must be non-negative, got {eta}")
     m = torch.as_tensor(mean, dtype=_F64).flatten()
     c = torch.as_tensor(cov, dtype=_F64)
     lam, u = torch.linalg.eigh(0.5 * (c + c.T))
@@ -175,6 +202,6 @@ def gaussian_pf_ode_solution(
     b = y.shape[0]
     s0 = torch.as_tensor(sigma_start, dtype=_F64).cpu().expand(b)[:, None]
     s1 = torch.as_tensor(sigma_end, dtype=_F64).cpu().expand(b)[:, None]
-    ratio = torch.sqrt((lam + s1**2) / (lam + s0**2))  # (B, D) eigenvalues of the matrix root
+    ratio = ((lam + s1**2) / (lam + s0**2)) ** ((1.0 + eta) / 2)  # (B, D) eigenvalues
     y_end = m + (ratio * ((y - m) @ u)) @ u.T
     return y_end.reshape(y_start.shape).to(y_start.device, y_start.dtype)

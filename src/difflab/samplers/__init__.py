@@ -12,12 +12,14 @@ name                function                         NFE    paper
 ``dpm++2m``         :func:`dpm_solver.dpmpp_2m`      N      Lu 2022b, Algorithm 2
 ``dpm++3m``         :func:`dpm_solver.dpmpp_3m`      N      Lu 2022b, multistep of order 3
 ``dpm++2s``         :func:`dpm_solver.dpmpp_2s`      2N-1   Lu 2022b, Algorithm 1
+``dpm++2m-sde``     :func:`dpm_solver.dpmpp_2m_sde`  N      Lu 2022b, SDE-DPM-Solver++(2M)
 ``euler``           :func:`edm.euler`                N      Karras 2022, Alg. 2 (Euler)
 ``heun``            :func:`edm.heun`                 2N-1   Karras 2022, Algorithm 2
 ``euler-ancestral`` :func:`edm.euler_ancestral`      N      k-diffusion ``euler_a``
 =================== ================================ ====== ================================
 
-N is the number of steps of a grid ending at t = 0 (see :func:`nfe`).
+N is the number of steps of a grid ending at t = 0 (see :func:`nfe`). ``SAMPLER_OPTIONS`` lists
+the options each sampler takes (e.g. ``eta`` of DDIM); :func:`sample` rejects the others.
 
 :func:`sample` is the high-level entry point: it builds the time grid, draws the prior noise and
 runs a sampler by name.
@@ -35,7 +37,14 @@ from difflab.parameterization import Denoiser
 from difflab.samplers.ancestral import ddpm
 from difflab.samplers.common import Callback, ThresholdedDenoiser, prior_noise
 from difflab.samplers.ddim import ddim, ddim_invert
-from difflab.samplers.dpm_solver import dpm_solver_pp, dpmpp_2m, dpmpp_2s, dpmpp_3m
+from difflab.samplers.dpm_solver import (
+    dpm_solver_pp,
+    dpmpp_2m,
+    dpmpp_2m_sde,
+    dpmpp_2s,
+    dpmpp_3m,
+    dpmpp_sde,
+)
 from difflab.samplers.edm import euler, euler_ancestral, heun
 from difflab.schedules import (
     DiscreteSchedule,
@@ -47,6 +56,7 @@ from difflab.schedules import (
 
 __all__ = [
     "SAMPLERS",
+    "SAMPLER_OPTIONS",
     "DEFAULT_SPACING",
     "Sampler",
     "ThresholdedDenoiser",
@@ -56,8 +66,10 @@ __all__ = [
     "default_spacing",
     "dpm_solver_pp",
     "dpmpp_2m",
+    "dpmpp_2m_sde",
     "dpmpp_2s",
     "dpmpp_3m",
+    "dpmpp_sde",
     "euler",
     "euler_ancestral",
     "heun",
@@ -74,9 +86,23 @@ SAMPLERS: dict[str, Sampler] = {
     "dpm++2m": dpmpp_2m,
     "dpm++3m": dpmpp_3m,
     "dpm++2s": dpmpp_2s,
+    "dpm++2m-sde": dpmpp_2m_sde,
     "euler": euler,
     "heun": heun,
     "euler-ancestral": euler_ancestral,
+}
+
+# the keyword options of each sampler (the function's parameters after ``callback``)
+SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "ddpm": ("variance",),
+    "ddim": ("eta",),
+    "dpm++2m": (),
+    "dpm++3m": (),
+    "dpm++2s": ("r",),
+    "dpm++2m-sde": ("eta", "s_noise"),
+    "euler": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
+    "heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
+    "euler-ancestral": ("eta", "s_noise"),
 }
 
 # on DDPM schedules: trailing spacing starts at the most noisy level [Lin 2024]; Karras spacing
@@ -87,6 +113,7 @@ DEFAULT_SPACING: dict[str, Spacing] = {
     "dpm++2m": "karras",
     "dpm++3m": "karras",
     "dpm++2s": "karras",
+    "dpm++2m-sde": "karras",
     "euler": "karras",
     "heun": "karras",
     "euler-ancestral": "karras",
@@ -149,11 +176,16 @@ def sample(
         x_init: the starting sample at the first time of the grid (default: prior noise).
         threshold: None, ``"clip"`` or ``"dynamic"``: threshold the x0 prediction to the data
             range [-1, 1] (:class:`ThresholdedDenoiser`), for images in [-1, 1].
-        **options: sampler options (``eta``, ``variance``, ``s_churn``, ...).
+        **options: sampler options, those of ``SAMPLER_OPTIONS[sampler]`` (``eta``,
+            ``variance``, ``s_churn``, ...).
     Returns:
         Samples at t = 0, shape ``shape``, dtype ``dtype`` on ``device``.
     """
     fn = SAMPLERS[_check_sampler(sampler)]
+    for key in options:
+        if key not in SAMPLER_OPTIONS[sampler]:
+            takes = ", ".join(SAMPLER_OPTIONS[sampler]) or "none"
+            raise ValueError(f"sampler {sampler!r} has no option {key!r} (its options: {takes})")
     if threshold is not None:
         denoiser = ThresholdedDenoiser(denoiser, schedule, mode=threshold)  # type: ignore[arg-type]
     ts = sampling_timesteps(
