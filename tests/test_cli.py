@@ -54,6 +54,7 @@ def test_bad_threshold_in_config(capsys, tmp_path):
     code = main(["train", "--preset", "moons", "--out", str(tmp_path / "r"),
                  "--set", "sample.threshold=soft", *FAST])  # fmt: skip
     assert "sample.threshold" in _one_line_error(capsys, code)
+    assert not (tmp_path / "r").exists()
 
 
 def test_unknown_preset(capsys, tmp_path):
@@ -131,6 +132,17 @@ def test_bad_sampler_and_class(trained_run, capsys):
     assert "choose one of" in err or "valid" in err
     err = _one_line_error(capsys, main(["sample", str(trained_run), "--class", "3"]))
     assert "class-conditional" in err
+    err = _one_line_error(
+        capsys, main(["sample", str(trained_run), "--sampler", "ddpm", "--eta", "0.5"])
+    )
+    assert "sampler 'ddpm' has no option 'eta'" in err
+
+
+def test_sample_eta_in_config_needs_a_sampler_with_eta(capsys, tmp_path):
+    code = main(["train", "--preset", "moons", "--out", str(tmp_path / "r"), *FAST,
+                 "--set", "sample.sampler=ddpm", "--set", "sample.eta=0.5"])  # fmt: skip
+    assert "sample.eta is set but sampler 'ddpm' has no eta" in _one_line_error(capsys, code)
+    assert not (tmp_path / "r").exists()
 
 
 def test_presets_and_viz(capsys, tmp_path):

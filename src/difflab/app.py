@@ -15,10 +15,19 @@ from torch import Tensor, nn
 
 from difflab.config import RunConfig
 from difflab.parameterization import ModelDenoiser
+from difflab.samplers import SAMPLER_OPTIONS, SAMPLERS
 from difflab.samplers.common import THRESHOLD_MODES
 from difflab.schedules import DiscreteSchedule, EDMSchedule, Schedule, check_choice
 
-__all__ = ["Built", "build", "build_schedule", "build_data", "resolve_device", "ImageBatches"]
+__all__ = [
+    "Built",
+    "build",
+    "build_schedule",
+    "check_config",
+    "build_data",
+    "resolve_device",
+    "ImageBatches",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -156,8 +165,23 @@ def build_model(cfg: RunConfig, data_shape: tuple[int, ...], schedule: Schedule)
     )
 
 
+def check_config(cfg: RunConfig) -> None:
+    """Reject combinations of settings that no run can use (one-line ``ValueError``), before
+    anything is loaded or written."""
+    if cfg.model.kind == "sohl-dickstein" and not cfg.data.is_toy:
+        raise ValueError("the Sohl-Dickstein model is implemented for 2-D data only")
+    if cfg.model.image_task != "none" and cfg.model.kind != "unet":
+        raise ValueError("image-to-image tasks (model.image_task) need model.kind=unet")
+    if cfg.sample.threshold is not None:
+        check_choice("sample.threshold", cfg.sample.threshold, THRESHOLD_MODES)
+    check_choice("sample.sampler", cfg.sample.sampler, tuple(SAMPLERS))
+    if cfg.sample.eta is not None and "eta" not in SAMPLER_OPTIONS[cfg.sample.sampler]:
+        raise ValueError(f"sample.eta is set but sampler {cfg.sample.sampler!r} has no eta")
+
+
 def build(cfg: RunConfig, *, device: torch.device | None = None, load_data: bool = True) -> Built:
     """Schedule, data, model and denoiser for ``cfg`` (the model is on ``device``)."""
+    check_config(cfg)
     device = device or resolve_device(cfg.train.device)
     schedule = build_schedule(cfg)
     if cfg.data.is_toy:
@@ -169,12 +193,6 @@ def build(cfg: RunConfig, *, device: torch.device | None = None, load_data: bool
             data_shape = tuple(dataset.images.shape[1:])
         else:
             data_shape = tuple(cfg_data_shape(cfg))
-    if cfg.model.kind == "sohl-dickstein" and not cfg.data.is_toy:
-        raise ValueError("the Sohl-Dickstein model is implemented for 2-D data only")
-    if cfg.model.image_task != "none" and cfg.model.kind != "unet":
-        raise ValueError("image-to-image tasks (model.image_task) need model.kind=unet")
-    if cfg.sample.threshold is not None:
-        check_choice("sample.threshold", cfg.sample.threshold, THRESHOLD_MODES)
     model = build_model(cfg, data_shape, schedule).to(device)
     denoiser = None
     if cfg.model.kind not in ("sohl-dickstein", "classifier"):

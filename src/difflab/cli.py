@@ -72,7 +72,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         help="image-to-image runs: .npz whose 'degraded' array holds the conditioning images "
         "(default: degrade test images)",
     )
-    p.add_argument("--eta", type=float, help="DDIM eta")
+    p.add_argument("--eta", type=float, help="eta of ddim, dpm++2m-sde or euler-ancestral")
     p.add_argument(
         "--threshold",
         choices=("none", "clip", "dynamic"),

@@ -95,10 +95,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "ddpm"  # ddpm | ddim | dpm++2m | dpm++3m | euler | heun | euler-ancestral
+    sampler: str = "ddpm"  # a name of difflab.samplers.SAMPLERS
     steps: int = 1000  # sampler steps
     n: int = 5000  # samples drawn for the end-of-training figures and metrics
-    eta: float = 0.0  # DDIM eta
+    eta: float | None = None  # eta of ddim, dpm++2m-sde, euler-ancestral (None: its default)
     threshold: str | None = None  # x0 thresholding to [-1, 1]: None | clip | dynamic (images)
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from difflab import checkpoint as ckpt
-from difflab.app import Built, build, make_batch_fn
+from difflab.app import Built, build, check_config, make_batch_fn
 from difflab.config import RunConfig
 from difflab.train import Trainer, TrainingDiverged
 
@@ -119,6 +119,7 @@ def train_run(
     from difflab.app import resolve_device
 
     run_dir = Path(run_dir)
+    check_config(cfg)  # before the run directory is made
     device = resolve_device(cfg.train.device)
     dist = ddp.init_from_env(device.type)
     if dist.enabled and device.type == "cuda":
@@ -343,11 +344,14 @@ def draw_samples(
     batch. ``guidance``: classifier-free guidance scale (class-conditional runs). ``classifier``:
     a noise-aware classifier for classifier guidance at ``classifier_scale`` towards the labels
     of ``cond``; the labels reach the diffusion model only when it is class-conditional.
-    ``threshold`` (in ``options``) defaults to the run's ``sample.threshold``.
+    ``threshold`` and ``eta`` (in ``options``) default to the run's ``sample.threshold`` and
+    ``sample.eta`` (if set and ``sampler`` is the run's ``sample.sampler``).
     """
     from difflab.samplers import sample
 
     options.setdefault("threshold", built.cfg.sample.threshold)
+    if built.cfg.sample.eta is not None and sampler == built.cfg.sample.sampler:
+        options.setdefault("eta", built.cfg.sample.eta)  # the eta of the run's own sampler
     g = torch.Generator().manual_seed(seed)
     out = []
     done = 0
