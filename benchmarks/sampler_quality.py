@@ -5,8 +5,9 @@ draws ``--n`` samples per (sampler, budget) with the same seed and reports the F
 distance (FDD, :mod:`difflab.evaluation`) to the 10,000 MNIST test images. A budget of B
 evaluations gives each sampler the most steps whose cost ``difflab.samplers.nfe`` is <= B
 (Heun and DPM-Solver++(2S) spend 2 per step, minus 1 at the last); the table shows the NFE
-actually spent. Steps follow each sampler's default spacing (trailing for the DDPM/DDIM
-family, Karras for the EDM family, log-SNR for DPM-Solver++).
+actually spent. Steps follow each sampler's default spacing (``DEFAULT_SPACING``: trailing for
+DDPM and DDIM, Karras' rho = 7 grid for the others) and default options (``dpm++2m-sde`` and
+``euler-ancestral`` with eta = 1).
 
 Budgets above ``--max-nfe-all`` (default 100) run only for the samplers in ``--long``
 (default ``ddpm``): 1,000 evaluations of every sampler cost ~8x the rest of the table on a CPU.
