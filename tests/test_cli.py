@@ -112,6 +112,25 @@ def test_finished_run_is_not_overwritten(trained_run, capsys):
     assert before == {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
 
 
+def test_runs_of_older_versions_with_eta_zero_still_load(trained_run, tmp_path):
+    """Older runs stored sample.eta = 0.0 for every sampler; it means "not set" for ddpm."""
+    import shutil
+
+    from difflab.runner import read_run_config
+
+    copy = tmp_path / "old"
+    shutil.copytree(trained_run, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["sample"].update(sampler="ddpm", eta=0.0)
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert read_run_config(copy).sample.eta is None
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(copy), "--n", "8", "--steps", "3", "--out", str(out)]) == 0
+    cfg["sample"].update(sampler="ddim", eta=0.0)  # DDIM's eta = 0 is kept
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert read_run_config(copy).sample.eta == 0.0
+
+
 def test_truncated_checkpoint(trained_run, tmp_path, capsys):
     import shutil
 

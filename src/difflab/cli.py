@@ -122,10 +122,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.out is not None:
             raise ValueError("use either --resume RUN_DIR or --out DIR, not both")
-        from difflab.checkpoint import read_config
-        from difflab.config import RunConfig
+        from difflab.runner import read_run_config
 
-        cfg = RunConfig.from_dict(read_config(args.resume))
+        cfg = read_run_config(args.resume)
         run_dir = args.resume
     else:
         cfg = get_preset(args.preset)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from difflab.app import Built, build, check_config, make_batch_fn
 from difflab.config import RunConfig
 from difflab.train import Trainer, TrainingDiverged
 
-__all__ = ["train_run", "load_run", "draw_samples", "TrainResult"]
+__all__ = ["train_run", "load_run", "read_run_config", "draw_samples", "TrainResult"]
 
 METRIC_FIELDS = ["step", "loss", "grad_norm", "lr", "examples_per_s", "elapsed_s"]
 
@@ -311,10 +311,22 @@ def _tensorboard(run_dir: Path) -> Any:
     return EventWriter(run_dir / "tb")
 
 
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The :class:`RunConfig` of a run directory, also of runs written by older versions: they
+    stored ``sample.eta = 0.0`` (then DDIM's eta, unused) whatever the sampler, which for a
+    sampler without an eta means "not set"."""
+    from difflab.samplers import SAMPLER_OPTIONS
+
+    cfg = RunConfig.from_dict(ckpt.read_config(Path(run_dir)))
+    if cfg.sample.eta is not None and "eta" not in SAMPLER_OPTIONS.get(cfg.sample.sampler, ()):
+        return replace(cfg, sample=replace(cfg.sample, eta=None))
+    return cfg
+
+
 def load_run(run_dir: str | Path, *, ema: bool = True, device: torch.device | None = None) -> Built:
     """Rebuild a run's model from its config.json and latest checkpoint (EMA weights)."""
     run_dir = Path(run_dir)
-    cfg = RunConfig.from_dict(ckpt.read_config(run_dir))
+    cfg = read_run_config(run_dir)
     built = build(cfg, device=device or torch.device("cpu"), load_data=False)
     c = ckpt.load_checkpoint(run_dir)
     group = "ema" if ema else "model"
