@@ -316,6 +316,43 @@ def test_first_order_sde_dpm_solver_is_ddpm_posterior_sampling(spacing):
     assert not torch.allclose(a, c, atol=1e-3)
 
 
+def test_lower_order_final_makes_the_last_step_of_short_3m_grids_second_order():
+    """On grids of fewer than 15 steps ending at 0, DPM-Solver++(3M) takes its step before the
+    denoising one at order 2 (Lu 2022b, Algorithm 2, from the two latest D's); longer grids
+    and DPM-Solver++(2M) are unchanged."""
+    den = GaussianDenoiser(MEAN, COV, LINEAR)
+    x_t = torch.randn(64, 2, generator=_seed(1), dtype=F64)
+
+    def run(steps, order, flag):
+        ts = sampling_timesteps(LINEAR, steps, spacing="karras")
+        seen = []
+        out = dpm_solver_pp(den, x_t, ts, schedule=LINEAR, order=order, lower_order_final=flag,
+                            callback=seen.append)  # fmt: skip
+        return ts, seen, out
+
+    ts, low, out_low = run(10, 3, True)
+    _, high, out_high = run(10, 3, False)
+    n = ts.numel() - 1
+    for a, b in zip(low[: n - 1], high[: n - 1]):  # identical up to the sample at t_{n-2}
+        assert torch.equal(a["x"], b["x"])
+    assert not torch.allclose(out_low, out_high, atol=1e-6)
+    # the sample at t_{n-1} is the second-order multistep update from t_{n-2}
+    lam = (LINEAR.logsnr(ts) / 2).tolist()
+    alpha, sigma = (v.tolist() for v in LINEAR.alpha_sigma(ts))
+    i = n - 2
+    h, r = lam[i + 1] - lam[i], (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])
+    d0, d1 = low[i]["x0_hat"], low[i - 1]["x0_hat"]
+    phi_1 = math.expm1(-h)
+    expected = (
+        sigma[i + 1] / sigma[i] * low[i]["x"]
+        - alpha[i + 1] * phi_1 * d0
+        - alpha[i + 1] * phi_1 * (d0 - d1) / (2 * r)
+    )
+    assert torch.allclose(low[n - 1]["x"], expected, atol=1e-12)
+    for steps, order in ((20, 3), (10, 2)):
+        assert torch.equal(run(steps, order, True)[2], run(steps, order, False)[2])
+
+
 def test_ddim_eta_zero_is_deterministic():
     den = GaussianDenoiser(MEAN, COV, LINEAR)
     x = torch.randn(64, 2, generator=_seed(0), dtype=F64)

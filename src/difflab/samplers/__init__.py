@@ -96,10 +96,10 @@ SAMPLERS: dict[str, Sampler] = {
 SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
     "ddpm": ("variance",),
     "ddim": ("eta",),
-    "dpm++2m": (),
-    "dpm++3m": (),
+    "dpm++2m": ("lower_order_final",),
+    "dpm++3m": ("lower_order_final",),
     "dpm++2s": ("r",),
-    "dpm++2m-sde": ("eta", "s_noise"),
+    "dpm++2m-sde": ("eta", "s_noise", "lower_order_final"),
     "euler": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
     "heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
     "euler-ancestral": ("eta", "s_noise"),

@@ -66,11 +66,17 @@ from difflab.schedules import Schedule
 __all__ = ["dpm_solver_pp", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "dpmpp_sde", "dpmpp_2m_sde"]
 
 _F64 = torch.float64
+_LOWER_ORDER_FINAL_BELOW = 15  # grids with fewer steps use lower orders at the end
 
 
 def _lam(schedule: Schedule, t: float) -> float:
     """lambda_t = logsnr(t) / 2 as a float (inf at t = 0)."""
     return math.inf if t == 0 else float(schedule.logsnr(torch.tensor(t, dtype=_F64))) / 2
+
+
+def _order_cap(i: int, n: int, lower_order_final: bool) -> int:
+    """The highest order step i of n may use: n - i on grids of fewer than 15 steps."""
+    return n - i if lower_order_final and n < _LOWER_ORDER_FINAL_BELOW else 3
 
 
 def _first_order(x: Tensor, d: Tensor, sigma_ratio: float, alpha_s: float, h: float) -> Tensor:
@@ -89,6 +95,7 @@ def dpm_solver_pp(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     order: int = 2,
+    lower_order_final: bool = True,
 ) -> Tensor:
     """Multistep DPM-Solver++ of order 1, 2 or 3 [Lu 2022b; order 2 is Algorithm 2].
 
@@ -100,6 +107,9 @@ def dpm_solver_pp(
         x: the sample at time ``ts[0]``, shape (B, ...).
         ts: strictly decreasing times, normally ending at 0.
         order: 1, 2 or 3.
+        lower_order_final: on grids of fewer than 15 steps, step i of n uses order at most
+            n - i (the last steps, the largest in lambda on a Karras grid, are the least
+            stable for a high-order extrapolation; the rule of the DPM-Solver reference code).
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be one of: 1, 2, 3, got {order!r}")
@@ -118,7 +128,7 @@ def dpm_solver_pp(
         alpha_s, sigma_s = coef["alpha"][i + 1], coef["sigma"][i + 1]
         sigma_t = coef["sigma"][i]
         h = lam_s - lam_t
-        k = min(order, len(history))
+        k = min(order, len(history), _order_cap(i, ts.numel() - 1, lower_order_final))
         phi_1 = math.expm1(-h)
         x = (sigma_s / sigma_t) * x - alpha_s * phi_1 * d0  # first order [Lu 2022b]
         if k == 2:
@@ -214,6 +224,7 @@ def dpmpp_sde(
     order: int = 2,
     eta: float = 1.0,
     s_noise: float = 1.0,
+    lower_order_final: bool = True,
 ) -> Tensor:
     """Multistep SDE-DPM-Solver++ of order 1 or 2 [Lu 2022b, SDE-DPM-Solver++(2M)]; 1 NFE/step.
 
@@ -236,6 +247,8 @@ def dpmpp_sde(
         eta: 0 (the ODE) ... 1 (the reverse diffusion SDE); larger values inject more noise.
         s_noise: scale of the injected noise (1 for the SDE; 0 gives its mean for an affine
             denoiser).
+        lower_order_final: as in :func:`dpm_solver_pp` (here it matters only on grids that
+            stop above t = 0).
     """
     if order not in (1, 2):
         raise ValueError(f"order must be one of: 1, 2, got {order!r}")
@@ -258,7 +271,7 @@ def dpmpp_sde(
         h = coef["lam"][i + 1] - coef["lam"][i]
         data_coef = -alpha_s * math.expm1(-(1.0 + eta) * h)  # alpha_s (1 - e^{-k h})
         d = d0
-        if order == 2 and d_prev is not None:
+        if min(order, _order_cap(i, ts.numel() - 1, lower_order_final)) == 2 and d_prev is not None:
             d = d0 + (d0 - d_prev) / (2 * (h_prev / h))
         x = (sigma_s / sigma_t) * math.exp(-eta * h) * x + data_coef * d
         noise = sigma_s * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise
