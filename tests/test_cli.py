@@ -164,6 +164,13 @@ def test_sample_eta_in_config_needs_a_sampler_with_eta(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_sample_help_names_every_sampler():
+    from difflab.cli import SAMPLER_NAMES
+    from difflab.samplers import SAMPLERS
+
+    assert SAMPLER_NAMES == tuple(SAMPLERS)
+
+
 def test_presets_and_viz(capsys, tmp_path):
     assert main(["presets"]) == 0
     assert "swissroll" in capsys.readouterr().out

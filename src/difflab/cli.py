@@ -21,6 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+# the names of difflab.samplers.SAMPLERS, spelled out so that --help does not import torch
+# (a test keeps the two equal)
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2s", "dpm++2m-sde", "euler", "heun",
+                 "euler-ancestral")  # fmt: skip
+
 __all__ = ["main"]
 
 
@@ -45,7 +50,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw samples from a trained run")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--sampler", help="ddpm | ddim | dpm++2m | ... (default: the run's)")
+    p.add_argument("--sampler", help=f"{' | '.join(SAMPLER_NAMES)} (default: the run's)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--batch-size", type=int, default=500)
