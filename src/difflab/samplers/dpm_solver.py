@@ -74,9 +74,12 @@ def _lam(schedule: Schedule, t: float) -> float:
     return math.inf if t == 0 else float(schedule.logsnr(torch.tensor(t, dtype=_F64))) / 2
 
 
-def _order_cap(i: int, n: int, lower_order_final: bool) -> int:
-    """The highest order step i of n may use: n - i on grids of fewer than 15 steps."""
-    return n - i if lower_order_final and n < _LOWER_ORDER_FINAL_BELOW else 3
+def _step_order(order: int, i: int, n: int, lower_order_final: bool) -> int:
+    """The order step i of n may use: ``order``, lowered to n - i on grids of fewer than 15
+    steps with ``lower_order_final``."""
+    if lower_order_final and n < _LOWER_ORDER_FINAL_BELOW:
+        return min(order, n - i)
+    return order
 
 
 def _first_order(x: Tensor, d: Tensor, sigma_ratio: float, alpha_s: float, h: float) -> Tensor:
@@ -128,7 +131,7 @@ def dpm_solver_pp(
         alpha_s, sigma_s = coef["alpha"][i + 1], coef["sigma"][i + 1]
         sigma_t = coef["sigma"][i]
         h = lam_s - lam_t
-        k = min(order, len(history), _order_cap(i, ts.numel() - 1, lower_order_final))
+        k = min(len(history), _step_order(order, i, ts.numel() - 1, lower_order_final))
         phi_1 = math.expm1(-h)
         x = (sigma_s / sigma_t) * x - alpha_s * phi_1 * d0  # first order [Lu 2022b]
         if k == 2:
@@ -271,7 +274,7 @@ def dpmpp_sde(
         h = coef["lam"][i + 1] - coef["lam"][i]
         data_coef = -alpha_s * math.expm1(-(1.0 + eta) * h)  # alpha_s (1 - e^{-k h})
         d = d0
-        if min(order, _order_cap(i, ts.numel() - 1, lower_order_final)) == 2 and d_prev is not None:
+        if _step_order(order, i, ts.numel() - 1, lower_order_final) == 2 and d_prev is not None:
             d = d0 + (d0 - d_prev) / (2 * (h_prev / h))
         x = (sigma_s / sigma_t) * math.exp(-eta * h) * x + data_coef * d
         noise = sigma_s * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise
