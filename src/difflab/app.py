@@ -34,7 +34,12 @@ def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when available; an unavailable CUDA device is a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
     return dev
@@ -117,6 +122,9 @@ class Built:
     device: torch.device
 
 
+MODEL_KINDS = ("mlp", "unet", "sohl-dickstein", "classifier")
+
+
 def build_model(cfg: RunConfig, data_shape: tuple[int, ...], schedule: Schedule) -> nn.Module:
     m = cfg.model
     out_mult = 2 if m.learned_variance else 1
@@ -166,8 +174,37 @@ def build_model(cfg: RunConfig, data_shape: tuple[int, ...], schedule: Schedule)
 
 
 def check_config(cfg: RunConfig) -> None:
-    """Reject combinations of settings that no run can use (one-line ``ValueError``), before
-    anything is loaded or written."""
+    """Reject settings that no run can use (one-line ``ValueError``) before anything is loaded
+    or written: types and ranges (:meth:`RunConfig.validate`), every name, and combinations."""
+    from difflab.data.images import IMAGE_DATASETS
+    from difflab.data.toy import TOY_DATASETS
+    from difflab.image_to_image import TASKS
+    from difflab.nn.unet import UNET_PRESETS
+    from difflab.objectives import LOSS_TYPES, TIME_SAMPLINGS, WEIGHTINGS
+    from difflab.parameterization import PARAMETERIZATIONS
+    from difflab.schedules import BETA_SCHEDULES
+
+    cfg.validate()
+    check_choice("data.name", cfg.data.name, TOY_DATASETS + IMAGE_DATASETS)
+    check_choice("model.kind", cfg.model.kind, MODEL_KINDS)
+    if cfg.model.kind in ("unet", "classifier"):
+        check_choice("model.preset", cfg.model.preset, tuple(UNET_PRESETS))
+    if cfg.data.is_toy != (cfg.model.kind in ("mlp", "sohl-dickstein")):
+        what = "2-D" if cfg.data.is_toy else "image"
+        raise ValueError(
+            f"model.kind={cfg.model.kind} cannot model the {what} data {cfg.data.name!r}"
+        )
+    check_choice("model.parameterization", cfg.model.parameterization, PARAMETERIZATIONS)
+    check_choice("model.image_task", cfg.model.image_task, ("none", *TASKS))
+    check_choice("diffusion.schedule", cfg.diffusion.schedule, (*BETA_SCHEDULES, "edm"))
+    check_choice("diffusion.loss_type", cfg.diffusion.loss_type, LOSS_TYPES)
+    check_choice("diffusion.weighting", cfg.diffusion.weighting, WEIGHTINGS)
+    check_choice("diffusion.t_sampling", cfg.diffusion.t_sampling, TIME_SAMPLINGS)
+    if cfg.diffusion.sigma_min >= cfg.diffusion.sigma_max:
+        raise ValueError("diffusion.sigma_min must be below diffusion.sigma_max")
+    resolve_device(cfg.train.device)
+    if not cfg.data.is_toy and cfg.data.name == "folder":
+        cfg_data_shape(cfg)
     if cfg.model.kind == "sohl-dickstein" and not cfg.data.is_toy:
         raise ValueError("the Sohl-Dickstein model is implemented for 2-D data only")
     if cfg.model.image_task != "none" and cfg.model.kind != "unet":

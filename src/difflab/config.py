@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -114,6 +118,26 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> RunConfig:
+        """Check every field's type and range (:data:`LIMITS`); a one-line ``ValueError`` names
+        the first bad field. Returns the config with JSON ints in float fields made floats."""
+        if not isinstance(self.preset, str):
+            raise ValueError(f"preset must be a string, got {self.preset!r}")
+        checked = {}
+        for name, section_cls in _SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, section_cls):
+                raise ValueError(f"config section {name!r} must be a {section_cls.__name__}")
+            hints = typing.get_type_hints(section_cls)
+            values = {}
+            for f in fields(section_cls):
+                path = f"{name}.{f.name}"
+                value = _check_type(path, getattr(section, f.name), hints[f.name])
+                _check_limit(path, value)
+                values[f.name] = value
+            checked[name] = section_cls(**values)
+        return replace(self, **checked)
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
@@ -129,6 +153,10 @@ class RunConfig:
                 kwargs[name] = value
                 continue
             section_cls = _SECTIONS[name]
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"config section {name!r} must be a JSON object, got {type(value).__name__}"
+                )
             names = {f.name for f in fields(section_cls)}
             bad = set(value) - names
             if bad:
@@ -136,7 +164,7 @@ class RunConfig:
                     f"unknown keys in config section {name!r}: {', '.join(sorted(bad))}"
                 )
             kwargs[name] = section_cls(**value)
-        return cls(**kwargs)
+        return cls(**kwargs).validate()
 
 
 _SECTIONS = {
@@ -146,6 +174,75 @@ _SECTIONS = {
     "train": TrainConfig,
     "sample": SampleConfig,
 }
+
+
+def _above(lo: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > lo), f"> {lo:g}"
+
+
+def _at_least(lo: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= lo), f">= {lo:g}"
+
+
+# The range of every numeric field (None, where a field allows it, is always accepted).
+# Float fields must also be finite.
+LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.image_size": _above(0),
+    "data.channels": ((lambda v: v in (1, 3)), "1 or 3"),
+    "data.limit": _above(0),
+    "model.hidden": _above(0),
+    "model.depth": _above(0),
+    "model.dropout": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "model.num_classes": _at_least(0),
+    "model.label_dropout": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "diffusion.T": _above(0),
+    "diffusion.sigma_min": _above(0),
+    "diffusion.sigma_max": _above(0),
+    "diffusion.sigma_data": _above(0),
+    "diffusion.offset_noise": _at_least(0),
+    "diffusion.vlb_weight": _at_least(0),
+    "train.steps": _above(0),
+    "train.batch_size": _above(0),
+    "train.lr": _above(0),
+    "train.weight_decay": _at_least(0),
+    "train.warmup_steps": _at_least(0),
+    "train.grad_clip": _at_least(0),
+    "train.ema_half_life": _at_least(0),
+    "train.ema_rampup": _above(0),
+    "train.max_minutes": _above(0),
+    "train.log_every": _above(0),
+    "train.ckpt_every": _above(0),
+    "train.sample_every": _at_least(0),
+    "sample.steps": _above(0),
+    "sample.n": _above(0),
+    "sample.eta": _at_least(0),
+}
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_type(path: str, value: Any, hint: Any) -> Any:
+    """``value`` if its type is the field's (an int is a float, a bool is not an int)."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    if float in allowed and type(value) is int:
+        return float(value)
+    if type(value) in allowed:
+        return value
+    expected = " or ".join(_TYPE_NAMES.get(t, "null") for t in allowed)
+    raise ValueError(f"{path} must be {expected}, got {value!r}")
+
+
+def _check_limit(path: str, value: Any) -> None:
+    if value is None or isinstance(value, (bool, str)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path} must be a finite number, got {value}")
+    if path in LIMITS:
+        ok, what = LIMITS[path]
+        if not ok(value):
+            raise ValueError(f"{path} must be {what}, got {value}")
 
 
 def _toy(name: str) -> RunConfig:
@@ -280,4 +377,4 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             raise ValueError(f"unknown key {key!r} in section {section!r}; choose one of: {names}")
         value = _parse_value(text, getattr(sec, key), path)
         cfg = replace(cfg, **{section: replace(sec, **{key: value})})
-    return cfg
+    return cfg.validate()
