@@ -284,7 +284,7 @@ def test_crash_at_every_file_operation_keeps_a_loadable_checkpoint(tmp_path, mon
     for name in ("replace", "rename", "fsync"):
         monkeypatch.setattr(os, name, faulty(getattr(os, name)))
     monkeypatch.setattr(shutil, "rmtree", faulty(shutil.rmtree))
-    monkeypatch.setattr(ckpt_mod, "save_file", faulty(ckpt_mod.save_file))
+    monkeypatch.setattr(ckpt_mod, "write_file", faulty(ckpt_mod.write_file))
     monkeypatch.setattr(torch, "save", faulty(torch.save))
 
     crashes = 0

@@ -17,13 +17,14 @@ are fsynced, the directory is renamed to ``step-XXXXXXXX`` (atomic on POSIX), on
 ``latest`` replaced atomically, and only after that are older checkpoints removed. A process
 killed at any moment therefore leaves the previous (or the new) checkpoint complete, and
 :func:`load_checkpoint` finds it even when ``latest`` is missing or dangling. One process writes
-to a run directory at a time.
+to a run directory at a time: :class:`RunLock` holds ``RUN_DIR/.lock`` while it writes.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import os
 import re
@@ -31,12 +32,18 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locking
+    fcntl = None  # type: ignore[assignment]
 
 from difflab.safe_io import (  # noqa: F401  (re-exported: the run-directory API)
     CheckpointError,
@@ -48,6 +55,7 @@ from difflab.safe_io import (  # noqa: F401  (re-exported: the run-directory API
     json_bytes,
     one_line,
     read_metrics,
+    write_file,
 )
 
 FORMAT_VERSION = 1
@@ -174,11 +182,15 @@ def save_checkpoint(
     try:
         tmp.chmod(0o755)
         files: dict[str, dict[str, Any]] = {}
+        # serialised in memory, then written by write_file: a full disk is an OSError naming
+        # the file, whichever serialiser made the bytes
         for group, group_tensors in tensors.items():
             fname = f"{group}.safetensors"
-            save_file(_plain_tensors(group, group_tensors), str(tmp / fname))
+            write_file(tmp / fname, safetensors_bytes(_plain_tensors(group, group_tensors)))
             files[fname] = _sync_and_hash(tmp / fname)
-        torch.save(dict(state), tmp / "state.pt")
+        buffer = io.BytesIO()
+        torch.save(dict(state), buffer)
+        write_file(tmp / "state.pt", buffer.getvalue())
         files["state.pt"] = _sync_and_hash(tmp / "state.pt")
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -186,8 +198,7 @@ def save_checkpoint(
             "tensor_groups": list(tensors),
             "files": files,
         }
-        (tmp / "manifest.json").write_bytes(json_bytes(manifest, "manifest"))
-        _sync_and_hash(tmp / "manifest.json")
+        write_file(tmp / "manifest.json", json_bytes(manifest, "manifest"))
         fsync_dir(tmp)
         if final.exists():  # re-saving a step: keep the old copy until the new one is in place
             old = root / f".old-{name}-{secrets.token_hex(4)}"
@@ -233,6 +244,26 @@ class Checkpoint:
     path: Path
     tensors: dict[str, dict[str, torch.Tensor]]
     state: dict[str, Any]
+    skipped: list[str] = field(default_factory=list)  # why newer checkpoints were not used
+
+    def fallback_note(self) -> str | None:
+        """One line saying which newer checkpoint was skipped and why, or None."""
+        if not self.skipped:
+            return None
+        return f"{self.skipped[0]}; using {self.path.name}"
+
+    def check_finite(self, group: str) -> None:
+        """Raise :class:`CheckpointError` if a weight of ``group`` is NaN or infinite."""
+        bad = [
+            k
+            for k, t in self.tensors[group].items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+        if bad:
+            raise CheckpointError(
+                f"{self.path}: the {group} weights are not finite ({bad[0]}); the run diverged "
+                "before this checkpoint was written"
+            )
 
 
 def _read_manifest(ckpt_dir: Path) -> dict[str, Any]:
@@ -299,38 +330,35 @@ def _checkpoints_root(path: Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def _resolve(run_dir: Path) -> tuple[Path | None, str | None]:
-    """The checkpoint to load and, when none is found, why the newest candidate was skipped."""
-    root = _checkpoints_root(run_dir)
+def _candidates(root: Path) -> list[Path]:
+    """Checkpoint directories, the one ``latest`` names first, then newest step first."""
     try:
         name = (root / "latest").read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         name = ""
-    if _STEP_DIR.fullmatch(name) and (root / name / "manifest.json").is_file():
-        return root / name, None
-    # `latest` missing or dangling: the newest checkpoint directory that verifies.
-    candidates = []
+    found = []
     if root.is_dir():
         for p in root.iterdir():
             m = _STEP_DIR.fullmatch(p.name) or _OLD_STEP_DIR.fullmatch(p.name)
             if m and p.is_dir():
-                candidates.append((int(m.group(1)), not p.name.startswith("."), p))
-    reason = None
-    for _, _, p in sorted(candidates, reverse=True):
+                found.append((p.name == name, int(m.group(1)), not p.name.startswith("."), p))
+    return [p for *_, p in sorted(found, key=lambda c: c[:3], reverse=True)]
+
+
+def _resolve(run_dir: Path) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """The newest checkpoint that verifies, its manifest, and why each newer one was skipped."""
+    skipped: list[str] = []
+    for p in _candidates(_checkpoints_root(run_dir)):
         try:
-            verify_checkpoint(p)
-            return p, None
+            return p, verify_checkpoint(p), skipped
         except CheckpointError as e:
-            reason = reason or str(e)
-    return None, reason
+            skipped.append(str(e))
+    return None, None, skipped
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint directory :func:`load_checkpoint` would load from ``run_dir``, or None.
-
-    Follows ``checkpoints/latest``; when it is missing or dangling, falls back to the newest
-    checkpoint directory that passes verification.
-    """
+    """The checkpoint directory :func:`load_checkpoint` would load from ``run_dir``, or None:
+    the newest one (``checkpoints/latest`` first) that passes verification."""
     run_dir = Path(run_dir)
     return _resolve(run_dir)[0] if run_dir.is_dir() else None
 
@@ -352,16 +380,17 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: no such run directory or checkpoint")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a run directory or checkpoint directory")
+    skipped: list[str] = []
     if (path / "manifest.json").exists() or _STEP_DIR.fullmatch(path.name):
-        ckpt_dir = path
+        ckpt_dir, manifest = path, verify_checkpoint(path)
     else:
-        found, reason = _resolve(path)
-        if found is None:
+        found, manifest, skipped = _resolve(path)
+        if found is None or manifest is None:
             raise CheckpointError(
-                f"{path}: no complete checkpoint found" + (f" (skipped {reason})" if reason else "")
+                f"{path}: no complete checkpoint found"
+                + (f" (skipped {skipped[0]})" if skipped else "")
             )
         ckpt_dir = found
-    manifest = verify_checkpoint(ckpt_dir)
     device = str(torch.device(map_location))
     tensors = {}
     for group in manifest["tensor_groups"]:
@@ -377,7 +406,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"{file}: torch.load(weights_only=True) failed ({one_line(e)})"
         ) from e
-    return Checkpoint(step=manifest["step"], path=ckpt_dir, tensors=tensors, state=state)
+    return Checkpoint(manifest["step"], ckpt_dir, tensors, state, skipped)
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -425,19 +454,90 @@ def prepare_run_dir(
     if config is None:
         raise ValueError("prepare_run_dir needs config= for a new run")
     payload = json_bytes(dict(config), "config")
-    if run_dir.exists():
-        if not run_dir.is_dir():
-            raise CheckpointError(f"{run_dir} is not a directory; use a new --out directory")
-        if is_finished(run_dir):
-            raise CheckpointError(
-                f"{run_dir} already holds a finished run; use a new --out directory"
-            )
-        if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
-            raise CheckpointError(
-                f"{run_dir} holds an unfinished run; pass --resume to continue it "
-                "or use a new --out directory"
-            )
-        if any(run_dir.iterdir()):
-            raise CheckpointError(f"{run_dir} is not empty; use a new or empty --out directory")
+    _check_new_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.json", payload)
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    """A new run may go into ``run_dir`` only if it is absent or empty (but for its lock)."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is not a directory; use a new --out directory")
+    if is_finished(run_dir):
+        raise CheckpointError(f"{run_dir} already holds a finished run; use a new --out directory")
+    if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
+        raise CheckpointError(
+            f"{run_dir} holds an unfinished run; pass --resume to continue it "
+            "or use a new --out directory"
+        )
+    if any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        raise CheckpointError(f"{run_dir} is not empty; use a new or empty --out directory")
+
+
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """The one writer of a run directory: an exclusive ``flock`` on ``RUN_DIR/.lock``.
+
+    The operating system releases it when the process ends, also on ``kill -9``, so a stale
+    lock never blocks a resume. The file holds the PID of the holder, for the error message.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self._file: Any = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise :class:`CheckpointError` naming the PID that holds it."""
+        f = open(self.path, "a+", encoding="utf-8")
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                pid = f.read().strip() or "unknown"
+                f.close()
+                raise CheckpointError(
+                    f"{self.path.parent} is in use by another difflab process (PID {pid}); "
+                    "wait for it to end or stop it first"
+                ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def open_run_dir(run_dir: str | os.PathLike, *, config: Mapping[str, Any], resume: bool) -> RunLock:
+    """Lock ``run_dir`` for this process, then create it (new run) or check it (resume) as
+    :func:`prepare_run_dir` does; the caller releases the returned lock when it is done."""
+    run_dir = Path(run_dir)
+    if resume:
+        prepare_run_dir(run_dir, resume=True)
+    else:
+        json_bytes(dict(config), "config")  # refuse a bad config before making anything
+        _check_new_run_dir(run_dir)  # read-only: a refused directory is not touched
+        run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir).acquire()
+    try:
+        if not resume:
+            prepare_run_dir(run_dir, config=config, resume=False)
+    except BaseException:
+        lock.release()
+        raise
+    return lock

@@ -8,26 +8,33 @@ last line left by a crash. :mod:`difflab.checkpoint` builds checkpoints on these
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
 import math
 import os
+import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "CheckpointError",
     "MetricsLog",
+    "atomic_output",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_writable",
     "fsync_dir",
     "json_bytes",
     "one_line",
+    "os_error_line",
     "read_metrics",
+    "say",
+    "write_file",
 ]
 
 
@@ -39,6 +46,22 @@ def one_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none)."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+# ----------------------------------------------------------------------------- printing
+def say(msg: str, *, err: bool = False) -> None:
+    """Print one line to stdout (or stderr). A closed pipe (``difflab train | head -1``) never
+    breaks a run: printing to it stops, the work goes on."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        print(msg, file=stream, flush=True)
+    except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+        try:  # point the descriptor at /dev/null so that the exit-time flush cannot fail either
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -54,6 +77,76 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def os_error_line(err: OSError, path: str | os.PathLike | None = None) -> str:
+    """One line for an OSError: the file it concerns and the cause (``No space left on device``)."""
+    name = path if path is not None else err.filename
+    cause = err.strerror or one_line(err)
+    return f"{name}: {cause}" if name is not None else cause
+
+
+def _naming(err: BaseException, path: str | os.PathLike) -> BaseException:
+    """An OSError re-made to name ``path`` (not a temporary file); other errors unchanged."""
+    if isinstance(err, OSError):
+        return OSError(err.errno, err.strerror or one_line(err), str(path))
+    return err
+
+
+def write_file(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a new file at ``path``, flushed and fsynced (every byte a run writes goes
+    through here, so a full disk or an I/O error is an ``OSError`` that names ``path``)."""
+    try:
+        with open(path, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _naming(e, path) from e
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without an error, rename it
+    over ``path`` (a reader, or a concurrent writer of the same file, sees the old or a new
+    complete file, never a mix). On an error the temporary file is removed and ``path`` is left
+    as it was. For writers that take a file name (``np.savez``, ``Image.save``, ``savefig``).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _naming(e, path) from e
+    fsync_dir(path.parent)
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Make ``path``'s folder and check that a file can be created there, before long work.
+
+    Raises:
+        ValueError: ``path`` is an existing folder, or its folder cannot be made or written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {os_error_line(e)}") from None
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Replace ``path`` by ``data`` atomically: a reader sees the old or the new file, never a mix.
 
@@ -62,16 +155,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_file(tmp, data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise _naming(e, path) from e
     fsync_dir(path.parent)
 
 
@@ -94,6 +184,17 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- metrics
+def _decode_csv(raw: bytes, path: Path) -> str:
+    """UTF-8 text of a CSV file with a BOM dropped and CRLF/CR line ends made LF."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(
+            f"{path}: not UTF-8 text ({one_line(e)}); repair or remove the file"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _complete_lines(text: str) -> list[str]:
     """Lines of a file that end in a newline (a crash may leave a partial last line)."""
     return [line + "\n" for line in text.split("\n")[:-1]]
@@ -130,7 +231,8 @@ class MetricsLog:
     def _repair(self, resume_step: int | None) -> None:
         if not self.path.exists():
             return
-        text = self.path.read_text(encoding="utf-8")
+        raw = self.path.read_bytes()
+        text = _decode_csv(raw, self.path)
         lines = _complete_lines(text)
         if lines:
             header = next(csv.reader([lines[0]]))
@@ -149,7 +251,7 @@ class MetricsLog:
                 except (IndexError, ValueError):
                     continue
             lines = kept
-        if "".join(lines) != text:
+        if "".join(lines).encode("utf-8") != raw:  # also drops a BOM and CRLF line ends
             atomic_write_text(self.path, "".join(lines))
 
     def append(self, row: Mapping[str, Any] | None = None, **values: Any) -> None:
@@ -158,8 +260,11 @@ class MetricsLog:
         unknown = set(row) - set(self.fieldnames)
         if unknown:
             raise ValueError(f"unknown metrics {sorted(unknown)}; columns are {self.fieldnames}")
-        self._writer.writerow(row)
-        self._file.flush()
+        try:
+            self._writer.writerow(row)
+            self._file.flush()
+        except OSError as e:
+            raise _naming(e, self.path) from e
 
     def close(self) -> None:
         self._file.close()
@@ -175,7 +280,7 @@ def read_metrics(path: str | os.PathLike) -> dict[str, list[float]]:
     """Columns of a metrics CSV as float lists (empty or non-numeric cells become NaN)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _decode_csv(path.read_bytes(), path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: metrics file not found") from None
     lines = _complete_lines(text)
