@@ -40,7 +40,7 @@ def trajectory(
     built: Built, n: int, *, seed: int, frames: int = 40
 ) -> tuple[Tensor, list[Tensor], list[float]]:
     """Samples and up to ``frames`` snapshots (x at decreasing t) of the reverse process."""
-    from difflab.runner import draw_samples
+    from difflab.runner import draw_samples, finite_samples
 
     cfg = built.cfg
     xs: list[Tensor] = []
@@ -54,6 +54,7 @@ def trajectory(
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             x, traj = built.model.sample(n, generator=g, return_trajectory=True)  # type: ignore
+        finite_samples(x, "the Sohl-Dickstein model")
         T = traj.shape[0] - 1  # traj[t] = x_t; frames run from x_T down to x_0
         xs = [traj[t].float().cpu() for t in range(T, -1, -1)]
         ts = [float(t) for t in range(T, -1, -1)]
@@ -343,5 +344,4 @@ def guidance_sweep_figure(
         ax.tick_params(length=0, labelsize=7)
     axes[0][0].set_ylabel("class")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    viz.save_figure(fig, path)

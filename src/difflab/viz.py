@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from difflab.safe_io import atomic_output
+
 ArrayLike = torch.Tensor | np.ndarray
 Lim = float | tuple[float, float] | None
 
@@ -95,7 +97,8 @@ def save_image_grid(
     """Save :func:`make_grid` of ``images`` as a PNG, upsampled ``scale`` times (nearest)."""
     grid = _upscale(make_grid(images, nrow=nrow, padding=padding), scale)
     path = _prepare_path(path)
-    _pil(grid).save(path, format="PNG")
+    with atomic_output(path) as tmp:
+        _pil(grid).save(tmp, format="PNG")
     return path
 
 
@@ -128,14 +131,15 @@ def save_gif(
         raise ValueError("duration_ms and final_hold_ms must be positive")
     images = [_pil(f) for f in arrays]
     path = _prepare_path(path)
-    images[0].save(
-        path,
-        format="GIF",
-        save_all=True,
-        append_images=images[1:],
-        duration=[duration_ms] * (len(images) - 1) + [final_hold_ms],
-        loop=0,
-    )
+    with atomic_output(path) as tmp:
+        images[0].save(
+            tmp,
+            format="GIF",
+            save_all=True,
+            append_images=images[1:],
+            duration=[duration_ms] * (len(images) - 1) + [final_hold_ms],
+            loop=0,
+        )
     return path
 
 
@@ -178,9 +182,12 @@ def _figure(nrows: int, ncols: int, figsize: tuple[float, float], *, layout: str
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _save(fig: Any, path: str | os.PathLike | None, dpi: int = 100) -> None:
+def save_figure(fig: Any, path: str | os.PathLike | None, dpi: int = 100) -> None:
+    """Write a matplotlib figure to ``path`` (format from the suffix) by an atomic rename."""
     if path is not None:
-        fig.savefig(_prepare_path(path), dpi=dpi)
+        path = _prepare_path(path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
 
 
 def _points(x: ArrayLike) -> np.ndarray:
@@ -227,7 +234,7 @@ def scatter(
         ax = axes[0, 0]
     ax.scatter(pts[:, 0], pts[:, 1], s=s, alpha=0.6, linewidths=0, color=color)
     _style(ax, lim, title)
-    _save(ax.figure, path)
+    save_figure(ax.figure, path)
     return ax
 
 
@@ -256,7 +263,7 @@ def scatter_grid(
         for j, p in enumerate(row):
             scatter(p, ax=axes[i, j], lim=lim, s=s, title=col_labels[j] if i == 0 else None)
         axes[i, 0].set_ylabel(row_labels[i], fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -345,7 +352,7 @@ def plot_schedules(
         if ax.lines:
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -393,7 +400,7 @@ def plot_loss_curve(
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -418,5 +425,5 @@ def forward_strip(
             ax.imshow(pixels, interpolation="nearest")
         ax.set_title(label, fontsize=9)
         ax.set_axis_off()
-    _save(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120)
     return fig
