@@ -16,10 +16,14 @@ Every error is one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from difflab.safe_io import atomic_output, check_writable, say
 
 # the names of difflab.samplers.SAMPLERS, spelled out so that --help does not import torch
 # (a test keeps the two equal)
@@ -114,8 +118,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(name: str, value: float | None) -> None:
-    if value is not None and value <= 0:
+    if value is not None and not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _finite(name: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def _output_path(args: argparse.Namespace, stem: str) -> Path:
+    """The .npz to write (an existing folder gets a new file in it), checked to be writable
+    before any sampling starts."""
+    name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.npz"
+    out = args.out if args.out is not None else args.run_dir / name
+    if out.is_dir():
+        out = out / name
+    return check_writable(out)
+
+
+def _save_npz(path: Path, **arrays: Any) -> None:
+    """np.savez_compressed to a temporary name, renamed over ``path`` when complete."""
+    import numpy as np
+
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -150,18 +178,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("train.bf16=true")
     overrides += args.set
     if args.resume is not None and overrides:
-        # resuming must continue the same run; only the budget and device may change
-        allowed = {"train.max_minutes", "train.device", "train.steps"}
+        # resuming continues the same run; only the budget, device and data location may change
+        allowed = {
+            "train.max_minutes", "train.device", "train.steps", "data.data_dir", "data.download"
+        }  # fmt: skip
         bad = [o for o in overrides if o.split("=", 1)[0] not in allowed]
         if bad:
             raise ValueError(f"--resume keeps the run's config; cannot change {bad[0]}")
     cfg = apply_overrides(cfg, overrides)
-    train_run(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress)
+    if cfg.data.data_dir is not None:  # stored resolved: the run resumes from any folder
+        cfg = replace(cfg, data=replace(cfg.data, data_dir=str(Path(cfg.data.data_dir).resolve())))
+    extend = args.steps is not None or args.minutes is not None
+    train_run(
+        cfg, run_dir, resume=args.resume is not None, extend=extend, progress=not args.no_progress
+    )
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     from difflab import viz
@@ -169,9 +203,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.data.images import to_uint8
     from difflab.runner import draw_samples, load_run
 
-    _positive("--n", args.n)
-    _positive("--steps", args.steps)
-    built = load_run(args.run_dir, ema=not args.no_ema, device=resolve_device(args.device))
+    for name in ("n", "steps", "batch_size"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    for name in ("guidance", "classifier_scale", "eta"):
+        _finite(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.eta is not None and args.eta < 0:
+        raise ValueError(f"--eta must be >= 0, got {args.eta}")
+    device = resolve_device(args.device)
+    built = load_run(args.run_dir, ema=not args.no_ema, device=device)
     cfg = built.cfg
     if cfg.model.kind == "classifier":
         raise ValueError(
@@ -197,6 +236,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.label is None or not 0 <= args.label < k:
             raise ValueError(f"--class must be in 0..{k - 1}")
         cond = torch.full((args.n,), args.label, dtype=torch.long)
+    out = _output_path(args, "samples")
     frames: list = []
     callback = (lambda info: frames.append(info["x"].float().cpu())) if args.gif else None
     x = draw_samples(
@@ -213,14 +253,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         callback=callback,
         **options,
     )
-    out = args.out or args.run_dir / f"samples-{time.strftime('%Y%m%d-%H%M%S')}.npz"
-    out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     if cfg.data.is_toy:
-        np.savez_compressed(out, samples=x.numpy())
+        _save_npz(out, samples=x.numpy())
         viz.scatter(x, png, title=f"{sampler}, {steps} steps")
     else:
-        np.savez_compressed(out, samples=to_uint8(x).numpy())
+        _save_npz(out, samples=to_uint8(x).numpy())
         viz.save_image_grid(x[:256], png, scale=_scale(x))
     if args.gif and frames:
         frames.append(x[: frames[0].shape[0]])
@@ -229,7 +267,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             viz.scatter_trajectory_gif(frames, gif)
         else:
             viz.image_trajectory_gif([f[:64] for f in frames], gif, scale=_scale(x))
-    print(f"wrote {out} and {png}")
+    say(f"wrote {out} and {png}" + (f" and {out.with_suffix('.gif')}" if args.gif else ""))
     return 0
 
 
@@ -281,20 +319,17 @@ def _guidance_sweep(args, built, sampler: str, steps: int, classifier, options: 
         raise ValueError(
             "--guidance-sweep needs a class-conditional image run, or --classifier CLF_RUN"
         )
+    out = _output_path(args, "guidance-sweep")
     samples = guidance_sweep_samples(
         built, scales, per_class=max(1, args.n // k), seed=args.seed, sampler=sampler,
         steps=steps, classifier=classifier, guidance=args.guidance,
         batch_size=args.batch_size, **options,
     )  # fmt: skip
-    out = args.out or args.run_dir / f"guidance-sweep-{time.strftime('%Y%m%d-%H%M%S')}.npz"
-    out.parent.mkdir(parents=True, exist_ok=True)
     labels = np.repeat(np.arange(k), samples.shape[2])
-    np.savez_compressed(
-        out, samples=to_uint8(samples).numpy(), scales=np.array(scales), labels=labels
-    )
+    _save_npz(out, samples=to_uint8(samples).numpy(), scales=np.array(scales), labels=labels)
     what = "classifier scale" if classifier is not None else "guidance scale"
     guidance_sweep_figure(samples, scales, out.with_suffix(".png"), label=what)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    say(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 
@@ -319,7 +354,7 @@ def _image_task(args, built, sampler: str, steps: int, options: dict) -> int:
                 f"'degraded' must have shape (N, {', '.join(map(str, expected))}), "
                 f"got {tuple(y.shape)}"
             )
-    out = args.out or args.run_dir / f"samples-{time.strftime('%Y%m%d-%H%M%S')}.npz"
+    out = _output_path(args, "samples")
     res = restoration_figure(
         built, out.with_suffix(".png"), n=args.n, seed=args.seed, y=y, sampler=sampler,
         steps=steps, batch_size=args.batch_size, **options,
@@ -327,9 +362,9 @@ def _image_task(args, built, sampler: str, steps: int, options: dict) -> int:
     arrays = {"samples": to_uint8(res["samples"]).numpy(), "degraded": res["degraded"].numpy()}
     if res["originals"] is not None:
         arrays["originals"] = to_uint8(res["originals"]).numpy()
-        print(f"PSNR restored {res['psnr']:.2f} dB, degraded {res['psnr_degraded']:.2f} dB")
-    np.savez_compressed(out, **arrays)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+        say(f"PSNR restored {res['psnr']:.2f} dB, degraded {res['psnr_degraded']:.2f} dB")
+    _save_npz(out, **arrays)
+    say(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 
@@ -338,7 +373,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     for name, cfg in PRESETS.items():
         what = cfg.data.name
-        print(f"{name:18s} data={what:14s} model={cfg.model.kind:15s} steps={cfg.train.steps}")
+        say(f"{name:18s} data={what:14s} model={cfg.model.kind:15s} steps={cfg.train.steps}")
     return 0
 
 
@@ -359,7 +394,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
             "logsnr": s.logsnr(s.alpha_bar.new_tensor(t)).numpy(),
         }
     viz.plot_schedules(curves, args.out)
-    print(f"wrote {args.out}")
+    say(f"wrote {args.out}")
     return 0
 
 
@@ -379,7 +414,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         steps=args.steps or built.cfg.sample.steps,
         seed=args.seed,
     )
-    print(json.dumps(res, indent=2))
+    say(json.dumps(res, indent=2))
     return 0
 
 
@@ -402,8 +437,8 @@ def cmd_nll(args: argparse.Namespace) -> int:
     for key in ("vlb", "ode"):
         if key in res:
             r = res[key]
-            print(f"{key}: {r['mean']:.4f} +- {r['stderr']:.4f} {res['unit']} (n = {res['n']})")
-    print(json.dumps(res))
+            say(f"{key}: {r['mean']:.4f} +- {r['stderr']:.4f} {res['unit']} (n = {res['n']})")
+    say(json.dumps(res))
     return 0
 
 
@@ -420,19 +455,17 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from difflab.checkpoint import CheckpointError
+    from difflab.safe_io import os_error_line
     from difflab.train import TrainingDiverged
 
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print(
-            "difflab: interrupted; the last checkpoint is kept (resume with --resume)",
-            file=sys.stderr,
-        )
+        say("difflab: interrupted; the last checkpoint is kept (resume with --resume)", err=True)
         return 130
-    except (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged, OSError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"difflab: error: {msg}", file=sys.stderr)
+    except (ValueError, CheckpointError, TrainingDiverged, OSError) as e:
+        msg = os_error_line(e) if isinstance(e, OSError) else str(e)
+        say(f"difflab: error: {' '.join(msg.split()) or type(e).__name__}", err=True)
         return 2
 
 

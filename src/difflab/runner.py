@@ -6,19 +6,24 @@ A run directory holds ``config.json``, checkpoints (see :mod:`difflab.checkpoint
 
 from __future__ import annotations
 
-import math
+import contextlib
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from difflab import checkpoint as ckpt
-from difflab.app import Built, build, check_config, make_batch_fn
+from difflab import distributed as ddp
+from difflab.app import Built, build, check_config, make_batch_fn, resolve_device
 from difflab.config import RunConfig
+from difflab.safe_io import say
 from difflab.train import Trainer, TrainingDiverged
 
 __all__ = ["train_run", "load_run", "read_run_config", "draw_samples", "TrainResult"]
@@ -30,8 +35,7 @@ METRIC_FIELDS = ["step", "loss", "grad_norm", "lr", "examples_per_s", "elapsed_s
 class TrainResult:
     run_dir: Path
     step: int
-    finished: bool
-    metrics: dict[str, float]
+    metrics: dict[str, Any]
 
 
 def make_loss_fn(built: Built, extra_state: dict[str, Any]) -> Callable:
@@ -104,43 +108,47 @@ def train_run(
     run_dir: str | Path,
     *,
     resume: bool = False,
+    extend: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
 ) -> TrainResult:
     """Train ``cfg`` into ``run_dir`` (new, or ``resume=True`` to continue it).
 
-    When resuming, ``cfg`` is the stored config, possibly with a new step count, time budget
-    or device (the CLI allows only those); it replaces the stored one. Under ``torchrun`` the
-    run is data-parallel (see :mod:`difflab.distributed`); only rank 0 writes files.
+    When resuming, ``cfg`` is the stored config, possibly with a new step count, time budget,
+    device or data location (the CLI allows only those); it replaces the stored one.
+    ``extend=True`` also continues a finished run that stopped at its step count or time
+    budget, when ``cfg`` gives it more. Under ``torchrun`` the run is data-parallel (see
+    :mod:`difflab.distributed`); only rank 0 writes files. Everything is built, and the data
+    opened, before the run directory is made or locked; SIGTERM saves and stops like Ctrl-C.
     """
-    from tqdm import tqdm
-
-    from difflab import distributed as ddp
-    from difflab.app import resolve_device
-
     run_dir = Path(run_dir)
     check_config(cfg)  # before the run directory is made
     device = resolve_device(cfg.train.device)
     dist = ddp.init_from_env(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    main = dist.is_main
-    if not main:
+    if not dist.is_main:
         progress, log = False, _silent
-    if main:
-        if resume:
-            ckpt.prepare_run_dir(run_dir, config=cfg.to_dict(), resume=True)
-            if ckpt.is_finished(run_dir):
-                raise ckpt.CheckpointError(
-                    f"{run_dir} already holds a finished run; nothing to resume"
-                )
-            if cfg.to_dict() != ckpt.read_config(run_dir):  # new budget, device or steps
-                ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
-        else:
-            ckpt.prepare_run_dir(run_dir, config=cfg.to_dict(), resume=False)
-    ddp.barrier(dist)
     torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed only
     built = build(cfg, device=device)
+    trainer = _make_trainer(built, dist)
+    lock = _open_run(
+        cfg, run_dir, trainer, resume=resume, extend=extend, log=log, main=dist.is_main
+    )
+    try:
+        with _sigterm_as_interrupt():
+            info = _train_loop(
+                built, trainer, run_dir, dist, resume=resume, progress=progress, log=log
+            )
+    finally:
+        if lock is not None:
+            lock.release()
+        ddp.shutdown(dist)
+    return TrainResult(run_dir, trainer.step, info)
+
+
+def _make_trainer(built: Built, dist: ddp.DistInfo) -> Trainer:
+    """The Trainer of a run: its loss and batches, data-parallel under torchrun."""
     extra_state: dict[str, Any] = {}
     loss_fn = make_loss_fn(built, extra_state)
     batch_fn = make_batch_fn(built)
@@ -149,7 +157,7 @@ def train_run(
             raise ValueError("the Sohl-Dickstein model trains in a single process")
         from torch.nn.parallel import DistributedDataParallel
 
-        ids = [device.index] if device.type == "cuda" else None
+        ids = [built.device.index] if built.device.type == "cuda" else None
         built.denoiser.model = DistributedDataParallel(built.model, device_ids=ids)
         global_batch = batch_fn
 
@@ -158,8 +166,8 @@ def train_run(
             sl = slice(dist.rank, None, dist.world_size)
             return x[sl], (None if y is None else y[sl])
 
-    t = cfg.train
-    trainer = Trainer(
+    t = built.cfg.train
+    return Trainer(
         built.model,
         batch_fn=batch_fn,
         loss_fn=loss_fn,
@@ -177,10 +185,114 @@ def train_run(
         fused_adam=built.device.type == "cuda",
         rank=dist.rank,
     )
-    if resume and ckpt.latest_checkpoint(run_dir) is not None:
-        c = ckpt.load_checkpoint(run_dir)
-        trainer.load(c.tensors, c.state)
-        log(f"resumed {run_dir} at step {trainer.step}")
+
+
+def _open_run(
+    cfg: RunConfig,
+    run_dir: Path,
+    trainer: Trainer,
+    *,
+    resume: bool,
+    extend: bool,
+    log: Callable[[str], None],
+    main: bool,
+) -> ckpt.RunLock | None:
+    """Lock the run directory (rank 0), create it or load its newest valid checkpoint into
+    ``trainer``; a finished run is reopened only when ``extend`` gives it more to do."""
+    finished = resume and ckpt.is_finished(run_dir)
+    if finished and not extend:  # checked before the lock: a refused run is not touched
+        raise ckpt.CheckpointError(
+            f"{run_dir} already holds a finished run; extend it with --steps N or "
+            "--minutes M, or train a new run"
+        )
+    lock = ckpt.open_run_dir(run_dir, config=cfg.to_dict(), resume=resume) if main else None
+    try:
+        if resume:
+            if ckpt.latest_checkpoint(run_dir) is not None:
+                c = ckpt.load_checkpoint(run_dir)
+                if c.fallback_note():
+                    log(f"warning: {c.fallback_note()}")
+                c.check_finite("model")
+                trainer.load(c.tensors, c.state)
+                log(f"resumed {run_dir} at step {trainer.step}")
+            if trainer.step >= cfg.train.steps:
+                raise ValueError(
+                    f"{run_dir} is at step {trainer.step}; --steps must be larger to extend it"
+                )
+            if main and cfg.to_dict() != ckpt.read_config(run_dir):  # new budget, device, data
+                ckpt.atomic_write_json(run_dir / "config.json", cfg.to_dict())
+            if main and finished:
+                (run_dir / "finished.json").unlink()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
+
+
+class _Window:
+    """The metrics of the steps since the last log row: summed on the device, one host sync
+    per row; also answers whether any loss since then was NaN or infinite."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.sums: dict[str, Tensor] = {}
+        self.n = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, logs: dict[str, Tensor]) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.n += 1
+
+    def loss_finite(self) -> bool:
+        return "loss" not in self.sums or bool(torch.isfinite(self.sums["loss"]))
+
+    def row(self, step: int, trainer: Trainer, dist: ddp.DistInfo, elapsed: float) -> dict:
+        means = {k: float(ddp.all_mean(v, dist)) / self.n for k, v in self.sums.items()}
+        now = time.perf_counter()
+        rate = self.n * self.batch_size / (now - self.t0)
+        self.sums, self.n, self.t0 = {}, 0, now
+        return {
+            "step": step,
+            "loss": means["loss"],
+            "grad_norm": means["grad_norm"],
+            "lr": trainer.optimizer.param_groups[0]["lr"],
+            "examples_per_s": rate,
+            "elapsed_s": elapsed,
+        }
+
+
+def _diverged(run_dir: Path, step: int, what: str) -> TrainingDiverged:
+    """The error of a diverged run, naming the checkpoint that is really kept."""
+    kept = ckpt.latest_checkpoint(run_dir)
+    if kept is None:
+        where = "no checkpoint had been written, so there is nothing to resume"
+    else:
+        where = f"the last finite checkpoint, {kept.name}, is kept in {run_dir / 'checkpoints'}"
+    return TrainingDiverged(
+        f"training diverged: {what} at step {step}; {where} (try a lower --lr or "
+        "--set train.grad_clip)"
+    )
+
+
+def _weights_finite(trainer: Trainer) -> bool:
+    tensors = [*trainer.model.parameters(), *trainer.ema.model.parameters()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _train_loop(
+    built: Built,
+    trainer: Trainer,
+    run_dir: Path,
+    dist: ddp.DistInfo,
+    *,
+    resume: bool,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Train to ``train.steps`` or the time budget, with logs and checkpoints; then report."""
+    cfg, t, main = built.cfg, built.cfg.train, dist.is_main
     metrics: Any = _NoLog()
     tb: Any = _NoLog()
     if main:
@@ -191,8 +303,14 @@ def train_run(
     n_params = sum(p.numel() for p in built.model.parameters())
     where = f"{dist.world_size} processes" if dist.enabled else str(built.device)
     log(f"{cfg.preset}: {n_params / 1e6:.3g}M parameters on {where}, run dir {run_dir}")
+    window = _Window(t.batch_size)
 
     def save() -> None:
+        """A checkpoint of the current step, never of a non-finite state."""
+        if not window.loss_finite():
+            raise _diverged(run_dir, trainer.step, "the loss became NaN or infinite")
+        if not _weights_finite(trainer):
+            raise _diverged(run_dir, trainer.step, "the weights became NaN or infinite")
         if main:
             ckpt.save_checkpoint(
                 run_dir, step=trainer.step, tensors=trainer.tensors(), state=trainer.state()
@@ -200,85 +318,83 @@ def train_run(
 
     start = time.perf_counter()
     budget = None if t.max_minutes is None else t.max_minutes * 60.0
-    window_t, window_n = time.perf_counter(), 0
-    acc: dict[str, Tensor] = {}
-    acc_n = 0
     last: dict[str, float] = {}
-    bar = tqdm(total=t.steps, initial=trainer.step, disable=not progress, dynamic_ncols=True)
     stopped_early = False
+    bar = tqdm(total=t.steps, initial=trainer.step, disable=not progress, dynamic_ncols=True)
     try:
         while trainer.step < t.steps:
-            logs = trainer.train_step()
-            for k, v in logs.items():
-                acc[k] = acc[k] + v if k in acc else v.clone()
-            acc_n += 1
-            window_n += t.batch_size
+            window.add(trainer.train_step())
             step = trainer.step
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
-                # one host sync per log interval; the mean over ranks keeps them in step
-                means = {k: float(ddp.all_mean(v, dist)) / acc_n for k, v in acc.items()}
-                acc, acc_n = {}, 0
-                if not math.isfinite(means["loss"]):
-                    raise TrainingDiverged(
-                        f"loss became {means['loss']} at step {step}; stopped, the last good "
-                        f"checkpoint in {run_dir} is kept (try a lower lr or --set train.grad_clip)"
-                    )
-                now = time.perf_counter()
-                rate = window_n / (now - window_t)
-                window_t, window_n = now, 0
-                row = {
-                    "step": step,
-                    "loss": means["loss"],
-                    "grad_norm": means["grad_norm"],
-                    "lr": trainer.optimizer.param_groups[0]["lr"],
-                    "examples_per_s": rate,
-                    "elapsed_s": now - start,
-                }
-                metrics.append(row)
-                tb.scalars(step, {k: v for k, v in row.items() if k != "step"})
-                last = row
-                bar.set_postfix(loss=_fmt(means["loss"]), per_s=_fmt(rate))
+                if not window.loss_finite():
+                    raise _diverged(run_dir, step, "the loss became NaN or infinite")
+                last = window.row(step, trainer, dist, time.perf_counter() - start)
+                metrics.append(last)
+                tb.scalars(step, {k: v for k, v in last.items() if k != "step"})
+                bar.set_postfix(loss=_fmt(last["loss"]), per_s=_fmt(last["examples_per_s"]))
             if step % t.ckpt_every == 0 and step < t.steps:
                 save()
             if main and t.sample_every and step % t.sample_every == 0 and step < t.steps:
                 _progress_samples(built, trainer, run_dir, step)
-            if budget is not None:
-                over = time.perf_counter() - start > budget
-                if ddp.any_rank(over, dist, built.device):
-                    stopped_early = True
-                    log(f"time budget of {t.max_minutes} min reached at step {step}")
-                    break
+            over = budget is not None and time.perf_counter() - start > budget
+            if budget is not None and ddp.any_rank(over, dist, built.device):
+                stopped_early = True
+                log(f"time budget of {t.max_minutes} min reached at step {step}")
+                break
+        save()
     except KeyboardInterrupt:
         bar.close()
         save()
-        metrics.close()
         raise
-    bar.close()
-    save()
-    metrics.close()
-    tb.close()
-    in_sync = ddp.ranks_in_sync(built.model, dist)
-    info: dict[str, Any] = {}
+    finally:
+        bar.close()
+        metrics.close()
+        tb.close()
+    info = _finish(built, trainer, run_dir, dist, log=log)
+    info.update({"step": trainer.step, "train_seconds": time.perf_counter() - start, "last": last})
+    if stopped_early:
+        info["stopped_early"] = "time budget"
     if main:
-        from difflab.report import final_report
-
-        if dist.enabled:
-            built.denoiser.model = built.model  # type: ignore[union-attr]
-        built.model.load_state_dict(trainer.ema.model.state_dict())  # report on the EMA
-        built.model.eval()
-        info = final_report(built, run_dir, log=log)
-        info.update(
-            {"step": trainer.step, "train_seconds": time.perf_counter() - start, "last": last}
-        )
-        if dist.enabled:
-            info.update({"world_size": dist.world_size, "ranks_in_sync": in_sync})
-        if stopped_early:
-            info["stopped_early"] = "time budget"
         ckpt.mark_finished(run_dir, info)
     ddp.barrier(dist)
-    ddp.shutdown(dist)
-    return TrainResult(run_dir, trainer.step, True, info)
+    return info
+
+
+def _finish(
+    built: Built, trainer: Trainer, run_dir: Path, dist: ddp.DistInfo, *, log: Callable
+) -> dict[str, Any]:
+    """The final report on the EMA weights (rank 0), written into the run directory."""
+    in_sync = ddp.ranks_in_sync(built.model, dist)
+    if not dist.is_main:
+        return {}
+    from difflab.report import final_report
+
+    if dist.enabled:
+        built.denoiser.model = built.model  # type: ignore[union-attr]
+    built.model.load_state_dict(trainer.ema.model.state_dict())  # report on the EMA
+    built.model.eval()
+    info = final_report(built, run_dir, log=log)
+    if dist.enabled:
+        info.update({"world_size": dist.world_size, "ranks_in_sync": in_sync})
+    return info
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what cluster schedulers send before preemption) saves and stops like Ctrl-C."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _silent(msg: str) -> None:
@@ -329,8 +445,17 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: torch.device | No
     cfg = read_run_config(run_dir)
     built = build(cfg, device=device or torch.device("cpu"), load_data=False)
     c = ckpt.load_checkpoint(run_dir)
+    if c.fallback_note():
+        say(f"warning: {c.fallback_note()}", err=True)
     group = "ema" if ema else "model"
-    built.model.load_state_dict(c.tensors[group])
+    c.check_finite(group)
+    try:
+        built.model.load_state_dict(c.tensors[group])
+    except (RuntimeError, KeyError) as e:
+        raise ckpt.CheckpointError(
+            f"{c.path}: the weights do not fit the model of {run_dir / 'config.json'} "
+            f"(was the config edited?): {ckpt.one_line(e)}"
+        ) from None
     built.model.eval()
     return built
 
@@ -398,7 +523,18 @@ def draw_samples(
                 )
             out.append(x.float().cpu())
             done += b
-    return torch.cat(out)
+    return finite_samples(torch.cat(out), f"{sampler} with {steps} steps")
+
+
+def finite_samples(x: Tensor, what: str) -> Tensor:
+    """``x`` if every value is finite; otherwise a one-line ``ValueError``: non-finite samples
+    are never useful, and a figure or metric of them fails later with an obscure message."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{what} gave NaN or infinite samples: the model's outputs overflow "
+            "(did the run diverge?)"
+        )
+    return x
 
 
 def _cond_slice(cond: Any, lo: int, hi: int, device: torch.device) -> Any:
