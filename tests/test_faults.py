@@ -1,0 +1,438 @@
+"""A fault battery: divergence, concurrent writers, SIGTERM, a full disk, bad values and files.
+
+Each test reproduces a failure that once lost data or ended in a traceback, and checks the
+guarantee that replaced it (docs/DESIGN.md, "What survives which fault"): nothing written is
+lost, nothing non-finite is saved or sampled, every failure is one line and a non-zero exit,
+and bad input is refused before a run directory exists.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from difflab import checkpoint as ckpt
+from difflab.cli import main
+from difflab.config import apply_overrides, get_preset
+from difflab.safe_io import MetricsLog, read_metrics
+
+SMALL = [
+    "train.batch_size=64",
+    "train.log_every=10",
+    "train.ckpt_every=10",
+    "train.warmup_steps=5",
+    "model.hidden=32",
+    "model.depth=2",
+    "sample.n=100",
+    "sample.steps=10",
+    "sample.sampler=ddim",
+]
+
+
+def _sets(*items: str) -> list[str]:
+    return [a for s in (*SMALL, *items) for a in ("--set", s)]
+
+
+def _train(out: Path, *items: str, extra: tuple[str, ...] = ()) -> int:
+    return main(["train", "--preset", "moons", "--out", str(out), "--no-progress",
+                 *_sets(*items), *extra])  # fmt: skip
+
+
+def _one_line_error(capsys, code: int) -> str:
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("difflab: error:") and "\n" not in err, err
+    return err
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "difflab", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(cond, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults") / "run"
+    assert _train(out, "train.steps=30") == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- divergence
+def _poison_after(monkeypatch, n_good: int) -> None:
+    """Make the training loss NaN from step ``n_good + 1`` on."""
+    import difflab.runner as runner
+
+    real = runner.make_loss_fn
+
+    def poisoned(built, extra_state):
+        fn, calls = real(built, extra_state), {"n": 0}
+
+        def loss_fn(batch, g):
+            calls["n"] += 1
+            loss, logs = fn(batch, g)
+            return (loss * float("nan") if calls["n"] > n_good else loss), logs
+
+        return loss_fn
+
+    monkeypatch.setattr(runner, "make_loss_fn", poisoned)
+
+
+def test_divergence_between_misaligned_intervals_saves_nothing_non_finite(tmp_path, monkeypatch):
+    """The loss turns NaN at step 26 with checkpoints every 20 and log rows every 100 steps:
+    the step-40 save is refused (no non-finite state is ever saved, nothing older pruned for
+    it), and the message names the checkpoint that is really kept."""
+    from difflab.runner import train_run
+    from difflab.train import TrainingDiverged
+
+    _poison_after(monkeypatch, 25)
+    cfg = apply_overrides(get_preset("moons"), [*SMALL, "train.steps=300",
+                          "train.ckpt_every=20", "train.log_every=100"])  # fmt: skip
+    with pytest.raises(TrainingDiverged, match="step 40.*step-00000020, is kept"):
+        train_run(cfg, tmp_path / "r", progress=False, log=lambda s: None)
+    c = ckpt.load_checkpoint(tmp_path / "r")
+    assert c.step == 20
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").glob("step-*")] == ["step-00000020"]
+    for group in ("model", "ema"):
+        assert all(torch.isfinite(t).all() for t in c.tensors[group].values())
+
+
+def test_divergence_before_any_checkpoint_says_so(tmp_path, capsys, monkeypatch):
+    _poison_after(monkeypatch, 4)
+    err = _one_line_error(
+        capsys, _train(tmp_path / "r", "train.steps=300", "train.ckpt_every=1000")
+    )
+    assert "diverged" in err and "no checkpoint had been written" in err
+    assert ckpt.latest_checkpoint(tmp_path / "r") is None
+
+
+def test_a_huge_learning_rate_never_leaves_a_non_finite_checkpoint(tmp_path, capsys):
+    """lr 1e6 without warm-up: the weights blow up; the run ends in one line or finishes, and
+    every checkpoint it leaves is finite."""
+    out = tmp_path / "r"
+    code = _train(out, "train.steps=200", "train.ckpt_every=20", "train.log_every=100",
+                  "train.warmup_steps=0", extra=("--lr", "1e6"))  # fmt: skip
+    if code != 0:
+        assert "diverge" in _one_line_error(capsys, code)
+    for step_dir in (out / "checkpoints").glob("step-*"):
+        c = ckpt.load_checkpoint(step_dir)
+        for group in ("model", "ema"):
+            assert all(torch.isfinite(t).all() for t in c.tensors[group].values())
+
+
+def test_sample_and_eval_refuse_non_finite_weights(run, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((run / "config.json").read_text())
+    c = ckpt.load_checkpoint(run)
+    nan = {
+        g: {k: torch.full_like(v, float("nan")) for k, v in t.items()} for g, t in c.tensors.items()
+    }
+    ckpt.save_checkpoint(bad, step=c.step, tensors=nan, state=c.state)
+    for cmd in (["sample", str(bad), "--n", "4"], ["eval", str(bad), "--n", "10"]):
+        err = _one_line_error(capsys, main(cmd))
+        assert "not finite" in err
+    assert not list(bad.glob("samples-*"))
+
+
+# ----------------------------------------------------------------------------- concurrent writers
+def test_a_second_writer_of_a_run_is_refused_with_the_pid(tmp_path):
+    out = tmp_path / "r"
+    first = _cli("train", "--preset", "moons", "--out", str(out), "--no-progress",
+                 *_sets("train.steps=100000"))  # fmt: skip
+    try:
+        _wait_for(lambda: ckpt.latest_checkpoint(out) is not None)
+        second = _cli("train", "--resume", str(out), "--no-progress")
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 2
+        assert f"PID {first.pid}" in err and "in use" in err and len(err.strip().splitlines()) == 1
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 130
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
+    items = ("train.steps=150", "train.ckpt_every=1000", "train.log_every=10")
+    ref = _cli("train", "--preset", "moons", "--out", str(tmp_path / "ref"), "--no-progress",
+               *_sets(*items))  # fmt: skip
+    term = _cli("train", "--preset", "moons", "--out", str(tmp_path / "t"), "--no-progress",
+                *_sets(*items))  # fmt: skip
+    metrics = tmp_path / "t" / "metrics.csv"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 3)
+    term.send_signal(signal.SIGTERM)
+    _, err = term.communicate(timeout=120)
+    assert term.returncode == 130 and "interrupted" in err
+    stopped = ckpt.load_checkpoint(tmp_path / "t").step  # saved on SIGTERM (no periodic ones)
+    assert 0 < stopped < 150
+    resumed = _cli("train", "--resume", str(tmp_path / "t"), "--no-progress")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err
+    a = ckpt.load_checkpoint(tmp_path / "ref").tensors["model"]
+    b = ckpt.load_checkpoint(tmp_path / "t").tensors["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_samplers_writing_one_file_leave_a_complete_file(run, tmp_path):
+    out = tmp_path / "same.npz"
+    procs = [_cli("sample", str(run), "--n", "300", "--seed", str(i), "--out", str(out))
+             for i in range(3)]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    with np.load(out) as data:
+        assert data["samples"].shape == (300, 2)
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_a_sample_write_that_fails_keeps_the_earlier_file(run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(run), "--n", "8", "--out", str(out)]) == 0
+    before = out.read_bytes()
+
+    def interrupted(file, **arrays):
+        file.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", interrupted)
+    err = _one_line_error(capsys, main(["sample", str(run), "--n", "8", "--out", str(out)]))
+    assert "No space left on device" in err and str(out) in err
+    assert out.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_output_path_is_checked_before_sampling(run, tmp_path, capsys, monkeypatch):
+    import difflab.runner as runner
+
+    def never(*a, **k):
+        raise AssertionError("sampled before checking the output path")
+
+    monkeypatch.setattr(runner, "draw_samples", never)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = _one_line_error(capsys, main(["sample", str(run), "--out", str(blocker / "s.npz")]))
+    assert str(blocker) in err
+
+
+def test_out_may_name_an_existing_folder(run, tmp_path, capsys):
+    assert main(["sample", str(run), "--n", "8", "--out", str(tmp_path)]) == 0
+    written = capsys.readouterr().out.split()[1]
+    assert Path(written).parent == tmp_path and Path(written).is_file()
+
+
+# ----------------------------------------------------------------------------- full disk
+def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
+    tmp_path, capsys, monkeypatch
+):
+    real = ckpt.write_file
+    calls = {"n": 0}
+
+    def full_after_first_checkpoint(path, data):
+        if Path(path).parent.name.startswith(".tmp-step-00000020"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        calls["n"] += 1
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt, "write_file", full_after_first_checkpoint)
+    err = _one_line_error(capsys, _train(tmp_path / "r", "train.steps=40"))
+    assert "No space left on device" in err and "step-00000020" in err
+    assert calls["n"] > 0
+    c = ckpt.load_checkpoint(tmp_path / "r")
+    assert c.step == 10
+    assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------- bad values
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--set", "train.ckpt_every=0"], "train.ckpt_every"),
+        (["--set", "train.log_every=0"], "train.log_every"),
+        (["--set", "train.ckpt_every=-1"], "train.ckpt_every"),
+        (["--set", "train.max_minutes=-1"], "train.max_minutes"),
+        (["--set", "diffusion.T=0"], "diffusion.T"),
+        (["--set", "model.hidden=0"], "model.hidden"),
+        (["--set", "sample.n=0"], "sample.n"),
+        (["--set", "diffusion.schedule=wobbly"], "diffusion.schedule"),
+        (["--set", "model.kind=transformer"], "model.kind"),
+        (["--set", "data.name=imagenet"], "data.name"),
+        (["--lr", "nan"], "--lr"),
+        (["--device", "tpu"], "tpu"),
+    ],
+)
+def test_bad_values_are_refused_before_the_run_directory_exists(tmp_path, capsys, args, expected):
+    out = tmp_path / "r"
+    err = _one_line_error(capsys, _train(out, "train.steps=10", extra=tuple(args)))
+    assert expected in err
+    assert not out.exists()
+
+
+def test_corrupt_dataset_is_refused_before_the_run_directory_exists(tmp_path, capsys):
+    data = tmp_path / "mnist"
+    data.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (data / name).write_bytes(gzip.compress(b"\x00\x00\x08\x03 not an idx file"))
+    out = tmp_path / "r"
+    code = main(["train", "--preset", "mnist", "--out", str(out), "--data-dir", str(data),
+                 "--no-progress"])  # fmt: skip
+    err = _one_line_error(capsys, code)
+    assert "mnist" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "-3"], "--batch-size"),
+        (["--guidance", "nan"], "--guidance"),
+        (["--device", "tpu"], "tpu"),
+        (["--eta", "-1"], "--eta"),
+    ],
+)
+def test_bad_sample_values_are_one_line(run, capsys, args, expected):
+    assert expected in _one_line_error(capsys, main(["sample", str(run), "--n", "4", *args]))
+
+
+def _edited(run: Path, tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "edited"
+    copy.mkdir()
+    (copy / "checkpoints").symlink_to(run / "checkpoints")
+    config = json.loads((run / "config.json").read_text())
+    edit(config)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda c: c["train"].update(lr="fast"), "train.lr"),
+        (lambda c: c.update(model=[1, 2]), "'model'"),
+        (lambda c: c["model"].update(hidden=48), "do not fit"),
+        (lambda c: c["diffusion"].update(T=True), "diffusion.T"),
+    ],
+)
+def test_hand_edited_config_is_one_line(run, tmp_path, capsys, edit, expected):
+    copy = _edited(run, tmp_path, edit)
+    assert expected in _one_line_error(capsys, main(["sample", str(copy), "--n", "4"]))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _two_checkpoints(tmp_path: Path) -> Path:
+    out = tmp_path / "r"
+    assert _train(out, "train.steps=20", "train.ckpt_every=10") == 0
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert steps == ["step-00000010", "step-00000020"]
+    return out
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, capsys):
+    out = _two_checkpoints(tmp_path)
+    capsys.readouterr()
+    f = out / "checkpoints" / "step-00000020" / "ema.safetensors"
+    blob = bytearray(f.read_bytes())
+    blob[-1] ^= 0xFF
+    f.write_bytes(bytes(blob))
+    assert main(["sample", str(out), "--n", "4", "--out", str(tmp_path / "s.npz")]) == 0
+    err = capsys.readouterr().err
+    assert "step-00000020" in err and "SHA-256" in err and "using step-00000010" in err
+
+
+def test_a_missing_newest_manifest_falls_back_and_says_so(tmp_path, capsys):
+    out = _two_checkpoints(tmp_path)
+    capsys.readouterr()
+    (out / "checkpoints" / "step-00000020" / "manifest.json").unlink()
+    assert main(["sample", str(out), "--n", "4", "--out", str(tmp_path / "s.npz")]) == 0
+    err = capsys.readouterr().err
+    assert "step-00000020" in err and "manifest missing" in err and "using step-00000010" in err
+
+
+def test_a_finished_run_can_be_extended_bit_exactly(tmp_path):
+    ref, ext = tmp_path / "ref", tmp_path / "ext"
+    assert _train(ref, "train.steps=50") == 0
+    assert _train(ext, "train.steps=30") == 0
+    assert main(["train", "--resume", str(ext), "--steps", "50", "--no-progress"]) == 0
+    assert ckpt.is_finished(ext)
+    a = ckpt.load_checkpoint(ref).tensors
+    b = ckpt.load_checkpoint(ext).tensors
+    for group in ("model", "ema"):
+        assert all(torch.equal(a[group][k], b[group][k]) for k in a[group])
+    assert read_metrics(ext / "metrics.csv")["step"] == [10, 20, 30, 40, 50]
+
+
+def test_extending_needs_a_larger_budget(run, capsys):
+    err = _one_line_error(capsys, main(["train", "--resume", str(run), "--steps", "30"]))
+    assert "step 30" in err
+    err = _one_line_error(capsys, main(["train", "--resume", str(run)]))
+    assert "finished" in err
+
+
+def test_data_dir_is_stored_resolved_and_may_change_on_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--preset", "moons", "--out", "r", "--data-dir", "data",
+                 "--no-progress", *_sets("train.steps=20")])  # fmt: skip
+    assert code == 0
+    stored = json.loads((tmp_path / "r" / "config.json").read_text())["data"]["data_dir"]
+    assert stored == str(tmp_path / "data")
+    code = main(["train", "--resume", "r", "--steps", "30", "--data-dir", "elsewhere",
+                 "--no-progress"])  # fmt: skip
+    assert code == 0
+    stored = json.loads((tmp_path / "r" / "config.json").read_text())["data"]["data_dir"]
+    assert stored == str(tmp_path / "elsewhere")
+
+
+# ----------------------------------------------------------------------------- printing and files
+def test_a_closed_stdout_never_breaks_a_run(tmp_path):
+    out = tmp_path / "r"
+    p = _cli("train", "--preset", "moons", "--out", str(out), "--no-progress",
+             *_sets("train.steps=40"))  # fmt: skip
+    assert p.stdout is not None
+    p.stdout.readline()
+    p.stdout.close()  # as `difflab train ... | head -1` does
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert ckpt.is_finished(out)
+
+
+def test_metrics_with_a_bom_and_crlf_resume(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(b"\xef\xbb\xbfstep,loss\r\n10,1.0\r\n20,0.5\r\n30,0.4\r\n")
+    with MetricsLog(path, ["step", "loss"], resume_step=20) as log:
+        log.append(step=30, loss=0.3)
+    assert path.read_bytes() == b"step,loss\n10,1.0\n20,0.5\n30,0.3\n"
+    assert read_metrics(path)["step"] == [10, 20, 30]
+
+
+def test_undecodable_metrics_name_the_file(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(b"step,loss\n10,\xff\xfe\n")
+    with pytest.raises(ckpt.CheckpointError, match="metrics.csv.*UTF-8"):
+        MetricsLog(path, ["step", "loss"], resume_step=10)
