@@ -21,6 +21,7 @@ from difflab.likelihood import (
     vlb_term,
 )
 from difflab.ode_likelihood import pf_ode_nll
+from difflab.oracles import GaussianDenoiser as ExactGaussianDenoiser
 from difflab.parameterization import Prediction
 from difflab.schedules import DiscreteSchedule, EDMSchedule
 
@@ -401,6 +402,40 @@ def test_pf_ode_nll_on_a_variance_exploding_schedule():
     assert torch.allclose(nll, _model_nll(x0, m, C, sched, sched.t_min), atol=2e-3)
     # with m = 0 and unit-scale data the N(0, 1 + S^2) prior is nearly exact
     assert torch.allclose(nll, -_log_normal_pdf(x0, m, C), atol=2e-3)
+
+
+@pytest.mark.parametrize("kind", ["vp", "ve"])
+@pytest.mark.parametrize("std", [1.0, 0.6])
+def test_pf_ode_nll_prior_term_at_a_small_sigma_max(kind, std):
+    """The prior N(0, (1 + S^2) I) in y = x / alpha at a small S = sigma_max, where
+    log(1 + S^2) and log(S^2) differ by O(1) per dimension (at S ~ 157 by 4e-5).
+
+    Oracle, for data N(0, std^2 I) and its exact denoiser (``difflab.oracles``): the flow maps
+    y(s_eps) to y(S) = y(s_eps) sqrt((std^2 + S^2) / (std^2 + s_eps^2)) per coordinate
+    (``gaussian_pf_ode_solution``), so -log p = -log N(y(S); 0, 1 + S^2) - log|det| +
+    D log alpha_eps in closed form; for std = 1 it is the data density itself, N(0, I) for VP.
+    Tolerance 1e-4 nats: the RK4 error with 32 steps is < 1e-5 here (16x less per doubling).
+    """
+    D = 3
+    if kind == "vp":
+        sched, t_hi = DiscreteSchedule.from_name("linear", 1000), 100.0  # S ~ 0.35
+    else:
+        sched, t_hi = EDMSchedule(sigma_min=0.002, sigma_max=0.5), 0.5
+    x0 = std * torch.randn(16, D, generator=torch.Generator().manual_seed(3), dtype=F64)
+    den = ExactGaussianDenoiser(torch.zeros(D, dtype=F64), std**2 * torch.eye(D, dtype=F64), sched)
+    nll = pf_ode_nll(den, x0, sched, hutchinson="exact", t_max=t_hi)  # RK4, 32 steps
+    a_eps, s_eps = float(sched.alpha(sched.t_min)), sched.sigma_min
+    S = float(sched.edm_sigma(t_hi))
+    assert S < 0.6
+    gain = math.sqrt((std**2 + S**2) / (std**2 + s_eps**2))
+    y_max = x0 / a_eps * gain
+    log_prior = stats.norm(0, math.sqrt(1 + S**2)).logpdf(y_max.numpy()).sum(1)
+    exact = -(torch.from_numpy(log_prior) + D * math.log(gain)) + D * math.log(a_eps)
+    assert torch.allclose(nll, exact, atol=1e-4, rtol=0)
+    if std == 1.0:  # the prior is the true marginal: the NLL is that of x_{t_eps}
+        var = a_eps**2 * (1 + s_eps**2) * torch.eye(D, dtype=F64)  # = I for VP
+        data = -_log_normal_pdf(x0, torch.zeros(D, dtype=F64), var)
+        assert torch.allclose(nll, data, atol=1e-4, rtol=0)
 
 
 def test_pf_ode_nll_validates_its_options():

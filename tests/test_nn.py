@@ -223,6 +223,37 @@ def test_fresh_resblock_is_identity(scale_shift: bool) -> None:
     assert not torch.allclose(block(x, emb), block(x, emb + 1), atol=1e-3)
 
 
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_resblock_with_random_weights_follows_its_formula(scale_shift: bool) -> None:
+    """[Ho 2020, App. B; Nichol & Dhariwal 2021, use_scale_shift_norm], written here with
+    functional ops: h = conv1(SiLU(GN1(x))); scale-shift: GN2(h) * (1 + scale) + shift with
+    (scale, shift) = W SiLU(emb); additive: GN2(h + W SiLU(emb)); out = skip(x) +
+    conv2(SiLU(.)). A fresh block hides the `1 +` (conv2 is zero), so every weight, the
+    GroupNorm affines included, is random here. Tolerance: float64, same operations."""
+    gen = torch.Generator().manual_seed(4)
+    x, emb = torch.randn(2, 4, 5, 5, generator=gen), torch.randn(2, 16, generator=gen)
+    x, emb = x.double(), emb.double()
+    block = _randomise(ResBlock(4, 6, 16, use_scale_shift_norm=scale_shift, norm_groups=2), 1, 0.5)
+    block = block.double()
+    p = dict(block.named_parameters())
+    h = F.conv2d(
+        F.silu(F.group_norm(x, 2, p["norm1.weight"], p["norm1.bias"], eps=1e-6)),
+        p["conv1.weight"],
+        p["conv1.bias"],
+        padding=1,
+    )
+    e = F.linear(F.silu(emb), p["emb_proj.weight"], p["emb_proj.bias"])[:, :, None, None]
+    if scale_shift:
+        scale, shift = e[:, :6], e[:, 6:]
+        gn = F.group_norm(h, 2, p["norm2.weight"], p["norm2.bias"], eps=1e-6)
+        h = gn * (1 + scale) + shift
+    else:
+        h = F.group_norm(h + e, 2, p["norm2.weight"], p["norm2.bias"], eps=1e-6)
+    h = F.conv2d(F.silu(h), p["conv2.weight"], p["conv2.bias"], padding=1)
+    expected = F.conv2d(x, p["skip.weight"], p["skip.bias"]) + h
+    torch.testing.assert_close(block(x, emb), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_fresh_networks_output_zero() -> None:
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([3.0, 700.0])
     assert build_unet("tiny")(x, t).abs().max() == 0

@@ -235,6 +235,28 @@ def test_importance_sampler_uniform_before_warmup_then_prefers_large_losses():
     )
 
 
+def test_importance_sampler_uses_the_root_mean_square_of_varying_losses():
+    """Eq. (18) [Nichol & Dhariwal 2021]: p_t is proportional to sqrt(E[L_t^2]) over the last
+    ``history`` losses, not to E[L_t]. Oracle: the RMS of each step's window worked out by
+    hand; the two differ when losses vary within a step. Tolerance: float64 rounding only."""
+    T, history = 3, 4
+    sampler = ImportanceTimeSampler(T, history=history, uniform_prob=0.0)
+    windows = {1: [9.0, 0.0, 0.0, 0.0, 4.0], 2: [2.0, 2.0, 2.0, 2.0], 3: [1.0, 3.0, 1.0, 3.0]}
+    for step, values in windows.items():  # step 1 gets 5 values: the 9 drops out of the window
+        sampler.update(torch.full((len(values),), step), torch.tensor(values))
+    assert sampler.warmed_up
+    # RMS of the windows: (0, 0, 0, 4) -> 2, (2, 2, 2, 2) -> 2, (1, 3, 1, 3) -> sqrt(5);
+    # the means would be 1, 2, 2 (and 3.25 for step 1 had the 9 not dropped)
+    rms = torch.tensor([2.0, 2.0, math.sqrt(5.0)], dtype=F64)
+    assert torch.allclose(sampler.probabilities(), rms / rms.sum(), rtol=1e-12, atol=0)
+    # the uniform mixture and the unbiasing weights 1 / (T p_t) use the same p_t
+    mixed = ImportanceTimeSampler(T, history=history, uniform_prob=0.1)
+    mixed.load_state_dict(sampler.state_dict())
+    p = 0.9 * rms / rms.sum() + 0.1 / T
+    assert torch.allclose(mixed.probabilities(), p, rtol=1e-12, atol=0)
+    assert torch.allclose(mixed.weights(torch.arange(1, T + 1)), 1 / (T * p), rtol=1e-12, atol=0)
+
+
 def test_importance_sampler_history_and_resume():
     sampler = ImportanceTimeSampler(4, history=2)
     for value in (1.0, 2.0, 3.0):  # the oldest value is dropped

@@ -64,6 +64,26 @@ def test_cosine_alpha_bar_follows_eq17():
     assert float(sched.betas.max()) <= 0.999
 
 
+@pytest.mark.parametrize("T", [10, 1000])
+def test_cosine_last_beta_is_capped_at_0_999(T):
+    """[Nichol & Dhariwal 2021, Sec. 3.2]: beta_t = 1 - abar(t) / abar(t-1) with abar from
+    Eq. 17, clipped at 0.999. Only beta_T reaches the cap (f(T) = cos^2(pi/2) = 0 makes it 1;
+    beta_{T-1} ~ 3/4), so abar_T = abar_{T-1} (1 - 0.999) instead of ~1e-33. Oracle: Eq. 17 in
+    math.cos; tolerance: float64 rounding of the product."""
+    s = 0.008
+    sched = DiscreteSchedule.from_name("cosine", T)
+
+    def f(t):
+        return math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+
+    raw = [1 - f(t) / f(t - 1) for t in range(1, T + 1)]
+    assert raw[-1] == pytest.approx(1.0, abs=1e-12) and max(raw[:-1]) < 0.8
+    assert float(sched.betas[-1]) == 0.999
+    assert sched.betas[:-1].tolist() == pytest.approx(raw[:-1], rel=1e-9, abs=1e-15)
+    assert float(sched.alpha_bar[T]) == pytest.approx(f(T - 1) / f(0) * (1 - 0.999), rel=1e-9)
+    assert float(sched.alpha_bar[T - 1]) == pytest.approx(f(T - 1) / f(0), rel=1e-9)
+
+
 def test_sohl_dickstein_schedule_leaves_about_1_over_T_of_the_variance():
     T = 40
     sched = DiscreteSchedule.from_name("sohl-dickstein", T)

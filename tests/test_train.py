@@ -75,6 +75,49 @@ def test_lr_warmup():
     assert lr_at(0, lr=1.0, warmup_steps=0) == 1.0
 
 
+class _LinearLoss(nn.Module):
+    """loss = c . w, so dloss/dw = c exactly whatever w is."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.w = nn.Parameter(torch.zeros_like(c))
+
+    def loss(self, batch, g):
+        return (self.c * self.w).sum(), {}
+
+
+@pytest.mark.parametrize("norm,clip", [(10.0, 1.0), (0.5, 1.0), (10.0, None)])
+def test_gradient_is_clipped_before_the_optimizer_step(norm, clip):
+    """Gradient clipping rescales g to clip * g / |g| when |g| > clip, *before* AdamW reads it.
+    Oracle: with loss c . w the gradient is c exactly, and after one AdamW step (no weight
+    decay) exp_avg = (1 - beta1) g, exp_avg_sq = (1 - beta2) g^2 [Kingma & Ba 2015, Alg. 1].
+    The parameter update alone cannot tell: Adam's first step is lr * g / |g| per coordinate.
+    Tolerance 1e-6 relative: clip_grad_norm_ divides by |g| + 1e-6; clipping after the step
+    leaves exp_avg |g| / clip = 10 times too large."""
+    c = torch.tensor([3.0, -4.0, 0.0, 12.0], dtype=torch.float64)  # |c| = 13
+    c = c * norm / 13.0
+    model = _LinearLoss(c)
+    tr = Trainer(
+        model,
+        batch_fn=lambda step, g: None,
+        loss_fn=model.loss,
+        lr=0.1,
+        batch_size=1,
+        grad_clip=clip,
+    )
+    logs = tr.train_step()
+    factor = clip / norm if clip is not None and norm > clip else 1.0
+    g = c * factor
+    state = tr.optimizer.state[model.w]
+    beta1, beta2 = tr.optimizer.param_groups[0]["betas"]
+    assert torch.allclose(state["exp_avg"], (1 - beta1) * g, rtol=1e-6, atol=0)
+    assert torch.allclose(state["exp_avg_sq"], (1 - beta2) * g**2, rtol=2e-6, atol=0)
+    assert torch.allclose(model.w.grad, g, rtol=1e-6, atol=0)
+    expected_norm = norm if clip is not None else 0.0  # the log holds the norm before clipping
+    assert float(logs["grad_norm"]) == pytest.approx(expected_norm, rel=1e-12)
+
+
 def _toy_trainer(seed=0):
     from difflab.data.toy import sample_toy
     from difflab.nn.mlp import TimeMLP
