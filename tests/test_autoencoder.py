@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from difflab.data.shapes import gaussian_blobs
 from difflab.nn.autoencoder import (
     AUTOENCODER_PRESETS,
     DiagonalGaussian,
@@ -36,14 +37,8 @@ def _randomise(module: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:
     return module
 
 
-def blobs(n: int, generator: torch.Generator, size: int = 8) -> torch.Tensor:
-    """(n, 1, size, size) images in [-1, 1]: one Gaussian blob of random centre and width."""
-    centre = 1.5 + (size - 3) * torch.rand(n, 2, generator=generator)
-    width = 0.8 + 0.8 * torch.rand(n, 1, 1, generator=generator)
-    i = torch.arange(size, dtype=torch.float32)
-    d2 = (i[None, :, None] - centre[:, 0, None, None]) ** 2
-    d2 = d2 + (i[None, None, :] - centre[:, 1, None, None]) ** 2
-    return (2 * torch.exp(-d2 / (2 * width**2)) - 1)[:, None]
+def blobs(n: int, generator: torch.Generator) -> torch.Tensor:
+    return gaussian_blobs(n, size=8, generator=generator)
 
 
 def _posterior(seed: int = 0, shape: tuple[int, ...] = (3, 2, 4, 4)) -> DiagonalGaussian:
