@@ -146,6 +146,15 @@ def test_latent_sample_decodes_and_callback_sees_images() -> None:
     assert torch.equal(out, again)
 
 
+def test_half_resolution_unet_preset_fits_f2_latents_and_14x14_images() -> None:
+    ae_shape = build_autoencoder("mnist-f2c4").latent_shape()
+    assert ae_shape == (4, 14, 14)
+    for c in (4, 1):  # f = 2 latents, or a cascade's 14x14 base
+        net = build_unet("mnist-half", in_channels=c)
+        with torch.no_grad():
+            assert net(torch.zeros(2, c, 14, 14), torch.zeros(2)).shape == (2, c, 14, 14)
+
+
 # ---------------------------------------------------------------- end to end
 
 

@@ -89,6 +89,21 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         dropout=0.0,
         norm_groups=8,
     ),
+    # 14x14 inputs: MNIST at half resolution (a cascade's base) or f = 2 autoencoder latents
+    # (14x14x4). One 7x7 level after a 2x2 fold; about 3x cheaper per pass than mnist-cpu.
+    "mnist-half": UNetConfig(
+        image_size=14,
+        in_channels=4,
+        patch_size=2,
+        base_channels=48,
+        channel_mult=(1,),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        mid_attention=True,
+        num_heads=1,
+        dropout=0.0,
+        norm_groups=8,
+    ),
     # A few thousand parameters, for tests.
     "tiny": UNetConfig(
         image_size=16,
