@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 
 import pytest
@@ -12,14 +14,21 @@ from difflab.data.shapes import bar_images, gaussian_blobs, nearest_distance, sa
 from difflab.latent import (
     decode_latents,
     encode_to_latents,
+    frozen_autoencoder,
     latent_diffusion_loss,
     latent_sample,
     latent_scale_factor,
 )
-from difflab.nn.autoencoder import DiagonalGaussian, autoencoder_loss, build_autoencoder
+from difflab.nn.autoencoder import (
+    AUTOENCODER_PRESETS,
+    DiagonalGaussian,
+    autoencoder_loss,
+    build_autoencoder,
+)
 from difflab.nn.unet import build_unet
 from difflab.objectives import diffusion_loss
 from difflab.parameterization import ModelDenoiser
+from difflab.safe_io import CheckpointError
 from difflab.schedules import DiscreteSchedule
 from difflab.train import Trainer
 
@@ -89,6 +98,30 @@ def test_scale_factor_rejects_empty_or_constant_latents() -> None:
         latent_scale_factor(build_autoencoder("tiny"), [])
     with pytest.raises(ValueError, match="zero variance"):
         latent_scale_factor(AffineEncoder(0.0, 1.0), [torch.randn(4, 1, 4, 4)])  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- loading a trained autoencoder
+
+
+def test_frozen_autoencoder_round_trips_config_json_and_weights() -> None:
+    ae = _randomise(build_autoencoder("tiny", latent_channels=3))
+    config = json.loads(json.dumps(dataclasses.asdict(ae.config)))  # as stored in config.json
+    frozen = frozen_autoencoder(config, ae.state_dict(), source="runs/ae")
+    assert frozen.config == ae.config and not frozen.training
+    assert not any(p.requires_grad for p in frozen.parameters())
+    x = blobs(2, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(frozen.encode(x).mean, ae.encode(x).mean.detach())
+
+
+def test_frozen_autoencoder_errors_name_the_source() -> None:
+    weights = build_autoencoder("tiny").state_dict()
+    with pytest.raises(CheckpointError, match=r"runs/ae: .*has shape"):
+        wider = dataclasses.asdict(AUTOENCODER_PRESETS["tiny"]) | {"latent_channels": 3}
+        frozen_autoencoder(wider, weights, source="runs/ae")
+    with pytest.raises(CheckpointError, match=r"runs/ae: .*missing"):
+        frozen_autoencoder(AUTOENCODER_PRESETS["tiny"], {}, source="runs/ae")
+    with pytest.raises(ValueError, match="runs/ae: unknown autoencoder config fields"):
+        frozen_autoencoder({"depth": 3}, weights, source="runs/ae")
 
 
 # ---------------------------------------------------------------- encode / decode helpers

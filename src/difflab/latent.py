@@ -13,6 +13,7 @@ on pixels, and samples are decoded with x = D(z / scale).
 ================================  ==========================================================
 function                          role
 ================================  ==========================================================
+:func:`frozen_autoencoder`        a trained autoencoder from its config and weights, frozen
 :func:`latent_scale_factor`       1 / std of the latents of some batches (once per AE)
 :func:`encode_to_latents`         x (B, C, H, W) -> scale * z (B, c, H/f, W/f), no gradient
 :func:`decode_latents`            scale * z -> D(z) (B, C, H, W)
@@ -24,20 +25,23 @@ function                          role
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from difflab.nn.autoencoder import Autoencoder
+from difflab.nn.autoencoder import Autoencoder, AutoencoderConfig, build_autoencoder
 from difflab.objectives import LossOutput, diffusion_loss
 from difflab.parameterization import Denoiser, ModelDenoiser
+from difflab.safe_io import CheckpointError
 from difflab.samplers import sample
 from difflab.samplers.common import Callback
 from difflab.schedules import Schedule
 
 __all__ = [
+    "frozen_autoencoder",
     "latent_scale_factor",
     "encode_to_latents",
     "decode_latents",
@@ -52,6 +56,43 @@ def _check_scale(scale: float) -> float:
     if not scale > 0 or scale == float("inf"):
         raise ValueError(f"the latent scale factor must be a positive finite number, got {scale}")
     return scale
+
+
+def frozen_autoencoder(
+    config: AutoencoderConfig | Mapping[str, Any],
+    weights: Mapping[str, Tensor],
+    *,
+    source: str = "autoencoder weights",
+) -> Autoencoder:
+    """Build the autoencoder of ``config`` (a config or its ``dataclasses.asdict`` JSON form),
+    load ``weights`` (a state dict, e.g. a checkpoint's ``ema`` group) and freeze it (eval mode,
+    no gradients): the first stage of a latent diffusion run.
+
+    Raises:
+        ValueError: the config is invalid (names the bad field).
+        CheckpointError: the weights do not fit the config (names ``source``).
+    """
+    if not isinstance(config, AutoencoderConfig):
+        fields = {f.name for f in dataclasses.fields(AutoencoderConfig)}
+        unknown = set(config) - fields
+        if unknown:
+            raise ValueError(f"{source}: unknown autoencoder config fields {sorted(unknown)}")
+        config = AutoencoderConfig(**config)
+    ae = build_autoencoder(config)
+    expected = ae.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        what = (
+            f"missing {missing[0]!r} and {len(missing) - 1} more" if missing
+            else f"unexpected {unexpected[0]!r}" if unexpected
+            else f"{wrong[0]!r} has shape {tuple(weights[wrong[0]].shape)}, "
+            f"the config needs {tuple(expected[wrong[0]].shape)}"
+        )  # fmt: skip
+        raise CheckpointError(f"{source}: weights do not fit the autoencoder config ({what})")
+    ae.load_state_dict(dict(weights))
+    return ae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
