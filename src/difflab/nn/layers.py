@@ -9,7 +9,8 @@
   [Ho & Salimans 2022].
 - `AttentionBlock`: multi-head self-attention over the pixels of a feature map with GroupNorm
   and a residual connection [Ho 2020, Appendix B; Vaswani 2017].
-- `split_cond`: reads the `cond` argument of the network contract `model(x, t, cond=None)`.
+- `split_cond`, `aug_level_from_cond`: read the `cond` argument of the network contract
+  `model(x, t, cond=None)`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 TimeEmbeddingKind = Literal["sinusoidal", "fourier"]
-_COND_KEYS = ("class", "image")
+_COND_KEYS = ("class", "image", "aug_level")
 
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -173,7 +174,8 @@ def split_cond(cond: Tensor | dict[str, Tensor] | None) -> tuple[Tensor | None, 
     """Read the `cond` argument of `model(x, t, cond)` into (class_labels, image).
 
     `cond` is None, an int64 tensor of class labels (B,), or a dict with optional keys
-    "class" (B,) int64 and "image" (B, C_cond, H, W) float.
+    "class" (B,) int64, "image" (B, C_cond, H, W) float and "aug_level" (B,) float (read by
+    `aug_level_from_cond`).
     """
     if cond is None:
         return None, None
@@ -189,6 +191,16 @@ def split_cond(cond: Tensor | dict[str, Tensor] | None) -> tuple[Tensor | None, 
     raise ValueError(
         f"cond must be None, an int64 label tensor or a dict, got {type(cond).__name__}"
     )
+
+
+def aug_level_from_cond(cond: Tensor | dict[str, Tensor] | None) -> Tensor | None:
+    """The conditioning-augmentation level `cond["aug_level"]` (B,) of a cascade stage, or None.
+
+    [Ho 2021 (Cascaded Diffusion Models), Sec. 3.2]: the noise level of the augmented
+    low-resolution image, in the schedule's time units, given to the network like t.
+    """
+    split_cond(cond)  # validates the keys
+    return cond.get("aug_level") if isinstance(cond, dict) else None
 
 
 class AttentionBlock(nn.Module):

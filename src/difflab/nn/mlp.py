@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from difflab.nn.layers import ClassEmbedding, TimeEmbedding, TimeEmbeddingKind, split_cond, zero_
+from difflab.nn.layers import (
+    ClassEmbedding,
+    TimeEmbedding,
+    TimeEmbeddingKind,
+    aug_level_from_cond,
+    split_cond,
+    zero_,
+)
 
 
 class _ResidualMLPBlock(nn.Module):
@@ -93,6 +100,8 @@ class TimeMLP(nn.Module):
         labels, image = split_cond(cond)
         if image is not None:
             raise ValueError("TimeMLP does not take image conditioning (cond['image'])")
+        if aug_level_from_cond(cond) is not None:
+            raise ValueError("TimeMLP does not take an augmentation level (cond['aug_level'])")
         emb = self.time_embed(t)
         if self.class_embed is not None:
             if labels is None:
