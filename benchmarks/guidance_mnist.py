@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from _mnist import mnist_yardstick
 
+from difflab.app.runs import load_run
+from difflab.app.sampling import draw_samples
 from difflab.evaluation import (
     classify,
     frechet_digit_distance,
 )
-from difflab.runner import draw_samples, load_run
 
 
 def balanced_labels(n: int, num_classes: int = 10) -> torch.Tensor:

@@ -31,12 +31,14 @@ from pathlib import Path
 import torch
 from _mnist import mnist_yardstick
 
-from difflab.config import apply_overrides, get_preset
+from difflab.app.config import apply_overrides, get_preset
+from difflab.app.runs import load_run
+from difflab.app.sampling import draw_samples
+from difflab.app.training import train_run
 from difflab.evaluation import (
     class_histogram,
     frechet_digit_distance,
 )
-from difflab.runner import draw_samples, load_run, train_run
 from difflab.viz import save_image_grid
 
 

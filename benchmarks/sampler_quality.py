@@ -27,8 +27,9 @@ from pathlib import Path
 
 from _mnist import mnist_yardstick
 
+from difflab.app.runs import load_run
+from difflab.app.sampling import draw_samples
 from difflab.evaluation import frechet_digit_distance
-from difflab.runner import draw_samples, load_run
 from difflab.samplers import SAMPLERS, nfe
 
 

@@ -13,8 +13,8 @@ import argparse
 import tempfile
 import time
 
-from difflab.config import apply_overrides, get_preset
-from difflab.runner import train_run
+from difflab.app.config import apply_overrides, get_preset
+from difflab.app.training import train_run
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from difflab import checkpoint as ckpt
-from difflab.cli import main
-from difflab.config import PRESETS, RunConfig, apply_overrides, get_preset
+from difflab.app.cli import main
+from difflab.app.config import PRESETS, RunConfig, apply_overrides, get_preset
 
 FAST = [
     "--set",
@@ -116,7 +116,7 @@ def test_runs_of_older_versions_with_eta_zero_still_load(trained_run, tmp_path):
     """Older runs stored sample.eta = 0.0 for every sampler; it means "not set" for ddpm."""
     import shutil
 
-    from difflab.runner import read_run_config
+    from difflab.app.runs import read_run_config
 
     copy = tmp_path / "old"
     shutil.copytree(trained_run, copy)
@@ -165,7 +165,7 @@ def test_sample_eta_in_config_needs_a_sampler_with_eta(capsys, tmp_path):
 
 
 def test_sample_help_names_every_sampler():
-    from difflab.cli import SAMPLER_NAMES
+    from difflab.app.cli import SAMPLER_NAMES
     from difflab.samplers import SAMPLERS
 
     assert SAMPLER_NAMES == tuple(SAMPLERS)

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from difflab import checkpoint as ckpt
-from difflab.cli import main
-from difflab.config import apply_overrides, get_preset
+from difflab.app.cli import main
+from difflab.app.config import apply_overrides, get_preset
 from difflab.safe_io import MetricsLog, read_metrics
 
 SMALL = [
@@ -85,7 +85,7 @@ def run(tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- divergence
 def _poison_after(monkeypatch, n_good: int) -> None:
     """Make the training loss NaN from step ``n_good + 1`` on."""
-    import difflab.runner as runner
+    import difflab.app.training as runner
 
     real = runner.make_loss_fn
 
@@ -106,7 +106,7 @@ def test_divergence_between_misaligned_intervals_saves_nothing_non_finite(tmp_pa
     """The loss turns NaN at step 26 with checkpoints every 20 and log rows every 100 steps:
     the step-40 save is refused (no non-finite state is ever saved, nothing older pruned for
     it), and the message names the checkpoint that is really kept."""
-    from difflab.runner import train_run
+    from difflab.app.training import train_run
     from difflab.train import TrainingDiverged
 
     _poison_after(monkeypatch, 25)
@@ -229,12 +229,12 @@ def test_a_sample_write_that_fails_keeps_the_earlier_file(run, tmp_path, capsys,
 
 
 def test_output_path_is_checked_before_sampling(run, tmp_path, capsys, monkeypatch):
-    import difflab.runner as runner
+    import difflab.app.sampling as sampling
 
     def never(*a, **k):
         raise AssertionError("sampled before checking the output path")
 
-    monkeypatch.setattr(runner, "draw_samples", never)
+    monkeypatch.setattr(sampling, "draw_samples", never)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     err = _one_line_error(capsys, main(["sample", str(run), "--out", str(blocker / "s.npz")]))

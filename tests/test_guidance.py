@@ -306,9 +306,10 @@ def test_classifier_input_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- label dropout
 def test_runner_drops_labels_with_the_configured_probability():
-    from difflab.app import Built
-    from difflab.config import apply_overrides, get_preset
-    from difflab.runner import make_loss_fn
+    from difflab.app.build import Built
+    from difflab.app.config import apply_overrides, get_preset
+    from difflab.app.kinds import kind_of
+    from difflab.app.training import make_loss_fn
 
     seen = []
 
@@ -319,7 +320,9 @@ def test_runner_drops_labels_with_the_configured_probability():
 
     cfg = apply_overrides(get_preset("mnist-cond"), ["model.label_dropout=0.3"])
     net = TimeMLP(dim=2, hidden=8, depth=1, num_classes=10)
-    built = Built(cfg, SCHED, net, Recorder(net, SCHED), (2,), None, torch.device("cpu"))
+    built = Built(
+        cfg, kind_of(cfg), SCHED, net, Recorder(net, SCHED), (2,), None, torch.device("cpu")
+    )
     loss_fn = make_loss_fn(built, {})
     labels = torch.arange(4000) % 10
     batch = (torch.randn(4000, 2), labels)
@@ -360,7 +363,7 @@ def write_synthetic_mnist(folder: Path, n_train: int = 60, n_test: int = 40) -> 
 
 @pytest.fixture(scope="module")
 def digit_runs(tmp_path_factory):
-    from difflab.cli import main
+    from difflab.app.cli import main
 
     root = tmp_path_factory.mktemp("guided")
     data = write_synthetic_mnist(root / "mnist")
@@ -373,7 +376,7 @@ def digit_runs(tmp_path_factory):
 
 
 def test_cli_guided_sampling_and_sweep(digit_runs, tmp_path, capsys):
-    from difflab.cli import main
+    from difflab.app.cli import main
 
     cond, clf = str(digit_runs["mnist-cond"]), str(digit_runs["mnist-classifier"])
     common = ["--steps", "3", "--sampler", "ddim"]

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.app import Built, ImageBatches, build_model, build_schedule
-from difflab.config import apply_overrides, get_preset
+from difflab.app.build import Built, ImageBatches, build_schedule
+from difflab.app.config import apply_overrides, get_preset
+from difflab.app.kinds import kind_of
+from difflab.app.training import make_loss_fn
 from difflab.data.images import ImageDataset
 from difflab.image_to_image import (
     TASKS,
@@ -26,7 +28,6 @@ from difflab.image_to_image import (
     preview,
 )
 from difflab.parameterization import ModelDenoiser, Prediction
-from difflab.runner import make_loss_fn
 from difflab.schedules import DiscreteSchedule
 from difflab.train import Trainer
 from test_guidance import write_synthetic_mnist
@@ -142,8 +143,9 @@ def _palette_run(task: str, channels: int):
     ds = ImageDataset(images.expand(-1, -1, 8, 8).contiguous(), torch.zeros(32).long())
     sched = build_schedule(cfg)
     torch.manual_seed(0)
-    model = build_model(cfg, (channels, 8, 8), sched)
-    built = Built(cfg, sched, model, ModelDenoiser(model, sched), (channels, 8, 8), ds,
+    kind = kind_of(cfg)
+    model = kind.build_model(cfg, (channels, 8, 8), sched)
+    built = Built(cfg, kind, sched, model, ModelDenoiser(model, sched), (channels, 8, 8), ds,
                   torch.device("cpu"))  # fmt: skip
     return built, make_loss_fn(built, {}), ImageBatches(ds, 16, seed=0, device=built.device)
 
@@ -168,7 +170,7 @@ def test_palette_model_takes_the_degraded_image_and_its_loss_drops(task, channel
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli_restore_run_samples_test_images_and_given_inputs(tmp_path, capsys):
-    from difflab.cli import main
+    from difflab.app.cli import main
 
     data = write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=20)
     run = tmp_path / "run"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from difflab import checkpoint as ckpt
-from difflab.config import apply_overrides, get_preset
+from difflab.app.config import apply_overrides, get_preset
 from difflab.train import EMA, Trainer, lr_at
 
 FAST = [
@@ -178,7 +178,7 @@ def _cfg(*extra):
 
 
 def test_train_run_writes_a_complete_run_dir(tmp_path):
-    from difflab.runner import train_run
+    from difflab.app.training import train_run
 
     res = train_run(_cfg(), tmp_path / "run", progress=False, log=lambda s: None)
     run = tmp_path / "run"
@@ -200,7 +200,7 @@ def test_train_run_writes_a_complete_run_dir(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import difflab.runner as runner
+    import difflab.app.training as runner
 
     real = runner.make_loss_fn
 

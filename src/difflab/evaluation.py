@@ -94,6 +94,7 @@ RECIPE: dict[str, float | int] = {
     "seed": 0,
 }
 DigitDataset = Literal["mnist", "fashion-mnist"]
+DIGIT_DATASETS: tuple[str, ...] = get_args(DigitDataset)  # the datasets the FDD scores
 Statistics = tuple[Tensor, Tensor]
 
 

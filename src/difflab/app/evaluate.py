@@ -7,6 +7,8 @@
 * ``nll``: negative log-likelihood of held-out data by the full variational bound [Ho 2020,
   Eq. 5] and by the probability-flow ODE with Hutchinson's trace estimator [Song 2021,
   Sec. 4.3], each with its standard error; bits/dim for images, nats per point for 2-D data.
+
+What a kind of run is scored by is its ``evaluate`` (:mod:`difflab.app.kinds`).
 """
 
 from __future__ import annotations
@@ -15,17 +17,20 @@ from typing import Any
 
 import torch
 
-from difflab.app import Built, build_data
-from difflab.runner import draw_samples
+from difflab.app.build import Built, build_data
+from difflab.app.sampling import draw_samples
+from difflab.data.toy import sample_toy
+from difflab.evaluation import DIGIT_DATASETS, frechet_digit_distance, load_or_train_classifier
+from difflab.likelihood import bits_per_dim, mean_and_stderr, vlb
+from difflab.ode_likelihood import pf_ode_nll
+from difflab.schedules import DiscreteSchedule
 
-__all__ = ["evaluate_quality", "evaluate_nll"]
+__all__ = ["digit_quality", "evaluate_nll", "evaluate_quality"]
 
 
 def _held_out(built: Built, n: int, *, seed: int) -> torch.Tensor:
     cfg = built.cfg
     if cfg.data.is_toy:
-        from difflab.data.toy import sample_toy
-
         g = torch.Generator().manual_seed(50_000 + seed)
         return sample_toy(cfg.data.name, n, generator=g)  # type: ignore[arg-type]
     ds = build_data(cfg, train=False)
@@ -38,32 +43,33 @@ def evaluate_quality(
     built: Built, *, n: int, sampler: str, steps: int, seed: int = 0, batch_size: int = 500
 ) -> dict[str, Any]:
     """Quality metrics of ``n`` samples (see the module docstring)."""
-    cfg = built.cfg
     x = draw_samples(built, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size)
     out: dict[str, Any] = {"n": n, "sampler": sampler, "steps": steps}
-    if cfg.data.is_toy:
-        from difflab.report import toy_quality
+    out.update(built.kind.evaluate(built, x, seed=seed))
+    return out
 
-        out.update(toy_quality(built, x, seed=seed))
-        return out
-    if cfg.data.name not in ("mnist", "fashion-mnist"):
+
+def digit_quality(built: Built, x: torch.Tensor) -> dict[str, Any]:
+    """The Frechet digit distance of samples ``x`` to the test split, and the real-vs-real
+    floor at the same size (digit datasets only)."""
+    cfg = built.cfg
+    if cfg.data.name not in DIGIT_DATASETS:
         raise ValueError(
             f"difflab eval knows digit datasets and 2-D data; {cfg.data.name!r} needs a "
             "feature extractor (use difflab.metrics.frechet_distance with your own)"
         )
-    from difflab.evaluation import frechet_digit_distance, load_or_train_classifier
-
     data_dir = cfg.data.data_dir or f"data/{cfg.data.name}"
     net = load_or_train_classifier(data_dir=data_dir, dataset=cfg.data.name)  # type: ignore
     test = build_data(cfg, train=False)
     train = build_data(cfg, train=True)
-    m = min(n, len(test))
+    m = min(x.shape[0], len(test))
     ref = test.images[:m]
     real = train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:m]]
-    out["frechet_digit_distance"] = frechet_digit_distance(x, ref, net=net)
-    out["frechet_digit_distance_real_vs_real"] = frechet_digit_distance(real, ref, net=net)
-    out["classifier"] = getattr(net, "cache_info", {}).get("name", "")
-    return out
+    return {
+        "frechet_digit_distance": frechet_digit_distance(x, ref, net=net),
+        "frechet_digit_distance_real_vs_real": frechet_digit_distance(real, ref, net=net),
+        "classifier": getattr(net, "cache_info", {}).get("name", ""),
+    }
 
 
 def evaluate_nll(
@@ -77,12 +83,8 @@ def evaluate_nll(
     batch_size: int = 250,
 ) -> dict[str, Any]:
     """NLL of ``n`` held-out examples by the variational bound and the PF-ODE."""
-    from difflab.likelihood import bits_per_dim, mean_and_stderr, vlb
-    from difflab.ode_likelihood import pf_ode_nll
-    from difflab.schedules import DiscreteSchedule
-
-    if built.denoiser is None:
-        raise ValueError("difflab nll needs a denoiser model (not the Sohl-Dickstein model)")
+    if not built.kind.has_denoiser:
+        raise ValueError(f"difflab nll needs a diffusion denoiser, not a {built.kind.name} run")
     x = _held_out(built, n, seed=seed)
     images = x.ndim == 4
     dims = int(x[0].numel())

@@ -1,4 +1,4 @@
-"""Training and sampling runs: the loops behind ``difflab train`` and ``difflab sample``.
+"""Training runs: the loop behind ``difflab train``.
 
 A run directory holds ``config.json``, checkpoints (see :mod:`difflab.checkpoint`),
 ``metrics.csv``, TensorBoard event files, figures and ``finished.json``.
@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,15 @@ from tqdm import tqdm
 
 from difflab import checkpoint as ckpt
 from difflab import distributed as ddp
-from difflab.app import Built, build, check_config, make_batch_fn, resolve_device
-from difflab.config import RunConfig
+from difflab.app.build import Built, make_batch_fn, resolve_device, with_model
+from difflab.app.config import RunConfig
+from difflab.app.report import final_report
+from difflab.app.runs import build, check_config
 from difflab.safe_io import say
+from difflab.tensorboard import EventWriter
 from difflab.train import Trainer, TrainingDiverged
 
-__all__ = ["train_run", "load_run", "read_run_config", "draw_samples", "TrainResult"]
+__all__ = ["train_run", "TrainResult"]
 
 METRIC_FIELDS = ["step", "loss", "grad_norm", "lr", "examples_per_s", "elapsed_s"]
 
@@ -39,64 +42,8 @@ class TrainResult:
 
 
 def make_loss_fn(built: Built, extra_state: dict[str, Any]) -> Callable:
-    """loss_fn(batch, generator) -> (loss, logs) for the configured objective."""
-    cfg = built.cfg
-    if cfg.model.kind == "sohl-dickstein":
-
-        def sd_loss(batch: tuple[Tensor, Any], g: torch.Generator):
-            x0, _ = batch
-            return built.model.loss(x0, generator=g), {}
-
-        return sd_loss
-    if cfg.model.kind == "classifier":  # noise-aware classifier [Dhariwal & Nichol 2021]
-        from difflab.classifier import classifier_loss
-
-        if built.dataset is not None and bool((built.dataset.labels < 0).any()):
-            raise ValueError("training a classifier needs a labelled dataset")
-
-        def clf_loss(batch: tuple[Tensor, Tensor], g: torch.Generator):
-            loss, _ = classifier_loss(built.model, batch[0], batch[1], built.schedule, generator=g)
-            return loss, {}
-
-        return clf_loss
-
-    from difflab.objectives import ImportanceTimeSampler, diffusion_loss
-
-    d = cfg.diffusion
-    time_sampler = None
-    if d.t_sampling == "importance":
-        time_sampler = ImportanceTimeSampler(built.schedule.T)  # type: ignore[attr-defined]
-        extra_state["time_sampler"] = time_sampler
-    num_classes = cfg.model.num_classes
-    p_drop = cfg.model.label_dropout
-    task = cfg.model.image_task
-
-    def loss_fn(batch: tuple[Tensor, Tensor | None], g: torch.Generator):
-        x0, labels = batch
-        cond: Any = None
-        if num_classes > 0 and labels is not None:
-            drop = torch.rand(labels.shape, generator=g) < p_drop
-            cond = torch.where(drop.to(labels.device), torch.full_like(labels, num_classes), labels)
-        if task != "none":  # Palette: degrade on the fly with the step's generator
-            from difflab.image_to_image import degrade
-
-            image = degrade(x0, task, generator=g)
-            cond = {"image": image} if cond is None else {"class": cond, "image": image}
-        out = diffusion_loss(
-            built.denoiser,
-            x0,
-            cond=cond,
-            loss_type=d.loss_type,
-            weighting=d.weighting,
-            t_sampling="uniform" if d.t_sampling == "importance" else d.t_sampling,
-            time_sampler=time_sampler,
-            vlb_weight=d.vlb_weight,
-            offset_noise=d.offset_noise,
-            generator=g,
-        )
-        return out.loss, {}
-
-    return loss_fn
+    """loss_fn(batch, generator) -> (loss, logs): the run kind's objective."""
+    return built.kind.loss_fn(built, extra_state)
 
 
 def _fmt(x: float) -> str:
@@ -153,8 +100,8 @@ def _make_trainer(built: Built, dist: ddp.DistInfo) -> Trainer:
     loss_fn = make_loss_fn(built, extra_state)
     batch_fn = make_batch_fn(built)
     if dist.enabled:
-        if built.denoiser is None:
-            raise ValueError("the Sohl-Dickstein model trains in a single process")
+        if not built.kind.data_parallel:
+            raise ValueError(f"a {built.kind.name} run trains in a single process")
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [built.device.index] if built.device.type == "cuda" else None
@@ -368,8 +315,6 @@ def _finish(
     in_sync = ddp.ranks_in_sync(built.model, dist)
     if not dist.is_main:
         return {}
-    from difflab.report import final_report
-
     if dist.enabled:
         built.denoiser.model = built.model  # type: ignore[union-attr]
     built.model.load_state_dict(trainer.ema.model.state_dict())  # report on the EMA
@@ -413,150 +358,9 @@ class _NoLog:
 
 
 def _progress_samples(built: Built, trainer: Trainer, run_dir: Path, step: int) -> None:
-    from difflab.app import with_model
-    from difflab.report import sample_figure
-
-    sample_figure(with_model(built, trainer.ema.model), run_dir / "progress" / f"{step:08d}.png")
+    ema = with_model(built, trainer.ema.model)
+    built.kind.progress_figure(ema, run_dir / "progress" / f"{step:08d}.png", seed=0)
 
 
-def _tensorboard(run_dir: Path) -> Any:
-    try:
-        from difflab.tensorboard import EventWriter
-    except ImportError:  # pragma: no cover
-        return _NoLog()
+def _tensorboard(run_dir: Path) -> EventWriter:
     return EventWriter(run_dir / "tb")
-
-
-def read_run_config(run_dir: str | Path) -> RunConfig:
-    """The :class:`RunConfig` of a run directory, also of runs written by older versions: they
-    stored ``sample.eta = 0.0`` (then DDIM's eta, unused) whatever the sampler, which for a
-    sampler without an eta means "not set"."""
-    from difflab.samplers import SAMPLER_OPTIONS
-
-    cfg = RunConfig.from_dict(ckpt.read_config(Path(run_dir)))
-    if cfg.sample.eta is not None and "eta" not in SAMPLER_OPTIONS.get(cfg.sample.sampler, ()):
-        return replace(cfg, sample=replace(cfg.sample, eta=None))
-    return cfg
-
-
-def load_run(run_dir: str | Path, *, ema: bool = True, device: torch.device | None = None) -> Built:
-    """Rebuild a run's model from its config.json and latest checkpoint (EMA weights)."""
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    built = build(cfg, device=device or torch.device("cpu"), load_data=False)
-    c = ckpt.load_checkpoint(run_dir)
-    if c.fallback_note():
-        say(f"warning: {c.fallback_note()}", err=True)
-    group = "ema" if ema else "model"
-    c.check_finite(group)
-    try:
-        built.model.load_state_dict(c.tensors[group])
-    except (RuntimeError, KeyError) as e:
-        raise ckpt.CheckpointError(
-            f"{c.path}: the weights do not fit the model of {run_dir / 'config.json'} "
-            f"(was the config edited?): {ckpt.one_line(e)}"
-        ) from None
-    built.model.eval()
-    return built
-
-
-def draw_samples(
-    built: Built,
-    n: int,
-    *,
-    sampler: str,
-    steps: int,
-    seed: int = 0,
-    batch_size: int = 1000,
-    cond: Tensor | dict[str, Tensor] | None = None,
-    guidance: float | None = None,
-    classifier: torch.nn.Module | None = None,
-    classifier_scale: float = 1.0,
-    callback: Callable[[dict], None] | None = None,
-    **options: Any,
-) -> Tensor:
-    """n samples (n, *data_shape) on the CPU, drawn in batches; a seed reproduces them.
-
-    ``cond``: (n,) class labels or a dict of (n, ...) tensors ({"class", "image"}), sliced per
-    batch. ``guidance``: classifier-free guidance scale (class-conditional runs). ``classifier``:
-    a noise-aware classifier for classifier guidance at ``classifier_scale`` towards the labels
-    of ``cond``; the labels reach the diffusion model only when it is class-conditional.
-    ``threshold`` and ``eta`` (in ``options``) default to the run's ``sample.threshold`` and
-    ``sample.eta`` (if set and ``sampler`` is the run's ``sample.sampler``).
-    """
-    from difflab.samplers import sample
-
-    options.setdefault("threshold", built.cfg.sample.threshold)
-    if built.cfg.sample.eta is not None and sampler == built.cfg.sample.sampler:
-        options.setdefault("eta", built.cfg.sample.eta)  # the eta of the run's own sampler
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    done = 0
-    model = built.model
-    with torch.no_grad():
-        while done < n:
-            b = min(batch_size, n - done)
-            if built.denoiser is None:
-                x = model.sample(b, generator=g)  # type: ignore[operator]
-            else:
-                den: Any = built.denoiser
-                c = _cond_slice(cond, done, done + b, built.device)
-                if guidance is not None:
-                    from difflab.guidance import ClassifierFreeGuidance
-
-                    den = ClassifierFreeGuidance(
-                        built.denoiser, scale=guidance, null_label=built.cfg.model.num_classes
-                    )
-                if classifier is not None:
-                    den, c = _classifier_guided(built, den, c, classifier, classifier_scale)
-                x = sample(
-                    den,
-                    built.schedule,
-                    (b, *built.data_shape),
-                    sampler=sampler,
-                    steps=steps,
-                    generator=g,
-                    cond=c,
-                    callback=callback if done == 0 else None,
-                    device=built.device,
-                    **options,
-                )
-            out.append(x.float().cpu())
-            done += b
-    return finite_samples(torch.cat(out), f"{sampler} with {steps} steps")
-
-
-def finite_samples(x: Tensor, what: str) -> Tensor:
-    """``x`` if every value is finite; otherwise a one-line ``ValueError``: non-finite samples
-    are never useful, and a figure or metric of them fails later with an obscure message."""
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(
-            f"{what} gave NaN or infinite samples: the model's outputs overflow "
-            "(did the run diverge?)"
-        )
-    return x
-
-
-def _cond_slice(cond: Any, lo: int, hi: int, device: torch.device) -> Any:
-    """Rows lo:hi of a label tensor or of every tensor in a cond dict, on ``device``."""
-    if cond is None:
-        return None
-    if isinstance(cond, dict):
-        return {k: v[lo:hi].to(device) for k, v in cond.items()}
-    return cond[lo:hi].to(device)
-
-
-def _classifier_guided(
-    built: Built, den: Any, c: Any, classifier: torch.nn.Module, scale: float
-) -> tuple[Any, Any]:
-    """Wrap ``den`` in classifier guidance towards the labels of ``c``; the cond it keeps."""
-    from difflab.guidance import ClassifierGuidance, labels_from_cond
-
-    labels = labels_from_cond(c)
-    if labels is None:
-        raise ValueError("classifier guidance needs class labels (--class)")
-    guided = ClassifierGuidance(den, classifier, built.schedule, scale=scale, labels=labels)
-    if built.cfg.model.num_classes == 0:  # an unconditional model must not see the labels
-        rest = {k: v for k, v in c.items() if k != "class"} if isinstance(c, dict) else {}
-        c = rest or None
-    return guided, c

@@ -9,7 +9,8 @@ Image runs: ``samples.png`` (grid), ``denoising.gif`` and ``loss.png``; class-co
 also ``guidance.png`` (a row per class, a block per classifier-free guidance scale).
 Image-to-image runs (``model.image_task``): ``samples.png`` with rows degraded / restored /
 original and the PSNRs in ``finished.json``. Classifier runs: ``loss.png`` and the accuracy on
-noisy test images x_t in ``finished.json``.
+noisy test images x_t in ``finished.json``. Each kind of run (:mod:`difflab.app.kinds`) says
+which of these pieces its report is made of.
 """
 
 from __future__ import annotations
@@ -21,16 +22,29 @@ from statistics import mean
 from typing import Any
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import Tensor
 
-from difflab.app import Built
+from difflab import viz
+from difflab.app.build import Built, build_data
+from difflab.app.sampling import draw_samples
+from difflab.checkpoint import read_metrics
+from difflab.classifier import noisy_accuracy
+from difflab.data.toy import sample_toy, toy_density
+from difflab.image_to_image import degrade, preview
+from difflab.metrics import exact_nll, mmd, sliced_wasserstein
+from difflab.process import q_sample
 
 __all__ = [
     "final_report",
     "guidance_sweep_figure",
     "guidance_sweep_samples",
+    "grid_figure",
+    "images_report",
+    "points_report",
     "restoration_figure",
-    "sample_figure",
+    "scatter_figure",
     "toy_quality",
     "trajectory",
 ]
@@ -40,8 +54,6 @@ def trajectory(
     built: Built, n: int, *, seed: int, frames: int = 40
 ) -> tuple[Tensor, list[Tensor], list[float]]:
     """Samples and up to ``frames`` snapshots (x at decreasing t) of the reverse process."""
-    from difflab.runner import draw_samples, finite_samples
-
     cfg = built.cfg
     xs: list[Tensor] = []
     ts: list[float] = []
@@ -50,31 +62,22 @@ def trajectory(
         xs.append(info["x"].detach().float().cpu())
         ts.append(float(info["t"]))
 
-    if built.denoiser is None:  # Sohl-Dickstein model returns its own trajectory
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            x, traj = built.model.sample(n, generator=g, return_trajectory=True)  # type: ignore
-        finite_samples(x, "the Sohl-Dickstein model")
-        T = traj.shape[0] - 1  # traj[t] = x_t; frames run from x_T down to x_0
-        xs = [traj[t].float().cpu() for t in range(T, -1, -1)]
-        ts = [float(t) for t in range(T, -1, -1)]
-    else:
-        x = draw_samples(
-            built,
-            n,
-            sampler=cfg.sample.sampler,
-            steps=cfg.sample.steps,
-            seed=seed,
-            batch_size=n,
-            callback=keep,
-        )
-        xs.append(x)
-        ts.append(0.0)
+    x = draw_samples(
+        built, n, sampler=cfg.sample.sampler, steps=cfg.sample.steps, seed=seed, batch_size=n,
+        callback=keep,
+    )  # fmt: skip
+    xs.append(x)
+    ts.append(0.0)
+    return x, *thin_frames(xs, ts, frames)
+
+
+def thin_frames(xs: list[Tensor], ts: list[float], frames: int) -> tuple[list[Tensor], list[float]]:
+    """At most about ``frames`` evenly spaced snapshots, always with the last one."""
     stride = max(1, len(xs) // frames)
     idx = list(range(0, len(xs), stride))
     if idx[-1] != len(xs) - 1:
         idx.append(len(xs) - 1)
-    return x.float().cpu(), [xs[i] for i in idx], [ts[i] for i in idx]
+    return [xs[i] for i in idx], [ts[i] for i in idx]
 
 
 def toy_quality(built: Built, samples: Tensor, *, seed: int, repeats: int = 5) -> dict[str, float]:
@@ -83,9 +86,6 @@ def toy_quality(built: Built, samples: Tensor, *, seed: int, repeats: int = 5) -
     Sliced Wasserstein (1,024 directions) is averaged over ``repeats`` fresh data sets, and the
     reference over ``repeats`` independent pairs of fresh data sets.
     """
-    from difflab.data.toy import sample_toy, toy_density
-    from difflab.metrics import exact_nll, mmd, sliced_wasserstein
-
     name = built.cfg.data.name
     n = samples.shape[0]
     g = torch.Generator().manual_seed(10_000 + seed)
@@ -112,24 +112,25 @@ def toy_quality(built: Built, samples: Tensor, *, seed: int, repeats: int = 5) -
     return out
 
 
-def sample_figure(built: Built, path: Path, *, n: int | None = None, seed: int = 0) -> Tensor:
-    """Draw samples with the run's sampler and save a scatter (2-D) or a grid (images)."""
-    from difflab import viz
-    from difflab.runner import draw_samples
-
+def scatter_figure(built: Built, path: Path, *, n: int, seed: int = 0) -> Tensor:
+    """Draw n samples with the run's sampler and save a scatter plot (2-D runs)."""
     cfg = built.cfg
-    if cfg.model.kind == "classifier":
-        return torch.empty(0)
-    if cfg.model.image_task != "none":
-        return restoration_figure(built, path, seed=seed)["samples"]
-    n = n or (cfg.sample.n if cfg.data.is_toy else 64)
-    path.parent.mkdir(parents=True, exist_ok=True)
     x = draw_samples(built, n, sampler=cfg.sample.sampler, steps=cfg.sample.steps, seed=seed)
-    if cfg.data.is_toy:
-        viz.scatter(x, path, title=f"{cfg.preset}: {n} samples", lim=_lim(x))
-    else:
-        viz.save_image_grid(x, path, scale=2 if x.shape[-1] <= 32 else 1)
+    viz.scatter(x, path, title=f"{cfg.preset}: {n} samples", lim=_lim(x))
     return x
+
+
+def grid_figure(built: Built, path: Path, *, n: int = 64, seed: int = 0) -> Tensor:
+    """Draw n samples with the run's sampler and save an image grid (image runs)."""
+    cfg = built.cfg
+    x = draw_samples(built, n, sampler=cfg.sample.sampler, steps=cfg.sample.steps, seed=seed)
+    viz.save_image_grid(x, path, scale=grid_scale(x))
+    return x
+
+
+def grid_scale(x: Tensor) -> int:
+    """Upsampling of image grids: 2 for small images (<= 32 pixels wide), else 1."""
+    return 2 if x.shape[-1] <= 32 else 1
 
 
 def _lim(*xs: Tensor) -> float:
@@ -140,10 +141,6 @@ def forward_reverse_figure(
     built: Built, reverse: list[Tensor], ts: list[float], path: Path
 ) -> None:
     """2 x 3 grid: data noised to t = 0, T/2, T (top) and the reverse process there (bottom)."""
-    from difflab import viz
-    from difflab.data.toy import sample_toy
-    from difflab.process import q_sample
-
     sched = built.schedule
     n = reverse[0].shape[0]
     g = torch.Generator().manual_seed(123)
@@ -161,55 +158,57 @@ def forward_reverse_figure(
 def final_report(
     built: Built, run_dir: Path, *, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """Write the end-of-run figures and return metrics for ``finished.json``."""
-    from difflab import viz
-    from difflab.checkpoint import read_metrics
-
-    cfg = built.cfg
-    info: dict[str, Any] = {}
+    """Write the end-of-run figures (the loss curve, then the run kind's) and return the
+    metrics for ``finished.json``."""
     m = read_metrics(run_dir / "metrics.csv")
     if m.get("step"):
         viz.plot_loss_curve(m["step"], m["loss"], run_dir / "loss.png")
-    seed = cfg.train.seed
-    if cfg.model.kind == "classifier":
-        info["noisy_accuracy"] = classifier_accuracy(built, log=log)
-    elif cfg.model.image_task != "none":
-        out = restoration_figure(built, run_dir / "samples.png", seed=seed)
-        info["psnr"], info["psnr_degraded"] = out["psnr"], out["psnr_degraded"]
-        log(f"PSNR restored {out['psnr']:.2f} dB, degraded {out['psnr_degraded']:.2f} dB")
-    elif cfg.data.is_toy:
-        x, frames, ts = trajectory(built, cfg.sample.n, seed=seed)
-        lim = _lim(x) * 1.5
-        viz.scatter(x, run_dir / "samples.png", title=f"{cfg.preset}: samples", lim=lim)
-        forward_reverse_figure(built, frames, ts, run_dir / "forward_reverse.png")
-        viz.scatter_trajectory_gif(
-            [f[:2000] for f in frames],
-            run_dir / "denoising.gif",
-            lim=lim,
-            titles=[f"t = {t:.0f}" for t in ts],
-        )
-        q = toy_quality(built, x, seed=seed)
-        info["quality"] = q
-        log(
-            f"sliced Wasserstein to fresh data: {q['sliced_wasserstein']:.4f} "
-            f"(data vs data: {q['sliced_wasserstein_data_vs_data']:.4f}, n = {int(q['n'])})"
-        )
-    else:
-        x, frames, _ = trajectory(built, 64, seed=seed)
-        viz.save_image_grid(x, run_dir / "samples.png", scale=2 if x.shape[-1] <= 32 else 1)
-        viz.image_trajectory_gif(frames, run_dir / "denoising.gif")
-        if cfg.model.num_classes > 0:  # class-conditional: classifier-free guidance sweep
-            scales = [0.0, 1.0, 3.0]
-            sweep = guidance_sweep_samples(built, scales, per_class=4, seed=seed)
-            guidance_sweep_figure(sweep, scales, run_dir / "guidance.png")
+    info = built.kind.report(built, run_dir, log=log)
     log(f"figures written to {run_dir}")
     return info
 
 
+def points_report(
+    built: Built,
+    run_dir: Path,
+    traj: tuple[Tensor, list[Tensor], list[float]],
+    *,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """2-D runs: samples, forward/reverse figure, denoising GIF and the sample quality."""
+    x, frames, ts = traj
+    lim = _lim(x) * 1.5
+    viz.scatter(x, run_dir / "samples.png", title=f"{built.cfg.preset}: samples", lim=lim)
+    forward_reverse_figure(built, frames, ts, run_dir / "forward_reverse.png")
+    viz.scatter_trajectory_gif(
+        [f[:2000] for f in frames],
+        run_dir / "denoising.gif",
+        lim=lim,
+        titles=[f"t = {t:.0f}" for t in ts],
+    )
+    q = toy_quality(built, x, seed=built.cfg.train.seed)
+    log(
+        f"sliced Wasserstein to fresh data: {q['sliced_wasserstein']:.4f} "
+        f"(data vs data: {q['sliced_wasserstein_data_vs_data']:.4f}, n = {int(q['n'])})"
+    )
+    return {"quality": q}
+
+
+def images_report(built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict[str, Any]:
+    """Image runs: a sample grid, the denoising GIF and, class-conditional, a guidance sweep."""
+    seed = built.cfg.train.seed
+    x, frames, _ = trajectory(built, 64, seed=seed)
+    viz.save_image_grid(x, run_dir / "samples.png", scale=grid_scale(x))
+    viz.image_trajectory_gif(frames, run_dir / "denoising.gif")
+    if built.cfg.model.num_classes > 0:  # class-conditional: classifier-free guidance sweep
+        scales = [0.0, 1.0, 3.0]
+        sweep = guidance_sweep_samples(built, scales, per_class=4, seed=seed)
+        guidance_sweep_figure(sweep, scales, run_dir / "guidance.png")
+    return {}
+
+
 def evaluation_images(built: Built, n: int) -> tuple[Tensor, Tensor]:
     """The first n test images (float in [-1, 1]) and labels; the training split if none."""
-    from difflab.app import build_data
-
     try:
         ds = build_data(built.cfg, train=False)
     except (FileNotFoundError, ValueError):
@@ -238,15 +237,11 @@ def restoration_figure(
     """Restore n degraded evaluation images (or the given conditioning images ``y``).
 
     The degradation uses a generator seeded with ``seed``; sampling uses the run's sampler and
-    steps unless given (``**options`` go to :func:`~difflab.runner.draw_samples`). Saves a grid
-    of the first 16 with rows degraded / restored / original (no original row for given ``y``);
+    steps unless given (``**options`` go to :func:`~difflab.app.sampling.draw_samples`). Saves a
+    grid of the first 16 with rows degraded / restored / original (no original row for given ``y``);
     returns {"samples", "degraded", "originals", "psnr", "psnr_degraded"} (PSNRs NaN without
     originals).
     """
-    from difflab import viz
-    from difflab.image_to_image import degrade, preview
-    from difflab.runner import draw_samples
-
     cfg = built.cfg
     task, channels = cfg.model.image_task, built.data_shape[0]
     x0 = None
@@ -259,7 +254,6 @@ def restoration_figure(
     )  # fmt: skip
     shown = preview(y, task, channels)  # type: ignore[arg-type]
     rows = [shown[:16], x[:16]] + ([] if x0 is None else [x0[:16]])
-    path.parent.mkdir(parents=True, exist_ok=True)
     viz.save_image_grid(torch.cat(rows), path, nrow=rows[0].shape[0], scale=2)
     nan = float("nan")
     return {
@@ -275,8 +269,6 @@ def classifier_accuracy(
     built: Built, *, n: int = 2000, seed: int = 0, log: Callable[[str], None] = print
 ) -> dict[str, float]:
     """Accuracy of a noise-aware classifier run on n evaluation images noised to several t."""
-    from difflab.classifier import noisy_accuracy
-
     x0, labels = evaluation_images(built, n)
     t_max = built.schedule.t_max
     ts = [built.schedule.t_min] + [round(f * t_max, 6) for f in (0.25, 0.5, 0.75)]
@@ -303,8 +295,6 @@ def guidance_sweep_samples(
     classifier-guidance scales (and ``guidance`` an optional fixed CFG scale). Every scale
     uses the same seed, hence the same initial noise.
     """
-    from difflab.runner import draw_samples
-
     cfg = built.cfg
     k = cfg.model.num_classes if classifier is None else int(classifier.num_classes)
     labels = torch.arange(k).repeat_interleave(per_class)
@@ -325,11 +315,6 @@ def guidance_sweep_figure(
     samples: Tensor, scales: list[float], path: Path, *, label: str = "guidance scale"
 ) -> None:
     """One panel per scale: rows are classes, columns samples, (S, K, m, C, H, W) in [-1, 1]."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from difflab import viz
-
     s, k, m = samples.shape[:3]
     fig = Figure(figsize=(1.0 + 0.45 * m * s, 0.5 + 0.45 * k))
     FigureCanvasAgg(fig)

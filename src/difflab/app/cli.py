@@ -25,6 +25,9 @@ from typing import Any
 
 from difflab.safe_io import atomic_output, check_writable, say
 
+# The commands import the app layer (and so torch) inside their functions, so that `difflab
+# --help` and argument errors answer at once without importing torch.
+
 # the names of difflab.samplers.SAMPLERS, spelled out so that --help does not import torch
 # (a test keeps the two equal)
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2s", "dpm++2m-sde", "euler", "heun",
@@ -147,16 +150,15 @@ def _save_npz(path: Path, **arrays: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from difflab.config import apply_overrides, get_preset
-    from difflab.runner import train_run
+    from difflab.app.config import apply_overrides, get_preset
+    from difflab.app.runs import read_run_config
+    from difflab.app.training import train_run
 
     for name in ("steps", "batch_size", "lr", "minutes"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.resume is not None:
         if args.out is not None:
             raise ValueError("use either --resume RUN_DIR or --out DIR, not both")
-        from difflab.runner import read_run_config
-
         cfg = read_run_config(args.resume)
         run_dir = args.resume
     else:
@@ -199,9 +201,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from difflab import viz
-    from difflab.app import resolve_device
+    from difflab.app.build import resolve_device
+    from difflab.app.report import grid_scale
+    from difflab.app.runs import load_run
+    from difflab.app.sampling import draw_samples
     from difflab.data.images import to_uint8
-    from difflab.runner import draw_samples, load_run
 
     for name in ("n", "steps", "batch_size"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
@@ -212,7 +216,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     built = load_run(args.run_dir, ema=not args.no_ema, device=device)
     cfg = built.cfg
-    if cfg.model.kind == "classifier":
+    if built.kind.guides_sampling:
         raise ValueError(
             f"{args.run_dir} is a classifier run; pass it to a diffusion run with --classifier"
         )
@@ -226,7 +230,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError("--guidance needs a class-conditional run (model.num_classes)")
     if args.guidance_sweep is not None:
         return _guidance_sweep(args, built, sampler, steps, classifier, options)
-    if cfg.model.image_task != "none":
+    if built.kind.conditions_on_images:
         return _image_task(args, built, sampler, steps, options)
     cond = None
     if args.label is not None or args.guidance is not None or classifier is not None:
@@ -259,29 +263,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
         viz.scatter(x, png, title=f"{sampler}, {steps} steps")
     else:
         _save_npz(out, samples=to_uint8(x).numpy())
-        viz.save_image_grid(x[:256], png, scale=_scale(x))
+        viz.save_image_grid(x[:256], png, scale=grid_scale(x))
     if args.gif and frames:
         frames.append(x[: frames[0].shape[0]])
         gif = out.with_suffix(".gif")
         if cfg.data.is_toy:
             viz.scatter_trajectory_gif(frames, gif)
         else:
-            viz.image_trajectory_gif([f[:64] for f in frames], gif, scale=_scale(x))
+            viz.image_trajectory_gif([f[:64] for f in frames], gif, scale=grid_scale(x))
     say(f"wrote {out} and {png}" + (f" and {out.with_suffix('.gif')}" if args.gif else ""))
     return 0
 
 
-def _scale(x: Any) -> int:
-    """Upsampling of image grids: 2 for small images (<= 32 pixels wide), else 1."""
-    return 2 if x.shape[-1] <= 32 else 1
-
-
 def _load_classifier(run_dir: Path, built):
     """The noise-aware classifier of a classifier run, checked against the diffusion run."""
-    from difflab.runner import load_run
+    from difflab.app.runs import load_run
 
     clf = load_run(run_dir, device=built.device)
-    if clf.cfg.model.kind != "classifier":
+    if not clf.kind.guides_sampling:
         raise ValueError(f"{run_dir} is not a classifier run (model.kind={clf.cfg.model.kind})")
     if clf.schedule.to_config() != built.schedule.to_config():
         raise ValueError(
@@ -309,13 +308,13 @@ def _guidance_sweep(args, built, sampler: str, steps: int, classifier, options: 
     """Samples of every class at every scale, with the same noise for every scale."""
     import numpy as np
 
+    from difflab.app.report import guidance_sweep_figure, guidance_sweep_samples
     from difflab.data.images import to_uint8
-    from difflab.report import guidance_sweep_figure, guidance_sweep_samples
 
     scales = _parse_scales(args.guidance_sweep)
     cfg = built.cfg
     k = cfg.model.num_classes if classifier is None else classifier.num_classes
-    if k == 0 or cfg.data.is_toy or cfg.model.image_task != "none":
+    if k == 0 or cfg.data.is_toy or built.kind.conditions_on_images:
         raise ValueError(
             "--guidance-sweep needs a class-conditional image run, or --classifier CLF_RUN"
         )
@@ -338,8 +337,8 @@ def _image_task(args, built, sampler: str, steps: int, options: dict) -> int:
     import numpy as np
     import torch
 
+    from difflab.app.report import restoration_figure
     from difflab.data.images import to_uint8, to_unit_range
-    from difflab.report import restoration_figure
 
     y = None
     if args.input is not None:
@@ -369,7 +368,7 @@ def _image_task(args, built, sampler: str, steps: int, options: dict) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from difflab.config import PRESETS
+    from difflab.app.config import PRESETS
 
     for name, cfg in PRESETS.items():
         what = cfg.data.name
@@ -401,8 +400,8 @@ def cmd_viz(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from difflab.run_eval import evaluate_quality
-    from difflab.runner import load_run
+    from difflab.app.evaluate import evaluate_quality
+    from difflab.app.runs import load_run
 
     _positive("--n", args.n)
     _positive("--steps", args.steps)
@@ -421,8 +420,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_nll(args: argparse.Namespace) -> int:
     import json
 
-    from difflab.run_eval import evaluate_nll
-    from difflab.runner import load_run
+    from difflab.app.evaluate import evaluate_nll
+    from difflab.app.runs import load_run
 
     for name in ("n", "vlb_stride", "ode_steps", "probes"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))

@@ -1,0 +1,329 @@
+"""The run-kind table: every kind of run is one entry that says how to check, build, train,
+sample, report and evaluate it.
+
+==================  ==================  ============================================================
+kind                selected by         what it is
+==================  ==================  ============================================================
+``diffusion-2d``    model.kind=mlp      a denoiser on 2-D points (swiss roll, moons, mixtures)
+``sohl-dickstein``  model.kind=         the 2015 model: Gaussian reverse kernels of its own
+                    sohl-dickstein      [Sohl-Dickstein 2015]
+``diffusion-image`` model.kind=unet     an image denoiser (U-Net), optionally class-conditional
+``image-to-image``  model.kind=unet,    Palette: restore, colourise or inpaint an image given as
+                    image_task set      conditioning [Saharia 2022]
+``classifier``      model.kind=         a noise-aware classifier of x_t, for classifier guidance
+                    classifier          [Dhariwal & Nichol 2021]
+==================  ==================  ============================================================
+
+Adding a kind of run is one class here and one entry in :data:`KINDS` (plus its tests); the
+rest of the app layer asks ``built.kind`` and never branches on kind names
+(``tests/test_structure.py`` keeps it so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import difflab.app.report as report
+from difflab.app.build import Built, diffusion_denoiser
+from difflab.app.config import RunConfig
+from difflab.app.evaluate import digit_quality
+from difflab.app.sampling import finite_samples, sample_with_denoiser
+from difflab.classifier import build_classifier, classifier_loss
+from difflab.image_to_image import cond_channels, degrade
+from difflab.nn.mlp import TimeMLP
+from difflab.nn.sohl_dickstein import SohlDicksteinModel
+from difflab.nn.unet import UNET_PRESETS, build_unet
+from difflab.objectives import ImportanceTimeSampler, diffusion_loss
+from difflab.schedules import DiscreteSchedule, Schedule, check_choice
+
+__all__ = ["KINDS", "RunKind", "kind_of"]
+
+LossFn = Callable[[Any, torch.Generator], tuple[Tensor, dict[str, Tensor]]]
+
+
+class RunKind:
+    """A kind of run. The defaults are those of a diffusion model; kinds override what differs.
+
+    Attributes:
+        name: the kind's name in the table.
+        data: the data it models, ``"2-D"`` or ``"image"``.
+        has_denoiser: its network is a diffusion denoiser (samplers, guidance, likelihoods).
+        data_parallel: it trains under ``torchrun``.
+        guides_sampling: it is a classifier that guides another run's sampling.
+        conditions_on_images: ``difflab sample`` restores conditioning images (``--input``).
+    """
+
+    name = ""
+    data = "image"
+    has_denoiser = True
+    data_parallel = True
+    guides_sampling = False
+    conditions_on_images = False
+
+    def selects(self, cfg: RunConfig) -> bool:
+        """Whether a config is a run of this kind."""
+        raise NotImplementedError
+
+    def check(self, cfg: RunConfig) -> None:
+        """Kind-specific checks of a config (one-line ``ValueError``)."""
+        if (self.data == "2-D") != cfg.data.is_toy:
+            raise ValueError(
+                f"a {self.name} run (model.kind={cfg.model.kind}) models {self.data} data, "
+                f"not {cfg.data.name!r}"
+            )
+        if cfg.model.image_task != "none" and not self.conditions_on_images:
+            raise ValueError("image-to-image tasks (model.image_task) need model.kind=unet")
+        if self.data == "image":  # image networks are built from a U-Net preset
+            check_choice("model.preset", cfg.model.preset, tuple(UNET_PRESETS))
+
+    def build_model(
+        self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
+    ) -> nn.Module:
+        raise NotImplementedError
+
+    def denoiser(self, cfg: RunConfig, model: nn.Module, schedule: Schedule) -> Any:
+        """The denoiser the samplers see (None for kinds without one)."""
+        return diffusion_denoiser(cfg, model, schedule) if self.has_denoiser else None
+
+    def loss_fn(self, built: Built, extra_state: dict[str, Any]) -> LossFn:
+        """loss_fn(batch, generator) -> (loss, logs): the diffusion objective of the config.
+        Objects in ``extra_state`` are saved with every checkpoint."""
+        cfg, d = built.cfg, built.cfg.diffusion
+        time_sampler = None
+        if d.t_sampling == "importance":  # Improved DDPM, Eq. (17)-(18)
+            time_sampler = ImportanceTimeSampler(built.schedule.T)  # type: ignore[attr-defined]
+            extra_state["time_sampler"] = time_sampler
+        num_classes, p_drop = cfg.model.num_classes, cfg.model.label_dropout
+
+        def loss_fn(batch: tuple[Tensor, Tensor | None], g: torch.Generator):
+            x0, labels = batch
+            cond: Any = None
+            if num_classes > 0 and labels is not None:  # null label with prob. p_drop (CFG)
+                drop = torch.rand(labels.shape, generator=g) < p_drop
+                cond = torch.where(
+                    drop.to(labels.device), torch.full_like(labels, num_classes), labels
+                )
+            cond = self.training_cond(cfg, x0, cond, g)
+            out = diffusion_loss(
+                built.denoiser, x0, cond=cond, loss_type=d.loss_type, weighting=d.weighting,
+                t_sampling="uniform" if d.t_sampling == "importance" else d.t_sampling,
+                time_sampler=time_sampler, vlb_weight=d.vlb_weight, offset_noise=d.offset_noise,
+                generator=g,
+            )  # fmt: skip
+            return out.loss, {}
+
+        return loss_fn
+
+    def training_cond(self, cfg: RunConfig, x0: Tensor, cond: Any, g: torch.Generator) -> Any:
+        """The conditioning of a training batch (class labels or None by default)."""
+        return cond
+
+    def draw(self, built: Built, b: int, **kw: Any) -> Tensor:
+        """One batch of b samples (see :func:`difflab.app.sampling.draw_samples`)."""
+        return sample_with_denoiser(built, b, **kw)
+
+    def trajectory(self, built: Built, n: int, *, seed: int):
+        """Samples and snapshots of the reverse process, for figures and GIFs."""
+        return report.trajectory(built, n, seed=seed)
+
+    def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
+        """End-of-run figures in ``run_dir``; returns metrics for ``finished.json``."""
+        raise NotImplementedError
+
+    def progress_figure(self, built: Built, path: Path, *, seed: int) -> None:
+        """A figure of the model during training (``train.sample_every``)."""
+        report.grid_figure(built, path, seed=seed)
+
+    def evaluate(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
+        """``difflab eval``: quality metrics of the samples ``x``."""
+        raise ValueError(f"difflab eval does not score {self.name} runs")
+
+
+class Diffusion2D(RunKind):
+    name = "diffusion-2d"
+    data = "2-D"
+
+    def selects(self, cfg: RunConfig) -> bool:
+        return cfg.model.kind == "mlp"
+
+    def build_model(
+        self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
+    ) -> nn.Module:
+        m = cfg.model
+        out = data_shape[0] * (2 if m.learned_variance else 1)
+        return TimeMLP(
+            dim=data_shape[0], hidden=m.hidden, depth=m.depth, out_dim=out,
+            num_classes=m.num_classes,
+        )  # fmt: skip
+
+    def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
+        traj = self.trajectory(built, built.cfg.sample.n, seed=built.cfg.train.seed)
+        return report.points_report(built, run_dir, traj, log=log)
+
+    def progress_figure(self, built: Built, path: Path, *, seed: int) -> None:
+        report.scatter_figure(built, path, n=built.cfg.sample.n, seed=seed)
+
+    def evaluate(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
+        return report.toy_quality(built, x, seed=seed)
+
+
+class SohlDickstein(Diffusion2D):
+    """The 2015 model samples with its own reverse kernels, so it has no denoiser."""
+
+    name = "sohl-dickstein"
+    has_denoiser = False
+    data_parallel = False
+
+    def selects(self, cfg: RunConfig) -> bool:
+        return cfg.model.kind == "sohl-dickstein"
+
+    def build_model(
+        self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
+    ) -> nn.Module:
+        if not isinstance(sched, DiscreteSchedule):
+            raise ValueError("the Sohl-Dickstein model needs a discrete schedule")
+        return SohlDicksteinModel(dim=data_shape[0], T=sched.T, hidden=cfg.model.hidden)
+
+    def loss_fn(self, built: Built, extra_state: dict[str, Any]) -> LossFn:
+        def sd_loss(batch: tuple[Tensor, Any], g: torch.Generator):
+            return built.model.loss(batch[0], generator=g), {}  # type: ignore[operator]
+
+        return sd_loss
+
+    def draw(self, built: Built, b: int, *, generator: torch.Generator, **kw: Any) -> Tensor:
+        return built.model.sample(b, generator=generator)  # type: ignore[operator]
+
+    def trajectory(self, built: Built, n: int, *, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            x, traj = built.model.sample(n, generator=g, return_trajectory=True)  # type: ignore
+        finite_samples(x, "the Sohl-Dickstein model")
+        T = traj.shape[0] - 1  # traj[t] = x_t; frames run from x_T down to x_0
+        xs = [traj[t].float().cpu() for t in range(T, -1, -1)]
+        return x.float().cpu(), *report.thin_frames(xs, [float(t) for t in range(T, -1, -1)], 40)
+
+
+class DiffusionImage(RunKind):
+    name = "diffusion-image"
+
+    def selects(self, cfg: RunConfig) -> bool:
+        return cfg.model.kind == "unet" and cfg.model.image_task == "none"
+
+    def build_model(
+        self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
+    ) -> nn.Module:
+        m = cfg.model
+        c, h, _ = data_shape
+        overrides: dict[str, Any] = dict(
+            in_channels=c, image_size=h, out_channels=c * (2 if m.learned_variance else 1),
+            num_classes=m.num_classes, **self.unet_options(cfg, c),
+        )  # fmt: skip
+        if m.dropout is not None:
+            overrides["dropout"] = m.dropout
+        return build_unet(m.preset, **overrides)
+
+    def unet_options(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
+        return {}
+
+    def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
+        return report.images_report(built, run_dir, log=log)
+
+    def evaluate(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
+        return digit_quality(built, x)
+
+
+class ImageToImage(DiffusionImage):
+    """Palette [Saharia 2022]: the degraded image is concatenated to x_t."""
+
+    name = "image-to-image"
+    conditions_on_images = True
+
+    def selects(self, cfg: RunConfig) -> bool:
+        return cfg.model.kind == "unet" and cfg.model.image_task != "none"
+
+    def unet_options(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
+        return {"cond_channels": cond_channels(cfg.model.image_task, channels)}  # type: ignore
+
+    def training_cond(self, cfg: RunConfig, x0: Tensor, cond: Any, g: torch.Generator) -> Any:
+        image = degrade(x0, cfg.model.image_task, generator=g)  # type: ignore[arg-type]
+        return {"image": image} if cond is None else {"class": cond, "image": image}
+
+    def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
+        out = report.restoration_figure(built, run_dir / "samples.png", seed=built.cfg.train.seed)
+        log(f"PSNR restored {out['psnr']:.2f} dB, degraded {out['psnr_degraded']:.2f} dB")
+        return {"psnr": out["psnr"], "psnr_degraded": out["psnr_degraded"]}
+
+    def progress_figure(self, built: Built, path: Path, *, seed: int) -> None:
+        report.restoration_figure(built, path, seed=seed)
+
+    def evaluate(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
+        raise ValueError("image-to-image runs are scored by difflab sample (PSNR), not eval")
+
+
+class Classifier(RunKind):
+    """A noise-aware classifier: the U-Net's encoder [Dhariwal & Nichol 2021]."""
+
+    name = "classifier"
+    has_denoiser = False
+    guides_sampling = True
+
+    def selects(self, cfg: RunConfig) -> bool:
+        return cfg.model.kind == "classifier"
+
+    def check(self, cfg: RunConfig) -> None:
+        super().check(cfg)
+        if cfg.model.num_classes < 2:
+            raise ValueError("a classifier run needs model.num_classes >= 2")
+
+    def build_model(
+        self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
+    ) -> nn.Module:
+        m = cfg.model
+        extra = {} if m.dropout is None else {"dropout": m.dropout}
+        c, h, _ = data_shape
+        return build_classifier(
+            m.preset, num_classes=m.num_classes, in_channels=c, image_size=h, **extra
+        )
+
+    def loss_fn(self, built: Built, extra_state: dict[str, Any]) -> LossFn:
+        if built.dataset is not None and bool((built.dataset.labels < 0).any()):
+            raise ValueError("training a classifier needs a labelled dataset")
+
+        def clf_loss(batch: tuple[Tensor, Tensor], g: torch.Generator):
+            loss, _ = classifier_loss(built.model, batch[0], batch[1], built.schedule, generator=g)
+            return loss, {}
+
+        return clf_loss
+
+    def draw(self, built: Built, b: int, **kw: Any) -> Tensor:
+        raise ValueError(
+            f"{built.cfg.preset} is a classifier run; pass it to a diffusion run with --classifier"
+        )
+
+    def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
+        return {"noisy_accuracy": report.classifier_accuracy(built, log=log)}
+
+    def progress_figure(self, built: Built, path: Path, *, seed: int) -> None:
+        pass
+
+
+KINDS: dict[str, RunKind] = {
+    k.name: k
+    for k in (Diffusion2D(), SohlDickstein(), DiffusionImage(), ImageToImage(), Classifier())
+}
+
+
+def kind_of(cfg: RunConfig) -> RunKind:
+    """The entry of :data:`KINDS` that a config selects."""
+    for kind in KINDS.values():
+        if kind.selects(cfg):
+            return kind
+    raise ValueError(
+        f"unknown model kind {cfg.model.kind!r}; choose one of: mlp, unet, sohl-dickstein, "
+        "classifier"
+    )

@@ -1,0 +1,98 @@
+"""Runs from configs and run directories: check a config, build a run, load a trained one.
+
+A run flows one way: CLI -> config (:mod:`difflab.app.config`, validated here) -> run kind
+(:mod:`difflab.app.kinds`) -> build -> train (:mod:`difflab.app.training`) or sample
+(:mod:`difflab.app.sampling`) -> report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from difflab import checkpoint as ckpt
+from difflab.app.build import Built, build_data, build_schedule, cfg_data_shape, resolve_device
+from difflab.app.config import RunConfig
+from difflab.app.kinds import kind_of
+from difflab.data.images import IMAGE_DATASETS
+from difflab.data.toy import TOY_DATASETS
+from difflab.image_to_image import TASKS
+from difflab.objectives import LOSS_TYPES, TIME_SAMPLINGS, WEIGHTINGS
+from difflab.parameterization import PARAMETERIZATIONS
+from difflab.safe_io import say
+from difflab.samplers import SAMPLER_OPTIONS, SAMPLERS
+from difflab.samplers.common import THRESHOLD_MODES
+from difflab.schedules import BETA_SCHEDULES, check_choice
+
+__all__ = ["build", "check_config", "load_run", "read_run_config"]
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Reject settings that no run can use (one-line ``ValueError``) before anything is loaded
+    or written: types and ranges (:meth:`RunConfig.validate`), every name, the run kind's own
+    checks, and the device."""
+    cfg.validate()
+    check_choice("data.name", cfg.data.name, TOY_DATASETS + IMAGE_DATASETS)
+    kind_of(cfg).check(cfg)
+    check_choice("model.parameterization", cfg.model.parameterization, PARAMETERIZATIONS)
+    check_choice("model.image_task", cfg.model.image_task, ("none", *TASKS))
+    check_choice("diffusion.schedule", cfg.diffusion.schedule, (*BETA_SCHEDULES, "edm"))
+    check_choice("diffusion.loss_type", cfg.diffusion.loss_type, LOSS_TYPES)
+    check_choice("diffusion.weighting", cfg.diffusion.weighting, WEIGHTINGS)
+    check_choice("diffusion.t_sampling", cfg.diffusion.t_sampling, TIME_SAMPLINGS)
+    if cfg.diffusion.sigma_min >= cfg.diffusion.sigma_max:
+        raise ValueError("diffusion.sigma_min must be below diffusion.sigma_max")
+    resolve_device(cfg.train.device)
+    cfg_data_shape(cfg)
+    if cfg.sample.threshold is not None:
+        check_choice("sample.threshold", cfg.sample.threshold, THRESHOLD_MODES)
+    check_choice("sample.sampler", cfg.sample.sampler, tuple(SAMPLERS))
+    if cfg.sample.eta is not None and "eta" not in SAMPLER_OPTIONS[cfg.sample.sampler]:
+        raise ValueError(f"sample.eta is set but sampler {cfg.sample.sampler!r} has no eta")
+
+
+def build(cfg: RunConfig, *, device: torch.device | None = None, load_data: bool = True) -> Built:
+    """Schedule, data, model and denoiser for ``cfg`` (the model is on ``device``)."""
+    check_config(cfg)
+    kind = kind_of(cfg)
+    device = device or resolve_device(cfg.train.device)
+    schedule = build_schedule(cfg)
+    dataset = build_data(cfg) if load_data and not cfg.data.is_toy else None
+    data_shape = cfg_data_shape(cfg) if dataset is None else tuple(dataset.images.shape[1:])
+    model = kind.build_model(cfg, data_shape, schedule).to(device)
+    denoiser = kind.denoiser(cfg, model, schedule)
+    return Built(cfg, kind, schedule, model, denoiser, data_shape, dataset, device)
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The :class:`RunConfig` of a run directory, also of runs written by older versions: they
+    stored ``sample.eta = 0.0`` (then DDIM's eta, unused) whatever the sampler, which for a
+    sampler without an eta means "not set"."""
+    cfg = RunConfig.from_dict(ckpt.read_config(Path(run_dir)))
+    if cfg.sample.eta is not None and "eta" not in SAMPLER_OPTIONS.get(cfg.sample.sampler, ()):
+        return replace(cfg, sample=replace(cfg.sample, eta=None))
+    return cfg
+
+
+def load_run(run_dir: str | Path, *, ema: bool = True, device: torch.device | None = None) -> Built:
+    """Rebuild a run's model from its config.json and newest valid checkpoint (EMA weights);
+    a skipped newer checkpoint is named on stderr, non-finite weights are refused."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    built = build(cfg, device=device or torch.device("cpu"), load_data=False)
+    c = ckpt.load_checkpoint(run_dir)
+    if c.fallback_note():
+        say(f"warning: {c.fallback_note()}", err=True)
+    group = "ema" if ema else "model"
+    c.check_finite(group)
+    try:
+        built.model.load_state_dict(c.tensors[group])
+    except (RuntimeError, KeyError) as e:
+        raise ckpt.CheckpointError(
+            f"{c.path}: the weights do not fit the model of {run_dir / 'config.json'} "
+            f"(was the config edited?): {ckpt.one_line(e)}"
+        ) from None
+    built.model.eval()
+    return built
