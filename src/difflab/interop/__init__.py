@@ -16,9 +16,23 @@ from difflab.interop.diffusers import (
     state_dict_to_diffusers,
     unet_config_from_diffusers,
 )
+from difflab.interop.diffusers_export import (
+    ImportedRun,
+    ModelCardInfo,
+    closest_preset,
+    export_to_diffusers,
+    import_to_run,
+    model_card,
+)
 
 __all__ = [
     "DiffusersModel",
+    "ImportedRun",
+    "ModelCardInfo",
+    "closest_preset",
+    "export_to_diffusers",
+    "import_to_run",
+    "model_card",
     "DiffusersTimeDenoiser",
     "diffusers_config_from_unet",
     "diffusers_timestep",

@@ -273,10 +273,12 @@ def unet_config_from_diffusers(
     if num_classes:
         mode = _null_mode(config, null_label)
         num_classes = num_classes - 1 if mode == "last" else num_classes
+    in_channels = int(config.get("in_channels", 3))
+    out_channels = int(config.get("out_channels", 3))
     cfg = UNetConfig(
         image_size=size,
-        in_channels=int(config.get("in_channels", 3)),
-        out_channels=int(config.get("out_channels", 3)),
+        in_channels=in_channels,
+        out_channels=out_channels if out_channels != in_channels else None,
         base_channels=base,
         channel_mult=tuple(c // base for c in channels),
         num_res_blocks=int(config.get("layers_per_block", 2)),
