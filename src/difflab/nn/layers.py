@@ -26,18 +26,23 @@ TimeEmbeddingKind = Literal["sinusoidal", "fourier"]
 _COND_KEYS = ("class", "image", "aug_level")
 
 
-def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def sinusoidal_embedding(
+    t: Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 1
+) -> Tensor:
     """Sinusoidal embedding of a (possibly fractional or negative) noise level.
 
     emb(t) = [sin(w_0 t), ..., sin(w_{h-1} t), cos(w_0 t), ..., cos(w_{h-1} t)] with h = dim // 2
-    and frequencies geometric from w_0 = 1 down to w_{h-1} = 1 / max_period, as in the DDPM
-    reference code [Ho 2020, Appendix B; Vaswani 2017, Sec. 3.5]. An odd `dim` gets one zero
-    column at the end. Every row has squared norm exactly h.
+    and frequencies w_i = max_period^(-i / (h - freq_shift)): with the default freq_shift = 1
+    geometric from w_0 = 1 down to w_{h-1} = 1 / max_period, as in the DDPM reference code
+    [Ho 2020, Appendix B; Vaswani 2017, Sec. 3.5]; freq_shift = 0 gives the Transformer's
+    spacing (w_{h-1} slightly above 1 / max_period). An odd `dim` gets one zero column at the
+    end. Every row has squared norm exactly h.
 
     Args:
         t: (B,) noise levels (timesteps, or any real number such as ln(sigma) / 4).
         dim: embedding width (>= 2).
         max_period: the longest period is 2 pi * max_period.
+        freq_shift: 1 (DDPM) or 0 (Transformer) in the exponent's denominator h - freq_shift.
 
     Returns:
         (B, dim) float32 embedding.
@@ -47,8 +52,8 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
     if dim < 2:
         raise ValueError(f"embedding dim must be >= 2, got {dim}")
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=t.device) / max(half - 1, 1)
-    freqs = torch.exp(-math.log(max_period) * exponent)  # w_i = max_period^(-i / (h - 1))
+    exponent = torch.arange(half, dtype=torch.float32, device=t.device) / max(half - freq_shift, 1)
+    freqs = torch.exp(-math.log(max_period) * exponent)  # w_i = max_period^(-i / (h - shift))
     angles = t.float()[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
     if dim % 2 == 1:
@@ -100,6 +105,7 @@ class TimeEmbedding(nn.Module):
         kind: TimeEmbeddingKind = "sinusoidal",
         fourier_scale: float = 16.0,
         generator: torch.Generator | None = None,
+        freq_shift: int = 1,
     ) -> None:
         super().__init__()
         if kind not in get_args(TimeEmbeddingKind):
@@ -108,6 +114,7 @@ class TimeEmbedding(nn.Module):
             )
         self.dim = dim
         self.kind = kind
+        self.freq_shift = freq_shift
         self.fourier = (
             GaussianFourierFeatures(dim, fourier_scale, generator) if kind == "fourier" else None
         )
@@ -116,7 +123,10 @@ class TimeEmbedding(nn.Module):
         )
 
     def forward(self, t: Tensor) -> Tensor:
-        feats = sinusoidal_embedding(t, self.dim) if self.fourier is None else self.fourier(t)
+        if self.fourier is None:
+            feats = sinusoidal_embedding(t, self.dim, freq_shift=self.freq_shift)
+        else:
+            feats = self.fourier(t)
         return self.mlp(feats)
 
 
@@ -213,12 +223,14 @@ class AttentionBlock(nn.Module):
     Shapes: x (B, C, H, W) -> (B, C, H, W); C must be divisible by `num_heads` and `norm_groups`.
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, norm_groups: int = 32) -> None:
+    def __init__(
+        self, channels: int, num_heads: int = 1, norm_groups: int = 32, norm_eps: float = 1e-6
+    ) -> None:
         super().__init__()
         if channels % num_heads != 0:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
-        self.norm = group_norm(channels, norm_groups)
+        self.norm = group_norm(channels, norm_groups, norm_eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
         self.proj = nn.Conv2d(channels, channels, kernel_size=1)
         zero_(self.proj)
@@ -233,11 +245,11 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out)
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+def group_norm(channels: int, groups: int, eps: float = 1e-6) -> nn.GroupNorm:
     """GroupNorm with a clear error when `channels` is not divisible by `groups`."""
     if channels % groups != 0:
         raise ValueError(f"channels ({channels}) must be divisible by norm_groups ({groups})")
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 def zero_(module: nn.Module) -> nn.Module:

@@ -66,6 +66,9 @@ class UNetConfig:
     fourier_scale: float = 16.0  # std of the Fourier frequencies (time_embedding="fourier")
     patch_size: int = 1  # p > 1: space-to-depth by p at the input, depth-to-space at the output
     aug_level_embedding: bool = False  # cascades: embed cond["aug_level"] (B,) like t, add it
+    norm_eps: float = 1e-6  # epsilon of every GroupNorm
+    downsample_padding: int = 1  # 1: pad 1 on every side; 0: right/bottom only (TF "SAME")
+    time_freq_shift: int = 1  # sinusoidal frequencies max_period^(-i/(h - shift)); 1 = DDPM
 
     def __post_init__(self) -> None:  # JSON gives lists: keep tuples so configs compare equal
         for name in ("channel_mult", "attention_resolutions"):
@@ -73,8 +76,10 @@ class UNetConfig:
 
 
 UNET_PRESETS: dict[str, UNetConfig] = {
-    # DDPM CIFAR-10 model [Ho 2020, Appendix B]: 35.7M parameters.
-    "ddpm-cifar10": UNetConfig(use_scale_shift_norm=False),
+    # DDPM CIFAR-10 model [Ho 2020, Appendix B]: 35.7M parameters. Downsampling pads as the
+    # reference code's stride-2 "SAME" conv, so the released weights (google/ddpm-cifar10-32
+    # in diffusers' layout) load into it unchanged (difflab.interop.diffusers).
+    "ddpm-cifar10": UNetConfig(use_scale_shift_norm=False, downsample_padding=0),
     # 28x28 grayscale, chosen for training speed on a 2-core CPU (benchmarks/unet_speed.py).
     "mnist-cpu": UNetConfig(
         image_size=28,
@@ -140,13 +145,14 @@ class ResBlock(nn.Module):
         dropout: float = 0.0,
         use_scale_shift_norm: bool = True,
         norm_groups: int = 32,
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.norm1 = group_norm(in_ch, norm_groups)
+        self.norm1 = group_norm(in_ch, norm_groups, norm_eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(embed_dim, 2 * out_ch if use_scale_shift_norm else out_ch)
-        self.norm2 = group_norm(out_ch, norm_groups)
+        self.norm2 = group_norm(out_ch, norm_groups, norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -177,13 +183,23 @@ class _ResAttn(nn.Module):
 
 
 class Downsample(nn.Module):
-    """3x3 conv with stride 2: (B, C, H, W) -> (B, C, H/2, W/2)."""
+    """3x3 conv with stride 2: (B, C, H, W) -> (B, C, H/2, W/2).
 
-    def __init__(self, ch: int) -> None:
+    ``padding=1`` pads one pixel on every side; ``padding=0`` pads one pixel on the right and
+    bottom only, which is TensorFlow's "SAME" padding of a stride-2 conv on even sizes (the
+    DDPM reference code [Ho 2020]).
+    """
+
+    def __init__(self, ch: int, padding: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        if padding not in (0, 1):
+            raise ValueError(f"downsample_padding must be 0 or 1, got {padding}")
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, h: Tensor, emb: Tensor | None = None) -> Tensor:
+        if self.padding == 0:
+            h = F.pad(h, (0, 1, 0, 1))
         return self.conv(h)
 
 
@@ -216,7 +232,11 @@ class UNet(nn.Module):
         ch, groups = cfg.base_channels, cfg.norm_groups
         embed_dim = 4 * ch
         self.time_embed = TimeEmbedding(
-            cfg.time_features or ch, embed_dim, cfg.time_embedding, cfg.fourier_scale
+            cfg.time_features or ch,
+            embed_dim,
+            cfg.time_embedding,
+            cfg.fourier_scale,
+            freq_shift=cfg.time_freq_shift,
         )
         self.class_embed = ClassEmbedding(cfg.num_classes, embed_dim) if cfg.num_classes else None
         self.aug_embed = (  # no random draws when off: existing models initialise as before
@@ -225,10 +245,17 @@ class UNet(nn.Module):
             else None
         )
 
+        def res_block(cin: int, cout: int) -> ResBlock:
+            return ResBlock(
+                cin, cout, embed_dim, cfg.dropout, cfg.use_scale_shift_norm, groups, cfg.norm_eps
+            )
+
+        def attention(channels: int) -> AttentionBlock:
+            return AttentionBlock(channels, cfg.num_heads, groups, cfg.norm_eps)
+
         def res_attn(cin: int, cout: int, level: int) -> _ResAttn:
-            res = ResBlock(cin, cout, embed_dim, cfg.dropout, cfg.use_scale_shift_norm, groups)
             use_attn = cfg.image_size // cfg.patch_size // 2**level in cfg.attention_resolutions
-            return _ResAttn(res, AttentionBlock(cout, cfg.num_heads, groups) if use_attn else None)
+            return _ResAttn(res_block(cin, cout), attention(cout) if use_attn else None)
 
         p2 = cfg.patch_size**2
         self.conv_in = nn.Conv2d((cfg.in_channels + cfg.cond_channels) * p2, ch, 3, padding=1)
@@ -241,14 +268,13 @@ class UNet(nn.Module):
                 cur = ch * mult
                 skip_chs.append(cur)
             if level != last:
-                self.down.append(Downsample(cur))
+                self.down.append(Downsample(cur, cfg.downsample_padding))
                 skip_chs.append(cur)
 
-        def mid_res() -> ResBlock:
-            return ResBlock(cur, cur, embed_dim, cfg.dropout, cfg.use_scale_shift_norm, groups)
-
-        mid_attn = AttentionBlock(cur, cfg.num_heads, groups) if cfg.mid_attention else None
-        self.mid = nn.ModuleList([_ResAttn(mid_res(), mid_attn), _ResAttn(mid_res(), None)])
+        mid_attn = attention(cur) if cfg.mid_attention else None
+        self.mid = nn.ModuleList(
+            [_ResAttn(res_block(cur, cur), mid_attn), _ResAttn(res_block(cur, cur), None)]
+        )
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -258,7 +284,7 @@ class UNet(nn.Module):
             if level != 0:
                 self.up.append(Upsample(cur))
 
-        self.norm_out = group_norm(cur, groups)
+        self.norm_out = group_norm(cur, groups, cfg.norm_eps)
         self.conv_out = zero_(nn.Conv2d(cur, self.out_channels * p2, 3, padding=1))
 
     def forward(
@@ -348,6 +374,12 @@ def validate_config(cfg: UNetConfig) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.num_classes < 0 or cfg.cond_channels < 0:
         raise ValueError("num_classes and cond_channels must be >= 0")
+    if cfg.downsample_padding not in (0, 1):
+        raise ValueError(f"downsample_padding must be 0 or 1, got {cfg.downsample_padding}")
+    if cfg.time_freq_shift not in (0, 1):
+        raise ValueError(f"time_freq_shift must be 0 or 1, got {cfg.time_freq_shift}")
+    if not cfg.norm_eps > 0:
+        raise ValueError(f"norm_eps must be positive, got {cfg.norm_eps}")
 
 
 def build_unet(preset: str | UNetConfig, **overrides: Any) -> UNet:

@@ -1,0 +1,732 @@
+"""diffusers models in difflab: schedules, the U-Net weight mapping, loading a folder.
+
+A diffusers ``UNet2DModel`` in the DDPM layout (``DownBlock2D`` / ``AttnDownBlock2D`` levels, a
+``UNetMidBlock2D``, positional time embedding) is the same network as difflab's
+:class:`~difflab.nn.unet.UNet`; this module translates the configs and the weights both ways
+and turns a diffusers folder into a difflab :class:`~difflab.parameterization.Denoiser` and
+:class:`~difflab.schedules.DiscreteSchedule`. diffusers itself is needed only by
+:func:`load_diffusers` callers that want to compare; everything here reads JSON and
+safetensors files.
+
+Two conventions differ and are mapped exactly:
+
+* **time index**: diffusers' timestep ``k = 0..T-1`` is difflab's ``t = k + 1`` (``t = 0`` is
+  data). The network embeds its time input with sin/cos features, and a shift of the input by
+  1 rotates each (sin, cos) pair by the angle ``w_i`` (``sin(w(k+1)) = sin(wk) cos w +
+  cos(wk) sin w``). The rotation (and diffusers' optional cos-first order, ``flip_sin_to_cos``)
+  is folded into the first linear layer of the time MLP, so the converted difflab network
+  called at ``t`` computes what the diffusers network computes at ``k = t - 1``.
+* **class labels**: difflab's label table has a null row (label ``num_classes``) for
+  classifier-free guidance [Ho & Salimans 2022]. A diffusers table of ``num_class_embeds``
+  rows is read either with its last row as the null label (``null_label="last"``, what
+  :func:`~difflab.interop.export_to_diffusers` writes) or as ``num_class_embeds`` real classes
+  with a zero null row (``null_label="none"``).
+
+Attention: difflab's fused 1x1-conv ``qkv`` holds diffusers' ``to_q``, ``to_k``, ``to_v`` in that
+order along the output channels, with heads as consecutive channel groups in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from difflab.nn.unet import UNet, UNetConfig, validate_config
+from difflab.parameterization import ModelDenoiser, Parameterization
+from difflab.schedules import DiscreteSchedule, Schedule, make_betas, rescale_zero_terminal_snr
+
+__all__ = [
+    "DIFFUSERS_BETA_SCHEDULES",
+    "PREDICTION_TYPES",
+    "DiffusersModel",
+    "DiffusersTimeDenoiser",
+    "diffusers_config_from_unet",
+    "diffusers_timestep",
+    "load_diffusers",
+    "schedule_from_diffusers",
+    "scheduler_config_from_schedule",
+    "state_dict_from_diffusers",
+    "state_dict_to_diffusers",
+    "unet_config_from_diffusers",
+]
+
+_F64 = torch.float64
+# diffusers beta_schedule name -> difflab make_betas name
+DIFFUSERS_BETA_SCHEDULES: dict[str, str] = {
+    "linear": "linear",
+    "scaled_linear": "quadratic",
+    "squaredcos_cap_v2": "cosine",
+    "sigmoid": "sigmoid",
+}
+# diffusers prediction_type -> difflab parameterization
+PREDICTION_TYPES: dict[str, Parameterization] = {
+    "epsilon": "eps",
+    "v_prediction": "v",
+    "sample": "x0",
+}
+NULL_LABEL_KEY = "_difflab_null_label"  # diffusers ignores config keys that start with "_"
+NullLabel = Literal["auto", "last", "none"]
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------
+
+
+def schedule_from_diffusers(scheduler_config: dict[str, Any]) -> DiscreteSchedule:
+    """The difflab schedule of a diffusers scheduler config (``scheduler_config.json``).
+
+    ``beta_schedule`` maps by ``DIFFUSERS_BETA_SCHEDULES`` (``scaled_linear`` is difflab's
+    ``quadratic``, ``squaredcos_cap_v2`` its ``cosine`` [Nichol & Dhariwal 2021, Eq. 17]) with
+    ``beta_start``/``beta_end``; ``trained_betas`` gives a custom schedule;
+    ``rescale_betas_zero_snr`` is difflab's ``zero_terminal_snr`` [Lin 2024, Algorithm 1].
+    diffusers' ``alphas_cumprod[k]`` is difflab's ``alpha_bar[k + 1]``.
+    """
+    cfg = dict(scheduler_config)
+    T = int(cfg.get("num_train_timesteps", 1000))
+    zero_snr = bool(cfg.get("rescale_betas_zero_snr", False))
+    trained = cfg.get("trained_betas")
+    if trained is not None:
+        betas = torch.as_tensor(trained, dtype=_F64)
+        if betas.numel() != T:
+            raise ValueError(f"trained_betas has {betas.numel()} values, num_train_timesteps {T}")
+        return DiscreteSchedule(rescale_zero_terminal_snr(betas) if zero_snr else betas)
+    name = cfg.get("beta_schedule", "linear")
+    if name not in DIFFUSERS_BETA_SCHEDULES:
+        raise ValueError(
+            f"scheduler option beta_schedule={name!r} has no difflab equivalent; "
+            f"supported: {', '.join(DIFFUSERS_BETA_SCHEDULES)}"
+        )
+    ours = DIFFUSERS_BETA_SCHEDULES[name]
+    kwargs: dict[str, float] = {}
+    if ours != "cosine":  # the cosine schedule has no beta range
+        kwargs = {
+            "beta_start": float(cfg.get("beta_start", 0.0001)),
+            "beta_end": float(cfg.get("beta_end", 0.02)),
+        }
+    return DiscreteSchedule.from_name(ours, T, zero_terminal_snr=zero_snr, **kwargs)  # type: ignore[arg-type]
+
+
+def scheduler_config_from_schedule(
+    schedule: Schedule, *, prediction_type: Parameterization = "eps", clip_sample: bool = True
+) -> dict[str, Any]:
+    """A diffusers ``DDPMScheduler`` config describing ``schedule`` (inverse of
+    :func:`schedule_from_diffusers`); a schedule without a diffusers name is written as
+    ``trained_betas``. ``set_alpha_to_one=True`` makes ``DDIMScheduler``'s last step go to
+    alpha_bar = 1 (t = 0), as difflab's ``ddim`` does.
+    """
+    if not isinstance(schedule, DiscreteSchedule):
+        raise ValueError("only discrete (DDPM) schedules have a diffusers scheduler config")
+    inverse_pred = {v: k for k, v in PREDICTION_TYPES.items()}
+    if prediction_type not in inverse_pred:
+        raise ValueError(f"prediction type {prediction_type!r} has no diffusers equivalent")
+    out: dict[str, Any] = {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": schedule.T,
+        "prediction_type": inverse_pred[prediction_type],
+        "clip_sample": clip_sample,
+        "clip_sample_range": 1.0,
+        "variance_type": "fixed_small",
+        "set_alpha_to_one": True,
+        "steps_offset": 0,
+        "timestep_spacing": "trailing",
+        "trained_betas": None,
+        "rescale_betas_zero_snr": False,
+    }
+    cfg = schedule.to_config()
+    names = {v: k for k, v in DIFFUSERS_BETA_SCHEDULES.items()}
+    if cfg.get("name") in names and cfg.get("cosine_s", 0.008) == 0.008:
+        out["beta_schedule"] = names[cfg["name"]]
+        default = make_betas(cfg["name"], schedule.T)  # the 1000/T-scaled default range
+        out["beta_start"] = float(cfg.get("beta_start", default[0]))
+        out["beta_end"] = float(cfg.get("beta_end", default[-1]))
+        out["rescale_betas_zero_snr"] = bool(cfg.get("zero_terminal_snr", False))
+    else:
+        out["beta_schedule"] = "linear"
+        out["beta_start"], out["beta_end"] = 0.0001, 0.02
+        out["trained_betas"] = schedule.betas.tolist()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# U-Net configs
+# --------------------------------------------------------------------------------------------
+
+# option -> the only value difflab's U-Net implements
+_FIXED_OPTIONS: dict[str, Any] = {
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "mid_block_type": "UNetMidBlock2D",
+    "mid_block_scale_factor": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "act_fn": "silu",
+    "class_embed_type": None,
+}
+_OTHER_OPTIONS = {
+    "sample_size", "in_channels", "out_channels", "time_embedding_dim", "freq_shift",
+    "flip_sin_to_cos", "down_block_types", "up_block_types", "block_out_channels",
+    "layers_per_block", "downsample_padding", "dropout", "attention_head_dim", "norm_num_groups",
+    "attn_norm_num_groups", "norm_eps", "resnet_time_scale_shift", "add_attention",
+    "num_class_embeds", "num_train_timesteps",
+}  # fmt: skip
+
+
+def _unsupported(option: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"UNet2DModel option {option}={value!r} has no difflab equivalent: {why}")
+
+
+def _attention_heads(config: dict[str, Any], channels: list[int]) -> int:
+    """difflab's single num_heads from diffusers' per-block attention_head_dim."""
+    head_dim = config.get("attention_head_dim", 8)
+    if head_dim is None:
+        return 1
+    heads = {c // head_dim for c in channels if c % head_dim == 0}
+    if len(heads) != 1 or any(c % head_dim for c in channels):
+        raise _unsupported(
+            "attention_head_dim",
+            head_dim,
+            f"it gives different head counts on the attention blocks (channels {channels}); "
+            "difflab uses one num_heads",
+        )
+    return heads.pop()
+
+
+def unet_config_from_diffusers(
+    config: dict[str, Any], *, null_label: NullLabel = "auto"
+) -> UNetConfig:
+    """The difflab :class:`UNetConfig` of a diffusers ``UNet2DModel`` config (``config.json``).
+
+    Raises a one-line ValueError naming the first option that has no difflab equivalent.
+    ``null_label`` says how to read a class table (see the module docstring); ``"auto"`` is
+    ``"last"`` for folders written by difflab and ``"none"`` otherwise.
+    """
+    cls = config.get("_class_name", "UNet2DModel")
+    if cls != "UNet2DModel":
+        raise ValueError(f"unet class {cls!r} is not supported; difflab maps UNet2DModel only")
+    for key, value in config.items():
+        if not key.startswith("_") and key not in _FIXED_OPTIONS and key not in _OTHER_OPTIONS:
+            raise _unsupported(key, value, "difflab does not know this option")
+    for key, wanted in _FIXED_OPTIONS.items():
+        value = config.get(key, wanted)
+        if value != wanted:
+            raise _unsupported(key, value, f"difflab's U-Net implements only {wanted!r}")
+
+    channels = [int(c) for c in config.get("block_out_channels", (224, 448, 672, 896))]
+    base = channels[0]
+    if any(c % base for c in channels):
+        raise _unsupported("block_out_channels", channels, "they must be multiples of the first")
+    down = list(config.get("down_block_types", ()))
+    up = list(config.get("up_block_types", ()))
+    kinds = {"DownBlock2D": False, "AttnDownBlock2D": True}
+    up_kinds = {"UpBlock2D": False, "AttnUpBlock2D": True}
+    for name in down:
+        if name not in kinds:
+            raise _unsupported(
+                "down_block_types", name, "difflab maps DownBlock2D, AttnDownBlock2D"
+            )
+    for name in up:
+        if name not in up_kinds:
+            raise _unsupported("up_block_types", name, "difflab maps UpBlock2D, AttnUpBlock2D")
+    if len(down) != len(channels) or len(up) != len(channels):
+        raise _unsupported("down_block_types", down, "need one down and one up block per level")
+    attn = [kinds[n] for n in down]
+    if [up_kinds[n] for n in reversed(up)] != attn:
+        raise _unsupported(
+            "up_block_types", up, "attention must sit at the same levels on the way up and down"
+        )
+    size = config.get("sample_size")
+    if isinstance(size, list | tuple):
+        if len(set(size)) != 1:
+            raise _unsupported("sample_size", size, "difflab's U-Net config is square")
+        size = size[0]
+    if size is None:
+        raise _unsupported("sample_size", size, "difflab needs the image size")
+    size = int(size)
+    groups = int(config.get("norm_num_groups", 32))
+    attn_groups = config.get("attn_norm_num_groups")
+    if attn_groups is not None and attn_groups != groups:
+        raise _unsupported("attn_norm_num_groups", attn_groups, "difflab uses norm_num_groups")
+    ted = config.get("time_embedding_dim")
+    if ted is not None and ted != 4 * base:
+        raise _unsupported("time_embedding_dim", ted, f"difflab uses 4 * {base}")
+    shift = config.get("resnet_time_scale_shift", "default")
+    if shift not in ("default", "scale_shift"):
+        raise _unsupported("resnet_time_scale_shift", shift, "use default or scale_shift")
+    mid_attention = bool(config.get("add_attention", True))
+    if mid_attention and shift == "scale_shift" and attn_groups is None:
+        raise _unsupported(
+            "attn_norm_num_groups",
+            None,
+            "with scale_shift the middle attention has no GroupNorm; difflab's always has one",
+        )
+    attn_channels = [c for c, a in zip(channels, attn) if a] + ([channels[-1]] * mid_attention)
+    num_classes = config.get("num_class_embeds") or 0
+    if num_classes:
+        mode = _null_mode(config, null_label)
+        num_classes = num_classes - 1 if mode == "last" else num_classes
+    in_channels = int(config.get("in_channels", 3))
+    out_channels = int(config.get("out_channels", 3))
+    cfg = UNetConfig(
+        image_size=size,
+        in_channels=in_channels,
+        out_channels=out_channels if out_channels != in_channels else None,
+        base_channels=base,
+        channel_mult=tuple(c // base for c in channels),
+        num_res_blocks=int(config.get("layers_per_block", 2)),
+        attention_resolutions=tuple(size // 2**i for i, a in enumerate(attn) if a),
+        mid_attention=mid_attention,
+        num_heads=_attention_heads(config, attn_channels) if attn_channels else 1,
+        dropout=float(config.get("dropout", 0.0)),
+        num_classes=int(num_classes),
+        use_scale_shift_norm=shift == "scale_shift",
+        norm_groups=groups,
+        norm_eps=float(config.get("norm_eps", 1e-5)),
+        downsample_padding=int(config.get("downsample_padding", 1)),
+        time_freq_shift=int(config.get("freq_shift", 0)),
+    )
+    try:
+        validate_config(cfg)
+    except ValueError as err:
+        raise ValueError(f"UNet2DModel config gives an invalid difflab U-Net: {err}") from None
+    return cfg
+
+
+def _null_mode(config: dict[str, Any], null_label: NullLabel) -> str:
+    if null_label not in ("auto", "last", "none"):
+        raise ValueError(f"null_label must be one of: auto, last, none; got {null_label!r}")
+    if null_label == "auto":
+        return "last" if config.get(NULL_LABEL_KEY) is not None else "none"
+    return null_label
+
+
+def diffusers_config_from_unet(cfg: UNetConfig) -> dict[str, Any]:
+    """The diffusers ``UNet2DModel`` config of a difflab U-Net (inverse of
+    :func:`unet_config_from_diffusers` with ``null_label="last"``); a one-line ValueError names
+    a difflab option diffusers' ``UNet2DModel`` does not have."""
+    for name, default in (("patch_size", 1), ("cond_channels", 0)):
+        if getattr(cfg, name) != default:
+            raise ValueError(f"U-Net option {name}={getattr(cfg, name)} has no UNet2DModel form")
+    if cfg.time_embedding != "sinusoidal":
+        raise ValueError(
+            f"U-Net option time_embedding={cfg.time_embedding!r} has no diffusers form"
+        )
+    if cfg.time_features not in (None, cfg.base_channels):
+        raise ValueError(f"U-Net option time_features={cfg.time_features} has no diffusers form")
+    levels = len(cfg.channel_mult)
+    attn = [cfg.image_size // 2**i in cfg.attention_resolutions for i in range(levels)]
+    channels = [cfg.base_channels * m for m in cfg.channel_mult]
+    attn_channels = [c for c, a in zip(channels, attn) if a] + [channels[-1]] * cfg.mid_attention
+    heads = cfg.num_heads
+    if any(c % heads for c in attn_channels) or len({c // heads for c in attn_channels}) > 1:
+        raise ValueError(
+            f"U-Net option num_heads={heads} gives different head widths on channels "
+            f"{attn_channels}; UNet2DModel has one attention_head_dim"
+        )
+    out: dict[str, Any] = {
+        "_class_name": "UNet2DModel",
+        "sample_size": cfg.image_size,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels or cfg.in_channels,
+        "center_input_sample": False,
+        "time_embedding_type": "positional",
+        "freq_shift": cfg.time_freq_shift,
+        "flip_sin_to_cos": False,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "block_out_channels": channels,
+        "layers_per_block": cfg.num_res_blocks,
+        "mid_block_scale_factor": 1,
+        "downsample_padding": cfg.downsample_padding,
+        "dropout": cfg.dropout,
+        "act_fn": "silu",
+        "attention_head_dim": attn_channels[0] // heads if attn_channels else None,
+        "norm_num_groups": cfg.norm_groups,
+        "attn_norm_num_groups": cfg.norm_groups,
+        "norm_eps": cfg.norm_eps,
+        "resnet_time_scale_shift": "scale_shift" if cfg.use_scale_shift_norm else "default",
+        "add_attention": cfg.mid_attention,
+        "num_class_embeds": cfg.num_classes + 1 if cfg.num_classes else None,
+    }
+    if cfg.num_classes:
+        out[NULL_LABEL_KEY] = cfg.num_classes
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------
+
+_RES = (("norm1", "norm1"), ("conv1", "conv1"), ("emb_proj", "time_emb_proj"),
+        ("norm2", "norm2"), ("conv2", "conv2"), ("skip", "conv_shortcut"))  # fmt: skip
+
+
+def _module_pairs(cfg: UNetConfig) -> list[tuple[str, str, str]]:
+    """(difflab module, diffusers module, kind) for every module of the network, in order.
+
+    kind: "plain" (same tensors), "time" (first time-MLP layer), "class" (label table),
+    "qkv" (fused 1x1 conv <-> to_q/to_k/to_v), "proj" (1x1 conv <-> linear), "skip" (optional).
+    """
+    pairs = [
+        ("conv_in", "conv_in", "plain"),
+        ("time_embed.mlp.0", "time_embedding.linear_1", "time"),
+        ("time_embed.mlp.2", "time_embedding.linear_2", "plain"),
+    ]
+    if cfg.num_classes:
+        pairs.append(("class_embed.table", "class_embedding", "class"))
+
+    def res_attn(ours: str, theirs: str, j: int, attn: bool) -> None:
+        for a, b in _RES:
+            kind = "skip" if a == "skip" else "plain"
+            pairs.append((f"{ours}.res.{a}", f"{theirs}.resnets.{j}.{b}", kind))
+        if attn:
+            pairs.append((f"{ours}.attn.norm", f"{theirs}.attentions.{j}.group_norm", "plain"))
+            pairs.append((f"{ours}.attn.qkv", f"{theirs}.attentions.{j}", "qkv"))
+            pairs.append((f"{ours}.attn.proj", f"{theirs}.attentions.{j}.to_out.0", "proj"))
+
+    levels = len(cfg.channel_mult)
+    has_attn = [cfg.image_size // 2**i in cfg.attention_resolutions for i in range(levels)]
+    n = 0
+    for level in range(levels):
+        for j in range(cfg.num_res_blocks):
+            res_attn(f"down.{n}", f"down_blocks.{level}", j, has_attn[level])
+            n += 1
+        if level != levels - 1:
+            pairs.append((f"down.{n}.conv", f"down_blocks.{level}.downsamplers.0.conv", "plain"))
+            n += 1
+    res_attn("mid.0", "mid_block", 0, cfg.mid_attention)
+    for a, b in _RES[:-1]:
+        pairs.append((f"mid.1.res.{a}", f"mid_block.resnets.1.{b}", "plain"))
+    n = 0
+    for i, level in enumerate(reversed(range(levels))):
+        for j in range(cfg.num_res_blocks + 1):
+            res_attn(f"up.{n}", f"up_blocks.{i}", j, has_attn[level])
+            n += 1
+        if level != 0:
+            pairs.append((f"up.{n}.conv", f"up_blocks.{i}.upsamplers.0.conv", "plain"))
+            n += 1
+    pairs += [("norm_out", "conv_norm_out", "plain"), ("conv_out", "conv_out", "plain")]
+    return pairs
+
+
+def _time_rotation(cfg: UNetConfig, flip_sin_to_cos: bool) -> Tensor:
+    """A (F, F) float64 with difflab_features(k + 1) = A @ diffusers_features(k).
+
+    sin(w (k+1)) = sin(wk) cos w + cos(wk) sin w,  cos(w (k+1)) = cos(wk) cos w - sin(wk) sin w.
+    """
+    dim = cfg.time_features or cfg.base_channels
+    half = dim // 2
+    i = torch.arange(half, dtype=_F64)
+    w = torch.exp(-math.log(10000.0) * i / max(half - cfg.time_freq_shift, 1))
+    c, s = torch.cos(w), torch.sin(w)
+    src_sin = i.long() + (half if flip_sin_to_cos else 0)  # where diffusers puts sin(w_i k)
+    src_cos = i.long() + (0 if flip_sin_to_cos else half)
+    rows = i.long()
+    a = torch.zeros(dim, dim, dtype=_F64)
+    a[rows, src_sin], a[rows, src_cos] = c, s
+    a[rows + half, src_sin], a[rows + half, src_cos] = -s, c
+    if dim % 2:
+        a[-1, -1] = 1.0  # the zero padding column
+    return a
+
+
+def _unet_shapes(cfg: UNetConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        return {k: v.shape for k, v in UNet(**dataclasses.asdict(cfg)).state_dict().items()}
+
+
+def _take(sd: dict[str, Tensor], key: str, used: set[str]) -> Tensor:
+    if key not in sd:
+        raise ValueError(f"weights have no tensor {key!r}: the config does not match them")
+    used.add(key)
+    return sd[key]
+
+
+def state_dict_from_diffusers(
+    sd: dict[str, Tensor],
+    cfg: UNetConfig,
+    *,
+    flip_sin_to_cos: bool = False,
+    null_label: Literal["last", "none"] = "last",
+) -> dict[str, Tensor]:
+    """difflab U-Net weights from a diffusers ``UNet2DModel`` state dict.
+
+    Args:
+        sd: the diffusers weights (``diffusion_pytorch_model.safetensors``).
+        cfg: the difflab config, from :func:`unet_config_from_diffusers`.
+        flip_sin_to_cos: the diffusers config's ``flip_sin_to_cos``.
+        null_label: ``"last"`` if the diffusers table's last row is the null label, ``"none"``
+            to append a zero null row.
+
+    Every diffusers tensor is used exactly once; a missing or extra tensor, or a shape that
+    does not fit, is a one-line ValueError.
+    """
+    used: set[str] = set()
+    out: dict[str, Tensor] = {}
+    for ours, theirs, kind in _module_pairs(cfg):
+        if kind == "qkv":
+            for p in ("weight", "bias"):
+                parts = [_take(sd, f"{theirs}.to_{n}.{p}", used) for n in "qkv"]
+                fused = torch.cat(parts, 0)
+                out[f"{ours}.{p}"] = fused[..., None, None] if p == "weight" else fused
+            continue
+        if kind == "class":
+            table = _take(sd, f"{theirs}.weight", used)
+            if null_label == "none":
+                table = torch.cat([table, torch.zeros_like(table[:1])])
+            out[f"{ours}.weight"] = table
+            continue
+        if kind == "skip" and f"{theirs}.weight" not in sd:
+            continue
+        for p in ("weight", "bias"):
+            w = _take(sd, f"{theirs}.{p}", used)
+            if kind == "proj" and p == "weight":
+                w = w[..., None, None]
+            if kind == "time" and p == "weight":
+                a = _time_rotation(cfg, flip_sin_to_cos)
+                w = (w.to(_F64) @ torch.linalg.inv(a)).to(w.dtype)
+            out[f"{ours}.{p}"] = w
+    extra = sorted(set(sd) - used)
+    if extra:
+        raise ValueError(f"diffusers weights have tensors difflab does not map: {extra[0]!r}")
+    _check_shapes(out, _unet_shapes(cfg))
+    return out
+
+
+def _check_shapes(sd: dict[str, Tensor], shapes: dict[str, torch.Size]) -> None:
+    missing = sorted(set(shapes) - set(sd))
+    if missing:
+        raise ValueError(f"converted weights lack {missing[0]!r}: the config does not match them")
+    for key, shape in shapes.items():
+        if sd[key].shape != shape:
+            raise ValueError(
+                f"weight {key!r} has shape {tuple(sd[key].shape)}, the config needs {tuple(shape)}"
+            )
+
+
+def state_dict_to_diffusers(sd: dict[str, Tensor], cfg: UNetConfig) -> dict[str, Tensor]:
+    """diffusers ``UNet2DModel`` weights (for :func:`diffusers_config_from_unet`'s config) from a
+    difflab U-Net state dict; inverse of :func:`state_dict_from_diffusers` with
+    ``null_label="last"``. Every difflab tensor is used exactly once."""
+    _check_shapes(sd, _unet_shapes(cfg))
+    used: set[str] = set()
+    out: dict[str, Tensor] = {}
+    for ours, theirs, kind in _module_pairs(cfg):
+        if kind == "qkv":
+            for p in ("weight", "bias"):
+                fused = _take(sd, f"{ours}.{p}", used)
+                fused = fused[:, :, 0, 0] if p == "weight" else fused
+                for n, part in zip("qkv", fused.chunk(3, 0)):
+                    out[f"{theirs}.to_{n}.{p}"] = part.contiguous()
+            continue
+        if kind == "class":
+            out[f"{theirs}.weight"] = _take(sd, f"{ours}.weight", used)
+            continue
+        if kind == "skip" and f"{ours}.weight" not in sd:
+            continue
+        for p in ("weight", "bias"):
+            w = _take(sd, f"{ours}.{p}", used)
+            if kind == "proj" and p == "weight":
+                w = w[:, :, 0, 0].contiguous()
+            if kind == "time" and p == "weight":
+                w = (w.to(_F64) @ _time_rotation(cfg, False)).to(w.dtype)
+            out[f"{theirs}.{p}"] = w
+    extra = sorted(set(sd) - used)
+    if extra:
+        raise ValueError(f"difflab weights have tensors diffusers does not map: {extra[0]!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a diffusers folder
+# --------------------------------------------------------------------------------------------
+
+
+def diffusers_timestep(schedule: DiscreteSchedule, t: Tensor, *, rounding: bool = False) -> Tensor:
+    """difflab time t -> the time diffusers' sigma-based schedulers feed the network, plus 1.
+
+    diffusers' Euler/Heun/DPM-Solver schedulers map a noise level sigma = sigma_t / alpha_t to
+    a timestep by interpolating linearly in log sigma between the integer steps k (sigma_k =
+    difflab's ``edm_sigma(k + 1)``); DPM-Solver rounds it. difflab interpolates log alpha-bar
+    linearly in t instead. Both agree at integer t. Returns float64 t' = k + 1, same shape.
+    """
+    t = torch.as_tensor(t, dtype=_F64).cpu()
+    log_sig = torch.log(schedule.edm_sigma(torch.arange(1, schedule.T + 1, dtype=_F64)))
+    target = torch.log(schedule.edm_sigma(t.clamp(min=1.0)))
+    hi = torch.searchsorted(log_sig, target.contiguous()).clamp(1, schedule.T - 1)
+    lo = hi - 1
+    w = ((target - log_sig[lo]) / (log_sig[hi] - log_sig[lo])).clamp(0, 1)
+    k = lo.to(_F64) + w
+    if rounding:
+        k = k.round()
+    return torch.where(t >= 1.0, k + 1.0, t)
+
+
+class DiffusersTimeDenoiser(ModelDenoiser):
+    """A :class:`ModelDenoiser` that feeds the network the time diffusers' sigma-based
+    schedulers feed it (:func:`diffusers_timestep`), so that difflab's samplers reproduce those
+    schedulers number for number on a Karras grid. alpha and sigma still come from ``t``.
+
+    ``time_input``: ``"log_sigma"`` (Euler, Heun) or ``"log_sigma_rounded"`` (DPM-Solver).
+    """
+
+    def __init__(self, *args: Any, time_input: str = "log_sigma", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if time_input not in ("log_sigma", "log_sigma_rounded"):
+            raise ValueError(f"time_input must be log_sigma or log_sigma_rounded: {time_input!r}")
+        if not isinstance(self.schedule, DiscreteSchedule) or self.parameterization == "edm":
+            raise ValueError("DiffusersTimeDenoiser needs a discrete schedule, eps/x0/v")
+        self.rounding = time_input == "log_sigma_rounded"
+
+    def network_output(self, xt: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        t = torch.as_tensor(t, dtype=_F64).expand(xt.shape[0])
+        t_net = diffusers_timestep(self.schedule, t, rounding=self.rounding)  # type: ignore[arg-type]
+        return self.model(xt, t_net.to(xt.device, xt.dtype), cond)
+
+
+@dataclass
+class DiffusersModel:
+    """What :func:`load_diffusers` reads from a diffusers folder.
+
+    Attributes:
+        denoiser: the converted difflab U-Net wrapped as a Denoiser (eval mode).
+        unet: the difflab U-Net itself (its ``config`` is the :class:`UNetConfig`).
+        schedule: the difflab schedule of the scheduler config.
+        parameterization: ``eps``, ``v`` or ``x0`` (diffusers' prediction_type).
+        learned_variance: the scheduler's variance_type is ``learned_range``.
+        data_shape: (C, H, W) of a sample.
+        num_classes: real classes (0: unconditional); label ``num_classes`` is the null label.
+        clip_sample: the scheduler clips x0 to [-1, 1] (difflab ``threshold="clip"``).
+        unet_config, scheduler_config: the raw diffusers configs.
+    """
+
+    denoiser: ModelDenoiser
+    unet: UNet
+    schedule: DiscreteSchedule
+    parameterization: Parameterization
+    learned_variance: bool
+    data_shape: tuple[int, int, int]
+    num_classes: int
+    clip_sample: bool
+    unet_config: dict[str, Any] = field(default_factory=dict)
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not readable JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return obj
+
+
+def _diffusers_paths(folder: Path) -> tuple[Path, Path]:
+    """(unet folder, scheduler config file) of a pipeline folder or a lone UNet2DModel folder."""
+    if (folder / "model_index.json").is_file():
+        unet_dir, sched = folder / "unet", folder / "scheduler" / "scheduler_config.json"
+    elif (folder / "config.json").is_file():
+        unet_dir = folder
+        candidates = [folder / "scheduler_config.json", folder.parent / "scheduler_config.json"]
+        candidates.append(folder.parent / "scheduler" / "scheduler_config.json")
+        sched = next((c for c in candidates if c.is_file()), candidates[0])
+    else:
+        raise ValueError(
+            f"{folder} is not a diffusers folder: no model_index.json (pipeline) or "
+            "config.json (UNet2DModel)"
+        )
+    if not sched.is_file():
+        raise ValueError(f"{folder}: no scheduler config (looked for {sched})")
+    return unet_dir, sched
+
+
+def _read_weights(unet_dir: Path) -> dict[str, Tensor]:
+    path = unet_dir / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        bin_path = unet_dir / "diffusion_pytorch_model.bin"
+        if not bin_path.is_file():
+            raise ValueError(f"{unet_dir} has no diffusion_pytorch_model.safetensors")
+        try:
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is one message
+            raise ValueError(f"{bin_path} is not readable: {err}") from None
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def load_diffusers(
+    folder: str | Path,
+    *,
+    null_label: NullLabel = "auto",
+    device: torch.device | str = "cpu",
+) -> DiffusersModel:
+    """Read a diffusers folder into a difflab denoiser and schedule (no diffusers import).
+
+    ``folder`` is a pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``) or a
+    lone ``UNet2DModel`` folder (``config.json`` + weights) with ``scheduler_config.json``
+    inside it or beside it. Every problem is a one-line ValueError naming the file or option.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    unet_dir, sched_path = _diffusers_paths(folder)
+    unet_cfg = _read_json(unet_dir / "config.json")
+    sched_cfg = _read_json(sched_path)
+    cfg = unet_config_from_diffusers(unet_cfg, null_label=null_label)
+    mode = _null_mode(unet_cfg, null_label) if cfg.num_classes else "last"
+    flip = bool(unet_cfg.get("flip_sin_to_cos", True))
+    sd = state_dict_from_diffusers(
+        _read_weights(unet_dir),
+        cfg,
+        flip_sin_to_cos=flip,
+        null_label=mode,  # type: ignore[arg-type]
+    )
+    unet = UNet(**dataclasses.asdict(cfg))
+    unet.load_state_dict(sd)
+    unet.to(device).eval()
+
+    schedule = schedule_from_diffusers(sched_cfg)
+    pred = sched_cfg.get("prediction_type", "epsilon")
+    if pred not in PREDICTION_TYPES:
+        raise ValueError(
+            f"{sched_path}: prediction_type={pred!r} has no difflab equivalent; "
+            f"supported: {', '.join(PREDICTION_TYPES)}"
+        )
+    learned = sched_cfg.get("variance_type") in ("learned", "learned_range")
+    if sched_cfg.get("variance_type") == "learned":
+        raise ValueError(f"{sched_path}: variance_type='learned' has no difflab equivalent")
+    out_ch = cfg.out_channels or cfg.in_channels
+    if out_ch != cfg.in_channels * (2 if learned else 1):
+        raise ValueError(
+            f"{unet_dir / 'config.json'}: out_channels={out_ch} does not fit in_channels="
+            f"{cfg.in_channels} with variance_type={sched_cfg.get('variance_type')!r}"
+        )
+    parameterization = PREDICTION_TYPES[pred]
+    denoiser = ModelDenoiser(
+        unet, schedule, parameterization=parameterization, learned_variance=learned
+    )
+    return DiffusersModel(
+        denoiser=denoiser,
+        unet=unet,
+        schedule=schedule,
+        parameterization=parameterization,
+        learned_variance=learned,
+        data_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
+        num_classes=cfg.num_classes,
+        clip_sample=bool(sched_cfg.get("clip_sample", True)),
+        unet_config=unet_cfg,
+        scheduler_config=sched_cfg,
+    )

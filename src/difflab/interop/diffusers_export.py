@@ -1,0 +1,295 @@
+"""difflab runs out to diffusers, diffusers models in as difflab runs.
+
+:func:`export_to_diffusers` writes a folder that ``DDPMPipeline.from_pretrained`` and
+``DDIMPipeline.from_pretrained`` load (``model_index.json``, ``unet/``, ``scheduler/``) with a
+model card ``README.md`` the Hugging Face hub shows as it is. The folder is assembled under a
+temporary name beside ``out_dir`` and renamed into place, so a crash leaves either no folder or
+a complete one. :func:`import_to_run` converts a diffusers folder into what a native difflab
+run directory holds (U-Net config, weights, schedule config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from difflab.interop.diffusers import (
+    NullLabel,
+    diffusers_config_from_unet,
+    load_diffusers,
+    scheduler_config_from_schedule,
+    state_dict_to_diffusers,
+)
+from difflab.nn.unet import UNET_PRESETS, UNetConfig
+from difflab.parameterization import Parameterization
+from difflab.safe_io import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
+from difflab.schedules import DiscreteSchedule, Schedule
+
+__all__ = [
+    "ImportedRun",
+    "ModelCardInfo",
+    "closest_preset",
+    "export_to_diffusers",
+    "import_to_run",
+    "model_card",
+]
+
+# fields the app layer sets from the data and ModelConfig (app.build_model), not from a preset
+_APP_FIELDS = ("in_channels", "image_size", "out_channels", "num_classes", "dropout")
+
+
+@dataclass
+class ModelCardInfo:
+    """What the generated ``README.md`` says about an exported model.
+
+    Attributes:
+        title: heading of the card.
+        description: what was trained on what (a sentence or two).
+        run_config: the run's config.json contents, shown as JSON.
+        metrics: measured numbers (name -> value), e.g. {"FID (10k, ddim 50)": 4.2}.
+        sample_grid: a PNG file copied next to the card as ``samples.png`` and shown.
+        command: the command line that trained the run.
+        license: the hub's license field (an SPDX-style id such as "mit").
+        tags: extra hub tags.
+    """
+
+    title: str = "difflab diffusion model"
+    description: str = ""
+    run_config: dict[str, Any] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    sample_grid: str | Path | None = None
+    command: str | None = None
+    license: str = "mit"
+    tags: list[str] = field(default_factory=list)
+
+
+def model_card(info: ModelCardInfo, *, unet: dict[str, Any], scheduler: dict[str, Any]) -> str:
+    """The model card text: YAML front matter (license, library, tags) and Markdown sections."""
+    tags = ["diffusers", "difflab", "unconditional-image-generation", *info.tags]
+    if unet.get("num_class_embeds"):
+        tags[2] = "class-conditional-image-generation"
+    lines = ["---", f"license: {info.license}", "library_name: diffusers", "tags:"]
+    lines += [f"- {t}" for t in dict.fromkeys(tags)]
+    lines += ["---", "", f"# {info.title}", ""]
+    if info.description:
+        lines += [info.description, ""]
+    size, ch = unet["sample_size"], unet["in_channels"]
+    lines += [
+        f"A `UNet2DModel` ({ch} x {size} x {size} images, block_out_channels "
+        f"{unet['block_out_channels']}) trained with difflab, exported with its EMA weights and "
+        f"its noise schedule ({scheduler['num_train_timesteps']} steps, "
+        f"{'trained_betas' if scheduler.get('trained_betas') else scheduler['beta_schedule']}, "
+        f"prediction_type {scheduler['prediction_type']}).",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from diffusers import DDIMPipeline",
+        "",
+        'pipe = DDIMPipeline.from_pretrained("PATH_OR_REPO")',
+        "images = pipe(batch_size=16, num_inference_steps=50, eta=0.0).images",
+        "```",
+        "",
+    ]
+    if unet.get("num_class_embeds"):
+        null = unet["num_class_embeds"] - 1
+        lines += [
+            f"Class-conditional: pass `class_labels` to the U-Net; label {null} is the null "
+            "label used for classifier-free guidance (the pipelines above do not pass labels).",
+            "",
+        ]
+    if info.sample_grid is not None:
+        lines += ["## Samples", "", "![samples](samples.png)", ""]
+    if info.metrics:
+        lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.6g} |" for k, v in info.metrics.items()]
+        lines += [""]
+    if info.command:
+        lines += ["## Training command", "", "```", info.command, "```", ""]
+    if info.run_config is not None:
+        config = json.dumps(info.run_config, indent=2, sort_keys=True)
+        lines += ["## difflab run config", "", "```json", config, "```", ""]
+    return "\n".join(lines)
+
+
+def export_to_diffusers(
+    out_dir: str | os.PathLike,
+    *,
+    unet_config: UNetConfig,
+    state_dict: dict[str, Tensor],
+    schedule: Schedule,
+    parameterization: Parameterization = "eps",
+    clip_sample: bool = True,
+    card: ModelCardInfo | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a diffusers pipeline folder for a difflab U-Net; returns ``out_dir``.
+
+    Args:
+        out_dir: the folder to create (its parent must exist).
+        unet_config: the U-Net's config (``UNet.config``).
+        state_dict: the U-Net weights (the run's EMA weights for sampling).
+        schedule: the discrete (DDPM) schedule the model was trained with.
+        parameterization: ``eps``, ``v`` or ``x0`` (``edm`` has no diffusers scheduler).
+        clip_sample: the scheduler clips x0 to [-1, 1] (difflab's ``threshold="clip"``).
+        card: model card contents; None writes a minimal card.
+        overwrite: replace an existing ``out_dir``; otherwise an existing non-empty folder is an
+            error.
+
+    Files: ``model_index.json`` (DDPMPipeline), ``unet/config.json``,
+    ``unet/diffusion_pytorch_model.safetensors``, ``scheduler/scheduler_config.json``,
+    ``README.md`` and ``samples.png`` when ``card.sample_grid`` is given.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"{out} exists and is not empty; choose another folder or overwrite")
+    if not out.parent.is_dir():
+        raise ValueError(f"{out.parent} is not a folder")
+    card = card or ModelCardInfo()
+    if card.sample_grid is not None and not Path(card.sample_grid).is_file():
+        raise ValueError(f"sample grid {card.sample_grid} not found")
+    unet = diffusers_config_from_unet(unet_config)
+    weights = state_dict_to_diffusers(dict(state_dict), unet_config)
+    scheduler = scheduler_config_from_schedule(
+        schedule, prediction_type=parameterization, clip_sample=clip_sample
+    )
+    if unet["out_channels"] != unet["in_channels"]:
+        raise ValueError(
+            f"U-Net out_channels={unet['out_channels']} (learned variance?) has no "
+            "DDPMPipeline form; export a model with out_channels == in_channels"
+        )
+
+    tmp = out.parent / f".tmp-{out.name}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        (tmp / "unet").mkdir()
+        (tmp / "scheduler").mkdir()
+        atomic_write_json(
+            tmp / "model_index.json",
+            {
+                "_class_name": "DDPMPipeline",
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "unet": ["diffusers", "UNet2DModel"],
+            },
+        )
+        atomic_write_json(tmp / "unet" / "config.json", unet)
+        blob = safetensors_bytes(
+            {k: v.detach().cpu().contiguous() for k, v in weights.items()},
+            metadata={"format": "pt"},
+        )
+        atomic_write_bytes(tmp / "unet" / "diffusion_pytorch_model.safetensors", blob)
+        atomic_write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
+        if card.sample_grid is not None:
+            atomic_write_bytes(tmp / "samples.png", Path(card.sample_grid).read_bytes())
+        atomic_write_text(tmp / "README.md", model_card(card, unet=unet, scheduler=scheduler))
+        fsync_dir(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out``; an existing ``out`` is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".old-{out.name}-{secrets.token_hex(4)}"
+        os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class ImportedRun:
+    """What a native difflab run needs from a diffusers folder (see :func:`import_to_run`).
+
+    Attributes:
+        unet_config: the difflab U-Net config.
+        state_dict: its weights (difflab keys); use them for both the "model" and "ema" groups.
+        schedule_config: ``Schedule.to_config()`` of the schedule.
+        parameterization, learned_variance, num_classes, data_shape: as in the diffusers model.
+        preset: the name in ``UNET_PRESETS`` whose network this is, or None.
+        preset_overrides: UNetConfig fields (besides those the app sets from data and model
+            config: in_channels, image_size, out_channels, num_classes, dropout) that differ
+            from ``preset``; empty when the preset alone describes the network.
+    """
+
+    unet_config: UNetConfig
+    state_dict: dict[str, Tensor]
+    schedule_config: dict[str, Any]
+    parameterization: Parameterization
+    learned_variance: bool
+    num_classes: int
+    data_shape: tuple[int, int, int]
+    preset: str | None
+    preset_overrides: dict[str, Any]
+
+    def run_config_sections(self) -> dict[str, dict[str, Any]]:
+        """``model`` and ``diffusion`` fields of a difflab RunConfig for this network."""
+        model = {
+            "kind": "unet",
+            "preset": self.preset,
+            "num_classes": self.num_classes,
+            "parameterization": self.parameterization,
+            "learned_variance": self.learned_variance,
+            "dropout": self.unet_config.dropout,
+        }
+        sched = self.schedule_config
+        diffusion: dict[str, Any] = {"schedule": sched["name"]}
+        if sched["name"] != "custom":
+            diffusion["T"] = sched["T"]
+            diffusion["zero_terminal_snr"] = bool(sched.get("zero_terminal_snr", False))
+        return {"model": model, "diffusion": diffusion}
+
+
+def closest_preset(cfg: UNetConfig) -> tuple[str | None, dict[str, Any]]:
+    """(preset name, fields that differ) for the preset needing the fewest overrides."""
+    best: tuple[str | None, dict[str, Any]] = (None, {})
+    for name, preset in UNET_PRESETS.items():
+        a, b = dataclasses.asdict(preset), dataclasses.asdict(cfg)
+        diff = {k: b[k] for k in b if k not in _APP_FIELDS and a[k] != b[k]}
+        if best[0] is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    return best
+
+
+def import_to_run(folder: str | os.PathLike, *, null_label: NullLabel = "auto") -> ImportedRun:
+    """Convert a diffusers folder into a difflab U-Net config, weights and schedule config.
+
+    The U-Net is matched against ``UNET_PRESETS``: ``preset_overrides`` lists the fields a run
+    config must add to the preset to build this exact network (empty for google/ddpm-cifar10-32
+    and the ``ddpm-cifar10`` preset). The schedule config rebuilds the same schedule with
+    :func:`difflab.schedules.schedule_from_config`.
+    """
+    loaded = load_diffusers(folder, null_label=null_label)
+    if not isinstance(loaded.schedule, DiscreteSchedule):  # pragma: no cover - always discrete
+        raise ValueError(f"{folder}: only discrete schedules can be imported")
+    preset, overrides = closest_preset(loaded.unet.config)
+    return ImportedRun(
+        unet_config=loaded.unet.config,
+        state_dict={k: v.detach().cpu() for k, v in loaded.unet.state_dict().items()},
+        schedule_config=loaded.schedule.to_config(),
+        parameterization=loaded.parameterization,
+        learned_variance=loaded.learned_variance,
+        num_classes=loaded.num_classes,
+        data_shape=loaded.data_shape,
+        preset=preset,
+        preset_overrides=overrides,
+    )
