@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,29 @@ def _torchrun(*args, steps=None):
     )
 
 
+def _kill_processes_naming(arg: str) -> None:
+    """SIGKILL every process whose command line contains ``arg``, and wait until they are gone
+    (a surviving worker would still hold the run directory's lock)."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if proc.name.isdigit() and int(proc.name) != os.getpid() and arg.encode() in cmd:
+                pids.append(int(proc.name))
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_two_processes_stay_in_sync_and_resume(tmp_path):
     run = tmp_path / "run"
@@ -60,7 +84,8 @@ def test_two_processes_stay_in_sync_and_resume(tmp_path):
     while ckpt.latest_checkpoint(run) is None and time.time() < deadline:
         time.sleep(0.05)
     assert ckpt.latest_checkpoint(run) is not None, p.communicate()[1]
-    os.killpg(p.pid, signal.SIGKILL)  # the launcher and both workers
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher ...
+    _kill_processes_naming(str(run))  # ... and both workers (torchrun gives them own groups)
     p.wait()
     killed_at = ckpt.load_checkpoint(run).step
     assert killed_at < 400 and not ckpt.is_finished(run)

@@ -517,7 +517,7 @@ class RunLock:
             self._file = None
 
     def __enter__(self) -> RunLock:
-        return self.acquire()
+        return self if self._file is not None else self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()

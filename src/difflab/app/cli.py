@@ -9,6 +9,9 @@
     difflab sample RUN_DIR --classifier CLF_RUN --class 3 --classifier-scale 2
     difflab sample RESTORE_RUN --input degraded.npz        # image-to-image (Palette) runs
     difflab presets                        # list the presets
+    difflab sample DIFFUSERS_DIR --sampler dpm++2m-sde --steps 10   # a diffusers model folder
+    difflab export RUN_DIR OUT_DIR         # a diffusers pipeline folder with a model card
+    difflab import DIFFUSERS_DIR --out RUN_DIR                      # then train --resume
 
 Every error is one line on stderr and a non-zero exit status.
 """
@@ -94,6 +97,25 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="dataset to evaluate on (default: the run's; needed for a "
+                   "diffusers folder, e.g. cifar10)")  # fmt: skip
+    p.add_argument("--data-dir", help="folder holding that dataset's files")
+
+
+def _with_data(built: Any, args: argparse.Namespace) -> Any:
+    """The run with the evaluation data of --data / --data-dir."""
+    from difflab.app.build import IMAGE_SHAPES
+
+    if args.data is None and args.data_dir is None:
+        return built
+    d = built.cfg.data
+    name = args.data or d.name
+    size = {"image_size": None, "channels": None} if name in IMAGE_SHAPES else {}
+    data = replace(d, name=name, data_dir=args.data_dir or d.data_dir, **size)
+    return replace(built, cfg=replace(built.cfg, data=data))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difflab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,13 +128,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="default: the run's")
     p.add_argument("--steps", type=int, help="default: the run's")
     p.add_argument("--seed", type=int, default=0)
+    _add_data_options(p)
     p = sub.add_parser("nll", help="likelihood of held-out data (VLB and PF-ODE)")
     p.add_argument("run_dir", type=Path)
+    _add_data_options(p)
     p.add_argument("--n", type=int, default=1000, help="held-out examples")
     p.add_argument("--vlb-stride", type=int, default=1, help="evaluate every k-th VLB term")
     p.add_argument("--ode-steps", type=int, default=32)
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes")
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("export", help="write a run as a diffusers pipeline folder")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("out", type=Path, help="the folder to write (DDPMPipeline/DDIMPipeline)")
+    p.add_argument("--format", choices=["diffusers"], default="diffusers")
+    p.add_argument("--no-ema", action="store_true", help="export the raw (non-EMA) weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p = sub.add_parser("import", help="turn a diffusers UNet2DModel into a native run")
+    p.add_argument("folder", type=Path, help="diffusers pipeline or UNet2DModel folder")
+    p.add_argument("--out", type=Path, required=True, help="the new run directory")
+    p.add_argument(
+        "--preset", default="cifar10", help="data and training recipe for fine-tuning it"
+    )
+    p.add_argument("--data-dir", help="folder holding the fine-tuning data")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p = sub.add_parser("viz", help="plots that need no trained model")
     p.add_argument("what", choices=["schedules"])
     p.add_argument("--out", type=Path, default=Path("schedules.png"))
@@ -405,7 +443,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _positive("--n", args.n)
     _positive("--steps", args.steps)
-    built = load_run(args.run_dir)
+    built = _with_data(load_run(args.run_dir), args)
     res = evaluate_quality(
         built,
         n=args.n,
@@ -426,7 +464,7 @@ def cmd_nll(args: argparse.Namespace) -> int:
     for name in ("n", "vlb_stride", "ode_steps", "probes"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     res = evaluate_nll(
-        load_run(args.run_dir),
+        _with_data(load_run(args.run_dir), args),
         n=args.n,
         seed=args.seed,
         vlb_stride=args.vlb_stride,
@@ -441,6 +479,63 @@ def cmd_nll(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A diffusers pipeline folder (EMA weights, scheduler config, model card) of a run."""
+    import json
+
+    from difflab.app.runs import load_run
+    from difflab.interop import ModelCardInfo, export_to_diffusers
+
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+    built = load_run(args.run_dir, ema=not args.no_ema)
+    cfg = built.cfg
+    if not built.kind.has_denoiser or cfg.data.is_toy:
+        raise ValueError(f"{args.run_dir}: only image diffusion runs (a U-Net) can be exported")
+    finished = args.run_dir / "finished.json"
+    info = json.loads(finished.read_text()) if finished.is_file() else {}
+    metrics = {k: float(v) for k, v in _flat(info).items() if isinstance(v, (int, float))}
+    grid = args.run_dir / "samples.png"
+    card = ModelCardInfo(
+        title=f"difflab {cfg.preset}",
+        description=f"A {cfg.preset} diffusion model trained with difflab on {cfg.data.name}"
+        f" ({'EMA' if not args.no_ema else 'raw'} weights).",
+        run_config=cfg.to_dict(),
+        metrics=metrics,
+        sample_grid=grid if grid.is_file() else None,
+        command="difflab " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
+        tags=["difflab", cfg.data.name],
+    )
+    out = export_to_diffusers(
+        args.out, unet_config=built.model.config, state_dict=built.model.state_dict(),
+        schedule=built.schedule, parameterization=cfg.model.parameterization,  # type: ignore
+        clip_sample=cfg.sample.threshold == "clip", card=card, overwrite=args.overwrite,
+    )  # fmt: skip
+    say(f"wrote {out} (load it with DDPMPipeline.from_pretrained or DDIMPipeline)")
+    return 0
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from difflab.app.runs import import_diffusers_run
+
+    overrides = list(args.set)
+    if args.data_dir is not None:
+        overrides.append(f"data.data_dir={Path(args.data_dir).resolve()}")
+    run = import_diffusers_run(args.folder, args.out, preset=args.preset, overrides=overrides)
+    say(f"wrote {run}; fine-tune it with: difflab train --resume {run} --steps N")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -448,6 +543,8 @@ COMMANDS = {
     "viz": cmd_viz,
     "eval": cmd_eval,
     "nll": cmd_nll,
+    "export": cmd_export,
+    "import": cmd_import,
 }
 
 

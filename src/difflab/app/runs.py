@@ -7,6 +7,7 @@ A run flows one way: CLI -> config (:mod:`difflab.app.config`, validated here) -
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import torch
 
 from difflab import checkpoint as ckpt
 from difflab.app.build import Built, build_data, build_schedule, cfg_data_shape, resolve_device
-from difflab.app.config import RunConfig
-from difflab.app.kinds import kind_of
+from difflab.app.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig
+from difflab.app.kinds import KINDS, kind_of
 from difflab.data.images import IMAGE_DATASETS
 from difflab.data.toy import TOY_DATASETS
 from difflab.image_to_image import TASKS
@@ -26,7 +27,14 @@ from difflab.samplers import SAMPLER_OPTIONS, SAMPLERS
 from difflab.samplers.common import THRESHOLD_MODES
 from difflab.schedules import BETA_SCHEDULES, check_choice
 
-__all__ = ["build", "check_config", "load_run", "read_run_config"]
+__all__ = [
+    "build",
+    "check_config",
+    "import_diffusers_run",
+    "is_diffusers_folder",
+    "load_run",
+    "read_run_config",
+]
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -78,8 +86,11 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
 
 def load_run(run_dir: str | Path, *, ema: bool = True, device: torch.device | None = None) -> Built:
     """Rebuild a run's model from its config.json and newest valid checkpoint (EMA weights);
-    a skipped newer checkpoint is named on stderr, non-finite weights are refused."""
+    a skipped newer checkpoint is named on stderr, non-finite weights are refused. A diffusers
+    folder (:func:`is_diffusers_folder`) loads as an image diffusion run."""
     run_dir = Path(run_dir)
+    if is_diffusers_folder(run_dir):
+        return _load_diffusers(run_dir, device or torch.device("cpu"))
     cfg = read_run_config(run_dir)
     built = build(cfg, device=device or torch.device("cpu"), load_data=False)
     c = ckpt.load_checkpoint(run_dir)
@@ -96,3 +107,96 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: torch.device | No
         ) from None
     built.model.eval()
     return built
+
+
+# ----------------------------------------------------------------------------- diffusers
+def is_diffusers_folder(path: str | Path) -> bool:
+    """A diffusers pipeline folder (``model_index.json``) or a lone ``UNet2DModel`` folder."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("_class_name") == "UNet2DModel"
+
+
+def _load_diffusers(folder: Path, device: torch.device) -> Built:
+    """A diffusers model as an image diffusion run: its network converted to difflab's U-Net
+    (:mod:`difflab.interop.diffusers`), its schedule, and a config describing both."""
+    from difflab.interop import closest_preset, load_diffusers
+
+    m = load_diffusers(folder, device=device)
+    c, h, _ = m.data_shape
+    name = m.schedule.to_config().get("name")
+    cfg = RunConfig(
+        preset=f"diffusers:{folder.name}",
+        data=DataConfig(name="folder", image_size=h, channels=c),
+        model=ModelConfig(
+            kind="unet", preset=closest_preset(m.unet.config)[0] or "ddpm-cifar10",
+            num_classes=m.num_classes, parameterization=m.parameterization,
+            learned_variance=m.learned_variance,
+        ),
+        diffusion=DiffusionConfig(
+            schedule=name if name in BETA_SCHEDULES else "linear", T=m.schedule.T
+        ),
+        sample=SampleConfig(
+            sampler="dpm++2m-sde", steps=10, n=64, threshold="clip" if m.clip_sample else None
+        ),
+    )  # fmt: skip
+    model = m.unet.to(device).eval()
+    kind = KINDS["diffusion-image"]
+    return Built(cfg, kind, m.schedule, model, m.denoiser, m.data_shape, None, device)
+
+
+def import_diffusers_run(
+    folder: str | Path, run_dir: str | Path, *, preset: str, overrides: list[str] | None = None
+) -> Path:
+    """Convert a diffusers ``UNet2DModel`` into a native run directory (step 0), so that
+    ``difflab train --resume RUN`` fine-tunes it with the data and recipe of ``preset`` (with
+    ``section.key=value`` ``overrides``).
+
+    The network must be one of difflab's U-Net presets (the DDPM layout, e.g.
+    google/ddpm-cifar10-32 is ``ddpm-cifar10``); an option without a difflab equivalent is a
+    one-line ``ValueError`` naming it.
+    """
+    from difflab.app.config import apply_overrides, get_preset
+    from difflab.interop import import_to_run
+
+    folder, run_dir = Path(folder), Path(run_dir)
+    imp = import_to_run(folder)
+    if imp.preset_overrides:
+        key, value = next(iter(imp.preset_overrides.items()))
+        raise ValueError(
+            f"{folder}: the U-Net differs from difflab's preset {imp.preset!r} in {key}={value!r}, "
+            f"which a run config cannot express; sample it directly with difflab sample {folder}"
+        )
+    if imp.schedule_config.get("name") not in BETA_SCHEDULES:
+        raise ValueError(
+            f"{folder}: its beta schedule has no difflab name, which a run config cannot "
+            f"express; sample it directly with difflab sample {folder}"
+        )
+    base = apply_overrides(get_preset(preset), overrides or [])
+    sections = imp.run_config_sections()
+    cfg = replace(
+        base,
+        model=replace(base.model, **sections["model"]),
+        diffusion=replace(base.diffusion, **sections["diffusion"]),
+    )
+    check_config(cfg)
+    if tuple(cfg_data_shape(cfg)) != tuple(imp.data_shape):
+        raise ValueError(
+            f"{folder} makes images of shape {tuple(imp.data_shape)}, the data of preset "
+            f"{preset!r} has shape {tuple(cfg_data_shape(cfg))}; choose another --preset"
+        )
+    built = build(cfg, device=torch.device("cpu"), load_data=False)
+    built.model.load_state_dict(imp.state_dict)  # the shapes are the preset's
+    state = {"step": 0, "optimizer": torch.optim.AdamW(built.model.parameters()).state_dict(),
+             "extra": {}}  # fmt: skip
+    weights = {k: v.detach().cpu() for k, v in built.model.state_dict().items()}
+    with ckpt.open_run_dir(run_dir, config=cfg.to_dict(), resume=False):
+        ckpt.save_checkpoint(
+            run_dir, step=0, tensors={"model": weights, "ema": weights}, state=state
+        )
+    return run_dir

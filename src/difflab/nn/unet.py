@@ -123,6 +123,21 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         norm_groups=2,
         time_features=32,  # 4 sin/cos features cannot resolve t in [0, 1000]
     ),
+    # the DDPM layout of ddpm-cifar10 at toy size (16x16x1, 0.1M parameters): every option
+    # has a diffusers form, so it exports to and imports from a UNet2DModel
+    "tiny-ddpm": UNetConfig(
+        image_size=16,
+        in_channels=1,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        num_heads=1,
+        dropout=0.0,
+        norm_groups=4,
+        use_scale_shift_norm=False,
+        downsample_padding=0,
+    ),
 }
 
 

@@ -1,0 +1,149 @@
+"""The command line with diffusers: sample and score a diffusers folder, export a run, import it.
+
+The library mapping is tested against diffusers in test_interop_diffusers.py; these tests check
+that the commands use it: a diffusers folder works wherever a run directory does, an exported
+run loads in diffusers with the run's EMA weights, and an imported folder fine-tunes as a run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflab import checkpoint as ckpt
+from difflab.app.cli import main
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _images(folder, n: int = 24, size: int = 16) -> None:
+    """Bars at random positions: a small grey-scale image folder."""
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(n):
+        a = np.zeros((size, size), np.uint8)
+        c = g.integers(2, size - 2)
+        a[:, c - 1 : c + 2] = 255
+        Image.fromarray(a).save(folder / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """A tiny DDPM pipeline folder saved by diffusers itself."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4,
+    )  # fmt: skip
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    out = tmp_path_factory.mktemp("hf") / "pipe"
+    diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(out)
+    return out
+
+
+def test_sample_a_diffusers_folder_like_a_run(pipeline_dir, tmp_path, capsys):
+    from difflab.app.runs import load_run
+    from difflab.samplers import sample
+
+    out = tmp_path / "s.npz"
+    code = main(["sample", str(pipeline_dir), "--sampler", "dpm++2m-sde", "--steps", "5",
+                 "--n", "4", "--seed", "3", "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    with np.load(out) as data:
+        got = data["samples"]
+    assert got.shape == (4, 1, 16, 16) and got.dtype == np.uint8
+    # the same draw through the library: the command used the folder's model and schedule
+    built = load_run(pipeline_dir)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        x = sample(built.denoiser, built.schedule, (4, 1, 16, 16), sampler="dpm++2m-sde",
+                   steps=5, generator=g, threshold="clip")  # fmt: skip
+    expected = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_nll_of_a_diffusers_folder_on_an_image_folder(pipeline_dir, tmp_path, capsys):
+    _images(tmp_path / "imgs", n=8)
+    code = main(["nll", str(pipeline_dir), "--data", "folder", "--data-dir",
+                 str(tmp_path / "imgs"), "--n", "4", "--vlb-stride", "100",
+                 "--ode-steps", "4"])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    res = json.loads(out.out.strip().splitlines()[-1])
+    assert res["unit"] == "bits/dim" and res["n"] == 4
+    assert np.isfinite(res["ode"]["mean"]) and np.isfinite(res["vlb"]["mean"])
+
+
+def test_nll_of_a_diffusers_folder_without_data_is_one_line(pipeline_dir, capsys):
+    assert main(["nll", str(pipeline_dir), "--n", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("difflab: error:") and "\n" not in err
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgrun")
+    _images(root / "imgs")
+    run = root / "run"
+    sets = ["data.image_size=16", "data.channels=1", "model.preset=tiny-ddpm", "train.steps=4",
+            "train.batch_size=8", "train.log_every=2", "train.ckpt_every=2", "sample.steps=4",
+            "sample.sampler=ddim", "train.warmup_steps=1"]  # fmt: skip
+    sets = [a for s in sets for a in ("--set", s)]
+    code = main(["train", "--preset", "folder", "--out", str(run), "--data-dir",
+                 str(root / "imgs"), "--no-progress", *sets])  # fmt: skip
+    assert code == 0
+    return run
+
+
+def test_export_loads_in_diffusers_with_the_ema_weights(image_run, tmp_path, capsys):
+    from difflab.interop import state_dict_to_diffusers
+
+    out = tmp_path / "export"
+    assert main(["export", str(image_run), str(out)]) == 0, capsys.readouterr().err
+    pipe = diffusers.DDPMPipeline.from_pretrained(out)
+    ema = ckpt.load_checkpoint(image_run).tensors["ema"]
+    from difflab.app.runs import load_run
+
+    expected = state_dict_to_diffusers(ema, load_run(image_run).model.config)
+    got = pipe.unet.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    card = (out / "README.md").read_text()
+    assert "license: mit" in card and "folder" in card
+    assert diffusers.DDIMPipeline.from_pretrained(out).scheduler.config.num_train_timesteps == 1000
+    # an existing folder is kept unless --overwrite
+    assert main(["export", str(image_run), str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_import_then_fine_tune(image_run, tmp_path, capsys):
+    exported = tmp_path / "export"
+    assert main(["export", str(image_run), str(exported)]) == 0
+    run = tmp_path / "imported"
+    sets = ["data.image_size=16", "data.channels=1", "train.batch_size=8", "train.steps=2",
+            "train.log_every=1", "sample.steps=4", "sample.sampler=ddim"]  # fmt: skip
+    sets = [a for s in sets for a in ("--set", s)]
+    code = main(["import", str(exported), "--out", str(run), "--preset", "folder", "--data-dir",
+                 str(image_run.parent / "imgs"), *sets])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    start = ckpt.load_checkpoint(run)
+    assert start.step == 0
+    ema = ckpt.load_checkpoint(image_run).tensors["ema"]
+    # equal up to the float32 rounding of the first time layer, which export and import
+    # rotate by the one-step timestep offset (t = k + 1) and back
+    assert all(torch.allclose(start.tensors["model"][k], ema[k], rtol=0, atol=1e-6) for k in ema)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert ckpt.load_checkpoint(run).step == 2 and ckpt.is_finished(run)
+
+
+def test_import_of_a_network_without_a_preset_names_the_option(pipeline_dir, tmp_path, capsys):
+    assert main(["import", str(pipeline_dir), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "differs from difflab's preset" in err and "\n" not in err
+    assert not (tmp_path / "r").exists()
