@@ -7,6 +7,7 @@ numbers, and the key ones are re-checked here against the same oracles' toleranc
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import runpy
@@ -117,3 +118,66 @@ def test_tutorial_is_a_percent_notebook_listed_in_the_readme(path: Path):
     assert re.search(r"^# %%$", text, re.MULTILINE), f"{path.name} has no code cell"
     readme = (TUTORIAL_DIR / "README.md").read_text(encoding="utf-8")
     assert path.name in readme, f"tutorials/README.md does not list {path.name}"
+
+
+# executed as a notebook as well: a short tutorial with several figures
+NOTEBOOK_TUTORIALS = ["01_random_variables_and_gaussians"]
+
+
+def _private_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A Jupyter kernelspec that runs ipykernel on this interpreter, in a private JUPYTER_PATH.
+
+    Nothing is looked up outside the test's folder (no network, no user kernels), so the same
+    kernel is used in a fresh CI virtual environment and on a developer's machine.
+    """
+    name = "difflab-tests"
+    spec_dir = tmp_path / "jupyter" / "kernels" / name
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "difflab tests",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    return name
+
+
+@pytest.mark.parametrize("stem", NOTEBOOK_TUTORIALS)
+def test_tutorial_runs_as_a_notebook_with_inline_figures(
+    stem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import jupytext
+    from nbclient import NotebookClient
+
+    path = TUTORIAL_DIR / f"{stem}.py"
+    monkeypatch.setenv("DIFFLAB_FAST", "1")
+    monkeypatch.setenv("DIFFLAB_TUTORIAL_OUT", str(tmp_path / "figures"))
+    monkeypatch.delenv("DIFFLAB_DATA_DIR", raising=False)
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's own default
+    kernel = _private_kernel(tmp_path, monkeypatch)
+    nb = jupytext.read(path)
+    client = NotebookClient(
+        nb,
+        kernel_name=kernel,
+        timeout=120,
+        resources={"metadata": {"path": str(TUTORIAL_DIR)}},  # as Jupyter: cwd = tutorials/
+    )
+    client.execute()
+
+    outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
+    images = [out for out in outputs if "image/png" in out.get("data", {})]
+    n_saves = len(re.findall(r"^\s*save\(", path.read_text(encoding="utf-8"), re.MULTILINE))
+    assert n_saves >= 1 and len(images) == n_saves, (len(images), n_saves)
+    for out in images:
+        import base64
+
+        assert base64.b64decode(out["data"]["image/png"])[:8] == PNG_MAGIC
+    # no "Out: PosixPath(...)" after a save, no "<Figure size ...>" text instead of a figure
+    texts = [
+        out.get("text", "") + str(out.get("data", {}).get("text/plain", "")) for out in outputs
+    ]
+    assert not [out for out in outputs if out.output_type == "execute_result"], "stray Out: line"
+    assert not [t for t in texts if "<Figure" in t], "a figure shown as text"

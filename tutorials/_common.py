@@ -2,6 +2,7 @@
 
 * ``DIFFLAB_FAST=1``           small sizes, so that every tutorial runs in a few seconds;
 * ``DIFFLAB_TUTORIAL_OUT=DIR`` where figures are written (default ``tutorials/_out/``);
+* ``DIFFLAB_ANSWERS=1``        also run the answers to the exercises at the end of each tutorial;
 * ``DIFFLAB_DATA_DIR=DIR`` or ``--data-dir DIR`` on the command line: a folder with real data
   (e.g. ``DIR/mnist``), used in full mode only. ``../shared/data`` next to the repository is
   looked at too.
@@ -64,16 +65,26 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (5
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def save(fig: Any, name: str, dpi: int = 110) -> Path:
-    """Save a Figure as ``out_dir() / name``, print where it went and, in a notebook, show it."""
+def save(fig: Any, name: str, dpi: int = 110) -> None:
+    """Save a Figure as ``out_dir() / name``, print where it went and, in a notebook, show it.
+
+    In a notebook the saved PNG itself is displayed (``IPython.display.Image``), so the figure
+    appears inline without a matplotlib backend; nothing is returned, so a ``save(...)`` at the
+    end of a cell leaves no ``Out:`` line.
+    """
     path = out_path(name)
     fig.savefig(path, dpi=dpi)
     print(f"wrote {path}")
     if _in_ipython():
-        from IPython.display import display
+        from IPython.display import Image, display
 
-        display(fig)
-    return path
+        display(Image(filename=str(path)))
+
+
+def answers_wanted() -> bool:
+    """True when ``DIFFLAB_ANSWERS`` is set (not "", "0", "false" or "no"): run the answer cells
+    of the "Try this" exercises (the test suite sets it)."""
+    return os.environ.get("DIFFLAB_ANSWERS", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def use_threads(n: int) -> int:
