@@ -87,6 +87,30 @@ def answers_wanted() -> bool:
     return os.environ.get("DIFFLAB_ANSWERS", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def gauss_hermite(dim: int, k: int = 3):
+    """Nodes (k**dim, dim) and weights (k**dim,), float64, with E f(z) = sum_i w_i f(z_i) for
+    z ~ N(0, I_dim), exact when f is a polynomial of degree <= 2k - 1 in each coordinate
+    (probabilists' Gauss-Hermite rule, tensor product over the coordinates)."""
+    import numpy as np
+    import torch
+
+    nodes_1d, weights_1d = np.polynomial.hermite_e.hermegauss(k)
+    nodes = torch.cartesian_prod(*[torch.tensor(nodes_1d, dtype=torch.float64)] * dim)
+    w = torch.tensor(weights_1d / np.sqrt(2 * np.pi), dtype=torch.float64)
+    weights = torch.cartesian_prod(*[w] * dim)
+    return nodes.reshape(-1, dim), weights.reshape(-1, dim).prod(1)
+
+
+def all_combinations(ts, a, b):
+    """Every (t, a_j, b_k): ts (n_t,), a (n_a, D), b (n_b, D) -> rows (n_t * n_a * n_b,),
+    (n_t * n_a * n_b, D) twice, ordered with t slowest and b fastest."""
+    n_t, (n_a, dim), n_b = ts.shape[0], a.shape, b.shape[0]
+    t_rows = ts[:, None, None].expand(n_t, n_a, n_b).reshape(-1)
+    a_rows = a[None, :, None, :].expand(n_t, n_a, n_b, dim).reshape(-1, dim)
+    b_rows = b[None, None, :, :].expand(n_t, n_a, n_b, dim).reshape(-1, dim)
+    return t_rows, a_rows, b_rows
+
+
 def use_threads(n: int) -> int:
     """Set torch's intra-op threads to ``n`` and return the previous number (to restore it).
 
