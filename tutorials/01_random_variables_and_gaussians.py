@@ -35,7 +35,7 @@ import math
 
 import numpy as np
 import torch
-from _common import new_figure, out_path, pick, save
+from _common import answers_wanted, new_figure, out_path, pick, save
 
 from difflab import viz
 from difflab.data.toy import GaussianMixture
@@ -430,10 +430,48 @@ save(fig, "01_sum_is_convolution.png")
 # %% [markdown]
 # ## Summary
 #
-# Every number below was checked by an `assert` above; z-scores are in units of Monte Carlo
-# standard errors.
+# * A random variable is discrete (a PMF that sums to one) or continuous (a PDF that integrates
+#   to one and may exceed 1); the CDF describes both.
+# * Expectations are integrals; Monte Carlo estimates them with a standard error that shrinks
+#   as $1/\sqrt{n}$, and "within 4 standard errors" is the test used throughout the series.
+# * Gaussians are sampled by shifting and scaling standard normals ($x = m + Lz$); conditioning
+#   a jointly Gaussian pair gives a Gaussian whose mean is linear in the observed part: the
+#   optimal denoiser for Gaussian data.
+# * Independent Gaussians add by convolution: means add and **variances** add. That one fact
+#   gives the closed form $q(x_t \mid x_0)$ of the forward process.
+#
+# ## Try this
+#
+# 1. $X \sim \mathcal{N}(0, 1)$ and $Y \sim \mathcal{N}(0, 2^2)$ are independent. What are the
+#    variances of $X + Y$ and of $X - Y$? Check by Monte Carlo.
+# 2. What is $P(|Z| > 2)$ for $Z \sim \mathcal{N}(0, 1)$? Get it from the CDF, then check it by
+#    counting samples.
+# 3. Compute the variance of the Binomial(10, 0.3) of section 0 from its PMF, and compare with
+#    $np(1 - p)$.
+#
+# Try them before reading on: the next cell works them out, and runs only when
+# `DIFFLAB_ANSWERS=1` is set (the test suite sets it and checks the answers).
 
 # %%
-for key, value in RESULTS.items():
-    print(f"{key:40s} {value: .3e}")
-print(f"figures in {out_path('')}")
+if answers_wanted():
+    xa = torch.randn(N, dtype=F64, generator=gen)
+    ya = 2 * torch.randn(N, dtype=F64, generator=gen)
+    for name, v in (("sum", xa + ya), ("difference", xa - ya)):  # 1 + 4 = 5 for both
+        est, se = mc_mean((v - v.mean()) ** 2)
+        RESULTS[f"answer_var_of_{name}_z"] = (est - 5.0) / se
+        print(f"1. Var[X {'+' if name == 'sum' else '-'} Y] = {est:.3f} +- {se:.3f} (exact 5)")
+        assert abs(RESULTS[f"answer_var_of_{name}_z"]) < 4
+    tail = 2 * (1 - float(std_normal_cdf(np.array(2.0))))  # 2 (1 - Phi(2))
+    frac, se = mc_mean((xa.abs() > 2).to(F64))
+    RESULTS["answer_two_sd_tail"] = tail
+    RESULTS["answer_two_sd_tail_z"] = (frac - tail) / se
+    print(f"2. P(|Z| > 2) = {tail:.4f}; counted: {frac:.4f} +- {se:.4f}")
+    assert abs(RESULTS["answer_two_sd_tail_z"]) < 4
+    k = np.arange(11)
+    var_pmf = float((k**2 * pmf).sum() - (k * pmf).sum() ** 2)
+    RESULTS["answer_binomial_var_err"] = abs(var_pmf - n_flip * p_head * (1 - p_head))
+    print(f"3. Var = {var_pmf:.6f} from the PMF, n p (1 - p) = {n_flip * p_head * (1 - p_head)}")
+    assert RESULTS["answer_binomial_var_err"] < 1e-12
+
+# %%
+print(f"figures in {out_path('')}; {len(RESULTS)} checked numbers in RESULTS")

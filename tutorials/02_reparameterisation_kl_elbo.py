@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 import torch
-from _common import new_figure, out_path, pick, save
+from _common import answers_wanted, new_figure, out_path, pick, save
 
 from difflab.likelihood import gaussian_log_likelihood, mean_and_stderr, normal_kl
 
@@ -402,10 +402,45 @@ save(fig, "02_elbo.png")
 # %% [markdown]
 # ## Summary
 #
-# Every number below was checked by an `assert` above; z-scores are in units of Monte Carlo
-# standard errors.
+# * Writing a sample as $\mu + s\epsilon$ (reparameterisation) makes a Monte Carlo estimate
+#   differentiable in $\mu$ and $s$, with far less variance than the score-function estimator.
+# * The KL divergence is never negative (Jensen), zero only for equal distributions, and not
+#   symmetric; between Gaussians it has a closed form, derived above from two expectations.
+# * The ELBO is $\log p(x)$ minus a KL, so it is a lower bound, tight when $q$ is the posterior;
+#   maximising it with reparameterised gradients finds that posterior. Tutorial 4 applies the
+#   same bound with the noisy images $x_{1:T}$ as latents.
+#
+# ## Try this
+#
+# 1. Compute $\mathrm{KL}(\mathcal{N}(0, 1) \,\|\, \mathcal{N}(1, 1))$ and the reversed KL. Why
+#    are they equal here?
+# 2. Compute $\mathrm{KL}(\mathcal{N}(0, 1) \,\|\, \mathcal{N}(0, 2^2))$ and
+#    $\mathrm{KL}(\mathcal{N}(0, 2^2) \,\|\, \mathcal{N}(0, 1))$. Which is larger, and why?
+#
+# The next cell works them out when `DIFFLAB_ANSWERS=1` is set (the tests set it).
 
 # %%
-for key, value in RESULTS.items():
-    print(f"{key:40s} {value: .3e}")
-print(f"figures in {out_path('')}")
+if answers_wanted():
+    zero, lv_1, lv_4 = f64(0.0), f64(0.0), f64(math.log(4.0))  # log-variances of 1 and 4
+    forward = float(normal_kl(zero, lv_1, f64(1.0), lv_1))
+    backward = float(normal_kl(f64(1.0), lv_1, zero, lv_1))
+    # equal variances: KL = (mu1 - mu2)^2 / (2 s^2) = 1/2, symmetric in the means
+    RESULTS["answer_equal_variance_kl_err"] = max(abs(forward - 0.5), abs(backward - 0.5))
+    print(
+        f"1. KL = {forward:.4f} both ways: with equal variances only (mu1 - mu2)^2 / 2s^2 is left"
+    )
+    assert RESULTS["answer_equal_variance_kl_err"] < 1e-12
+    narrow_in_wide = float(normal_kl(zero, lv_1, zero, lv_4))  # log 2 + 1/8 - 1/2
+    wide_in_narrow = float(normal_kl(zero, lv_4, zero, lv_1))  # -log 2 + 2 - 1/2
+    RESULTS["answer_narrow_in_wide_kl"] = narrow_in_wide
+    RESULTS["answer_wide_in_narrow_kl"] = wide_in_narrow
+    RESULTS["answer_variance_kl_err"] = max(
+        abs(narrow_in_wide - (math.log(2) + 1 / 8 - 1 / 2)),
+        abs(wide_in_narrow - (-math.log(2) + 2 - 1 / 2)),
+    )
+    print(f"2. KL(N(0,1) || N(0,4)) = {narrow_in_wide:.4f} < KL(N(0,4) || N(0,1)) = "
+          f"{wide_in_narrow:.4f}: a q wider than p puts mass where p is tiny")  # fmt: skip
+    assert RESULTS["answer_variance_kl_err"] < 1e-12 and wide_in_narrow > narrow_in_wide
+
+# %%
+print(f"figures in {out_path('')}; {len(RESULTS)} checked numbers in RESULTS")

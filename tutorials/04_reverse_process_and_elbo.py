@@ -37,7 +37,15 @@ import math
 
 import numpy as np
 import torch
-from _common import all_combinations, gauss_hermite, new_figure, out_path, pick, save
+from _common import (
+    all_combinations,
+    answers_wanted,
+    gauss_hermite,
+    new_figure,
+    out_path,
+    pick,
+    save,
+)
 
 from difflab.likelihood import (
     bits_per_dim,
@@ -506,9 +514,46 @@ save(fig, "04_elbo_terms_and_weights.png")
 # %% [markdown]
 # ## Summary
 #
-# Every number below was checked by an `assert` above.
+# * The forward-process posterior $q(x_{t-1} \mid x_t, x_0)$ is Gaussian (Bayes' rule with two
+#   Gaussian factors), with mean $\tilde\mu_t$ and variance $\tilde\beta_t$.
+# * Turning each forward step around with Bayes' rule makes the ratios telescope, and the
+#   bound becomes $L_T + \sum_t L_{t-1} + L_0$, a sum of Gaussian KLs. With the true reverse
+#   kernels it equals $-\log q(x_0)$ exactly; with DDPM's fixed variances it is larger.
+# * With $\hat x_0$ written through the predicted noise, the reverse mean is
+#   $\mu_\theta = (x_t - \beta_t \hat\epsilon / \sqrt{1 - \bar\alpha_t}) / \sqrt{\alpha_t}$
+#   (Eq. 11), and $L_{t-1} = w_t\|\epsilon - \hat\epsilon\|^2 + C_t$: DDPM's $L_\text{simple}$ is
+#   the bound with the weights $w_t$ dropped.
+#
+# ## Try this
+#
+# 1. For data $x_0 \sim \mathcal{N}(0, 1)$ per coordinate ($s^2 = 1$), compute the ideal reverse
+#    variance $\tilde\beta_t + c_t^2 v_t$ of section 2. Which fixed choice does it equal?
+# 2. Now let the data be a single point ($s^2 \to 0$). Which choice is ideal then?
+#    (Ho et al. name both extremes, Sec. 3.2.)
+#
+# The next cell works them out when `DIFFLAB_ANSWERS=1` is set (the tests set it).
 
 # %%
-for key, value in RESULTS.items():
-    print(f"{key:40s} {value: .3e}")
-print(f"figures in {out_path('')}")
+if answers_wanted():
+
+    def ideal_reverse_variance(data_var: float) -> torch.Tensor:
+        """beta-tilde_t + c_t^2 Var[x0 | x_t] for x0 ~ N(m, data_var), t = 1..T."""
+        v_post = data_var * (1 - ab[1:]) / (ab[1:] * data_var + 1 - ab[1:])
+        c = ab[:-1].sqrt() * betas / (1 - ab[1:])
+        return sched.beta_tilde + c**2 * v_post
+
+    RESULTS["answer_unit_data_ideal_is_beta_max_rel"] = float(
+        (ideal_reverse_variance(1.0) / betas - 1).abs().max()
+    )
+    RESULTS["answer_point_data_ideal_is_beta_tilde_max_abs"] = float(
+        (ideal_reverse_variance(1e-12) - sched.beta_tilde).abs().max()
+    )
+    print("1. s^2 = 1: the ideal variance is beta_t ('large'), max relative difference "
+          f"{RESULTS['answer_unit_data_ideal_is_beta_max_rel']:.1e}")  # fmt: skip
+    print("2. s^2 -> 0: it is beta-tilde_t ('small'), max difference "
+          f"{RESULTS['answer_point_data_ideal_is_beta_tilde_max_abs']:.1e}")  # fmt: skip
+    assert RESULTS["answer_unit_data_ideal_is_beta_max_rel"] < 1e-9
+    assert RESULTS["answer_point_data_ideal_is_beta_tilde_max_abs"] < 1e-12
+
+# %%
+print(f"figures in {out_path('')}; {len(RESULTS)} checked numbers in RESULTS")

@@ -47,6 +47,7 @@ import math
 import torch
 import torch.nn.functional as F
 from _common import (
+    answers_wanted,
     data_dir,
     digit_like_images,
     is_fast,
@@ -511,14 +512,45 @@ save(fig, "06_samples.png")
 # %% [markdown]
 # ## Summary
 #
-# Every number below was checked by an `assert` above. In fast mode the networks train for a
-# few seconds: the clipped U-Net samples have the data's grey levels and stroke-like patches
-# but are not yet digits; the TinyEpsNet samples (Algorithm 2, unclipped) are noisier. Full
-# mode (MNIST, $T = 1000$, about 20 minutes on two CPU cores) shows digit strokes. Good MNIST
-# samples take hours of CPU training: `difflab train --preset mnist`.
+# * DDPM training (Algorithm 1) is five lines: draw $x_0$, $t$ and $\epsilon$, form $x_t$ in
+#   closed form, regress $\epsilon$. Sampling (Algorithm 2) runs the reverse chain for $T$ steps.
+# * difflab's `ddpm` sampler is the same algorithm: with the same network and noise it returns
+#   the same samples to float64 rounding.
+# * The U-Net, `Trainer` (EMA, warm-up, clipping) and fast samplers are engineering around the
+#   same two algorithms. An $\epsilon$-error at $t = T$ is amplified about 220 times (157 for
+#   $T = 1000$) in $\hat x_0$, so samplers clip $\hat x_0$ to the data range.
+# * In fast mode the networks train for seconds: the clipped U-Net samples have the data's grey
+#   levels and stroke-like patches but are not digits yet; full mode on MNIST shows digit
+#   strokes, and good samples take hours (`difflab train --preset mnist`).
+#
+# ## Try this
+#
+# 1. How large is the amplification $\sqrt{(1 - \bar\alpha_t)/\bar\alpha_t}$ at $t = 1$ and at
+#    $t = T/2$? Compare your numbers with difflab's `sched.edm_sigma(t)`, which computes the
+#    same ratio $\sigma_t/\alpha_t$ from the log-SNR.
+# 2. Sample the U-Net with `threshold="dynamic"` (Imagen's dynamic thresholding) instead of
+#    `"clip"`. Do the samples stay in $[-1, 1]$?
+#
+# The next cell works them out when `DIFFLAB_ANSWERS=1` is set (the tests set it).
 
 # %%
-for key, value in RESULTS.items():
-    print(f"{key:40s} {value: .4e}")
+if answers_wanted():
+    amp = {t: math.sqrt((1 - float(alpha_bar[t])) / float(alpha_bar[t])) for t in (1, T // 2)}
+    RESULTS["answer_amplification_t1"] = amp[1]
+    RESULTS["answer_amplification_vs_edm_sigma_max_rel"] = max(
+        abs(amp[t] / float(sched.edm_sigma(float(t))) - 1) for t in amp
+    )
+    print(f"1. amplification {amp[1]:.3f} at t = 1 (errors shrink), {amp[T // 2]:.2f} at t = T/2")
+    assert RESULTS["answer_amplification_vs_edm_sigma_max_rel"] < 1e-9 and amp[1] < 0.1
+    dynamic = sample(
+        ema, sched, (16, C, H, W), sampler="ddim", steps=sampler_steps["ddim"],
+        generator=torch.Generator().manual_seed(3), threshold="dynamic",
+    )  # fmt: skip
+    RESULTS["answer_dynamic_max_abs_pixel"] = float(dynamic.abs().max())
+    print(f"2. dynamic thresholding: max |x| = {RESULTS['answer_dynamic_max_abs_pixel']:.3f} "
+          "(x0-hat is rescaled into [-1, 1], and the last DDIM step returns x0-hat)")  # fmt: skip
+    assert RESULTS["answer_dynamic_max_abs_pixel"] <= 1 + 1e-6
+
+# %%
 torch.set_num_threads(THREADS)
-print(f"figures in {out_path('')}")
+print(f"figures in {out_path('')}; {len(RESULTS)} checked numbers in RESULTS")
