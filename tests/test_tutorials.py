@@ -9,6 +9,7 @@ answers to each tutorial's "Try this" exercises run too (``DIFFLAB_ANSWERS=1``) 
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
@@ -212,3 +213,20 @@ def test_tutorial_runs_as_a_notebook_with_inline_figures(
     ]
     assert not [out for out in outputs if out.output_type == "execute_result"], "stray Out: line"
     assert not [t for t in texts if "<Figure" in t], "a figure shown as text"
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
+def test_no_code_cell_ends_in_a_value_a_notebook_would_echo(path: Path):
+    """A cell whose last statement is an expression shows an ``Out:`` line in a notebook
+    (``torch.manual_seed(0)`` echoes a Generator, ``ax.set(...)`` a list); only ``print(...)``
+    and ``save(...)``, which return None, may end a cell."""
+    import jupytext
+
+    for index, cell in enumerate(jupytext.read(path).cells):
+        if cell.cell_type != "code":
+            continue
+        body = ast.parse(cell.source).body
+        if body and isinstance(body[-1], ast.Expr):
+            call = body[-1].value
+            name = getattr(getattr(call, "func", None), "id", None)
+            assert name in ("print", "save"), f"{path.name}, cell {index}: ends in a value"

@@ -53,8 +53,8 @@ from difflab.nn.sohl_dickstein import SohlDicksteinModel, temporal_basis
 THREADS = use_threads(1)  # restored at the end
 T = 40
 RESULTS: dict[str, float] = {}
-gen = torch.Generator().manual_seed(0)
 torch.manual_seed(0)  # the network's initial weights
+gen = torch.Generator().manual_seed(0)
 
 # %% [markdown]
 # ## 1. Data and forward process
