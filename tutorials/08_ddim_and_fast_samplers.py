@@ -167,8 +167,8 @@ assert RESULTS["q_c_eta1_vs_posterior_max_abs"] < 1e-12
 # $t_0 > t_1 > \dots > t_N = 0$ and takes each step $t_i \to t_{i+1}$ with the formula above,
 # whatever the gap. DDIM's default grid in difflab is **trailing** [Lin 2024, Table 2]: $N$
 # evenly spaced integers that start at $T$ itself, $t_i = \mathrm{round}(T - iT/N)$, then 0.
-# (The older "leading" grid $1 + k\lfloor T/N \rfloor$ never reaches $T$, so its first step
-# starts from noise the network has never seen at that level.)
+# (The older "leading" grid $1 + k\lfloor T/N \rfloor$ never reaches $T$: its first step treats
+# pure noise as $x_t$ at a $t < T$ where $x_t$ still carries some signal [Lin 2024].)
 #
 # **The loop.** About ten lines: $\hat x_0$ and $\hat\epsilon$ from the denoiser, then Eq. 12 with
 # $c = \eta\sqrt{\tilde\beta_{t \to s}}$. With the same prior noise and generator it must give
