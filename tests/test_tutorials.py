@@ -2,11 +2,15 @@
 
 The tutorials (``tutorials/[0-9]*.py``, found by glob so new ones are picked up) assert their
 own claims; each one leaves a module-level ``RESULTS: dict[str, float]`` with the checked
-numbers, and the key ones are re-checked here against the same oracles' tolerances.
+numbers, and the key ones are re-checked here against the same oracles' tolerances. The
+answers to each tutorial's "Try this" exercises run too (``DIFFLAB_ANSWERS=1``) and leave
+``answer_*`` keys. One tutorial is also executed as a notebook (jupytext + nbclient).
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import math
 import re
 import runpy
@@ -73,8 +77,30 @@ KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
         "vlb_monte_carlo_z": _z(),
         "lsimple_identity_small_max_rel_err": _below(1e-9),
         "lsimple_identity_large_max_rel_err": _below(1e-9),
+        "mu_eps_form_vs_posterior_max_abs": _below(1e-10),
+        "answer_unit_data_ideal_is_beta_max_rel": _below(1e-9),
+    },
+    "06": {
+        "alg2_vs_difflab_small_max_abs": _below(1e-9),
+        "x0_err_over_eps_err_at_T_rel": _below(1e-4),
+        "clipped_max_abs_pixel": lambda v: v <= 1 + 1e-6,
+        "unclipped_max_abs_pixel": lambda v: v > 1.5,
+    },
+    "08": {
+        "ddim_by_hand_eta0_max_abs": _below(1e-10),
+        "ddim_by_hand_eta1_max_abs": _below(1e-10),
+        "q_c_marginal_mean_max_abs_z": _z(),
+        "q_c_marginal_var_max_abs_z": _z(),
+        "q_c_eta1_vs_posterior_max_abs": _below(1e-12),
+        "answer_ddim_eta_half_max_abs": _below(1e-10),
+    },
+    "10": {
+        "vlb_learned_gap_z": _z(),
+        "answer_large_variance_tight_z": _z(),
+        "hybrid_logvar_err_after": lambda v: v < 0.5,
     },
 }
+MIN_ANSWERS = 2  # "Try this" exercises whose answers each tutorial checks
 
 
 def test_tutorials_are_found():
@@ -85,6 +111,7 @@ def test_tutorials_are_found():
 def test_tutorial_runs_in_fast_mode(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     out = tmp_path / "figures"
     monkeypatch.setenv("DIFFLAB_FAST", "1")
+    monkeypatch.setenv("DIFFLAB_ANSWERS", "1")  # also run the answers to the exercises
     monkeypatch.setenv("DIFFLAB_TUTORIAL_OUT", str(out))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.delenv("DIFFLAB_DATA_DIR", raising=False)
@@ -103,6 +130,8 @@ def test_tutorial_runs_in_fast_mode(path: Path, tmp_path: Path, monkeypatch: pyt
     assert figures, f"{path.name} wrote no PNG into DIFFLAB_TUTORIAL_OUT"
     for fig in figures:
         assert fig.read_bytes()[:8] == PNG_MAGIC and fig.stat().st_size > 2000, fig
+    answers = [key for key in results if key.startswith("answer_")]
+    assert len(answers) >= MIN_ANSWERS, f"{path.name}: answers checked: {answers}"
     for key, check in KEY_CHECKS.get(path.name[:2], {}).items():
         assert key in results, f"{path.name}: RESULTS lacks {key!r}"
         assert check(results[key]), f"{path.name}: RESULTS[{key!r}] = {results[key]}"
@@ -115,5 +144,89 @@ def test_tutorial_is_a_percent_notebook_listed_in_the_readme(path: Path):
         f"{path.name} must open with a markdown cell whose first line is '# # N. Title'"
     )
     assert re.search(r"^# %%$", text, re.MULTILINE), f"{path.name} has no code cell"
+    # ends with a summary for a reader and exercises, not a dump of RESULTS
+    assert "\n# ## Summary\n" in text and "\n# ## Try this\n" in text, path.name
+    assert "for key, value in RESULTS.items()" not in text, f"{path.name} prints RESULTS"
     readme = (TUTORIAL_DIR / "README.md").read_text(encoding="utf-8")
     assert path.name in readme, f"tutorials/README.md does not list {path.name}"
+
+
+# executed as a notebook as well: a short tutorial with several figures
+NOTEBOOK_TUTORIALS = ["01_random_variables_and_gaussians"]
+
+
+def _private_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A Jupyter kernelspec that runs ipykernel on this interpreter, in a private JUPYTER_PATH.
+
+    Nothing is looked up outside the test's folder (no network, no user kernels), so the same
+    kernel is used in a fresh CI virtual environment and on a developer's machine.
+    """
+    name = "difflab-tests"
+    spec_dir = tmp_path / "jupyter" / "kernels" / name
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "difflab tests",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    return name
+
+
+@pytest.mark.parametrize("stem", NOTEBOOK_TUTORIALS)
+def test_tutorial_runs_as_a_notebook_with_inline_figures(
+    stem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import jupytext
+    from nbclient import NotebookClient
+
+    path = TUTORIAL_DIR / f"{stem}.py"
+    monkeypatch.setenv("DIFFLAB_FAST", "1")  # as the script test above
+    monkeypatch.delenv("DIFFLAB_ANSWERS", raising=False)  # the notebook a student sees
+    monkeypatch.setenv("DIFFLAB_TUTORIAL_OUT", str(tmp_path / "figures"))
+    monkeypatch.delenv("DIFFLAB_DATA_DIR", raising=False)
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's own default
+    kernel = _private_kernel(tmp_path, monkeypatch)
+    nb = jupytext.read(path)
+    client = NotebookClient(
+        nb,
+        kernel_name=kernel,
+        timeout=120,
+        resources={"metadata": {"path": str(TUTORIAL_DIR)}},  # as Jupyter: cwd = tutorials/
+    )
+    client.execute()
+
+    outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
+    images = [out for out in outputs if "image/png" in out.get("data", {})]
+    n_saves = len(re.findall(r"^\s*save\(", path.read_text(encoding="utf-8"), re.MULTILINE))
+    assert n_saves >= 1 and len(images) == n_saves, (len(images), n_saves)
+    for out in images:
+        import base64
+
+        assert base64.b64decode(out["data"]["image/png"])[:8] == PNG_MAGIC
+    # no "Out: PosixPath(...)" after a save, no "<Figure size ...>" text instead of a figure
+    texts = [
+        out.get("text", "") + str(out.get("data", {}).get("text/plain", "")) for out in outputs
+    ]
+    assert not [out for out in outputs if out.output_type == "execute_result"], "stray Out: line"
+    assert not [t for t in texts if "<Figure" in t], "a figure shown as text"
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
+def test_no_code_cell_ends_in_a_value_a_notebook_would_echo(path: Path):
+    """A cell whose last statement is an expression shows an ``Out:`` line in a notebook
+    (``torch.manual_seed(0)`` echoes a Generator, ``ax.set(...)`` a list); only ``print(...)``
+    and ``save(...)``, which return None, may end a cell."""
+    import jupytext
+
+    for index, cell in enumerate(jupytext.read(path).cells):
+        if cell.cell_type != "code":
+            continue
+        body = ast.parse(cell.source).body
+        if body and isinstance(body[-1], ast.Expr):
+            call = body[-1].value
+            name = getattr(getattr(call, "func", None), "id", None)
+            assert name in ("print", "save"), f"{path.name}, cell {index}: ends in a value"

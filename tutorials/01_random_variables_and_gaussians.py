@@ -19,6 +19,8 @@
 # KL divergences between Gaussians. This tutorial collects the facts the series relies on, and
 # checks every one of them numerically:
 #
+# 0. discrete and continuous random variables: probability mass, density and distribution
+#    functions (PMF, PDF, CDF);
 # 1. expectation and variance, and how Monte Carlo estimates them (with a standard error);
 # 2. the Gaussian density in one and in several dimensions, covariance, isotropic noise;
 # 3. conditioning a Gaussian on part of its coordinates (the formula behind every denoiser);
@@ -33,7 +35,7 @@ import math
 
 import numpy as np
 import torch
-from _common import new_figure, out_path, pick, save
+from _common import answers_wanted, new_figure, out_path, pick, save
 
 from difflab import viz
 from difflab.data.toy import GaussianMixture
@@ -43,6 +45,92 @@ F64 = torch.float64
 N = pick(20_000, 400_000)  # Monte Carlo sample size
 RESULTS: dict[str, float] = {}
 gen = torch.Generator().manual_seed(0)
+
+# %% [markdown]
+# ## 0. Discrete and continuous random variables
+#
+# A **discrete** random variable takes countably many values $k$, each with a probability
+# $P(X = k) = p(k)$: its **probability mass function** (PMF), with $p(k) \ge 0$ and
+# $\sum_k p(k) = 1$. Example: the number of heads in $n = 10$ coin flips with $P(\text{head}) =
+# 0.3$ is Binomial, $p(k) = \binom{n}{k} 0.3^k\, 0.7^{n-k}$.
+#
+# A **continuous** random variable (a pixel value, a noise sample) has $P(X = x) = 0$ for every
+# single $x$; probabilities come from a **probability density function** (PDF) $p(x) \ge 0$ by
+# integration, $P(a < X \le b) = \int_a^b p(x)\,dx$, with $\int p = 1$. A density is not a
+# probability: it can exceed 1 (the uniform density on $[0, 0.5]$ is 2 there).
+#
+# Both have a **cumulative distribution function** (CDF) $F(x) = P(X \le x)$, rising from 0 to
+# 1: a staircase $F(x) = \sum_{k \le x} p(k)$ for a discrete variable, a smooth curve
+# $F(x) = \int_{-\infty}^x p(u)\,du$ with $F' = p$ for a continuous one. Diffusion models
+# treat images as continuous (pixels scaled to $[-1, 1]$) and only at the very end account for
+# the 256 discrete levels (tutorial 10's discretised decoder).
+#
+# The checks: the Binomial PMF sums to 1, its frequencies in samples match it, and its mean is
+# $np$; for the standard Gaussian, the CDF is the integral of the PDF and the PDF the derivative
+# of the CDF; and the empirical CDF of samples stays within the Dvoretzky-Kiefer-Wolfowitz band
+# $\sup_x |F_n(x) - F(x)| \le \sqrt{\log(2/\delta)/(2n)}$, which fails with probability at
+# most $\delta = 10^{-4}$.
+
+# %%
+n_flip, p_head = 10, 0.3
+pmf = np.array([math.comb(n_flip, k) * p_head**k * (1 - p_head) ** (n_flip - k) for k in range(11)])
+flips = (torch.rand(N, n_flip, dtype=F64, generator=gen) < p_head).sum(1).numpy()
+freq = np.bincount(flips, minlength=11) / N
+RESULTS["binomial_pmf_sum_err"] = abs(float(pmf.sum()) - 1)
+RESULTS["binomial_pmf_mean_err"] = abs(float((np.arange(11) * pmf).sum()) - n_flip * p_head)
+RESULTS["binomial_freq_max_abs_z"] = float(
+    (np.abs(freq - pmf) / np.sqrt(pmf * (1 - pmf) / N + 1e-300))[pmf > 1e-4].max()
+)
+assert RESULTS["binomial_pmf_sum_err"] < 1e-12 and RESULTS["binomial_pmf_mean_err"] < 1e-12
+assert RESULTS["binomial_freq_max_abs_z"] < 4.5  # the largest of 11 z-scores
+
+
+def std_normal_pdf(x):
+    return np.exp(-0.5 * x**2) / math.sqrt(2 * math.pi)
+
+
+def std_normal_cdf(x):
+    return 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+u = np.linspace(-8, 3, 110_001)
+du = u[1] - u[0]
+integral = np.concatenate(
+    [[0], np.cumsum((std_normal_pdf(u[1:]) + std_normal_pdf(u[:-1])) / 2) * du]
+)
+RESULTS["cdf_is_integral_of_pdf_max_abs"] = float(np.abs(integral - std_normal_cdf(u)).max())
+h = 1e-5
+derivative = (std_normal_cdf(u[::1000] + h) - std_normal_cdf(u[::1000] - h)) / (2 * h)
+RESULTS["pdf_is_derivative_of_cdf_max_abs"] = float(
+    np.abs(derivative - std_normal_pdf(u[::1000])).max()
+)
+assert RESULTS["cdf_is_integral_of_pdf_max_abs"] < 1e-8  # trapezoid rule error ~ du^2
+assert RESULTS["pdf_is_derivative_of_cdf_max_abs"] < 1e-8
+
+normal_draws = torch.randn(N, dtype=F64, generator=gen).sort().values.numpy()
+ecdf_hi = np.arange(1, N + 1) / N  # F_n just after each sample, and just before it:
+RESULTS["ecdf_sup_distance"] = float(
+    max(np.abs(ecdf_hi - std_normal_cdf(normal_draws)).max(),
+        np.abs(ecdf_hi - 1 / N - std_normal_cdf(normal_draws)).max())
+)  # fmt: skip
+dkw = math.sqrt(math.log(2 / 1e-4) / (2 * N))
+print(f"sup |F_n - F| = {RESULTS['ecdf_sup_distance']:.4f} <= DKW band {dkw:.4f}")
+assert RESULTS["ecdf_sup_distance"] < dkw
+
+fig, axes = new_figure(1, 3, (13, 3.4))
+axes[0, 0].bar(range(11), pmf, color="C0", alpha=0.6, label="PMF")
+axes[0, 0].plot(range(11), freq, "k.", label="sample frequencies")
+axes[0, 0].step(range(11), pmf.cumsum(), "C1", where="post", label="CDF (a staircase)")
+axes[0, 0].set(xlabel="k heads in 10 flips", title="discrete: Binomial(10, 0.3)")
+axes[0, 1].plot(u, std_normal_pdf(u), label="PDF p(x)")
+axes[0, 1].plot(u, std_normal_cdf(u), label="CDF F(x)")
+axes[0, 1].set(xlim=(-4, 3), xlabel="x", title="continuous: N(0, 1)")
+axes[0, 2].plot(normal_draws[:: max(N // 2000, 1)], ecdf_hi[:: max(N // 2000, 1)], label="F_n")
+axes[0, 2].plot(u, std_normal_cdf(u), "k--", lw=0.8, label="F")
+axes[0, 2].set(xlim=(-4, 3), xlabel="x", title=f"empirical CDF of {N} samples")
+for ax in axes[0]:
+    ax.legend(fontsize=7)
+save(fig, "01_pmf_pdf_cdf.png")
 
 # %% [markdown]
 # ## 1. Expectation, variance and Monte Carlo
@@ -342,10 +430,48 @@ save(fig, "01_sum_is_convolution.png")
 # %% [markdown]
 # ## Summary
 #
-# Every number below was checked by an `assert` above; z-scores are in units of Monte Carlo
-# standard errors.
+# * A random variable is discrete (a PMF that sums to one) or continuous (a PDF that integrates
+#   to one and may exceed 1); the CDF describes both.
+# * Expectations are integrals; Monte Carlo estimates them with a standard error that shrinks
+#   as $1/\sqrt{n}$, and "within 4 standard errors" is the test used throughout the series.
+# * Gaussians are sampled by shifting and scaling standard normals ($x = m + Lz$); conditioning
+#   a jointly Gaussian pair gives a Gaussian whose mean is linear in the observed part: the
+#   optimal denoiser for Gaussian data.
+# * Independent Gaussians add by convolution: means add and **variances** add. That one fact
+#   gives the closed form $q(x_t \mid x_0)$ of the forward process.
+#
+# ## Try this
+#
+# 1. $X \sim \mathcal{N}(0, 1)$ and $Y \sim \mathcal{N}(0, 2^2)$ are independent. What are the
+#    variances of $X + Y$ and of $X - Y$? Check by Monte Carlo.
+# 2. What is $P(|Z| > 2)$ for $Z \sim \mathcal{N}(0, 1)$? Get it from the CDF, then check it by
+#    counting samples.
+# 3. Compute the variance of the Binomial(10, 0.3) of section 0 from its PMF, and compare with
+#    $np(1 - p)$.
+#
+# Try them before reading on: the next cell works them out, and runs only when
+# `DIFFLAB_ANSWERS=1` is set (the test suite sets it and checks the answers).
 
 # %%
-for key, value in RESULTS.items():
-    print(f"{key:40s} {value: .3e}")
-print(f"figures in {out_path('')}")
+if answers_wanted():
+    xa = torch.randn(N, dtype=F64, generator=gen)
+    ya = 2 * torch.randn(N, dtype=F64, generator=gen)
+    for name, v in (("sum", xa + ya), ("difference", xa - ya)):  # 1 + 4 = 5 for both
+        est, se = mc_mean((v - v.mean()) ** 2)
+        RESULTS[f"answer_var_of_{name}_z"] = (est - 5.0) / se
+        print(f"1. Var[X {'+' if name == 'sum' else '-'} Y] = {est:.3f} +- {se:.3f} (exact 5)")
+        assert abs(RESULTS[f"answer_var_of_{name}_z"]) < 4
+    tail = 2 * (1 - float(std_normal_cdf(np.array(2.0))))  # 2 (1 - Phi(2))
+    frac, se = mc_mean((xa.abs() > 2).to(F64))
+    RESULTS["answer_two_sd_tail"] = tail
+    RESULTS["answer_two_sd_tail_z"] = (frac - tail) / se
+    print(f"2. P(|Z| > 2) = {tail:.4f}; counted: {frac:.4f} +- {se:.4f}")
+    assert abs(RESULTS["answer_two_sd_tail_z"]) < 4
+    k = np.arange(11)
+    var_pmf = float((k**2 * pmf).sum() - (k * pmf).sum() ** 2)
+    RESULTS["answer_binomial_var_err"] = abs(var_pmf - n_flip * p_head * (1 - p_head))
+    print(f"3. Var = {var_pmf:.6f} from the PMF, n p (1 - p) = {n_flip * p_head * (1 - p_head)}")
+    assert RESULTS["answer_binomial_var_err"] < 1e-12
+
+# %%
+print(f"figures in {out_path('')}; {len(RESULTS)} checked numbers in RESULTS")

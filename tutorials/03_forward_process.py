@@ -45,7 +45,7 @@ import math
 
 import numpy as np
 import torch
-from _common import data_dir, is_fast, out_path, pick, save
+from _common import answers_wanted, data_dir, is_fast, out_path, pick, save
 from PIL import Image, ImageDraw
 
 from difflab import viz
@@ -298,10 +298,39 @@ save(viz.plot_schedules(curves), "03_schedules.png")
 # %% [markdown]
 # ## Summary
 #
-# Every number below was checked by an `assert` above; z-scores are in units of Monte Carlo
-# standard errors. The slips are not small: their z-scores are in the tens or hundreds.
+# * The forward process adds Gaussian noise step by step; because variances add,
+#   $q(x_t \mid x_0) = \mathcal{N}(\sqrt{\bar\alpha_t}\,x_0, (1 - \bar\alpha_t) I)$ in one draw,
+#   and the chain and the closed form agree in distribution (checked by their moments).
+# * The usual slips (the standard deviation used as a variance, $\alpha$ instead of
+#   $\bar\alpha$) are not small: their z-scores are in the tens or hundreds.
+# * The schedule decides how fast the log-SNR falls; the cosine schedule reaches
+#   $\bar\alpha_t = 1/2$ much later than the linear one and spends fewer steps on pure noise.
+#
+# ## Try this
+#
+# 1. Find the first integer step $t$ at which the linear schedule has $\bar\alpha_t \le 1/2$,
+#    from a running product of $1 - \beta_t$ that you write yourself.
+# 2. Evaluate Nichol and Dhariwal's $f(t)/f(0)$ at $t = T/2$ and compare with the cosine
+#    schedule's $\bar\alpha_{T/2}$.
+#
+# The next cell works them out when `DIFFLAB_ANSWERS=1` is set (the tests set it).
 
 # %%
-for key, value in RESULTS.items():
-    print(f"{key:40s} {value: .3e}")
-print(f"figures in {out_path('')}")
+if answers_wanted():
+    betas_lin = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    running = torch.cumprod(1 - betas_lin, 0)  # alpha_bar_1 .. alpha_bar_T
+    t_first = int((running <= 0.5).nonzero()[0]) + 1
+    RESULTS["answer_first_t_half_linear"] = float(t_first)
+    print(f"1. alpha_bar_t <= 1/2 from t = {t_first} on "
+          f"(difflab's continuous t_half = {RESULTS['t_half_linear']:.2f})")  # fmt: skip
+    assert t_first - 1 <= RESULTS["t_half_linear"] <= t_first
+    s_off = 0.008
+    f_half = math.cos((0.5 + s_off) / (1 + s_off) * math.pi / 2) ** 2
+    f_zero = math.cos(s_off / (1 + s_off) * math.pi / 2) ** 2
+    cos_ab = float(DiscreteSchedule.from_name("cosine", T).alpha_bar[T // 2])
+    RESULTS["answer_cosine_half_err"] = abs(f_half / f_zero - cos_ab)
+    print(f"2. f(T/2) / f(0) = {f_half / f_zero:.6f}, cosine alpha_bar_(T/2) = {cos_ab:.6f}")
+    assert RESULTS["answer_cosine_half_err"] < 1e-12
+
+# %%
+print(f"figures in {out_path('')}; {len(RESULTS)} checked numbers in RESULTS")

@@ -37,7 +37,15 @@ import math
 
 import numpy as np
 import torch
-from _common import new_figure, out_path, pick, save
+from _common import (
+    all_combinations,
+    answers_wanted,
+    gauss_hermite,
+    new_figure,
+    out_path,
+    pick,
+    save,
+)
 
 from difflab.likelihood import (
     bits_per_dim,
@@ -179,9 +187,25 @@ save(fig, "04_posterior.png")
 # The ELBO with latents $x_{1:T}$ and $q(x_{1:T} \mid x_0)$ as the variational distribution is
 # $-\log p_\theta(x_0) \le
 # \mathbb{E}_q\big[-\log \frac{p_\theta(x_{0:T})}{q(x_{1:T} \mid x_0)}\big]$.
-# Writing each forward step with Bayes' rule, $q(x_t \mid x_{t-1}) =
-# q(x_{t-1} \mid x_t, x_0)\, q(x_t \mid x_0) / q(x_{t-1} \mid x_0)$ for $t \ge 2$, the ratios
-# $q(x_t \mid x_0) / q(x_{t-1} \mid x_0)$ telescope and the bound becomes [Ho 2020, Eq. 5]
+# Split both joints into factors, $p_\theta(x_{0:T}) = p(x_T) \prod_{t \ge 1} p_\theta(x_{t-1}
+# \mid x_t)$ and $q(x_{1:T} \mid x_0) = \prod_{t \ge 1} q(x_t \mid x_{t-1})$, and turn each
+# forward step with $t \ge 2$ around with Bayes' rule (the chain is Markov, so $x_0$ may be
+# added to the condition):
+#
+# $$q(x_t \mid x_{t-1}) = q(x_t \mid x_{t-1}, x_0)
+#   = \frac{q(x_{t-1} \mid x_t, x_0)\; q(x_t \mid x_0)}{q(x_{t-1} \mid x_0)} .$$
+#
+# In the product over $t = 2..T$ the ratios **telescope**: $\prod_{t=2}^{T}
+# \frac{q(x_t \mid x_0)}{q(x_{t-1} \mid x_0)} = \frac{q(x_2 \mid x_0)}{q(x_1 \mid x_0)} \cdot
+# \frac{q(x_3 \mid x_0)}{q(x_2 \mid x_0)} \cdots \frac{q(x_T \mid x_0)}{q(x_{T-1} \mid x_0)}
+# = \frac{q(x_T \mid x_0)}{q(x_1 \mid x_0)}$, and the $q(x_1 \mid x_0)$ left over cancels the
+# $t = 1$ factor $q(x_1 \mid x_0)$ of $q(x_{1:T} \mid x_0)$. So
+#
+# $$-\log\frac{p_\theta(x_{0:T})}{q(x_{1:T} \mid x_0)} = -\log\frac{p(x_T)}{q(x_T \mid x_0)}
+#   - \sum_{t=2}^{T} \log\frac{p_\theta(x_{t-1} \mid x_t)}{q(x_{t-1} \mid x_t, x_0)}
+#   - \log p_\theta(x_0 \mid x_1),$$
+#
+# and taking the expectation under $q$ turns each log-ratio into a KL [Ho 2020, Eq. 5]:
 #
 # $$L = \underbrace{\mathrm{KL}\big(q(x_T \mid x_0) \,\|\, p(x_T)\big)}_{L_T}
 #   + \sum_{t=2}^{T} \underbrace{\mathbb{E}_q\,\mathrm{KL}\big(q(x_{t-1} \mid x_t, x_0)
@@ -190,7 +214,8 @@ save(fig, "04_posterior.png")
 #
 # Every KL is between Gaussians (tutorial 2). The mean of $p_\theta$ is the posterior mean with
 # the network's estimate of $x_0$ in place of $x_0$:
-# $\mu_\theta(x_t, t) = \tilde\mu_t(x_t, \hat x_0(x_t, t))$ [Ho 2020, Eq. 7 and 11].
+# $\mu_\theta(x_t, t) = \tilde\mu_t(x_t, \hat x_0(x_t, t))$ [Ho 2020, Eq. 7 and 15]; section 3
+# writes it in terms of the predicted noise.
 #
 # **Gaussian data.** Take $x_0 \sim \mathcal{N}(m, \mathrm{diag}(s^2))$ in two dimensions. Then
 # $(x_0, x_t)$ is jointly Gaussian and the optimal denoiser is a conditional mean (tutorial 1),
@@ -220,8 +245,9 @@ save(fig, "04_posterior.png")
 # the model's cross-entropy $\mathbb{E}[-\log p_\theta(x_0)]$, which is at least $H$.
 #
 # All terms are quadratic in $(x_0, \epsilon)$, so Gauss-Hermite quadrature with 3 nodes per
-# coordinate (exact up to degree 5) computes their expectations **exactly** - no Monte Carlo
-# error. Monte Carlo enters once, to check the library's sampled `vlb` against the exact value.
+# coordinate (exact up to degree 5; `_common.gauss_hermite`) computes their expectations
+# **exactly** - no Monte Carlo error. Monte Carlo enters once, to check the library's sampled
+# `vlb` against the exact value.
 
 # %%
 m = torch.tensor([0.4, -0.3], dtype=F64)
@@ -245,19 +271,15 @@ RESULTS["denoiser_vs_oracle_max_abs"] = float(
 )
 assert RESULTS["denoiser_vs_oracle_max_abs"] < 1e-12
 
-# Gauss-Hermite nodes and weights for E over N(0, I) in two dimensions
-K = 3  # nodes per coordinate
-nodes_1d, weights_1d = np.polynomial.hermite_e.hermegauss(K)
-nodes = torch.cartesian_prod(*[torch.tensor(nodes_1d, dtype=F64)] * D)  # (K^2, 2)
-weights = torch.cartesian_prod(*[torch.tensor(weights_1d / math.sqrt(2 * math.pi))] * D).prod(1)
-x0_nodes = m + s2.sqrt() * nodes  # quadrature nodes of the data law, weights as above
+# E over N(0, I) as a weighted sum over 3 x 3 nodes, exact up to degree 5 per coordinate
+nodes, weights = gauss_hermite(D, 3)
+z1, z2 = nodes.T
+assert abs(float((weights * z1**4 * z2**2).sum()) - 3.0) < 1e-12  # E[z1^4 z2^2] = 3 * 1
+x0_nodes = m + s2.sqrt() * nodes  # nodes of the data law N(m, diag(s2)), same weights
 
-# one row per (t, x0 node, eps node)
-ts = torch.arange(1, T + 1, dtype=F64)
+# one row per (t, x0 node, eps node), t = 1..T
+t_rows, x0_rows, eps_rows = all_combinations(torch.arange(1, T + 1, dtype=F64), x0_nodes, nodes)
 n0, ne = x0_nodes.shape[0], nodes.shape[0]
-t_rows = ts[:, None, None].expand(T, n0, ne).reshape(-1)
-x0_rows = x0_nodes[None, :, None, :].expand(T, n0, ne, D).reshape(-1, D)
-eps_rows = nodes[None, None, :, :].expand(T, n0, ne, D).reshape(-1, D)
 xt_rows = q_sample(x0_rows, t_rows, sched, eps=eps_rows)
 pred_rows = denoiser(xt_rows, t_rows)
 
@@ -361,7 +383,21 @@ assert abs(RESULTS["vlb_monte_carlo_z"]) < 4
 #
 # Parameterise the network by a noise prediction $\hat\epsilon = \epsilon_\theta(x_t, t)$ with
 # $\hat x_0 = (x_t - \sqrt{1 - \bar\alpha_t}\,\hat\epsilon) / \sqrt{\bar\alpha_t}$
-# [Ho 2020, Eq. 11]. The true $x_0$ satisfies the same relation with the true $\epsilon$, so
+# [Ho 2020, Eq. 15]. Put into the posterior mean of section 1, with
+# $\sqrt{\bar\alpha_{t-1}} / \sqrt{\bar\alpha_t} = 1 / \sqrt{\alpha_t}$ and
+# $\alpha_t(1 - \bar\alpha_{t-1}) + \beta_t = 1 - \bar\alpha_t$:
+#
+# $$\mu_\theta = \frac{\sqrt{\bar\alpha_{t-1}}\,\beta_t}{1 - \bar\alpha_t}\,
+#   \frac{x_t - \sqrt{1 - \bar\alpha_t}\,\hat\epsilon}{\sqrt{\bar\alpha_t}}
+#   + \frac{\sqrt{\alpha_t}(1 - \bar\alpha_{t-1})}{1 - \bar\alpha_t}\,x_t
+#   = \frac{\beta_t + \alpha_t(1 - \bar\alpha_{t-1})}{\sqrt{\alpha_t}(1 - \bar\alpha_t)}\,x_t
+#   - \frac{\beta_t}{\sqrt{\alpha_t}\sqrt{1 - \bar\alpha_t}}\,\hat\epsilon
+#   = \frac{1}{\sqrt{\alpha_t}}\Big(x_t - \frac{\beta_t}{\sqrt{1 - \bar\alpha_t}}\,
+#     \hat\epsilon\Big),$$
+#
+# Ho et al.'s Eq. 11, the mean that Algorithm 2 samples (tutorial 6); it is checked below
+# against `q_posterior` at $\hat x_0$. The true $x_0$ satisfies the same relation with the true
+# $\epsilon$, so
 #
 # $$\tilde\mu_t(x_t, x_0) - \mu_\theta(x_t, t) = c_t\,(x_0 - \hat x_0)
 #   = \frac{\sqrt{\bar\alpha_{t-1}}\,\beta_t}{1 - \bar\alpha_t}
@@ -411,6 +447,16 @@ sq_err = ((eps - eps_hat) ** 2).sum(-1)
 
 i = t_pts.long()
 beta_t, alpha_t, ab_t, bt_t = betas[i - 1], 1 - betas[i - 1], ab[i], sched.beta_tilde[i - 1]
+
+# Eq. (11) [Ho 2020]: mu_theta in epsilon form = the posterior mean of Eq. (7) at x0_hat
+mu_eq11 = (xt - (beta_t / (1 - ab_t).sqrt())[:, None] * eps_hat) / alpha_t.sqrt()[:, None]
+mu_eq7, _ = q_posterior(pred.x0, xt, t_pts, t_pts - 1, sched)
+mu_no_sqrt = (xt - (beta_t / (1 - ab_t))[:, None] * eps_hat) / alpha_t.sqrt()[:, None]  # a slip
+RESULTS["mu_eps_form_vs_posterior_max_abs"] = float((mu_eq11 - mu_eq7).abs().max())
+print(f"max |mu_theta (Eq. 11) - posterior mean at x0_hat| = "
+      f"{RESULTS['mu_eps_form_vs_posterior_max_abs']:.1e}")  # fmt: skip
+assert RESULTS["mu_eps_form_vs_posterior_max_abs"] < 1e-10
+assert float((mu_no_sqrt - mu_eq7).abs().max()) > 1e-2
 weights_t = {}
 for variance, sigma2 in (("small", bt_t), ("large", beta_t)):
     w_t = beta_t**2 / (2 * sigma2 * alpha_t * (1 - ab_t))  # Eq. (12) [Ho 2020]
@@ -468,9 +514,46 @@ save(fig, "04_elbo_terms_and_weights.png")
 # %% [markdown]
 # ## Summary
 #
-# Every number below was checked by an `assert` above.
+# * The forward-process posterior $q(x_{t-1} \mid x_t, x_0)$ is Gaussian (Bayes' rule with two
+#   Gaussian factors), with mean $\tilde\mu_t$ and variance $\tilde\beta_t$.
+# * Turning each forward step around with Bayes' rule makes the ratios telescope, and the
+#   bound becomes $L_T + \sum_t L_{t-1} + L_0$, a sum of Gaussian KLs. With the true reverse
+#   kernels it equals $-\log q(x_0)$ exactly; with DDPM's fixed variances it is larger.
+# * With $\hat x_0$ written through the predicted noise, the reverse mean is
+#   $\mu_\theta = (x_t - \beta_t \hat\epsilon / \sqrt{1 - \bar\alpha_t}) / \sqrt{\alpha_t}$
+#   (Eq. 11), and $L_{t-1} = w_t\|\epsilon - \hat\epsilon\|^2 + C_t$: DDPM's $L_\text{simple}$ is
+#   the bound with the weights $w_t$ dropped.
+#
+# ## Try this
+#
+# 1. For data $x_0 \sim \mathcal{N}(0, 1)$ per coordinate ($s^2 = 1$), compute the ideal reverse
+#    variance $\tilde\beta_t + c_t^2 v_t$ of section 2. Which fixed choice does it equal?
+# 2. Now let the data be a single point ($s^2 \to 0$). Which choice is ideal then?
+#    (Ho et al. name both extremes, Sec. 3.2.)
+#
+# The next cell works them out when `DIFFLAB_ANSWERS=1` is set (the tests set it).
 
 # %%
-for key, value in RESULTS.items():
-    print(f"{key:40s} {value: .3e}")
-print(f"figures in {out_path('')}")
+if answers_wanted():
+
+    def ideal_reverse_variance(data_var: float) -> torch.Tensor:
+        """beta-tilde_t + c_t^2 Var[x0 | x_t] for x0 ~ N(m, data_var), t = 1..T."""
+        v_post = data_var * (1 - ab[1:]) / (ab[1:] * data_var + 1 - ab[1:])
+        c = ab[:-1].sqrt() * betas / (1 - ab[1:])
+        return sched.beta_tilde + c**2 * v_post
+
+    RESULTS["answer_unit_data_ideal_is_beta_max_rel"] = float(
+        (ideal_reverse_variance(1.0) / betas - 1).abs().max()
+    )
+    RESULTS["answer_point_data_ideal_is_beta_tilde_max_abs"] = float(
+        (ideal_reverse_variance(1e-12) - sched.beta_tilde).abs().max()
+    )
+    print("1. s^2 = 1: the ideal variance is beta_t ('large'), max relative difference "
+          f"{RESULTS['answer_unit_data_ideal_is_beta_max_rel']:.1e}")  # fmt: skip
+    print("2. s^2 -> 0: it is beta-tilde_t ('small'), max difference "
+          f"{RESULTS['answer_point_data_ideal_is_beta_tilde_max_abs']:.1e}")  # fmt: skip
+    assert RESULTS["answer_unit_data_ideal_is_beta_max_rel"] < 1e-9
+    assert RESULTS["answer_point_data_ideal_is_beta_tilde_max_abs"] < 1e-12
+
+# %%
+print(f"figures in {out_path('')}; {len(RESULTS)} checked numbers in RESULTS")

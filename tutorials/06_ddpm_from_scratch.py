@@ -47,6 +47,7 @@ import math
 import torch
 import torch.nn.functional as F
 from _common import (
+    answers_wanted,
     data_dir,
     digit_like_images,
     is_fast,
@@ -61,7 +62,7 @@ from torch import nn
 from difflab.data.images import load_image_dataset
 from difflab.nn.unet import build_unet
 from difflab.objectives import diffusion_loss
-from difflab.parameterization import ModelDenoiser
+from difflab.parameterization import ModelDenoiser, x0_from_eps
 from difflab.samplers import nfe, sample
 from difflab.schedules import DiscreteSchedule
 from difflab.train import Trainer
@@ -335,14 +336,131 @@ print(
 assert abs(RESULTS["unet_heldout_before"] - float((val_eps**2).mean())) < 1e-6  # zero init
 assert RESULTS["unet_heldout_after"] < 0.8 * RESULTS["unet_heldout_before"]
 
-sampler_steps = {"ddim": pick(20, 50), "dpm++2m": pick(10, 20)}
-unet_samples = {
-    name: sample(ema, sched, (64, C, H, W), sampler=name, steps=k, generator=gen)
-    for name, k in sampler_steps.items()
-}
 
 # %% [markdown]
-# ## 7. What differs, and why
+# ## 7. Sampling the U-Net: clip $\hat x_0$ to the data range
+#
+# With the $\epsilon$ parameterisation the denoiser's clean image is [Ho 2020, Eq. 15]
+#
+# $$\hat x_0 = \frac{x_t - \sqrt{1 - \bar\alpha_t}\,\hat\epsilon}{\sqrt{\bar\alpha_t}},
+#   \qquad\text{so an error } \delta \text{ in } \hat\epsilon \text{ moves } \hat x_0
+#   \text{ by } -\sqrt{\frac{1 - \bar\alpha_t}{\bar\alpha_t}}\;\delta
+#   = -\frac{\delta}{\sqrt{\mathrm{SNR}_t}} .$$
+#
+# Near $t = T$ the factor $1/\sqrt{\mathrm{SNR}_T}$ is large: about 157 for $T = 1000$ and
+# about 220 for the $T = 100$ of fast mode (both printed below, from $\bar\alpha_T$). This is
+# tutorial 7's weighting seen from the sampler's side: $L_\text{simple}$, the unweighted
+# $\epsilon$-loss, is the $x_0$-loss weighted by $\mathrm{SNR}_t$, only
+# $1/220^2 \approx 2 \cdot 10^{-5}$ at $t = T$; training hardly penalises a wrong $\hat x_0$
+# at high noise, and a briefly trained network predicts $\hat x_0$ far outside the data range
+# $[-1, 1]$ there. A deterministic sampler starts from that $\hat x_0$
+# ($x_s = \alpha_s \hat x_0 + \sigma_s \hat\epsilon$) and its samples come out saturated.
+#
+# Ho et al.'s reference sampler clips $\hat x_0$ to $[-1, 1]$ at every step. In difflab this
+# is `sample(..., threshold="clip")`: the denoiser is wrapped in `ThresholdedDenoiser`, which
+# clamps $\hat x_0$ and recomputes $\hat\epsilon = (x_t - \alpha_t \hat x_0) / \sigma_t$, so
+# each step stays consistent with $x_t$. The checks: the factor, by perturbing $\hat\epsilon$
+# in difflab's conversion; the trained U-Net's held-out $x_0$-error at $t = T$ is exactly the
+# factor squared times its $\epsilon$-error (in fast mode a small $\epsilon$-MSE becomes an
+# $x_0$-MSE over a hundred times the data variance, which predicting the data mean would give);
+# DDIM without clipping sees most pixels of $\hat x_0$ out of range at its first step and ends far
+# out of range (saturated black and white squares once displayed); with clipping it ends inside
+# the range and nearer the data's pixel statistics (mean, spread, share of dark pixels).
+
+# %%
+amplification = math.sqrt((1 - float(alpha_bar[T])) / float(alpha_bar[T]))  # 1 / sqrt(SNR_T)
+a_T, s_T = sched.alpha_sigma(torch.tensor(float(T), dtype=F64))
+xt64, eps64 = val_xt.double(), val_eps.double()
+delta = 1e-3 * torch.randn(val_xt.shape, generator=gen, dtype=F64)
+moved = x0_from_eps(xt64, eps64 + delta, a_T, s_T) - x0_from_eps(xt64, eps64, a_T, s_T)
+RESULTS["x0_hat_amplification_at_T"] = amplification
+RESULTS["x0_hat_amplification_rel_err"] = float((moved / -delta / amplification - 1).abs().max())
+amp_by_T = {n: math.sqrt(1 / float(DiscreteSchedule.from_name("linear", n).alpha_bar[n]) - 1)
+            for n in (100, 1000)}  # fmt: skip
+print(f"1 / sqrt(SNR_T) = {amp_by_T[100]:.0f} for T = 100, {amp_by_T[1000]:.0f} for T = 1000")
+assert round(amp_by_T[100]) in range(215, 226) and round(amp_by_T[1000]) == 157  # as in the text
+assert RESULTS["x0_hat_amplification_rel_err"] < 1e-8
+
+# the trained U-Net at t = T: x0 error = amplification^2 * eps error, image by image
+xT_val = float(alpha_bar[T]) ** 0.5 * val_x0 + (1 - float(alpha_bar[T])) ** 0.5 * val_eps
+with torch.no_grad():
+    pred_T = ema(xT_val, torch.full((n_val,), float(T)))
+eps_err_T = float(((pred_T.eps - val_eps) ** 2).mean())
+x0_err_T = float(((pred_T.x0 - val_x0) ** 2).mean())
+RESULTS["x0_err_over_eps_err_at_T_rel"] = abs(x0_err_T / (amplification**2 * eps_err_T) - 1)
+print(f"held-out at t = T: eps-MSE {eps_err_T:.4f}, x0-MSE {x0_err_T:.1f} "
+      f"= {amplification:.0f}^2 x eps-MSE")  # fmt: skip
+assert RESULTS["x0_err_over_eps_err_at_T_rel"] < 1e-4  # float32 rounding
+RESULTS["x0_err_at_T_over_data_var"] = x0_err_T / float(val_x0.var())
+if is_fast():  # a few seconds of training: far worse than predicting the data mean
+    assert RESULTS["x0_err_at_T_over_data_var"] > 100
+
+# the same prior noise, sampled without and with clipping; record x0-hat at every step
+sampler_steps = {"ddim": pick(20, 50), "dpm++2m": pick(10, 20)}
+out_of_range: list[tuple[float, float]] = []  # (t, fraction of |x0_hat| > 1), unclipped
+
+
+def record(info: dict) -> None:
+    out_of_range.append((info["t"], float((info["x0_hat"].abs() > 1).float().mean())))
+
+
+clip_samples = {
+    threshold: sample(
+        ema,
+        sched,
+        (64, C, H, W),
+        sampler="ddim",
+        steps=sampler_steps["ddim"],
+        generator=torch.Generator().manual_seed(3),
+        threshold=threshold,
+        callback=record if threshold is None else None,
+    )  # fmt: skip
+    for threshold in (None, "clip")
+}
+
+
+def pixel_stats(x: torch.Tensor) -> torch.Tensor:
+    """Mean and standard deviation of the pixels, and the fraction of dark pixels."""
+    return torch.stack([x.mean(), x.std(), (x < 0).float().mean()])
+
+
+data_stats = pixel_stats(data[:1000])
+for threshold, key in ((None, "unclipped"), ("clip", "clipped")):
+    x = clip_samples[threshold]
+    RESULTS[f"{key}_max_abs_pixel"] = float(x.abs().max())
+    RESULTS[f"{key}_pixel_std"] = float(x.std())
+    RESULTS[f"{key}_stats_distance"] = float((pixel_stats(x) - data_stats).abs().sum())
+    print(f"{key:9s}: pixel std {float(x.std()):.2f} (data {float(data_stats[1]):.2f}), "
+          f"max |x| {RESULTS[f'{key}_max_abs_pixel']:.1f}")  # fmt: skip
+RESULTS["unclipped_first_step_out_of_range"] = out_of_range[0][1]
+print(f"unclipped: x0-hat outside [-1, 1] at the first step (t = T): "
+      f"{100 * out_of_range[0][1]:.0f}% of the pixels")  # fmt: skip
+assert RESULTS["unclipped_first_step_out_of_range"] > 0.5
+assert RESULTS["unclipped_max_abs_pixel"] > 1.5  # the unclipped samples leave the data range
+assert RESULTS["clipped_max_abs_pixel"] <= 1 + 1e-6  # the last step returns a clipped x0-hat
+assert RESULTS["clipped_stats_distance"] < RESULTS["unclipped_stats_distance"]
+
+unet_samples = {"ddim": clip_samples["clip"]}
+unet_samples["dpm++2m"] = sample(
+    ema, sched, (64, C, H, W), sampler="dpm++2m", steps=sampler_steps["dpm++2m"],
+    generator=torch.Generator().manual_seed(3), threshold="clip",
+)  # fmt: skip
+
+fig, axes = new_figure(1, 3, (12, 3.8))
+for ax, (threshold, title) in zip(axes[0, :2], ((None, "unclipped"), ("clip", "clipped"))):
+    grid = make_grid(clip_samples[threshold].clamp(-1, 1), nrow=8)[:, :, 0]
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+    ax.set_title(f"U-Net + EMA, ddim, {title}", fontsize=9)
+    ax.set_axis_off()
+ax = axes[0, 2]
+ax.plot(*zip(*out_of_range), "o-", ms=3)
+ax.set(xlabel="t (sampling goes right to left)", ylim=(0, 1.02))
+ax.set_title(r"unclipped: fraction of pixels with $|\hat x_0| > 1$", fontsize=9)
+ax.invert_xaxis()
+save(fig, "06_clipping.png")
+
+# %% [markdown]
+# ## 8. What differs, and why
 #
 # * **Time conditioning.** Both networks see $t$ through a sinusoidal embedding and an MLP.
 #   The U-Net feeds it into *every* residual block, as a per-channel scale and shift after
@@ -383,7 +501,7 @@ panels = [
     (data[:64], f"data ({source})"),
     (scratch_samples, f"TinyEpsNet, Alg. 2 ({T} NFE)"),
     *[
-        (unet_samples[name], f"U-Net + EMA, {name} ({nfe(name, k)} NFE)")
+        (unet_samples[name], f"U-Net + EMA, {name}, clipped ({nfe(name, k)} NFE)")
         for name, k in sampler_steps.items()
     ],
 ]
@@ -397,13 +515,45 @@ save(fig, "06_samples.png")
 # %% [markdown]
 # ## Summary
 #
-# Every number below was checked by an `assert` above. In fast mode the networks train for a
-# few seconds and their samples are blobs; full mode (MNIST, $T = 1000$, about 20 minutes on
-# two CPU cores) shows digit strokes. Good MNIST samples take hours of CPU training:
-# `difflab train --preset mnist`.
+# * DDPM training (Algorithm 1) is five lines: draw $x_0$, $t$ and $\epsilon$, form $x_t$ in
+#   closed form, regress $\epsilon$. Sampling (Algorithm 2) runs the reverse chain for $T$ steps.
+# * difflab's `ddpm` sampler is the same algorithm: with the same network and noise it returns
+#   the same samples to float64 rounding.
+# * The U-Net, `Trainer` (EMA, warm-up, clipping) and fast samplers are engineering around the
+#   same two algorithms. An $\epsilon$-error at $t = T$ is amplified about 220 times (157 for
+#   $T = 1000$) in $\hat x_0$, so samplers clip $\hat x_0$ to the data range.
+# * In fast mode the networks train for seconds: the clipped U-Net samples have the data's grey
+#   levels and stroke-like patches but are not digits yet; full mode on MNIST shows digit
+#   strokes, and good samples take hours (`difflab train --preset mnist`).
+#
+# ## Try this
+#
+# 1. How large is the amplification $\sqrt{(1 - \bar\alpha_t)/\bar\alpha_t}$ at $t = 1$ and at
+#    $t = T/2$? Compare your numbers with difflab's `sched.edm_sigma(t)`, which computes the
+#    same ratio $\sigma_t/\alpha_t$ from the log-SNR.
+# 2. Sample the U-Net with `threshold="dynamic"` (Imagen's dynamic thresholding) instead of
+#    `"clip"`. Do the samples stay in $[-1, 1]$?
+#
+# The next cell works them out when `DIFFLAB_ANSWERS=1` is set (the tests set it).
 
 # %%
-for key, value in RESULTS.items():
-    print(f"{key:40s} {value: .4e}")
+if answers_wanted():
+    amp = {t: math.sqrt((1 - float(alpha_bar[t])) / float(alpha_bar[t])) for t in (1, T // 2)}
+    RESULTS["answer_amplification_t1"] = amp[1]
+    RESULTS["answer_amplification_vs_edm_sigma_max_rel"] = max(
+        abs(amp[t] / float(sched.edm_sigma(float(t))) - 1) for t in amp
+    )
+    print(f"1. amplification {amp[1]:.3f} at t = 1 (errors shrink), {amp[T // 2]:.2f} at t = T/2")
+    assert RESULTS["answer_amplification_vs_edm_sigma_max_rel"] < 1e-9 and amp[1] < 0.1
+    dynamic = sample(
+        ema, sched, (16, C, H, W), sampler="ddim", steps=sampler_steps["ddim"],
+        generator=torch.Generator().manual_seed(3), threshold="dynamic",
+    )  # fmt: skip
+    RESULTS["answer_dynamic_max_abs_pixel"] = float(dynamic.abs().max())
+    print(f"2. dynamic thresholding: max |x| = {RESULTS['answer_dynamic_max_abs_pixel']:.3f} "
+          "(x0-hat is rescaled into [-1, 1], and the last DDIM step returns x0-hat)")  # fmt: skip
+    assert RESULTS["answer_dynamic_max_abs_pixel"] <= 1 + 1e-6
+
+# %%
 torch.set_num_threads(THREADS)
-print(f"figures in {out_path('')}")
+print(f"figures in {out_path('')}; {len(RESULTS)} checked numbers in RESULTS")

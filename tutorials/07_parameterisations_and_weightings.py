@@ -45,7 +45,7 @@ import math
 
 import numpy as np
 import torch
-from _common import is_fast, new_figure, out_path, pick, save, use_threads
+from _common import answers_wanted, is_fast, new_figure, out_path, pick, save, use_threads
 
 from difflab import viz
 from difflab.data.toy import sample_toy
@@ -300,13 +300,45 @@ save(fig, "07_samples.png")
 # %% [markdown]
 # ## Summary
 #
-# Every identity below was checked by an `assert` above (relative errors at rounding level);
-# of the sample-quality numbers only "every model is much closer to the data than the prior
-# (MMD)" is asserted.
+# * $\epsilon$, $x_0$ and $v$ are linear functions of each other at each noise level, so a
+#   network predicting one predicts all three.
+# * Their squared errors differ only by factors of $\mathrm{SNR}_t$: choosing the target is
+#   choosing a weighting over noise levels. The unweighted $\epsilon$-loss barely weighs
+#   $x_0$-errors at high noise (tutorial 6 shows what that does to samples), the $x_0$-loss
+#   stresses them, and $v$ sits in between.
+# * Trained on the same 2-D data with each target, all three models end far closer to the data
+#   than the prior.
+#
+# ## Try this
+#
+# 1. At which $t$ are the $\epsilon$-error and the $x_0$-error of a prediction equal? Check with
+#    a random prediction at that $t$.
+# 2. What weight does min-SNR-$\gamma$ with $\gamma = 5$ [Hang 2023] put on the $\epsilon$-error
+#    at $\mathrm{SNR} = 10$ and at $\mathrm{SNR} = 1$? Compare with `loss_weight`.
+#
+# The next cell works them out when `DIFFLAB_ANSWERS=1` is set (the tests set it).
+
+# %%
+if answers_wanted():
+    t_eq = float(sched.t_from_logsnr(0.0))  # SNR = 1: the two errors are equal
+    a_eq, s_eq = (float(c) for c in sched.alpha_sigma(torch.tensor(t_eq, dtype=F64)))
+    x0_true = torch.randn(256, 2, dtype=F64, generator=gen)
+    eps_true = torch.randn(256, 2, dtype=F64, generator=gen)
+    x_eq = a_eq * x0_true + s_eq * eps_true
+    x0_guess = x0_true + 0.3 * torch.randn(256, 2, dtype=F64, generator=gen)
+    eps_guess = eps_from_x0(x_eq, x0_guess, a_eq, s_eq)
+    ratio = float(((eps_guess - eps_true) ** 2).sum() / ((x0_guess - x0_true) ** 2).sum())
+    RESULTS["answer_equal_errors_ratio_err"] = abs(ratio - 1)
+    print(f"1. at t = {t_eq:.1f} (log-SNR 0): eps-error / x0-error = {ratio:.12f}")
+    assert RESULTS["answer_equal_errors_ratio_err"] < 1e-9
+    lam_probe = torch.tensor([math.log(10.0), 0.0], dtype=F64)
+    w = loss_weight(lam_probe, weighting="min-snr", target="eps", gamma=5.0)
+    RESULTS["answer_min_snr_weights_err"] = float(
+        (w - torch.tensor([0.5, 1.0], dtype=F64)).abs().max()
+    )
+    print(f"2. min(SNR, 5) / SNR = {float(w[0]):.2f} at SNR = 10, {float(w[1]):.2f} at SNR = 1")
+    assert RESULTS["answer_min_snr_weights_err"] < 1e-12
 
 # %%
 torch.set_num_threads(THREADS)
-for key, value in RESULTS.items():
-    print(f"{key:48s} {value: .4e}")
-print(f"figures in {out_path('')}; fast mode: {is_fast()}")
-assert math.isfinite(sum(RESULTS.values()))
+print(f"figures in {out_path('')}; fast mode: {is_fast()}; {len(RESULTS)} checked numbers")

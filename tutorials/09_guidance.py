@@ -45,7 +45,7 @@
 import math
 
 import torch
-from _common import is_fast, new_figure, out_path, pick, save, use_threads
+from _common import answers_wanted, is_fast, new_figure, out_path, pick, save, use_threads
 
 from difflab import viz
 from difflab.data.toy import eight_gaussians_gmm
@@ -312,13 +312,37 @@ save(fig, "09_guidance_summary.png")
 # %% [markdown]
 # ## Summary
 #
-# Checked above: CFG at scale 0 and 1 reproduces the unconditional and conditional models
-# (predictions and samples), the fractions at scale 0 and 1 match their closed forms, larger
-# scales concentrate the samples, classifier guidance with the exact noisy classifier equals
-# CFG at every scale, and the trained network with label dropout is steered by the label.
+# * Classifier-free guidance combines the conditional and unconditional predictions,
+#   $\hat\epsilon_\text{uncond} + s(\hat\epsilon_\text{cond} - \hat\epsilon_\text{uncond})$: scale
+#   0 is the unconditional model, scale 1 the conditional one, and larger scales push samples
+#   towards the requested class, concentrating them.
+# * Classifier guidance with the exact noisy classifier is the same thing: it equals CFG at
+#   every scale.
+# * One network trained with label dropout provides both predictions, and its samples follow
+#   the requested label.
+#
+# ## Try this
+#
+# 1. Guidance is linear in the scale: check that the guided $\hat x_0$ at scale 3 is
+#    $\hat x_{0,\text{uncond}} + 3(\hat x_{0,\text{cond}} - \hat x_{0,\text{uncond}})$.
+# 2. At which scale is the guided prediction the midpoint of the conditional and unconditional
+#    ones? Check it.
+#
+# The next cell works them out when `DIFFLAB_ANSWERS=1` is set (the tests set it).
+
+# %%
+if answers_wanted():
+    errs = {}
+    for scale, name in ((3.0, "scale3_extrapolates"), (0.5, "scale_half_is_midpoint")):
+        guided = ClassifierFreeGuidance(exact, scale=scale, null_label=NULL)(xt, t, y)
+        expected = unconditional.x0 + scale * (conditional.x0 - unconditional.x0)
+        RESULTS[f"answer_{name}_max_abs"] = float((guided.x0 - expected).abs().max())
+        assert RESULTS[f"answer_{name}_max_abs"] < 1e-12
+    midpoint = (conditional.x0 + unconditional.x0) / 2
+    guided_half = ClassifierFreeGuidance(exact, scale=0.5, null_label=NULL)(xt, t, y)
+    assert float((guided_half.x0 - midpoint).abs().max()) < 1e-12
+    print("1. scale 3 extrapolates linearly; 2. scale 1/2 gives the midpoint (both to 1e-12)")
 
 # %%
 torch.set_num_threads(THREADS)
-for key, value in RESULTS.items():
-    print(f"{key:40s} {value: .4e}")
-print(f"figures in {out_path('')}; fast mode: {is_fast()}")
+print(f"figures in {out_path('')}; fast mode: {is_fast()}; {len(RESULTS)} checked numbers")

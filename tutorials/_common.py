@@ -2,6 +2,7 @@
 
 * ``DIFFLAB_FAST=1``           small sizes, so that every tutorial runs in a few seconds;
 * ``DIFFLAB_TUTORIAL_OUT=DIR`` where figures are written (default ``tutorials/_out/``);
+* ``DIFFLAB_ANSWERS=1``        also run the answers to the exercises at the end of each tutorial;
 * ``DIFFLAB_DATA_DIR=DIR`` or ``--data-dir DIR`` on the command line: a folder with real data
   (e.g. ``DIR/mnist``), used in full mode only. ``../shared/data`` next to the repository is
   looked at too.
@@ -64,16 +65,50 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (5
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def save(fig: Any, name: str, dpi: int = 110) -> Path:
-    """Save a Figure as ``out_dir() / name``, print where it went and, in a notebook, show it."""
+def save(fig: Any, name: str, dpi: int = 110) -> None:
+    """Save a Figure as ``out_dir() / name``, print where it went and, in a notebook, show it.
+
+    In a notebook the saved PNG itself is displayed (``IPython.display.Image``), so the figure
+    appears inline without a matplotlib backend; nothing is returned, so a ``save(...)`` at the
+    end of a cell leaves no ``Out:`` line.
+    """
     path = out_path(name)
     fig.savefig(path, dpi=dpi)
     print(f"wrote {path}")
     if _in_ipython():
-        from IPython.display import display
+        from IPython.display import Image, display
 
-        display(fig)
-    return path
+        display(Image(filename=str(path)))
+
+
+def answers_wanted() -> bool:
+    """True when ``DIFFLAB_ANSWERS`` is set (not "", "0", "false" or "no"): run the answer cells
+    of the "Try this" exercises (the test suite sets it)."""
+    return os.environ.get("DIFFLAB_ANSWERS", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def gauss_hermite(dim: int, k: int = 3):
+    """Nodes (k**dim, dim) and weights (k**dim,), float64, with E f(z) = sum_i w_i f(z_i) for
+    z ~ N(0, I_dim), exact when f is a polynomial of degree <= 2k - 1 in each coordinate
+    (probabilists' Gauss-Hermite rule, tensor product over the coordinates)."""
+    import numpy as np
+    import torch
+
+    nodes_1d, weights_1d = np.polynomial.hermite_e.hermegauss(k)
+    nodes = torch.cartesian_prod(*[torch.tensor(nodes_1d, dtype=torch.float64)] * dim)
+    w = torch.tensor(weights_1d / np.sqrt(2 * np.pi), dtype=torch.float64)
+    weights = torch.cartesian_prod(*[w] * dim)
+    return nodes.reshape(-1, dim), weights.reshape(-1, dim).prod(1)
+
+
+def all_combinations(ts, a, b):
+    """Every (t, a_j, b_k): ts (n_t,), a (n_a, D), b (n_b, D) -> rows (n_t * n_a * n_b,),
+    (n_t * n_a * n_b, D) twice, ordered with t slowest and b fastest."""
+    n_t, (n_a, dim), n_b = ts.shape[0], a.shape, b.shape[0]
+    t_rows = ts[:, None, None].expand(n_t, n_a, n_b).reshape(-1)
+    a_rows = a[None, :, None, :].expand(n_t, n_a, n_b, dim).reshape(-1, dim)
+    b_rows = b[None, None, :, :].expand(n_t, n_a, n_b, dim).reshape(-1, dim)
+    return t_rows, a_rows, b_rows
 
 
 def use_threads(n: int) -> int:
