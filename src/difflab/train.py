@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from difflab.inference import compile_network
+
 __all__ = ["EMA", "Trainer", "StepGenerators", "TrainingDiverged", "step_generators"]
 
 
@@ -118,6 +120,8 @@ class Trainer:
         extra_state: objects with ``state_dict()/load_state_dict()`` saved with checkpoints.
         fused_adam: use the fused AdamW kernel (CUDA only).
         rank: this process's rank in a distributed run (0 otherwise).
+        compile: ``torch.compile`` the model in place (:func:`difflab.inference.compile_network`)
+            after its EMA copy is made, so the EMA and the state dicts stay plain modules.
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class Trainer:
         extra_state: dict[str, Any] | None = None,
         fused_adam: bool = False,
         rank: int = 0,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.batch_fn = batch_fn
@@ -157,6 +162,8 @@ class Trainer:
             model.parameters(), lr=self.lr, weight_decay=weight_decay, **kwargs
         )
         self.ema = EMA(model, half_life_images=ema_half_life_images, rampup_ratio=ema_rampup_ratio)
+        if compile:
+            compile_network(model, self.device)
         self.step = 0
 
     # ---- one step ---------------------------------------------------------------------------

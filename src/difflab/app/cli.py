@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from difflab.safe_io import atomic_output, check_writable, say
+from difflab.safe_io import atomic_output, atomic_write_json, check_writable, say
 
 # The commands import the app layer (and so torch) inside their functions, so that `difflab
 # --help` and argument errors answer at once without importing torch.
@@ -95,6 +95,22 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument("--device", default="auto")
+    _add_speed_options(p)
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast (for GPUs with bf16 units; far slower on most CPUs)",
+    )
+
+
+def _add_speed_options(p: argparse.ArgumentParser, *, compile: bool = True) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    if compile:
+        p.add_argument(
+            "--compile",
+            action="store_true",
+            help="torch.compile the network first (pays off for long jobs)",
+        )
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -129,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="default: the run's")
     p.add_argument("--seed", type=int, default=0)
     _add_data_options(p)
+    _add_speed_options(p)
     p = sub.add_parser("nll", help="likelihood of held-out data (VLB and PF-ODE)")
     p.add_argument("run_dir", type=Path)
     _add_data_options(p)
@@ -137,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ode-steps", type=int, default=32)
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes")
     p.add_argument("--seed", type=int, default=0)
+    _add_speed_options(p, compile=False)
     p = sub.add_parser("export", help="write a run as a diffusers pipeline folder")
     p.add_argument("run_dir", type=Path)
     p.add_argument("out", type=Path, help="the folder to write (DDPMPipeline/DDIMPipeline)")
@@ -185,6 +203,28 @@ def _save_npz(path: Path, **arrays: Any) -> None:
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
+
+
+def _save_timing(out: Path, args: argparse.Namespace, built: Any, **what: Any) -> Path:
+    """The sample command's timing and settings, as JSON beside its output ``out``."""
+    import torch
+
+    seconds = what.pop("seconds")
+    info = {
+        "run_dir": str(args.run_dir),
+        **what,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(what["n"] / seconds, 3) if seconds > 0 else None,
+        "device": str(built.device),
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "compile": args.compile,
+        "bf16": args.bf16,
+        "torch": torch.__version__,
+    }
+    path = out.with_suffix(".json")
+    atomic_write_json(path, info)
+    return path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -263,6 +303,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     options: dict = {} if args.eta is None else {"eta": args.eta}
     if args.threshold is not None:
         options["threshold"] = None if args.threshold == "none" else args.threshold
+    options.update(progress=not args.no_progress, compile=args.compile, bf16=args.bf16)
     classifier = None if args.classifier is None else _load_classifier(args.classifier, built)
     if args.guidance is not None and cfg.model.num_classes == 0:
         raise ValueError("--guidance needs a class-conditional run (model.num_classes)")
@@ -281,6 +322,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = _output_path(args, "samples")
     frames: list = []
     callback = (lambda info: frames.append(info["x"].float().cpu())) if args.gif else None
+    start = time.perf_counter()
     x = draw_samples(
         built,
         args.n,
@@ -295,6 +337,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         callback=callback,
         **options,
     )
+    seconds = time.perf_counter() - start
     png = out.with_suffix(".png")
     if cfg.data.is_toy:
         _save_npz(out, samples=x.numpy())
@@ -309,8 +352,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
             viz.scatter_trajectory_gif(frames, gif)
         else:
             viz.image_trajectory_gif([f[:64] for f in frames], gif, scale=grid_scale(x))
-    say(f"wrote {out} and {png}" + (f" and {out.with_suffix('.gif')}" if args.gif else ""))
+    timing = _save_timing(out, args, built, **_what(sampler, steps, x.shape[0], seconds))
+    gif = f", {out.with_suffix('.gif')}" if args.gif else ""
+    say(f"{_rate_line(x.shape[0], seconds)}; wrote {out}, {png}{gif} and {timing}")
     return 0
+
+
+def _what(sampler: str, steps: int, n: int, seconds: float) -> dict[str, Any]:
+    from difflab.samplers import nfe
+
+    return {"sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps), "n": n,
+            "seconds": seconds}  # fmt: skip
+
+
+def _rate_line(n: int, seconds: float) -> str:
+    return f"{n} samples in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} images/s)"
 
 
 def _load_classifier(run_dir: Path, built):
@@ -357,16 +413,20 @@ def _guidance_sweep(args, built, sampler: str, steps: int, classifier, options: 
             "--guidance-sweep needs a class-conditional image run, or --classifier CLF_RUN"
         )
     out = _output_path(args, "guidance-sweep")
+    start = time.perf_counter()
     samples = guidance_sweep_samples(
         built, scales, per_class=max(1, args.n // k), seed=args.seed, sampler=sampler,
         steps=steps, classifier=classifier, guidance=args.guidance,
         batch_size=args.batch_size, **options,
     )  # fmt: skip
+    seconds = time.perf_counter() - start
     labels = np.repeat(np.arange(k), samples.shape[2])
     _save_npz(out, samples=to_uint8(samples).numpy(), scales=np.array(scales), labels=labels)
     what = "classifier scale" if classifier is not None else "guidance scale"
     guidance_sweep_figure(samples, scales, out.with_suffix(".png"), label=what)
-    say(f"wrote {out} and {out.with_suffix('.png')}")
+    n = labels.size * len(scales)
+    timing = _save_timing(out, args, built, **_what(sampler, steps, n, seconds), scales=scales)
+    say(f"{_rate_line(n, seconds)}; wrote {out}, {out.with_suffix('.png')} and {timing}")
     return 0
 
 
@@ -392,16 +452,20 @@ def _image_task(args, built, sampler: str, steps: int, options: dict) -> int:
                 f"got {tuple(y.shape)}"
             )
     out = _output_path(args, "samples")
+    start = time.perf_counter()
     res = restoration_figure(
         built, out.with_suffix(".png"), n=args.n, seed=args.seed, y=y, sampler=sampler,
         steps=steps, batch_size=args.batch_size, **options,
     )  # fmt: skip
+    seconds = time.perf_counter() - start
     arrays = {"samples": to_uint8(res["samples"]).numpy(), "degraded": res["degraded"].numpy()}
     if res["originals"] is not None:
         arrays["originals"] = to_uint8(res["originals"]).numpy()
         say(f"PSNR restored {res['psnr']:.2f} dB, degraded {res['psnr_degraded']:.2f} dB")
     _save_npz(out, **arrays)
-    say(f"wrote {out} and {out.with_suffix('.png')}")
+    n = res["samples"].shape[0]
+    timing = _save_timing(out, args, built, **_what(sampler, steps, n, seconds))
+    say(f"{_rate_line(n, seconds)}; wrote {out}, {out.with_suffix('.png')} and {timing}")
     return 0
 
 
@@ -450,6 +514,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sampler=args.sampler or built.cfg.sample.sampler,
         steps=args.steps or built.cfg.sample.steps,
         seed=args.seed,
+        progress=not args.no_progress,
+        compile=args.compile,
     )
     say(json.dumps(res, indent=2))
     return 0
@@ -470,6 +536,7 @@ def cmd_nll(args: argparse.Namespace) -> int:
         vlb_stride=args.vlb_stride,
         ode_steps=args.ode_steps,
         n_probes=args.probes,
+        progress=not args.no_progress,
     )
     for key in ("vlb", "ode"):
         if key in res:

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from difflab.app.build import Built, build_data
-from difflab.app.sampling import draw_samples
+from difflab.app.sampling import ImageBar, draw_samples
 from difflab.data.toy import sample_toy
 from difflab.evaluation import DIGIT_DATASETS, frechet_digit_distance, load_or_train_classifier
+from difflab.inference import inference_context
 from difflab.likelihood import bits_per_dim, mean_and_stderr, vlb
 from difflab.ode_likelihood import pf_ode_nll
 from difflab.schedules import DiscreteSchedule
@@ -40,10 +41,22 @@ def _held_out(built: Built, n: int, *, seed: int) -> torch.Tensor:
 
 
 def evaluate_quality(
-    built: Built, *, n: int, sampler: str, steps: int, seed: int = 0, batch_size: int = 500
+    built: Built,
+    *,
+    n: int,
+    sampler: str,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 500,
+    progress: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
-    """Quality metrics of ``n`` samples (see the module docstring)."""
-    x = draw_samples(built, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size)
+    """Quality metrics of ``n`` samples (see the module docstring); ``progress`` and
+    ``compile`` as in :func:`~difflab.app.sampling.draw_samples`."""
+    x = draw_samples(
+        built, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
+        progress=progress, compile=compile,
+    )  # fmt: skip
     out: dict[str, Any] = {"n": n, "sampler": sampler, "steps": steps}
     out.update(built.kind.evaluate(built, x, seed=seed))
     return out
@@ -81,8 +94,10 @@ def evaluate_nll(
     ode_steps: int = 32,
     n_probes: int = 1,
     batch_size: int = 250,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """NLL of ``n`` held-out examples by the variational bound and the PF-ODE."""
+    """NLL of ``n`` held-out examples by the variational bound and the PF-ODE; ``progress``:
+    a bar on stderr counting examples (rate and ETA), advanced per batch."""
     if not built.kind.has_denoiser:
         raise ValueError(f"difflab nll needs a diffusion denoiser, not a {built.kind.name} run")
     x = _held_out(built, n, seed=seed)
@@ -93,25 +108,28 @@ def evaluate_nll(
     vlb_vals, ode_vals = [], []
     den = built.denoiser
     dtype = torch.float32
-    for i in range(0, n, batch_size):
-        xb = x[i : i + batch_size].to(built.device, dtype)
-        if isinstance(built.schedule, DiscreteSchedule):
-            with torch.no_grad():
-                v = vlb(
-                    den,
-                    xb,
-                    built.schedule,
-                    variance=variance,  # type: ignore[arg-type]
-                    decoder="discretized" if images else "gaussian",
-                    generator=g,
-                    stride=vlb_stride,
-                )
-            vlb_vals.append(v["total"].double().cpu())
-        ode_vals.append(
-            pf_ode_nll(den, xb, built.schedule, steps=ode_steps, n_probes=n_probes, generator=g)
-            .double()
-            .cpu()
-        )
+    bar = ImageBar(x.shape[0], "likelihood", steps=ode_steps, enabled=progress, unit="ex")
+    with bar:
+        for i in range(0, n, batch_size):
+            xb = x[i : i + batch_size].to(built.device, dtype)
+            if isinstance(built.schedule, DiscreteSchedule):
+                with inference_context(built.device):
+                    v = vlb(
+                        den,
+                        xb,
+                        built.schedule,
+                        variance=variance,  # type: ignore[arg-type]
+                        decoder="discretized" if images else "gaussian",
+                        generator=g,
+                        stride=vlb_stride,
+                    )
+                vlb_vals.append(v["total"].double().cpu())
+            ode_vals.append(
+                pf_ode_nll(den, xb, built.schedule, steps=ode_steps, n_probes=n_probes, generator=g)
+                .double()
+                .cpu()
+            )  # no inference_mode: the trace estimator takes gradients of the network
+            bar.update(xb.shape[0])
     out: dict[str, Any] = {"n": n, "dims": dims, "unit": "bits/dim" if images else "nats"}
 
     def summarise(vals: list[torch.Tensor], key: str) -> None:

@@ -2,7 +2,9 @@
 
 :func:`draw_samples` is what ``difflab sample``, ``eval`` and the end-of-run report call; how
 one batch is drawn is the run kind's (``built.kind.draw``): a diffusion sampler for denoisers,
-the model's own sampler for the Sohl-Dickstein model.
+the model's own sampler for the Sohl-Dickstein model. The network runs under
+:func:`difflab.inference.inference_context` (``inference_mode`` unless classifier guidance
+needs gradients), optionally compiled; a progress bar counts images.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from difflab.app.build import Built
 from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, labels_from_cond
+from difflab.inference import compile_network, inference_context
 from difflab.samplers import sample
 
-__all__ = ["draw_samples", "finite_samples", "guided_denoiser", "sample_with_denoiser"]
+__all__ = ["ImageBar", "draw_samples", "finite_samples", "guided_denoiser", "sample_with_denoiser"]
 
 
 def draw_samples(
@@ -33,6 +37,9 @@ def draw_samples(
     classifier: torch.nn.Module | None = None,
     classifier_scale: float = 1.0,
     callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+    compile: bool = False,
+    bf16: bool = False,
     **options: Any,
 ) -> Tensor:
     """n samples (n, *data_shape) on the CPU, drawn in batches; a seed reproduces them.
@@ -43,25 +50,76 @@ def draw_samples(
     of ``cond``; the labels reach the diffusion model only when it is class-conditional.
     ``threshold`` and ``eta`` (in ``options``) default to the run's ``sample.threshold`` and
     ``sample.eta`` (if set and ``sampler`` is the run's ``sample.sampler``).
+
+    ``progress``: a bar on stderr counting images (rate and ETA), advanced per batch, with the
+    sampler step inside the batch. ``compile``: ``torch.compile`` the run's network in place
+    first (:func:`difflab.inference.compile_network`). ``bf16``: bfloat16 autocast.
     """
     options.setdefault("threshold", built.cfg.sample.threshold)
     if built.cfg.sample.eta is not None and sampler == built.cfg.sample.sampler:
         options.setdefault("eta", built.cfg.sample.eta)  # the eta of the run's own sampler
+    if compile:
+        compile_network(built.model, built.device)
     g = torch.Generator().manual_seed(seed)
     guide = {"guidance": guidance, "classifier": classifier, "classifier_scale": classifier_scale}
     out = []
     done = 0
-    with torch.no_grad():
+    bar = ImageBar(n, f"{sampler}, {steps} steps", steps=steps, enabled=progress)
+    # classifier guidance takes gradients of the classifier: no inference_mode for it
+    grad_off = inference_context(built.device, needs_grad=classifier is not None, bf16=bf16)
+    with bar, grad_off:
         while done < n:
             b = min(batch_size, n - done)
             x = built.kind.draw(
                 built, b, generator=g, cond=_cond_slice(cond, done, done + b, built.device),
-                callback=callback if done == 0 else None, sampler=sampler, steps=steps,
-                **guide, **options,
+                callback=bar.counting_steps(callback if done == 0 else None),
+                sampler=sampler, steps=steps, **guide, **options,
             )  # fmt: skip
             out.append(x.float().cpu())
             done += b
+            bar.update(b)
     return finite_samples(torch.cat(out), f"{sampler} with {steps} steps")
+
+
+class ImageBar:
+    """A progress bar on stderr over ``n`` images (rate and ETA), advanced per batch, with the
+    sampler step of the current batch beside it. It appears at the first sampler step or
+    batch, so that an option refused before any work fails with one line and no bar."""
+
+    def __init__(self, n: int, desc: str, *, steps: int, enabled: bool, unit: str = "img"):
+        self.n, self.desc, self.steps, self.enabled, self.unit = n, desc, steps, enabled, unit
+        self.bar: tqdm | None = None
+
+    def _shown(self) -> tqdm:
+        if self.bar is None:
+            self.bar = tqdm(total=self.n, desc=self.desc, unit=self.unit, dynamic_ncols=True)
+        return self.bar
+
+    def update(self, k: int) -> None:
+        """``k`` more images are done."""
+        if self.enabled:
+            self._shown().update(k)
+
+    def counting_steps(self, callback: Callable[[dict], None] | None) -> Any:
+        """A sampler callback that shows the step, then calls ``callback``."""
+        if not self.enabled:
+            return callback
+
+        def count(info: dict) -> None:
+            bar = self._shown()
+            bar.set_postfix_str(f"step {int(info['i']) + 1}/{self.steps}", refresh=False)
+            bar.update(0)  # redraws at most every bar.mininterval seconds
+            if callback is not None:
+                callback(info)
+
+        return count
+
+    def __enter__(self) -> ImageBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def sample_with_denoiser(

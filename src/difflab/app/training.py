@@ -131,6 +131,7 @@ def _make_trainer(built: Built, dist: ddp.DistInfo) -> Trainer:
         extra_state=extra_state,
         fused_adam=built.device.type == "cuda",
         rank=dist.rank,
+        compile=t.compile,
     )
 
 

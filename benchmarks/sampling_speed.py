@@ -1,0 +1,181 @@
+"""Sampling speed of the mnist preset's network: images per second under each inference lever.
+
+One call draws a batch with a sampler (default SDE-DPM-Solver++(2M), 10 steps) from the
+`mnist-cpu` U-Net (random weights: speed does not depend on them) through the same code path
+as `difflab sample` (difflab.samplers.sample with the run's thresholding). Each lever of
+difflab.inference is applied alone on top of the eager baseline (torch.no_grad, float32, NCHW,
+no compile), then all that helped together, then that setting at other batch sizes. The
+settings are timed in interleaved rounds (so a burst of load from other processes hits all of
+them alike); the table gives the first call (compilation included), the best and median call,
+images per second at the best and median call, and each setting's largest difference from
+the baseline's samples (same seed, same noise).
+
+    .venv/bin/python benchmarks/sampling_speed.py
+    .venv/bin/python benchmarks/sampling_speed.py --batch-sizes 64,1000 --append BENCHMARKS.md
+    python benchmarks/sampling_speed.py --device cuda --batch-size 1000      # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from difflab.inference import compile_network, compile_unavailable, inference_context
+from difflab.nn.unet import build_unet
+from difflab.parameterization import ModelDenoiser
+from difflab.samplers import nfe, sample
+from difflab.schedules import DiscreteSchedule
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    inference_mode: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    bf16: bool = False
+
+
+LEVERS = [
+    Setting("eager (no_grad, fp32)"),
+    Setting("inference_mode", inference_mode=True),
+    Setting("channels-last", channels_last=True),
+    Setting("compile", compile=True),
+    Setting("bf16 autocast", bf16=True),
+]
+
+
+class SampleCall:
+    """One setting: its own copy of the network and a timed `run()` of one sampling call."""
+
+    def __init__(self, setting: Setting, args: argparse.Namespace, batch_size: int) -> None:
+        torch.manual_seed(0)  # the same weights for every setting
+        model = build_unet("mnist-cpu").to(args.device).eval()
+        if setting.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if setting.compile:
+            compile_network(model, args.device)
+        self.setting, self.args, self.batch_size = setting, args, batch_size
+        self.schedule = DiscreteSchedule.from_name("linear", 1000)
+        self.denoiser = ModelDenoiser(model, self.schedule, parameterization="eps")
+        self.device = torch.device(args.device)
+        self.times: list[float] = []
+        self.first = float("nan")
+        self.out: torch.Tensor | None = None
+
+    def run(self, record: bool = True) -> None:
+        s = self.setting
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
+        grad_off = (
+            inference_context(self.device, bf16=s.bf16)
+            if s.inference_mode
+            else _no_grad(self.device, s.bf16)
+        )
+        sync()
+        start = time.perf_counter()
+        with grad_off:
+            x = sample(
+                self.denoiser, self.schedule, (self.batch_size, 1, 28, 28),
+                sampler=self.args.sampler, steps=self.args.steps, device=self.device,
+                generator=torch.Generator().manual_seed(0), threshold="clip",
+            )  # fmt: skip
+        sync()
+        elapsed = time.perf_counter() - start
+        if record:
+            self.times.append(elapsed)
+        else:
+            self.first, self.out = elapsed, x.float().cpu()
+
+
+@contextlib.contextmanager
+def _no_grad(device: torch.device, bf16: bool):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        yield
+
+
+def time_settings(calls: dict[str, SampleCall], rounds: int) -> None:
+    for call in calls.values():
+        call.run(record=False)  # warm-up (and compilation)
+    for _ in range(rounds):
+        for call in calls.values():
+            call.run()
+
+
+def table_rows(calls: dict[str, SampleCall], reference: torch.Tensor) -> list[str]:
+    rows = []
+    for name, c in calls.items():
+        best, median = min(c.times), statistics.median(c.times)
+        diff = (c.out - reference[: c.batch_size]).abs().max().item() if c.out is not None else 0
+        rows.append(
+            f"| {name} | {c.batch_size} | {c.first:.2f} | {best:.2f} | {median:.2f} "
+            f"| {c.batch_size / best:.0f} | {c.batch_size / median:.0f} | {diff:.1e} |"
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sampler", default="dpm++2m-sde")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=250, help="batch of the lever rows")
+    parser.add_argument("--batch-sizes", default="", help="more batch sizes for the best setting")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--append", metavar="PATH", help="append the table to this markdown file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    levers = [s for s in LEVERS if not (s.compile and compile_unavailable(args.device))]
+    calls = {s.name: SampleCall(s, args, args.batch_size) for s in levers}
+    time_settings(calls, args.rounds)
+    base = calls[LEVERS[0].name]
+    helped = [c.setting for c in calls.values() if min(c.times) < 0.95 * min(base.times)]
+    best = Setting(
+        "together: " + (" + ".join(s.name for s in helped) or "none helped"),
+        inference_mode=any(s.inference_mode for s in helped),
+        channels_last=any(s.channels_last for s in helped),
+        compile=any(s.compile for s in helped),
+        bf16=any(s.bf16 for s in helped),
+    )
+    more = {best.name: SampleCall(best, args, args.batch_size)} if len(helped) > 1 else {}
+    for b in [int(v) for v in args.batch_sizes.split(",") if v.strip()]:
+        more[f"{best.name if helped else base.setting.name}, batch {b}"] = SampleCall(
+            best if helped else base.setting, args, b
+        )
+    time_settings(more, args.rounds)
+
+    assert base.out is not None
+    lines = [
+        "| setting | batch | first call s | best s | median s | img/s (best) "
+        "| img/s (median) | max abs diff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *table_rows(calls, base.out),
+    ]
+    if more:
+        ref = SampleCall(LEVERS[0], args, max(c.batch_size for c in more.values()))
+        ref.run(record=False)
+        assert ref.out is not None
+        lines += table_rows(more, ref.out)
+    table = "\n".join(lines)
+    print(table)
+    if args.append:
+        from _record import record
+
+        where = f"{args.threads} CPU threads" if args.device == "cpu" else args.device
+        notes = (
+            f"{where}; U-Net `mnist-cpu` (random weights), {args.sampler} with {args.steps} "
+            f"steps ({nfe(args.sampler, args.steps)} NFE) per call, threshold clip; "
+            f"{args.rounds} timed calls per setting after a first call; max abs diff: against "
+            "the eager float32 samples from the same noise (pixels in [-1, 1])."
+        )
+        record("Sampling speed of the mnist network", table, path=args.append, notes=notes)
+
+
+if __name__ == "__main__":
+    main()

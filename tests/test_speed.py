@@ -1,0 +1,139 @@
+"""Speed a user feels: progress bars, timing metadata, inference mode and torch.compile.
+
+The compile tests compare compiled and eager networks on the same inputs (the oracle is the
+eager network: compilation must not change the function, up to float32 reassociation); they
+are skipped where TorchInductor cannot run (no C++ compiler).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from difflab.app.cli import main
+from difflab.app.config import apply_overrides, get_preset
+from difflab.app.runs import build
+from difflab.app.sampling import draw_samples
+from difflab.inference import compile_unavailable, inference_context, is_compiled
+from difflab.samplers import nfe
+
+SETTINGS = ["train.steps=20", "train.batch_size=64", "train.log_every=10", "train.ckpt_every=10",
+            "model.hidden=32", "model.depth=2", "sample.n=100", "sample.steps=10",
+            "sample.sampler=ddim"]  # fmt: skip
+FAST = [arg for s in SETTINGS for arg in ("--set", s)]
+
+needs_compile = pytest.mark.skipif(
+    compile_unavailable("cpu") is not None, reason=str(compile_unavailable("cpu"))
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("speed") / "run"
+    assert main(["train", "--preset", "moons", "--out", str(run), "--no-progress", *FAST]) == 0
+    return run
+
+
+def test_sample_shows_progress_and_writes_its_timing(tiny_run, tmp_path, capsys):
+    capsys.readouterr()
+    out = tmp_path / "s.npz"
+    args = ["sample", str(tiny_run), "--n", "50", "--batch-size", "20", "--sampler", "heun",
+            "--steps", "5", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    # the bar counts images to the total over three batches (20 + 20 + 10), with a rate
+    assert "50/50" in err and "img/s" in err and "step 5/5" in err, err
+    timing = json.loads(out.with_suffix(".json").read_text())
+    assert timing["sampler"] == "heun" and timing["steps"] == 5 and timing["n"] == 50
+    assert timing["nfe"] == nfe("heun", 5) == 9  # Heun: 2 evaluations per step, 1 on the last
+    assert timing["device"] == "cpu" and timing["seconds"] > 0
+    assert timing["images_per_s"] == pytest.approx(50 / timing["seconds"], rel=0.01)
+
+    assert main([*args, "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    # the bar changes nothing about the samples
+    x = np.load(out)["samples"]
+    assert main([*args[:-1], str(tmp_path / "t.npz"), "--no-progress"]) == 0
+    assert np.array_equal(np.load(tmp_path / "t.npz")["samples"], x)
+
+
+def test_eval_and_nll_show_progress_unless_asked_not_to(tiny_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(tiny_run), "--n", "200", "--steps", "4"]) == 0
+    assert "200/200" in capsys.readouterr().err
+    nll = ["nll", str(tiny_run), "--n", "30", "--vlb-stride", "100", "--ode-steps", "3"]
+    assert main(nll) == 0
+    assert "30/30" in capsys.readouterr().err
+    assert main(["eval", str(tiny_run), "--n", "200", "--steps", "4", "--no-progress"]) == 0
+    assert main([*nll, "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_refused_option_is_one_line_without_a_bar(tiny_run, capsys):
+    capsys.readouterr()
+    code = main(["sample", str(tiny_run), "--sampler", "ddpm", "--eta", "0.5", "--n", "8"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("difflab: error:") and "\n" not in err, err
+
+
+def _moons(**train):
+    cfg = apply_overrides(get_preset("moons"), ["model.hidden=32", "model.depth=2"])
+    return build(cfg, device=torch.device("cpu"))
+
+
+def test_sampling_runs_in_inference_mode_unless_guidance_needs_gradients():
+    built = _moons()
+    seen = []
+    built.model.register_forward_hook(lambda *a: seen.append(torch.is_inference_mode_enabled()))
+    draw_samples(built, 8, sampler="ddim", steps=3)
+    assert seen and all(seen)
+    # inside the no-gradient context of classifier guidance autograd still works
+    with inference_context("cpu", needs_grad=True):
+        assert not torch.is_inference_mode_enabled()
+        with torch.enable_grad():
+            x = torch.ones(3, requires_grad=True)
+            (g,) = torch.autograd.grad((x**2).sum(), x)
+    assert torch.equal(g, 2 * torch.ones(3))
+
+
+def test_compile_without_a_compiler_is_one_line(tiny_run, monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    assert "C++ compiler" in str(compile_unavailable("cpu"))
+    capsys.readouterr()
+    code = main(["sample", str(tiny_run), "--compile", "--n", "8", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot compile the network" in err and "\n" not in err, err
+
+
+@needs_compile
+def test_compiled_sampling_and_training_match_eager():
+    """Same samples from the same noise, and the same training losses, compiled or not; the
+    compiled model keeps its parameter names (checkpoints stay loadable by eager runs)."""
+    from difflab.app.build import make_batch_fn
+    from difflab.app.training import make_loss_fn
+    from difflab.train import Trainer
+
+    torch._dynamo.reset()
+    eager, compiled = _moons(), _moons()
+    compiled.model.load_state_dict(eager.model.state_dict())
+    kw = dict(sampler="dpm++2m-sde", steps=4, seed=1, batch_size=32)
+    x_eager = draw_samples(eager, 64, **kw)
+    x_comp = draw_samples(compiled, 64, compile=True, **kw)
+    assert is_compiled(compiled.model)
+    assert torch.allclose(x_comp, x_eager, atol=1e-4), (x_comp - x_eager).abs().max()
+
+    losses = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        b = _moons()
+        b.model.load_state_dict(eager.model.state_dict())
+        trainer = Trainer(
+            b.model, batch_fn=make_batch_fn(b), loss_fn=make_loss_fn(b, {}), lr=1e-3,
+            batch_size=b.cfg.train.batch_size, compile=flag,
+        )  # fmt: skip
+        assert is_compiled(trainer.model) == flag and not is_compiled(trainer.ema.model)
+        losses[flag] = [float(trainer.train_step()["loss"]) for _ in range(3)]
+        assert set(trainer.tensors()["model"]) == set(eager.model.state_dict())
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
