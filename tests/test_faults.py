@@ -214,7 +214,7 @@ def test_two_samplers_writing_one_file_leave_a_complete_file(run, tmp_path):
 
 def test_a_sample_write_that_fails_keeps_the_earlier_file(run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "s.npz"
-    assert main(["sample", str(run), "--n", "8", "--out", str(out)]) == 0
+    assert main(["sample", str(run), "--n", "8", "--out", str(out), "--no-progress"]) == 0
     before = out.read_bytes()
 
     def interrupted(file, **arrays):

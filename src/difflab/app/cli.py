@@ -353,8 +353,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         else:
             viz.image_trajectory_gif([f[:64] for f in frames], gif, scale=grid_scale(x))
     timing = _save_timing(out, args, built, **_what(sampler, steps, x.shape[0], seconds))
-    gif = f", {out.with_suffix('.gif')}" if args.gif else ""
-    say(f"{_rate_line(x.shape[0], seconds)}; wrote {out}, {png}{gif} and {timing}")
+    say(f"wrote {out} and {png}" + (f" and {out.with_suffix('.gif')}" if args.gif else ""))
+    say(_rate_line(x.shape[0], seconds, timing))
     return 0
 
 
@@ -365,8 +365,9 @@ def _what(sampler: str, steps: int, n: int, seconds: float) -> dict[str, Any]:
             "seconds": seconds}  # fmt: skip
 
 
-def _rate_line(n: int, seconds: float) -> str:
-    return f"{n} samples in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} images/s)"
+def _rate_line(n: int, seconds: float, timing: Path) -> str:
+    rate = n / max(seconds, 1e-9)
+    return f"{n} samples in {seconds:.1f} s ({rate:.1f} images/s); timing in {timing}"
 
 
 def _load_classifier(run_dir: Path, built):
@@ -426,7 +427,8 @@ def _guidance_sweep(args, built, sampler: str, steps: int, classifier, options: 
     guidance_sweep_figure(samples, scales, out.with_suffix(".png"), label=what)
     n = labels.size * len(scales)
     timing = _save_timing(out, args, built, **_what(sampler, steps, n, seconds), scales=scales)
-    say(f"{_rate_line(n, seconds)}; wrote {out}, {out.with_suffix('.png')} and {timing}")
+    say(f"wrote {out} and {out.with_suffix('.png')}")
+    say(_rate_line(n, seconds, timing))
     return 0
 
 
@@ -465,7 +467,8 @@ def _image_task(args, built, sampler: str, steps: int, options: dict) -> int:
     _save_npz(out, **arrays)
     n = res["samples"].shape[0]
     timing = _save_timing(out, args, built, **_what(sampler, steps, n, seconds))
-    say(f"{_rate_line(n, seconds)}; wrote {out}, {out.with_suffix('.png')} and {timing}")
+    say(f"wrote {out} and {out.with_suffix('.png')}")
+    say(_rate_line(n, seconds, timing))
     return 0
 
 
