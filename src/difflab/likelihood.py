@@ -31,8 +31,9 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from difflab.parameterization import Denoiser, Prediction, broadcast_to
-from difflab.schedules import DiscreteSchedule, Schedule, check_choice
+from difflab._util import F64, broadcast_to, check_choice
+from difflab.parameterization import Denoiser, Prediction
+from difflab.schedules import DiscreteSchedule, Schedule
 
 __all__ = [
     "VarianceType",
@@ -142,7 +143,7 @@ def _check_discrete(schedule: Schedule) -> DiscreteSchedule:
 
 def _step_index(t: Tensor | int, batch: int, schedule: DiscreteSchedule) -> Tensor:
     """Validate integer steps in 1..T and return them as a (B,) float64 CPU tensor."""
-    t = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
+    t = torch.as_tensor(t, dtype=F64).detach().cpu()
     t = t.expand(batch).clone() if t.ndim == 0 else t
     if t.shape != (batch,):
         raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
@@ -335,7 +336,7 @@ def vlb(
         "diffusion": diffusion,
         "decoder": decoder_nll,
         "terms": terms_t,
-        "t": torch.stack(steps, dim=1).to(torch.float64),
+        "t": torch.stack(steps, dim=1).to(F64),
     }
 
 
@@ -351,7 +352,7 @@ def bits_per_dim(nats_per_sample: Tensor | float, dims: int, *, bins: int | None
     """
     if dims < 1:
         raise ValueError(f"dims must be >= 1, got {dims}")
-    nats = torch.as_tensor(nats_per_sample, dtype=torch.float64)
+    nats = torch.as_tensor(nats_per_sample, dtype=F64)
     if bins is not None:
         if bins < 2:
             raise ValueError(f"bins must be >= 2, got {bins}")
@@ -361,7 +362,7 @@ def bits_per_dim(nats_per_sample: Tensor | float, dims: int, *, bins: int | None
 
 def mean_and_stderr(values: Tensor) -> tuple[float, float]:
     """Mean and standard error std / sqrt(n) (std with n - 1) of a 1-D set of values."""
-    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    v = torch.as_tensor(values, dtype=F64).flatten()
     if v.numel() < 2:
         raise ValueError("need at least two values for a standard error")
     return float(v.mean()), float(v.std() / math.sqrt(v.numel()))

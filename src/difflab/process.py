@@ -18,14 +18,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difflab.parameterization import broadcast_to
+from difflab._util import F64, broadcast_to
 from difflab.schedules import DiscreteSchedule, Schedule
 
 __all__ = ["q_sample", "q_step", "q_sample_iterative", "q_posterior", "transition"]
 
 
 def _times(t: Tensor | float | int, x: Tensor) -> Tensor:
-    t = torch.as_tensor(t, dtype=torch.float64).cpu()
+    t = torch.as_tensor(t, dtype=F64).cpu()
     return t.expand(x.shape[0]) if t.ndim == 0 else t
 
 

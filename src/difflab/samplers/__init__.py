@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from difflab._util import check_choice
 from difflab.parameterization import Denoiser
 from difflab.samplers.ancestral import ddpm
 from difflab.samplers.common import Callback, ThresholdedDenoiser, prior_noise
@@ -46,13 +47,7 @@ from difflab.samplers.dpm_solver import (
     dpmpp_sde,
 )
 from difflab.samplers.edm import euler, euler_ancestral, heun
-from difflab.schedules import (
-    DiscreteSchedule,
-    Schedule,
-    Spacing,
-    check_choice,
-    sampling_timesteps,
-)
+from difflab.schedules import DiscreteSchedule, Schedule, Spacing, sampling_timesteps
 
 __all__ = [
     "SAMPLERS",

@@ -24,17 +24,16 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
+from difflab._util import F64, check_choice
 from difflab.parameterization import Denoiser
 from difflab.process import q_posterior, transition
 from difflab.samplers.common import Callback, call_denoiser, check_grid, randn, report
-from difflab.schedules import Schedule, check_choice
+from difflab.schedules import Schedule
 
 __all__ = ["Variance", "VARIANCES", "ddpm", "grid_posterior", "reverse_log_variance"]
 
 Variance = Literal["small", "large", "learned"]
 VARIANCES: tuple[str, ...] = get_args(Variance)
-
-_F64 = torch.float64
 
 
 def grid_posterior(schedule: Schedule, ts: Tensor) -> dict[str, Tensor]:
@@ -47,9 +46,9 @@ def grid_posterior(schedule: Schedule, ts: Tensor) -> dict[str, Tensor]:
     ``log_beta_tilde``: log beta_tilde, clipped on a step to t = 0 (where beta_tilde = 0) to the
     value of the step before, as Improved DDPM does (log beta_step on a one-step grid).
     """
-    ts = torch.as_tensor(ts, dtype=_F64).cpu()
+    ts = torch.as_tensor(ts, dtype=F64).cpu()
     t, s = ts[:-1], ts[1:]
-    one, zero = torch.ones(t.numel(), 1, dtype=_F64), torch.zeros(t.numel(), 1, dtype=_F64)
+    one, zero = torch.ones(t.numel(), 1, dtype=F64), torch.zeros(t.numel(), 1, dtype=F64)
     coef_x0, beta_tilde = q_posterior(one, zero, t, s, schedule)
     coef_xt, _ = q_posterior(zero, one, t, s, schedule)
     _, beta_step = transition(schedule, t, s)
@@ -98,7 +97,7 @@ def reverse_log_variance(
     noise on that step, so the clipped value only matters for likelihoods.
     """
     check_choice("variance", variance, VARIANCES)
-    ts = torch.as_tensor(ts, dtype=_F64)
+    ts = torch.as_tensor(ts, dtype=F64)
     lo = max(i - 1, 0)
     table = grid_posterior(schedule, ts[lo : i + 2])
     j = i - lo

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from difflab._util import F64
 from difflab.parameterization import Denoiser
 from difflab.samplers.common import (
     Callback,
@@ -65,13 +66,12 @@ from difflab.schedules import Schedule
 
 __all__ = ["dpm_solver_pp", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "dpmpp_sde", "dpmpp_2m_sde"]
 
-_F64 = torch.float64
 _LOWER_ORDER_FINAL_BELOW = 15  # grids with fewer steps use lower orders at the end
 
 
 def _lam(schedule: Schedule, t: float) -> float:
     """lambda_t = logsnr(t) / 2 as a float (inf at t = 0)."""
-    return math.inf if t == 0 else float(schedule.logsnr(torch.tensor(t, dtype=_F64))) / 2
+    return math.inf if t == 0 else float(schedule.logsnr(torch.tensor(t, dtype=F64))) / 2
 
 
 def _step_order(order: int, i: int, n: int, lower_order_final: bool) -> int:
@@ -202,7 +202,7 @@ def dpmpp_2s(
             continue
         lam_t, lam_s = coef["lam"][i], coef["lam"][i + 1]
         h = lam_s - lam_t
-        t_mid = float(schedule.t_from_logsnr(torch.tensor(2 * (lam_t + r * h), dtype=_F64)))
+        t_mid = float(schedule.t_from_logsnr(torch.tensor(2 * (lam_t + r * h), dtype=F64)))
         r_mid = (_lam(schedule, t_mid) - lam_t) / h  # r, up to the schedule's round trip
         alpha_m, sigma_m = coefficients(schedule, t_mid)
         alpha_s, sigma_s = coef["alpha"][i + 1], coef["sigma"][i + 1]

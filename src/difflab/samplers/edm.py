@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from difflab._util import F64
 from difflab.parameterization import Denoiser
 from difflab.samplers.common import (
     Callback,
@@ -42,8 +43,6 @@ from difflab.samplers.common import (
 from difflab.schedules import Schedule
 
 __all__ = ["euler", "heun", "euler_ancestral"]
-
-_F64 = torch.float64
 
 
 def _denoise(denoiser: Denoiser, y: Tensor, t: float, alpha: float, cond: Any) -> Tensor:
@@ -81,7 +80,7 @@ def _edm_sampler(
         gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= s_cur <= s_tmax else 0.0
         s_hat = min(s_cur * (1 + gamma), schedule.sigma_max)  # the model ends at sigma_max
         if s_hat > s_cur:
-            t_hat = float(schedule.t_from_edm_sigma(torch.tensor(s_hat, dtype=_F64)))
+            t_hat = float(schedule.t_from_edm_sigma(torch.tensor(s_hat, dtype=F64)))
             z = randn(y_cur.shape, generator=generator, dtype=y_cur.dtype, device=y_cur.device)
             y_hat = y_cur + math.sqrt(s_hat**2 - s_cur**2) * s_noise * z
             alpha_hat = coefficients(schedule, t_hat)[0]
