@@ -25,6 +25,7 @@ The exact likelihood through the probability-flow ODE is in :mod:`difflab.ode_li
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal, get_args
 
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from difflab._util import F64, broadcast_to, check_choice
 from difflab.parameterization import Denoiser, Prediction
+from difflab.process import VARIANCES, Variance, grid_posterior, q_posterior, q_sample
 from difflab.schedules import DiscreteSchedule, Schedule
 
 __all__ = [
@@ -52,8 +54,8 @@ __all__ = [
     "mean_and_stderr",
 ]
 
-VarianceType = Literal["small", "large", "learned"]
-VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
+VarianceType = Variance  # the reverse-step variances, defined in difflab.process
+VARIANCE_TYPES: tuple[str, ...] = VARIANCES
 DecoderType = Literal["discretized", "gaussian"]
 DECODER_TYPES: tuple[str, ...] = get_args(DecoderType)
 _LOG_2PI = math.log(2 * math.pi)
@@ -152,22 +154,18 @@ def _step_index(t: Tensor | int, batch: int, schedule: DiscreteSchedule) -> Tens
     return t
 
 
+@functools.lru_cache(maxsize=4)  # one table per schedule, not one per VLB term
 def _log_variances(schedule: DiscreteSchedule) -> tuple[Tensor, Tensor, Tensor]:
-    """(log beta-tilde clipped, log fixed-large, log beta) per step, (T,) float64 each."""
-    bt, betas = schedule.beta_tilde, schedule.betas
-    first = bt[1:2] if schedule.T > 1 else betas[:1]  # beta-tilde_1 = 0 -> beta-tilde_2
-    small = torch.cat([first, bt[1:]])
-    large = torch.cat([first, betas[1:]])
-    return small.log(), large.log(), betas.log()
+    """(log small, log large, log beta) of the reverse steps t = 1..T, (T,) float64 each.
 
-
-def _posterior_mean(x0: Tensor, xt: Tensor, t: Tensor, schedule: DiscreteSchedule) -> Tensor:
-    """mu-tilde_t(xt, x0) of q(x_{t-1} | x_t, x0) at integer steps t (B,)  [Ho 2020, Eq. 7]."""
-    i = t.long()
-    ab, ab_prev, beta = schedule.alpha_bar[i], schedule.alpha_bar[i - 1], schedule.betas[i - 1]
-    coef_x0 = ab_prev.sqrt() * beta / (1 - ab)
-    coef_xt = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
-    return broadcast_to(coef_x0, x0) * x0 + broadcast_to(coef_xt, xt) * xt
+    Read off :func:`~difflab.process.grid_posterior` on the full grid T, ..., 1, 0: small is
+    log beta-tilde_t with beta-tilde_1 = 0 replaced by beta-tilde_2; large is log beta_t except
+    at t = 1, where it takes the same beta-tilde_2 (as the reference code).
+    """
+    table = grid_posterior(schedule, torch.arange(schedule.T, -1, -1, dtype=F64))
+    log_small = table["log_beta_tilde"].flip(0)
+    log_beta = table["beta_step"].flip(0).log()
+    return log_small, torch.cat([log_small[:1], log_beta[1:]]), log_beta
 
 
 def reverse_mean_logvar(
@@ -194,7 +192,7 @@ def reverse_mean_logvar(
     t = _step_index(t, xt.shape[0], schedule)
     idx = t.long() - 1
     x0_hat = pred.x0.clamp(-1, 1) if clip_x0 else pred.x0
-    mean = _posterior_mean(x0_hat, xt, t, schedule)  # Eq. (7) [Ho 2020] with x0_hat
+    mean, _ = q_posterior(x0_hat, xt, t, t - 1, schedule)  # Eq. (7) [Ho 2020], x0_hat
     log_small, log_large, log_beta = (broadcast_to(v[idx], xt) for v in _log_variances(schedule))
     if variance == "small":
         return mean, log_small
@@ -238,7 +236,7 @@ def vlb_term_from_prediction(
     mean_p, logvar_p = reverse_mean_logvar(
         pred, xt, t, schedule, variance=variance, clip_x0=clip_x0
     )
-    mean_q = _posterior_mean(x0, xt, t, schedule)  # Eq. (6-7) [Ho 2020]
+    mean_q, _ = q_posterior(x0, xt, t, t - 1, schedule)  # Eq. (6-7) [Ho 2020]
     logvar_q = broadcast_to(_log_variances(schedule)[0][t.long() - 1], x0)
     kl = normal_kl(mean_q, logvar_q, mean_p, logvar_p).flatten(1).sum(1)
     if decoder == "discretized":
@@ -273,10 +271,7 @@ def vlb_term(
     """
     schedule = _check_discrete(schedule)
     t = _step_index(t, x0.shape[0], schedule)
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-    ab = schedule.alpha_bar[t.long()]
-    xt = broadcast_to(ab.sqrt(), x0) * x0 + broadcast_to((1 - ab).sqrt(), x0) * noise  # Eq. (4)
+    xt = q_sample(x0, t, schedule, eps=noise, generator=generator)  # Eq. (4) [Ho 2020]
     pred = denoiser(xt, t, cond)
     return vlb_term_from_prediction(
         pred, x0, xt, t, schedule, variance=variance, decoder=decoder, clip_x0=clip_x0
