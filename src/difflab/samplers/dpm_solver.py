@@ -64,7 +64,7 @@ from difflab.samplers.common import (
 )
 from difflab.schedules import Schedule
 
-__all__ = ["dpm_solver_pp", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "dpmpp_sde", "dpmpp_2m_sde"]
+__all__ = ["dpm_solver_pp", "dpmpp_2s", "dpmpp_sde"]
 
 _LOWER_ORDER_FINAL_BELOW = 15  # grids with fewer steps use lower orders at the end
 
@@ -150,25 +150,6 @@ def dpm_solver_pp(
             phi_3 = phi_2 / h - 0.5
             x = x + alpha_s * phi_2 * d1 - 2.0 * alpha_s * phi_3 * d2  # Taylor terms 1, 2
     return x
-
-
-def dpmpp_2m(denoiser: Denoiser, x: Tensor, ts: Tensor, **kwargs: Any) -> Tensor:
-    """DPM-Solver++(2M), second-order multistep [Lu 2022b, Algorithm 2]; 1 NFE per step.
-
-    x_s = (sigma_s/sigma_t) x_t - alpha_s phi_1 ((1 + 1/(2r)) D_i - 1/(2r) D_{i-1}).
-    Same signature as :func:`dpm_solver_pp` without ``order``.
-    """
-    return dpm_solver_pp(denoiser, x, ts, order=2, **kwargs)
-
-
-def dpmpp_3m(denoiser: Denoiser, x: Tensor, ts: Tensor, **kwargs: Any) -> Tensor:
-    """DPM-Solver++(3M), third-order multistep [Lu 2022b]; 1 NFE per step.
-
-    The x0_hat'' term carries the exact Taylor coefficient (-2 alpha_s phi_3 on
-    D2 ~ h^2 x0_hat'' / 2), which gives third-order convergence.
-    Same signature as :func:`dpm_solver_pp` without ``order``.
-    """
-    return dpm_solver_pp(denoiser, x, ts, order=3, **kwargs)
 
 
 @torch.no_grad()
@@ -282,11 +263,3 @@ def dpmpp_sde(
             x = x + noise * randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         d_prev, h_prev = d0, h
     return x
-
-
-def dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, ts: Tensor, **kwargs: Any) -> Tensor:
-    """SDE-DPM-Solver++(2M) [Lu 2022b], the reverse diffusion SDE (eta = 1); 1 NFE per step.
-
-    Same signature as :func:`dpmpp_sde` without ``order``; ``eta`` and ``s_noise`` pass on.
-    """
-    return dpmpp_sde(denoiser, x, ts, order=2, **kwargs)
