@@ -30,16 +30,8 @@ from torch import Tensor
 from difflab._util import F64, broadcast_to
 from difflab.schedules import DiscreteSchedule, Schedule
 
-__all__ = [
-    "Variance",
-    "VARIANCES",
-    "q_sample",
-    "q_step",
-    "q_sample_iterative",
-    "q_posterior",
-    "transition",
-    "grid_posterior",
-]
+__all__ = ["q_sample", "q_step", "q_sample_iterative", "q_posterior", "transition"]
+__all__ += ["Variance", "VARIANCES", "grid_posterior"]  # the reverse-step variances
 
 # the variance of a reverse step p(x_s | x_t): beta-tilde, beta, or learned between the two
 Variance = Literal["small", "large", "learned"]
