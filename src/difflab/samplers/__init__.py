@@ -4,7 +4,7 @@ All samplers share one signature (see :mod:`difflab.samplers.common`)::
 
     sampler(denoiser, x, ts, *, schedule, cond=None, generator=None, callback=None, **options)
 
-The samplers are the entries of :data:`~difflab.samplers.table.SAMPLER_TABLE` (one
+The samplers are the entries of :data:`~difflab.sampler_table.SAMPLER_TABLE` (one
 ``SamplerSpec`` each: function, options, default spacing, network evaluations per step, fixed
 options); ``SAMPLERS``, ``SAMPLER_OPTIONS``, ``DEFAULT_SPACING`` and :func:`nfe` are read off it:
 
@@ -46,7 +46,7 @@ from difflab.samplers.ddim import ddim, ddim_invert
 from difflab.samplers.dpm_solver import dpm_solver_pp, dpmpp_2s, dpmpp_sde
 from difflab.samplers.edm import edm_sampler, euler_ancestral
 from difflab.samplers.ipndm import ipndm
-from difflab.samplers.table import SAMPLER_NAMES, SAMPLER_TABLE, SamplerSpec
+from difflab.sampler_table import SAMPLER_NAMES, SAMPLER_TABLE, SamplerSpec
 from difflab.schedules import DiscreteSchedule, Schedule, Spacing, sampling_timesteps
 
 __all__ = [
@@ -75,7 +75,7 @@ __all__ = [
 
 Sampler = Callable[..., Tensor]
 
-# read off the sampler table (difflab.samplers.table); nothing here is kept by hand
+# read off the sampler table (difflab.sampler_table); nothing here is kept by hand
 SAMPLERS: dict[str, Sampler] = {name: spec.load() for name, spec in SAMPLER_TABLE.items()}
 SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {n: s.options for n, s in SAMPLER_TABLE.items()}
 DEFAULT_SPACING: dict[str, Spacing] = {
