@@ -99,6 +99,18 @@ KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
         "answer_large_variance_tight_z": _z(),
         "hybrid_logvar_err_after": lambda v: v < 0.5,
     },
+    "11": {
+        "add_noise_vs_q_sample_max_abs": _below(1e-5),
+        "add_noise_vs_q_sample_at_k_max_abs": lambda v: v > 1e-2,
+        "ddim_loop_diffusers_vs_difflab_max_abs": _below(1e-6),
+        "unet_forward_max_abs": _below(1e-4),
+        "unet_forward_at_k_max_abs": lambda v: v > 1e-2,
+        "uint8_round_trip_mismatches": _below(0.5),
+        "flip_count_z": _z(),
+        "train_gain_z": lambda v: v > 4,
+        "pipeline_vs_difflab_max_abs": _below(1e-4),
+        "answer_imported_weights_max_abs": _below(1e-6),
+    },
 }
 MIN_ANSWERS = 2  # "Try this" exercises whose answers each tutorial checks
 
