@@ -209,13 +209,19 @@ print(f"10 DDIM steps: max |diffusers - difflab| = "
       f"{RESULTS['ddim_loop_diffusers_vs_difflab_max_abs']:.1e} (samples of size "
       f"{float(ours_loop.abs().max()):.1f})")  # fmt: skip
 assert RESULTS["ddim_loop_diffusers_vs_difflab_max_abs"] < 1e-6
+x = x_T.clone()  # the slip: the model called at t = k
+for k in ddim_scheduler.timesteps:
+    t_wrong = torch.full((x.shape[0],), float(k), dtype=F64)
+    x = ddim_scheduler.step(exact(x, t_wrong).eps, k, x, eta=0.0).prev_sample
+RESULTS["ddim_loop_model_at_k_max_abs"] = max_abs(x, ours_loop)
+assert RESULTS["ddim_loop_model_at_k_max_abs"] > 1e-3
 
 # %% [markdown]
 # The tolerance $10^{-6}$: diffusers forms its coefficients from float32 $\bar\alpha$ values
 # (about $6 \cdot 10^{-8}$ relative rounding each), and the ten steps carry values of size
-# $\sim 1$; the gap we see is of that order, while a slip such as the network called at $t = k$
-# changes the samples by $10^{-3}$ or more (exercise 3 shows another way a comparison can be
-# vacuous).
+# $\sim 1$; the gap we see is of that order, while the model called at $t = k$ instead of
+# $k + 1$ moves the samples by more than $10^{-3}$ (checked above; exercise 3 shows a way a
+# comparison can miss such a slip).
 #
 # ## 3. `UNet2DModel` and `build_unet`: the same network
 #
@@ -466,7 +472,8 @@ assert RESULTS["train_gain_z"] > 4
 # `difflab export RUN OUT` writes a folder that diffusers' `DDPMPipeline` and `DDIMPipeline`
 # load: `unet/` (config and safetensors weights, the run's EMA weights), `scheduler/` (a
 # `DDPMScheduler` config with the run's $\beta$s, prediction type and clipping) and a model
-# card `README.md` with the run's metrics, sample grid and config.
+# card `README.md` for the hub: license and tags, usage, the run's sample grid, its training
+# numbers and its config.
 
 # %%
 difflab("export", str(run_dir), str(pipe_dir))
@@ -488,9 +495,11 @@ assert scheduler_config["prediction_type"] == "v_prediction"
 # $\eta = 0$, 10 steps and clipping (`use_clipped_model_output=True` recomputes
 # $\hat\epsilon$ from the clipped $\hat x_0$, as difflab's `threshold="clip"` does), and
 # difflab's `ddim` on the run directory itself, from `torch.randn` with the pipeline's seed.
-# The pipeline returns images in $[0, 1]$, so difflab's are mapped by $x/2 + 1/2$. They agree
-# to $10^{-4}$ (float32 networks, and the schedule in float32 against float64, over 10 steps),
-# a tenth of one of the 256 grey levels that a PNG can store.
+# The pipeline returns images in $[0, 1]$, so difflab's are mapped by $x/2 + 1/2$. They must
+# agree to $10^{-4}$, the tolerance of difflab's own parity tests (float32 networks, and the
+# schedule in float32 against float64, over 10 steps): a fortieth of one of the 256 grey
+# levels a PNG stores. Then difflab reads the exported folder back (`load_diffusers`) and
+# must draw the same images once more.
 
 # %%
 n_show = 16
