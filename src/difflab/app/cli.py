@@ -500,7 +500,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         run_config=cfg.to_dict(),
         metrics=metrics,
         sample_grid=grid if grid.is_file() else None,
-        command="difflab " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
+        command=_train_command(cfg),
         tags=["difflab", cfg.data.name],
     )
     out = export_to_diffusers(
@@ -510,6 +510,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     )  # fmt: skip
     say(f"wrote {out} (load it with DDPMPipeline.from_pretrained or DDIMPipeline)")
     return 0
+
+
+def _train_command(cfg: Any) -> str:
+    """A `difflab train` command that makes a run of this config: its preset, and --set for
+    every field that differs from the preset."""
+    from difflab.app.config import PRESETS
+
+    base = PRESETS[cfg.preset].to_dict() if cfg.preset in PRESETS else {}
+    sets = [
+        f"--set {key}={value}"
+        for key, value in _flat(cfg.to_dict()).items()
+        if key != "preset" and _flat(base).get(key, object()) != value
+    ]
+    return " ".join([f"difflab train --preset {cfg.preset}", *sets])
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
