@@ -31,7 +31,14 @@ from typing import IO, Any, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["HF_PREFIX", "HFSource", "HFSplit", "open_hf_split", "parse_hf_source"]
+__all__ = [
+    "HF_PREFIX",
+    "HFSource",
+    "HFSplit",
+    "open_hf_split",
+    "parse_hf_source",
+    "resolve_data_dir",
+]
 
 HF_PREFIX = "hf:"
 _BATCH = 256  # rows read from the Arrow table at a time
@@ -70,6 +77,12 @@ def parse_hf_source(source: str) -> HFSource:
         f"Hugging Face data set folder {source} does not exist; give a folder written by "
         "save_to_disk (optionally DIR:SPLIT) or hf:NAME[:SPLIT] for the hub (--data-dir)"
     )
+
+
+def resolve_data_dir(data_dir: str) -> str:
+    """A data location as a run stores it: a hub source (hf:NAME[:SPLIT]) unchanged, a folder
+    made absolute so that the run resumes from any working directory."""
+    return data_dir if data_dir.startswith(HF_PREFIX) else str(Path(data_dir).resolve())
 
 
 def _import_datasets() -> Any:
