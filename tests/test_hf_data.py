@@ -15,7 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from difflab.app.build import cfg_data_shape, make_batch_fn
 from difflab.app.cli import main
+from difflab.app.config import apply_overrides, get_preset
+from difflab.app.runs import build, check_config
 from difflab.data.hf import HFSource, parse_hf_source, resolve_data_dir
 from difflab.data.images import load_image_dataset, to_unit_range
 
@@ -220,10 +223,6 @@ def test_train_on_a_saved_dataset_from_the_command_line(saved, tmp_path, capsys)
 
 
 def test_labels_reach_a_class_conditional_run(saved):
-    from difflab.app.build import make_batch_fn
-    from difflab.app.config import apply_overrides, get_preset
-    from difflab.app.runs import build
-
     sets = [s for s in FAST if "=" in s] + [
         f"data.data_dir={saved['root'] / 'single'}",
         "model.num_classes=3",
@@ -263,10 +262,6 @@ def test_command_line_errors_are_one_line(saved, tmp_path, monkeypatch, capsys, 
 
 
 def test_the_butterflies_preset_is_the_course_recipe():
-    from difflab.app.build import cfg_data_shape
-    from difflab.app.config import get_preset
-    from difflab.app.runs import check_config
-
     cfg = get_preset("butterflies")
     assert cfg.data.name == "hf" and cfg.data.data_dir == "hf:huggan/smithsonian_butterflies_subset"
     assert cfg_data_shape(cfg) == (3, 32, 32) and cfg.data.hflip

@@ -12,7 +12,8 @@ Without SPLIT a ``DatasetDict`` gives "train" for training and, for held-out dat
 
 The image column is the first ``datasets.Image`` feature, or the one named by ``image_column``
 (``data.image_column``); the labels are the first ``datasets.ClassLabel`` column, with its class
-names, when there is one (else the data set is unlabelled). The images are handed out undecoded
+names, when there is one (else the data set is unlabelled). Images flip left-right at random by
+default, as folders (``data.hflip=false`` for digits or text). The images are handed out undecoded
 (encoded bytes or a file path per row) so that :mod:`difflab.data.images` decodes, converts,
 resizes and crops them exactly like the files of an image folder.
 
