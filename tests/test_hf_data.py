@@ -134,8 +134,9 @@ def test_an_unreadable_row_is_skipped_and_the_labels_stay_aligned(tmp_path):
     pictures = _pictures(4, [(6, 6)] * 3)
     rows = [pictures[0], {"bytes": b"not an image", "path": None}, pictures[1], pictures[2]]
     _dataset(rows, labels=[0, 1, 2, 1]).save_to_disk(tmp_path / "ds")
-    with pytest.warns(UserWarning, match="skipping unreadable image .*row 1"):
+    with pytest.warns(UserWarning, match="skipping unreadable image .*row 1") as record:
         ds = load_image_dataset("hf", data_dir=tmp_path / "ds")
+    assert record[0].filename == __file__  # the warning points at the caller
     assert ds.labels.tolist() == [0, 2, 1]
     assert torch.equal(ds.images[1], torch.from_numpy(np.array(pictures[1])).permute(2, 0, 1))
     with pytest.raises(OSError, match="cannot read image .*row 1"):

@@ -247,6 +247,7 @@ def _decode_images(
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             if on_error == "raise":
                 raise OSError(f"cannot read image {name}: {err}") from err
+            # stacklevel 4: the caller of load_image_dataset (through a reader)
             warnings.warn(f"skipping unreadable image {name}: {err}", stacklevel=4)
             n_bad += 1
             continue
@@ -266,22 +267,6 @@ def _decode_images(
         skipped = f" ({n_bad} unreadable files skipped)" if n_bad else ""
         raise ValueError(f"no readable images {where}{skipped}")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), kept
-
-
-def _read_folder(root: Path, *, channels: int, image_size: int | None, on_error: OnError) -> Tensor:
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist (set data_dir / --data-dir)")
-    paths = sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
-    images, _ = _decode_images(
-        ((str(p), p) for p in paths),
-        channels=channels,
-        image_size=image_size,
-        on_error=on_error,
-        where=f"({', '.join(IMAGE_EXTENSIONS)}) under {root}",
-    )
-    return images
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -490,11 +475,18 @@ def _read_cifar10(req: LoadRequest) -> SourceImages:
 
 
 def _read_image_folder(req: LoadRequest) -> SourceImages:
-    images = _read_folder(
-        Path(req.data_dir),
+    root = Path(req.data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist (set data_dir / --data-dir)")
+    paths = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    images, _ = _decode_images(
+        ((str(p), p) for p in paths),
         channels=req.channels or 3,
         image_size=req.image_size,
         on_error=req.on_error,
+        where=f"({', '.join(IMAGE_EXTENSIONS)}) under {root}",
     )
     return SourceImages(images, None, ())
 
