@@ -27,14 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from difflab.safe_io import atomic_output, check_writable, say
+from difflab.sampler_table import SAMPLER_NAMES  # torch-free: --help lists the samplers
 
 # The commands import the app layer (and so torch) inside their functions, so that `difflab
 # --help` and argument errors answer at once without importing torch.
 
-# the names of difflab.samplers.SAMPLERS, spelled out so that --help does not import torch
-# (a test keeps the two equal)
-SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2s", "dpm++2m-sde", "euler", "heun",
-                 "euler-ancestral")  # fmt: skip
+
 
 __all__ = ["main"]
 

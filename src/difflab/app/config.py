@@ -49,7 +49,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "mlp"  # mlp (2-D) | unet (images) | sohl-dickstein (2-D) | classifier (noisy x_t)
+    kind: str = "mlp"  # mlp | unet | sohl-dickstein | classifier | autoencoder | latent
     preset: str = "mnist-cpu"  # U-Net size preset (see difflab.nn.unet.UNET_PRESETS)
     hidden: int = 128  # MLP width
     depth: int = 3  # MLP residual blocks
@@ -59,6 +59,11 @@ class ModelConfig:
     parameterization: str = "eps"  # what the network predicts: eps | x0 | v | edm
     learned_variance: bool = False  # Improved DDPM: also output the variance interpolation
     image_task: str = "none"  # Palette image-to-image: none | colorize | restore | inpaint
+    ae_preset: str = "mnist-f2c4"  # autoencoder architecture (difflab.nn.autoencoder presets)
+    kl_weight: float = 1e-6  # autoencoder runs: weight of the KL term [Rombach 2022]
+    rec_loss: str = "l1"  # autoencoder runs: reconstruction loss, l1 | l2
+    autoencoder: str | None = None  # latent runs: the trained autoencoder run directory
+    latent_scale: float | None = None  # latent runs: 1 / std of the latents, set once from data
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,8 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dropout": ((lambda v: 0 <= v < 1), "in [0, 1)"),
     "model.num_classes": _at_least(0),
     "model.label_dropout": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "model.kl_weight": _at_least(0),
+    "model.latent_scale": _above(0),
     "diffusion.T": _above(0),
     "diffusion.sigma_min": _above(0),
     "diffusion.sigma_max": _above(0),
@@ -294,6 +301,26 @@ PRESETS["mnist-restore"] = replace(
     PRESETS["mnist"],
     preset="mnist-restore",
     model=ModelConfig(kind="unet", preset="mnist-cpu", image_task="restore"),
+)
+# latent diffusion [Rombach 2022]: a KL autoencoder (28x28x1 -> 14x14x4), then a diffusion
+# model on its frozen encoder's latents (difflab train --preset mnist-latent
+# --set model.autoencoder=AE_RUN); latents are not in [-1, 1], so no x0 clipping
+PRESETS["mnist-ae"] = replace(
+    PRESETS["mnist"],
+    preset="mnist-ae",
+    model=ModelConfig(kind="autoencoder", ae_preset="mnist-f2c4"),
+    train=replace(PRESETS["mnist"].train, lr=1e-3, ema_half_life=10_000.0),
+)
+PRESETS["mnist-latent"] = replace(
+    PRESETS["mnist"],
+    preset="mnist-latent",
+    model=ModelConfig(kind="latent", preset="mnist-half", ae_preset="mnist-f2c4"),
+    sample=replace(PRESETS["mnist"].sample, threshold=None),
+)
+PRESETS["mnist-latent-cond"] = replace(
+    PRESETS["mnist-latent"],
+    preset="mnist-latent-cond",
+    model=replace(PRESETS["mnist-latent"].model, num_classes=10, label_dropout=0.1),
 )
 PRESETS["fashion-mnist"] = replace(
     PRESETS["mnist"], preset="fashion-mnist", data=DataConfig(name="fashion-mnist")

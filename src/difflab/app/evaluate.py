@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from difflab.app.build import Built, build_data
-from difflab.app.sampling import draw_samples
 from difflab.data.toy import sample_toy
 from difflab.evaluation import DIGIT_DATASETS, frechet_digit_distance, load_or_train_classifier
 from difflab.likelihood import bits_per_dim, mean_and_stderr, vlb
@@ -43,9 +42,12 @@ def evaluate_quality(
     built: Built, *, n: int, sampler: str, steps: int, seed: int = 0, batch_size: int = 500
 ) -> dict[str, Any]:
     """Quality metrics of ``n`` samples (see the module docstring)."""
-    x = draw_samples(built, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size)
     out: dict[str, Any] = {"n": n, "sampler": sampler, "steps": steps}
-    out.update(built.kind.evaluate(built, x, seed=seed))
+    out.update(
+        built.kind.quality(
+            built, n=n, seed=seed, sampler=sampler, steps=steps, batch_size=batch_size
+        )
+    )
     return out
 
 
@@ -83,8 +85,10 @@ def evaluate_nll(
     batch_size: int = 250,
 ) -> dict[str, Any]:
     """NLL of ``n`` held-out examples by the variational bound and the PF-ODE."""
-    if not built.kind.has_denoiser:
-        raise ValueError(f"difflab nll needs a diffusion denoiser, not a {built.kind.name} run")
+    if not built.kind.has_likelihood:
+        raise ValueError(
+            f"difflab nll scores diffusion models of the data, not {built.kind.name} runs"
+        )
     x = _held_out(built, n, seed=seed)
     images = x.ndim == 4
     dims = int(x[0].numel())
