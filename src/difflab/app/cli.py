@@ -33,7 +33,6 @@ from difflab.sampler_table import SAMPLER_NAMES  # torch-free: --help lists the 
 # --help` and argument errors answer at once without importing torch.
 
 
-
 __all__ = ["main"]
 
 

@@ -40,13 +40,13 @@ from torch import Tensor
 
 from difflab._util import check_choice
 from difflab.parameterization import Denoiser
+from difflab.sampler_table import SAMPLER_NAMES, SAMPLER_TABLE, SamplerSpec
 from difflab.samplers.ancestral import ddpm
 from difflab.samplers.common import Callback, ThresholdedDenoiser, prior_noise
 from difflab.samplers.ddim import ddim, ddim_invert
 from difflab.samplers.dpm_solver import dpm_solver_pp, dpmpp_2s, dpmpp_sde
 from difflab.samplers.edm import edm_sampler, euler_ancestral
 from difflab.samplers.ipndm import ipndm
-from difflab.sampler_table import SAMPLER_NAMES, SAMPLER_TABLE, SamplerSpec
 from difflab.schedules import DiscreteSchedule, Schedule, Spacing, sampling_timesteps
 
 __all__ = [
