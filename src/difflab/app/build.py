@@ -30,7 +30,7 @@ __all__ = [
     "with_model",
 ]
 
-# shape of one example of the image datasets whose size is fixed (folders are configured)
+# shape of one example of the image datasets whose size is fixed (folders, hf are configured)
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
@@ -102,6 +102,8 @@ def build_data(cfg: RunConfig, *, train: bool = True) -> Any:
         kwargs["image_size"] = d.image_size
     if d.channels is not None:
         kwargs["channels"] = d.channels
+    if d.image_column is not None:
+        kwargs["image_column"] = d.image_column
     ds = load_image_dataset(d.name, data_dir=data_dir, train=train, download=d.download, **kwargs)
     if d.hflip is not None:
         ds.hflip = d.hflip

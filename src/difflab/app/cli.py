@@ -188,6 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from difflab.app.config import apply_overrides, get_preset
     from difflab.app.runs import read_run_config
     from difflab.app.training import train_run
+    from difflab.data.hf import resolve_data_dir
 
     for name in ("steps", "batch_size", "lr", "minutes"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
@@ -224,7 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--resume keeps the run's config; cannot change {bad[0]}")
     cfg = apply_overrides(cfg, overrides)
     if cfg.data.data_dir is not None:  # stored resolved: the run resumes from any folder
-        cfg = replace(cfg, data=replace(cfg.data, data_dir=str(Path(cfg.data.data_dir).resolve())))
+        cfg = replace(cfg, data=replace(cfg.data, data_dir=resolve_data_dir(cfg.data.data_dir)))
     extend = args.steps is not None or args.minutes is not None
     train_run(
         cfg, run_dir, resume=args.resume is not None, extend=extend, progress=not args.no_progress
@@ -538,10 +539,11 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from difflab.app.runs import import_diffusers_run
+    from difflab.data.hf import resolve_data_dir
 
     overrides = list(args.set)
     if args.data_dir is not None:
-        overrides.append(f"data.data_dir={Path(args.data_dir).resolve()}")
+        overrides.append(f"data.data_dir={resolve_data_dir(args.data_dir)}")
     run = import_diffusers_run(args.folder, args.out, preset=args.preset, overrides=overrides)
     say(f"wrote {run}; fine-tune it with: difflab train --resume {run} --steps N")
     return 0

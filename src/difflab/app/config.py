@@ -28,18 +28,19 @@ __all__ = [
 ]
 
 TOY_NAMES = ("swissroll", "moons", "8gaussians", "checkerboard", "gmm")
-IMAGE_NAMES = ("mnist", "fashion-mnist", "cifar10", "folder")
+IMAGE_NAMES = ("mnist", "fashion-mnist", "cifar10", "folder", "hf")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "swissroll"  # toy: swissroll|moons|8gaussians|checkerboard|gmm; images: mnist|...
-    data_dir: str | None = None  # folder with the dataset files (images only)
+    data_dir: str | None = None  # folder with the dataset files (images); hf: hf:NAME[:SPLIT]
     download: bool = False  # fetch the standard files (SHA-256 checked) when missing
     image_size: int | None = None  # resize/crop images to this size (folder datasets)
     channels: int | None = None  # 1 or 3 (folder datasets); None keeps the dataset's own
     hflip: bool | None = None  # random horizontal flips; None = the dataset's default
     limit: int | None = None  # use only the first N training images (quick experiments)
+    image_column: str | None = None  # hf data: the image column (None: first Image feature)
 
     @property
     def is_toy(self) -> bool:
@@ -352,6 +353,39 @@ PRESETS["folder"] = replace(
     preset="folder",
     data=DataConfig(name="folder", image_size=32, channels=3),
     model=ModelConfig(kind="unet", preset="ddpm-cifar10"),
+)
+# The Hugging Face diffusion course's first model (Unit 1, "Introduction to Diffusers",
+# github.com/huggingface/diffusion-models-class): the 1000 Smithsonian butterflies at 32 x 32
+# with random flips, the cosine schedule ("squaredcos_cap_v2"), T = 1000, the eps MSE loss,
+# torch AdamW (lr 4e-4, its default weight decay 0.01), batch 64, 30 epochs = 480 steps, no
+# warm-up, no clipping; sampled by DDPMPipeline (1000 ancestral steps, x0 clipped). Differences:
+# the course squashes each image to 32 x 32 and trains a smaller UNet2DModel whose per-level
+# attention head widths difflab's single num_heads cannot express; here images are resized and
+# centre-cropped (as every difflab image source) and the network is DDPM's CIFAR-10 U-Net at
+# the same resolution; difflab keeps an EMA copy for sampling. Needs internet for the data
+# (pip install 'difflab[hf]'); a save_to_disk copy works offline with --data-dir DIR.
+PRESETS["butterflies"] = RunConfig(
+    preset="butterflies",
+    data=DataConfig(
+        name="hf",
+        data_dir="hf:huggan/smithsonian_butterflies_subset",
+        image_size=32,
+        channels=3,
+        hflip=True,
+    ),
+    model=ModelConfig(kind="unet", preset="ddpm-cifar10"),
+    diffusion=DiffusionConfig(schedule="cosine", T=1000),
+    train=TrainConfig(
+        steps=480,
+        batch_size=64,
+        lr=4e-4,
+        weight_decay=0.01,
+        warmup_steps=0,
+        grad_clip=0.0,
+        log_every=16,
+        ckpt_every=160,
+    ),
+    sample=SampleConfig(sampler="ddpm", steps=1000, n=64, threshold="clip"),
 )
 
 
