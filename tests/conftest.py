@@ -7,8 +7,19 @@ draw fresh random examples instead (and keep failures in the local example datab
 
 import os
 
+import pytest
+import torch
 from hypothesis import settings
 
 settings.register_profile("repeatable", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: one thread avoids OpenMP overhead on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from difflab.data.shapes import gaussian_blobs
 from difflab.nn.autoencoder import (
@@ -17,24 +16,9 @@ from difflab.nn.autoencoder import (
     psnr,
 )
 from difflab.train import Trainer
+from helpers import randomise
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one thread avoids OpenMP overhead on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randomise(module: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:
-    """Overwrite all parameters with random values (undoes zero-initialisation)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -177,7 +161,7 @@ def test_loss_is_ldm_objective_per_pixel(rec_loss: str) -> None:
     # LDM: sum over pixels of |x - D(z)|^p + w KL, z the reparameterised sample; here / (C H W).
     # Decoding the mean instead of the sample, a KL summed over the batch or an unweighted KL
     # would change the value.
-    ae = _randomise(build_autoencoder("tiny"), std=0.1)
+    ae = randomise(build_autoencoder("tiny"), std=0.1)
     x = blobs(4, torch.Generator().manual_seed(0))
     w = 0.3  # large, so the KL term is visible
     loss, logs = autoencoder_loss(

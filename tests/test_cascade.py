@@ -29,24 +29,13 @@ from difflab.objectives import diffusion_loss
 from difflab.parameterization import ModelDenoiser
 from difflab.schedules import DiscreteSchedule
 from difflab.train import Trainer
+from helpers import randomise
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one thread avoids OpenMP overhead on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(module: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
-    """Overwrite all parameters with random values (undoes zero-initialisation)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return module
+    return randomise(module, seed, std)
 
 
 SCHEDULE = DiscreteSchedule.from_name("linear", T=1000)

@@ -17,6 +17,7 @@ from difflab.data import download as download_mod
 from difflab.data.download import RemoteFile, download, sha256_file
 from difflab.data.images import (
     IMAGE_DATASETS,
+    IMAGE_SOURCES,
     ImageDataset,
     load_image_dataset,
     read_cifar_batch,
@@ -426,7 +427,10 @@ def test_load_image_dataset_option_errors(tmp_path):
         load_image_dataset("folder", data_dir=tmp_path, on_error="ignore")
     with pytest.raises(ValueError, match="channels"):
         load_image_dataset("folder", data_dir=tmp_path, channels=2)
-    assert IMAGE_DATASETS == ("mnist", "fashion-mnist", "cifar10", "folder")
+    assert IMAGE_DATASETS == ("mnist", "fashion-mnist", "cifar10", "folder", "hf")
+    assert tuple(IMAGE_SOURCES) == IMAGE_DATASETS  # the Literal and the table agree
+    with pytest.raises(ValueError, match="image_column='img' applies to hf data, not 'folder'"):
+        load_image_dataset("folder", data_dir=tmp_path, image_column="img")
 
 
 # ----------------------------------------------------------------------------- download

@@ -116,6 +116,8 @@ def test_export_loads_in_diffusers_with_the_ema_weights(image_run, tmp_path, cap
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     card = (out / "README.md").read_text()
     assert "license: mit" in card and "folder" in card
+    # the command that makes this run: its preset and every setting that differs from it
+    assert "difflab train --preset folder" in card and "--set model.preset=tiny-ddpm" in card
     assert diffusers.DDIMPipeline.from_pretrained(out).scheduler.config.num_train_timesteps == 1000
     # an existing folder is kept unless --overwrite
     assert main(["export", str(image_run), str(out)]) == 2

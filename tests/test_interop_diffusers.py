@@ -31,7 +31,7 @@ from difflab.interop import (  # noqa: E402
 from difflab.interop.diffusers import DIFFUSERS_BETA_SCHEDULES  # noqa: E402
 from difflab.nn.unet import UNet, UNetConfig, build_unet  # noqa: E402
 from difflab.parameterization import ModelDenoiser  # noqa: E402
-from difflab.samplers import ThresholdedDenoiser, ddim, dpmpp_2m, euler, heun  # noqa: E402
+from difflab.samplers import SAMPLERS, ThresholdedDenoiser, ddim  # noqa: E402
 from difflab.samplers.ancestral import grid_posterior  # noqa: E402
 from difflab.schedules import DiscreteSchedule, sampling_timesteps  # noqa: E402
 
@@ -418,7 +418,7 @@ def test_dpmpp_2m_karras_equals_diffusers(model_pair) -> None:
     schedule = _same_schedule(sch)
     den = DiffusersTimeDenoiser(net, schedule, parameterization="v", time_input="log_sigma_rounded")
     ts = sampling_timesteps(schedule, 10, spacing="karras")
-    ours = dpmpp_2m(den, noise, ts, schedule=schedule)
+    ours = SAMPLERS["dpm++2m"](den, noise, ts, schedule=schedule)
     assert (ours - theirs).abs().max() < 1e-4
 
 
@@ -443,7 +443,7 @@ def test_euler_heun_karras_equal_diffusers(model_pair, sampler: str) -> None:
     den = DiffusersTimeDenoiser(net, schedule, parameterization="v", time_input="log_sigma")
     ts = sampling_timesteps(schedule, 8, spacing="karras")
     x_start = noise * sch.init_noise_sigma * float(schedule.alpha(ts[0]))  # x = alpha * y
-    fn = euler if sampler == "euler" else heun
+    fn = SAMPLERS[sampler]
     ours = fn(den, x_start, ts, schedule=schedule)
     assert (ours - theirs).abs().max() < 1e-4
 

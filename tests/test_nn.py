@@ -24,24 +24,9 @@ from difflab.nn.layers import (
 )
 from difflab.nn.mlp import TimeMLP
 from difflab.nn.unet import UNET_PRESETS, BasicUNet, ResBlock, UNetConfig, build_unet
+from helpers import randomise
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one thread avoids OpenMP overhead on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randomise(module: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:
-    """Overwrite all parameters with random values (undoes zero-initialisation)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _n_params(model: nn.Module) -> int:
@@ -188,7 +173,7 @@ def test_split_cond() -> None:
 def test_attention_matches_naive_softmax(num_heads: int) -> None:
     torch.manual_seed(0)
     c, h, w = 16, 5, 3
-    block = _randomise(AttentionBlock(c, num_heads=num_heads, norm_groups=4), seed=num_heads)
+    block = randomise(AttentionBlock(c, num_heads=num_heads, norm_groups=4), seed=num_heads)
     x = torch.randn(2, c, h, w)
     qkv = block.qkv(block.norm(x)).flatten(2)  # (B, 3C, HW)
     q, k, v = qkv.chunk(3, dim=1)
@@ -218,7 +203,7 @@ def test_fresh_resblock_is_identity(scale_shift: bool) -> None:
     torch.testing.assert_close(block(x, emb), x)
     wide = ResBlock(8, 16, 32, use_scale_shift_norm=scale_shift, norm_groups=4)
     torch.testing.assert_close(wide(x, emb), wide.skip(x))
-    _randomise(block)  # a trained block is not the identity and depends on emb
+    randomise(block)  # a trained block is not the identity and depends on emb
     assert not torch.allclose(block(x, emb), x, atol=1e-3)
     assert not torch.allclose(block(x, emb), block(x, emb + 1), atol=1e-3)
 
@@ -233,7 +218,7 @@ def test_resblock_with_random_weights_follows_its_formula(scale_shift: bool) -> 
     gen = torch.Generator().manual_seed(4)
     x, emb = torch.randn(2, 4, 5, 5, generator=gen), torch.randn(2, 16, generator=gen)
     x, emb = x.double(), emb.double()
-    block = _randomise(ResBlock(4, 6, 16, use_scale_shift_norm=scale_shift, norm_groups=2), 1, 0.5)
+    block = randomise(ResBlock(4, 6, 16, use_scale_shift_norm=scale_shift, norm_groups=2), 1, 0.5)
     block = block.double()
     p = dict(block.named_parameters())
     h = F.conv2d(
@@ -275,7 +260,7 @@ def test_ddpm_cifar10_parameter_count_matches_paper() -> None:
 
 
 def _tiny(**overrides) -> nn.Module:
-    model = _randomise(build_unet("tiny", **overrides), std=0.1)
+    model = randomise(build_unet("tiny", **overrides), std=0.1)
     return model.eval()
 
 
@@ -429,7 +414,7 @@ def test_time_mlp_shapes_conditioning_and_size() -> None:
     assert TimeMLP(out_dim=4)(x, t).shape == (5, 4)
     assert TimeMLP(dim=3)(torch.randn(5, 3), t).shape == (5, 3)
     assert TimeMLP(time_embedding="fourier")(x, t / 1000).shape == (5, 2)
-    model = _randomise(TimeMLP(num_classes=4), std=0.1)
+    model = randomise(TimeMLP(num_classes=4), std=0.1)
     y = torch.tensor([0, 1, 2, 3, 0])
     assert model(x, t, y).shape == (5, 2) and model(x, t, {"class": y}).shape == (5, 2)
     torch.testing.assert_close(model(x, t), model(x, t, torch.full((5,), 4)))

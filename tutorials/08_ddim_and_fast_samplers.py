@@ -290,7 +290,7 @@ def steps_for(sampler: str, budget: int) -> int:
 
 
 RESULTS["sw_floor"] = sw(data_other)
-deterministic = ("ddim", "euler", "heun", "dpm++2m", "dpm++3m", "dpm++2s")
+deterministic = ("ddim", "euler", "heun", "dpm++2m", "dpm++3m", "dpm++2s", "ipndm")
 x_T_ode = torch.randn(n_ode, 2, dtype=F64, generator=seeded(21))
 ts_ref = sampling_timesteps(sched, pick(400, 1000), spacing="logsnr")
 reference = SAMPLERS["dpm++3m"](exact, x_T_ode, ts_ref, schedule=sched)
@@ -341,7 +341,7 @@ for name in ("dpm++2m", "dpm++2s"):
     assert RESULTS[f"ode_error_{name}_nfe{k}"] < 0.5 * first, name
 
 styles = dict(
-    zip(SAMPLERS, ["C0o-", "C1s-", "C2^-", "C3v-", "C4D-", "C5<-", "C6>-", "C7x-", "C8P-"])
+    zip(SAMPLERS, ["C0o-", "C1s-", "C2^-", "C3v-", "C4D-", "C5<-", "C6>-", "C7x-", "C8P-", "C9*-"])
 )
 assert set(styles) == set(SAMPLERS)
 cols = [5, 10, 20]

@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from difflab._util import F64, check_choice
 from difflab.objectives import LossOutput, diffusion_loss
 from difflab.parameterization import Denoiser, ModelDenoiser
 from difflab.process import q_sample
 from difflab.samplers import sample
-from difflab.schedules import Schedule, check_choice
+from difflab.schedules import Schedule
 
 __all__ = [
     "UpsampleMode",
@@ -95,7 +96,7 @@ def sample_aug_levels(
     """Training levels s ~ U[0, max_level], (batch,) float64 [Ho 2021, Sec. 4.2]."""
     if not max_level >= 0:
         raise ValueError(f"the maximum augmentation level must be >= 0, got {max_level}")
-    return torch.rand(batch, generator=generator, dtype=torch.float64) * float(max_level)
+    return torch.rand(batch, generator=generator, dtype=F64) * float(max_level)
 
 
 def augment_low_res(
@@ -111,7 +112,7 @@ def augment_low_res(
     ``level`` (a scalar or (B,), schedule time units in [0, t_max]; 0 leaves y unchanged).
     Shapes: y_low (B, ...) -> (B, ...).
     """
-    lv = torch.as_tensor(level, dtype=torch.float64).cpu()
+    lv = torch.as_tensor(level, dtype=F64).cpu()
     if bool(((lv < 0) | (lv > schedule.t_max)).any()):
         raise ValueError(
             f"augmentation levels must lie in [0, {schedule.t_max}] (the schedule's t)"
@@ -135,7 +136,7 @@ def sr_cond(
     class ``labels`` (B,), if given, go under "class".
     """
     y_up = upsample_images(y_low, factor, upsample)
-    lv = torch.as_tensor(level, dtype=torch.float64).cpu().expand(y_low.shape[0])
+    lv = torch.as_tensor(level, dtype=F64).cpu().expand(y_low.shape[0])
     cond = {
         "image": augment_low_res(y_up, lv, schedule=schedule, generator=generator),
         "aug_level": lv.to(device=y_low.device, dtype=y_low.dtype),

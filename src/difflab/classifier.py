@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from difflab._util import F64
 from difflab.data.images import to_unit_range
 from difflab.nn.layers import AttentionBlock, TimeEmbedding, group_norm, zero_
 from difflab.nn.unet import UNET_PRESETS, Downsample, ResBlock, UNetConfig, validate_config
@@ -45,7 +46,6 @@ __all__ = [
     "load_classifier",
 ]
 
-_F64 = torch.float64
 # U-Net fields that do not describe the encoder (output, class/image conditioning, up path)
 _UNUSED_FIELDS = ("out_channels", "num_classes", "cond_channels")
 
@@ -168,7 +168,7 @@ def classifier_loss(
         raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
     if t is None:
         t = sample_training_times(schedule, batch, method="uniform", generator=generator)
-    t = torch.as_tensor(t, dtype=_F64).cpu().expand(batch)
+    t = torch.as_tensor(t, dtype=F64).cpu().expand(batch)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     xt = q_sample(x0, t, schedule, eps=eps)
     logits = classifier(xt, t.to(x0.device, x0.dtype))
@@ -265,7 +265,7 @@ def noisy_accuracy(
     for t in ts:
         correct = 0
         for x0, y in zip(x_all.split(batch_size), labels.split(batch_size)):
-            t_b = torch.full((x0.shape[0],), float(t), dtype=_F64)
+            t_b = torch.full((x0.shape[0],), float(t), dtype=F64)
             _, ok = classifier_loss(classifier, x0.to(device), y, schedule, generator=g, t=t_b)
             correct += int(ok.sum())
         out[float(t)] = correct / x_all.shape[0]

@@ -35,12 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflab.parameterization import Denoiser, Prediction, broadcast_to
+from difflab._util import F64, broadcast_to
+from difflab.parameterization import Denoiser, Prediction
 from difflab.schedules import Schedule
 
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "labels_from_cond"]
-
-_F64 = torch.float64
 
 
 def _mix(u: Tensor, c: Tensor, scale: float) -> Tensor:
@@ -151,7 +150,7 @@ class ClassifierGuidance:
             return self.classifier.log_likelihood(xt, t, y)
         logits = self.classifier(xt, t.to(xt.device, xt.dtype))
         y = y.to(logits.device).long()
-        if logits.dtype not in (torch.float32, torch.float64):
+        if logits.dtype not in (torch.float32, F64):
             logits = logits.float()  # half-precision logits: log-softmax in float32
         return F.log_softmax(logits, dim=-1).gather(1, y[:, None])[:, 0]
 
@@ -167,7 +166,7 @@ class ClassifierGuidance:
         pred = self.denoiser(xt, t, cond)
         if self.scale == 0:
             return pred
-        t = torch.as_tensor(t, dtype=_F64).detach().cpu().expand(xt.shape[0])
+        t = torch.as_tensor(t, dtype=F64).detach().cpu().expand(xt.shape[0])
         y = self._labels(cond, xt.shape[0])
         grad = self.grad_log_likelihood(xt, t, y)
         alpha, sigma = self.schedule.alpha_sigma(t)

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from difflab._util import F64, check_choice
 from difflab.parameterization import Denoiser
-from difflab.schedules import Schedule, check_choice
+from difflab.schedules import Schedule
 
 __all__ = [
     "Task",
@@ -74,13 +75,13 @@ def gaussian_blur(x: Tensor, sigma: Tensor | float) -> Tensor:
     the edge pixels, so a constant image is unchanged. sigma = 0 leaves an image unchanged.
     """
     b, c, h, w = x.shape
-    sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu().expand(b)
+    sigma = torch.as_tensor(sigma, dtype=F64).cpu().expand(b)
     if bool((sigma < 0).any()):
         raise ValueError("blur sigma must be >= 0")
     radius = int(math.ceil(3 * float(sigma.max())))
     if radius == 0:
         return x
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    offsets = torch.arange(-radius, radius + 1, dtype=F64)
     logits = -(offsets[None, :] ** 2) / (2 * sigma[:, None].clamp(min=1e-12) ** 2)
     kernel = torch.softmax(logits, dim=1)  # exp(-d^2 / 2 sigma^2), normalised; (B, K)
     kernel = kernel.to(x.dtype).to(x.device).repeat_interleave(c, dim=0)  # (B*C, K)
@@ -108,9 +109,9 @@ def inpaint_mask(
     lo, hi = size
     if not 0 < lo <= hi <= 1:
         raise ValueError(f"hole size fractions must satisfy 0 < lo <= hi <= 1, got {size}")
-    frac = lo + (hi - lo) * torch.rand(b, 2, generator=generator, dtype=torch.float64)
-    sides = (frac * torch.tensor([h, w], dtype=torch.float64)).round().long().clamp(min=1)
-    corner = (torch.rand(b, 2, generator=generator, dtype=torch.float64) *
+    frac = lo + (hi - lo) * torch.rand(b, 2, generator=generator, dtype=F64)
+    sides = (frac * torch.tensor([h, w], dtype=F64)).round().long().clamp(min=1)
+    corner = (torch.rand(b, 2, generator=generator, dtype=F64) *
               (torch.tensor([h, w]) - sides + 1)).floor().long()  # fmt: skip
     rows, cols = torch.arange(h)[None, :], torch.arange(w)[None, :]
     in_r = (rows >= corner[:, :1]) & (rows < corner[:, :1] + sides[:, :1])  # (B, H)
@@ -142,7 +143,7 @@ def degrade(
     if task == "colorize":
         return grayscale(x0)
     if task == "restore":
-        u = torch.rand(b, 2, generator=generator, dtype=torch.float64)
+        u = torch.rand(b, 2, generator=generator, dtype=F64)
         sigma_blur = blur[0] + (blur[1] - blur[0]) * u[:, 0]
         std = (noise[0] + (noise[1] - noise[0]) * u[:, 1]).to(x0.dtype).to(x0.device)
         z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)

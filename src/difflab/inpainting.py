@@ -33,15 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from difflab._util import F64, check_choice
 from difflab.parameterization import Denoiser
 from difflab.process import q_sample, transition
 from difflab.samplers import SAMPLERS, default_spacing, prior_noise
 from difflab.samplers.common import Callback, randn
-from difflab.schedules import Schedule, Spacing, check_choice, sampling_timesteps
+from difflab.schedules import Schedule, Spacing, sampling_timesteps
 
 __all__ = ["inpaint", "repaint_schedule", "check_mask"]
-
-_F64 = torch.float64
 
 
 def repaint_schedule(steps: int, *, jump: int = 1, resample: int = 1) -> list[int]:
@@ -147,7 +146,7 @@ def inpaint(
         if q > p:  # down: t -> s, Eq. (8)-(10)
             t, s = float(ts[p]), float(ts[q])
             x_unknown = step_fn(
-                denoiser, x, torch.tensor([t, s], dtype=_F64), schedule=schedule, cond=cond,
+                denoiser, x, torch.tensor([t, s], dtype=F64), schedule=schedule, cond=cond,
                 generator=generator, callback=_relay(callback, n_down), **options,
             )  # fmt: skip
             if s == 0:
@@ -160,7 +159,7 @@ def inpaint(
         else:  # up: x_t ~ q(x_t | x_s) = N(alpha_{t|s} x_s, sigma_{t|s}^2 I), Algorithm 1 line 10
             t, s = float(ts[q]), float(ts[p])
             a_ts, var_ts = transition(
-                schedule, torch.tensor(t, dtype=_F64), torch.tensor(s, dtype=_F64)
+                schedule, torch.tensor(t, dtype=F64), torch.tensor(s, dtype=F64)
             )
             z = randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             x = float(a_ts) * x + math.sqrt(float(var_ts)) * z

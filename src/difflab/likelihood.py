@@ -25,14 +25,17 @@ The exact likelihood through the probability-flow ODE is in :mod:`difflab.ode_li
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from difflab.parameterization import Denoiser, Prediction, broadcast_to
-from difflab.schedules import DiscreteSchedule, Schedule, check_choice
+from difflab._util import F64, broadcast_to, check_choice
+from difflab.parameterization import Denoiser, Prediction
+from difflab.process import VARIANCES, Variance, grid_posterior, q_posterior, q_sample
+from difflab.schedules import DiscreteSchedule, Schedule
 
 __all__ = [
     "VarianceType",
@@ -51,8 +54,8 @@ __all__ = [
     "mean_and_stderr",
 ]
 
-VarianceType = Literal["small", "large", "learned"]
-VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
+VarianceType = Variance  # the reverse-step variances, defined in difflab.process
+VARIANCE_TYPES: tuple[str, ...] = VARIANCES
 DecoderType = Literal["discretized", "gaussian"]
 DECODER_TYPES: tuple[str, ...] = get_args(DecoderType)
 _LOG_2PI = math.log(2 * math.pi)
@@ -142,7 +145,7 @@ def _check_discrete(schedule: Schedule) -> DiscreteSchedule:
 
 def _step_index(t: Tensor | int, batch: int, schedule: DiscreteSchedule) -> Tensor:
     """Validate integer steps in 1..T and return them as a (B,) float64 CPU tensor."""
-    t = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
+    t = torch.as_tensor(t, dtype=F64).detach().cpu()
     t = t.expand(batch).clone() if t.ndim == 0 else t
     if t.shape != (batch,):
         raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
@@ -151,22 +154,18 @@ def _step_index(t: Tensor | int, batch: int, schedule: DiscreteSchedule) -> Tens
     return t
 
 
+@functools.lru_cache(maxsize=4)  # one table per schedule, not one per VLB term
 def _log_variances(schedule: DiscreteSchedule) -> tuple[Tensor, Tensor, Tensor]:
-    """(log beta-tilde clipped, log fixed-large, log beta) per step, (T,) float64 each."""
-    bt, betas = schedule.beta_tilde, schedule.betas
-    first = bt[1:2] if schedule.T > 1 else betas[:1]  # beta-tilde_1 = 0 -> beta-tilde_2
-    small = torch.cat([first, bt[1:]])
-    large = torch.cat([first, betas[1:]])
-    return small.log(), large.log(), betas.log()
+    """(log small, log large, log beta) of the reverse steps t = 1..T, (T,) float64 each.
 
-
-def _posterior_mean(x0: Tensor, xt: Tensor, t: Tensor, schedule: DiscreteSchedule) -> Tensor:
-    """mu-tilde_t(xt, x0) of q(x_{t-1} | x_t, x0) at integer steps t (B,)  [Ho 2020, Eq. 7]."""
-    i = t.long()
-    ab, ab_prev, beta = schedule.alpha_bar[i], schedule.alpha_bar[i - 1], schedule.betas[i - 1]
-    coef_x0 = ab_prev.sqrt() * beta / (1 - ab)
-    coef_xt = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
-    return broadcast_to(coef_x0, x0) * x0 + broadcast_to(coef_xt, xt) * xt
+    Read off :func:`~difflab.process.grid_posterior` on the full grid T, ..., 1, 0: small is
+    log beta-tilde_t with beta-tilde_1 = 0 replaced by beta-tilde_2; large is log beta_t except
+    at t = 1, where it takes the same beta-tilde_2 (as the reference code).
+    """
+    table = grid_posterior(schedule, torch.arange(schedule.T, -1, -1, dtype=F64))
+    log_small = table["log_beta_tilde"].flip(0)
+    log_beta = table["beta_step"].flip(0).log()
+    return log_small, torch.cat([log_small[:1], log_beta[1:]]), log_beta
 
 
 def reverse_mean_logvar(
@@ -193,7 +192,7 @@ def reverse_mean_logvar(
     t = _step_index(t, xt.shape[0], schedule)
     idx = t.long() - 1
     x0_hat = pred.x0.clamp(-1, 1) if clip_x0 else pred.x0
-    mean = _posterior_mean(x0_hat, xt, t, schedule)  # Eq. (7) [Ho 2020] with x0_hat
+    mean, _ = q_posterior(x0_hat, xt, t, t - 1, schedule)  # Eq. (7) [Ho 2020], x0_hat
     log_small, log_large, log_beta = (broadcast_to(v[idx], xt) for v in _log_variances(schedule))
     if variance == "small":
         return mean, log_small
@@ -237,7 +236,7 @@ def vlb_term_from_prediction(
     mean_p, logvar_p = reverse_mean_logvar(
         pred, xt, t, schedule, variance=variance, clip_x0=clip_x0
     )
-    mean_q = _posterior_mean(x0, xt, t, schedule)  # Eq. (6-7) [Ho 2020]
+    mean_q, _ = q_posterior(x0, xt, t, t - 1, schedule)  # Eq. (6-7) [Ho 2020]
     logvar_q = broadcast_to(_log_variances(schedule)[0][t.long() - 1], x0)
     kl = normal_kl(mean_q, logvar_q, mean_p, logvar_p).flatten(1).sum(1)
     if decoder == "discretized":
@@ -272,10 +271,7 @@ def vlb_term(
     """
     schedule = _check_discrete(schedule)
     t = _step_index(t, x0.shape[0], schedule)
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-    ab = schedule.alpha_bar[t.long()]
-    xt = broadcast_to(ab.sqrt(), x0) * x0 + broadcast_to((1 - ab).sqrt(), x0) * noise  # Eq. (4)
+    xt = q_sample(x0, t, schedule, eps=noise, generator=generator)  # Eq. (4) [Ho 2020]
     pred = denoiser(xt, t, cond)
     return vlb_term_from_prediction(
         pred, x0, xt, t, schedule, variance=variance, decoder=decoder, clip_x0=clip_x0
@@ -335,7 +331,7 @@ def vlb(
         "diffusion": diffusion,
         "decoder": decoder_nll,
         "terms": terms_t,
-        "t": torch.stack(steps, dim=1).to(torch.float64),
+        "t": torch.stack(steps, dim=1).to(F64),
     }
 
 
@@ -351,7 +347,7 @@ def bits_per_dim(nats_per_sample: Tensor | float, dims: int, *, bins: int | None
     """
     if dims < 1:
         raise ValueError(f"dims must be >= 1, got {dims}")
-    nats = torch.as_tensor(nats_per_sample, dtype=torch.float64)
+    nats = torch.as_tensor(nats_per_sample, dtype=F64)
     if bins is not None:
         if bins < 2:
             raise ValueError(f"bins must be >= 2, got {bins}")
@@ -361,7 +357,7 @@ def bits_per_dim(nats_per_sample: Tensor | float, dims: int, *, bins: int | None
 
 def mean_and_stderr(values: Tensor) -> tuple[float, float]:
     """Mean and standard error std / sqrt(n) (std with n - 1) of a 1-D set of values."""
-    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    v = torch.as_tensor(values, dtype=F64).flatten()
     if v.numel() < 2:
         raise ValueError("need at least two values for a standard error")
     return float(v.mean()), float(v.std() / math.sqrt(v.numel()))

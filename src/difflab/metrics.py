@@ -12,6 +12,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from difflab._util import F64
+
 __all__ = [
     "Density",
     "exact_nll",
@@ -21,8 +23,6 @@ __all__ = [
     "mmd",
     "sliced_wasserstein",
 ]
-
-_F64 = torch.float64
 
 
 class Density(Protocol):
@@ -35,7 +35,7 @@ def _points(x: Tensor, name: str) -> Tensor:
     x = torch.as_tensor(x)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"{name} must have shape (N, D) with N >= 1, got {tuple(x.shape)}")
-    return x.detach().to(_F64)
+    return x.detach().to(F64)
 
 
 def _check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,9 +47,9 @@ def _check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 def _rbf_sum(a: Tensor, b: Tensor, bandwidths: tuple[float, ...]) -> Tensor:
     """sum_{i,j} sum_h exp(-|a_i - b_j|^2 / (2 h^2)), in row blocks of a of about 32 MB each."""
-    inv_2h2 = 1.0 / (2 * torch.tensor(bandwidths, dtype=_F64, device=a.device) ** 2)
+    inv_2h2 = 1.0 / (2 * torch.tensor(bandwidths, dtype=F64, device=a.device) ** 2)
     chunk = max(1, (1 << 22) // (b.shape[0] * len(bandwidths)))
-    total = torch.zeros((), dtype=_F64, device=a.device)
+    total = torch.zeros((), dtype=F64, device=a.device)
     for start in range(0, a.shape[0], chunk):
         d2 = torch.cdist(a[start : start + chunk], b).square()
         total += torch.exp(-d2[..., None] * inv_2h2).sum()
@@ -90,8 +90,8 @@ def _wasserstein_1d_pow(xs: Tensor, ys: Tensor, p: float) -> Tensor:
     if n == m:
         return (xs - ys).abs().pow(p).mean(0)
     dev = xs.device
-    steps = [torch.zeros(1, dtype=_F64, device=dev)]
-    steps += [torch.arange(1, k + 1, dtype=_F64, device=dev) / k for k in (n, m)]
+    steps = [torch.zeros(1, dtype=F64, device=dev)]
+    steps += [torch.arange(1, k + 1, dtype=F64, device=dev) / k for k in (n, m)]
     u = torch.unique(torch.cat(steps))  # sorted breakpoints 0 < ... < 1
     width = u[1:] - u[:-1]
     mid = 0.5 * (u[1:] + u[:-1])
@@ -117,7 +117,7 @@ def sliced_wasserstein(
     x, y = _check_pair(x, y)
     if n_projections < 1 or p < 1:
         raise ValueError(f"need n_projections >= 1 and p >= 1, got {n_projections} and {p}")
-    theta = torch.randn(x.shape[1], n_projections, dtype=_F64, generator=generator)
+    theta = torch.randn(x.shape[1], n_projections, dtype=F64, generator=generator)
     theta = (theta / theta.norm(dim=0, keepdim=True)).to(x.device)
     xs = (x @ theta).sort(dim=0).values
     ys = (y @ theta).sort(dim=0).values
@@ -135,7 +135,7 @@ def exact_nll(samples: Tensor, density: Density) -> float:
     log_p = density.log_prob(samples)
     if log_p.shape != (samples.shape[0],):
         raise ValueError(f"density.log_prob must return shape (N,), got {tuple(log_p.shape)}")
-    return float(-log_p.to(_F64).mean())
+    return float(-log_p.to(F64).mean())
 
 
 def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,8 +163,8 @@ def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> fl
     S cov2 S is symmetric PSD, so both roots come from symmetric eigendecompositions.
     mu (F,), cov (F, F); returns d^2 (what FID reports), clamped at 0 against rounding.
     """
-    mu1, mu2 = (torch.as_tensor(v, dtype=_F64).detach().cpu() for v in (mu1, mu2))
-    cov1, cov2 = (torch.as_tensor(c, dtype=_F64).detach().cpu() for c in (cov1, cov2))
+    mu1, mu2 = (torch.as_tensor(v, dtype=F64).detach().cpu() for v in (mu1, mu2))
+    cov1, cov2 = (torch.as_tensor(c, dtype=F64).detach().cpu() for c in (cov1, cov2))
     f = mu1.shape[0]
     if mu1.shape != (f,) or mu2.shape != (f,) or cov1.shape != (f, f) or cov2.shape != (f, f):
         raise ValueError(
@@ -210,7 +210,7 @@ def kernel_inception_distance(
             f"subset_size must be in [2, min(N1, N2)] = [2, "
             f"{min(f1.shape[0], f2.shape[0])}], got {subset_size}"
         )
-    values = torch.empty(n_subsets, dtype=_F64)
+    values = torch.empty(n_subsets, dtype=F64)
     for i in range(n_subsets):
         i1 = torch.randperm(f1.shape[0], generator=generator)[:subset_size].to(f1.device)
         i2 = torch.randperm(f2.shape[0], generator=generator)[:subset_size].to(f2.device)

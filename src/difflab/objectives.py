@@ -39,16 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from difflab._util import F64, broadcast_to, check_choice
 from difflab.likelihood import DECODER_TYPES, vlb_term_from_prediction
 from difflab.parameterization import (
     PARAMETERIZATIONS,
     ModelDenoiser,
     Parameterization,
-    broadcast_to,
     edm_preconditioning,
 )
 from difflab.process import q_sample
-from difflab.schedules import DiscreteSchedule, Schedule, check_choice
+from difflab.schedules import DiscreteSchedule, Schedule
 
 __all__ = [
     "LossType",
@@ -71,7 +71,6 @@ Weighting = Literal["uniform", "snr", "min-snr", "edm"]
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 TimeSampling = Literal["uniform", "lognormal", "importance"]
 TIME_SAMPLINGS: tuple[str, ...] = get_args(TimeSampling)
-_F64 = torch.float64
 
 
 @dataclass
@@ -125,7 +124,7 @@ def loss_weight(
     """
     check_choice("weighting", weighting, WEIGHTINGS)
     check_choice("target", target, PARAMETERIZATIONS)
-    lam = torch.as_tensor(logsnr, dtype=_F64)
+    lam = torch.as_tensor(logsnr, dtype=F64)
     if weighting == "uniform":
         return torch.ones_like(lam)
     snr = torch.exp(lam)
@@ -162,10 +161,10 @@ def sample_training_times(
         raise ValueError(f"batch must be >= 1, got {batch}")
     if method == "uniform":
         if isinstance(schedule, DiscreteSchedule):
-            return torch.randint(1, schedule.T + 1, (batch,), generator=generator).to(_F64)
-        u = torch.rand(batch, generator=generator, dtype=_F64)
+            return torch.randint(1, schedule.T + 1, (batch,), generator=generator).to(F64)
+        u = torch.rand(batch, generator=generator, dtype=F64)
         return schedule.t_min + (schedule.t_max - schedule.t_min) * u
-    ln_sigma = p_mean + p_std * torch.randn(batch, generator=generator, dtype=_F64)
+    ln_sigma = p_mean + p_std * torch.randn(batch, generator=generator, dtype=F64)
     return schedule.t_from_edm_sigma(ln_sigma.exp()).clamp(schedule.t_min, schedule.t_max)
 
 
@@ -186,7 +185,7 @@ class ImportanceTimeSampler:
         self.T = T
         self.history = history
         self.uniform_prob = uniform_prob
-        self._losses = torch.zeros(T, history, dtype=_F64)
+        self._losses = torch.zeros(T, history, dtype=F64)
         self._counts = torch.zeros(T, dtype=torch.long)
 
     @property
@@ -196,7 +195,7 @@ class ImportanceTimeSampler:
 
     def probabilities(self) -> Tensor:
         """p_t for t = 1..T, (T,) float64."""
-        uniform = torch.full((self.T,), 1.0 / self.T, dtype=_F64)
+        uniform = torch.full((self.T,), 1.0 / self.T, dtype=F64)
         if not self.warmed_up:
             return uniform
         w = self._losses.pow(2).mean(1).sqrt()  # Eq. (18) [Nichol & Dhariwal 2021]
@@ -211,13 +210,13 @@ class ImportanceTimeSampler:
     def sample(self, batch: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw (t, weights), each (batch,) float64; t holds integer steps 1..T."""
         p = self.probabilities()
-        t = torch.multinomial(p, batch, replacement=True, generator=generator).to(_F64) + 1
+        t = torch.multinomial(p, batch, replacement=True, generator=generator).to(F64) + 1
         return t, self.weights(t)
 
     def update(self, t: Tensor, losses: Tensor) -> None:
         """Record per-sample losses (B,) of steps t (B,); the oldest value of a full step drops."""
         steps = t.detach().cpu().long().tolist()
-        values = losses.detach().cpu().to(_F64).tolist()
+        values = losses.detach().cpu().to(F64).tolist()
         if len(steps) != len(values):
             raise ValueError("t and losses must have the same length")
         for step, value in zip(steps, values):
@@ -242,7 +241,7 @@ class ImportanceTimeSampler:
                 f"state has shapes {tuple(losses.shape)}, {tuple(counts.shape)}; "
                 f"this sampler needs ({self.T}, {self.history}) and ({self.T},)"
             )
-        self._losses = losses.detach().cpu().to(_F64).clone()
+        self._losses = losses.detach().cpu().to(F64).clone()
         self._counts = counts.detach().cpu().long().clone()
 
 
@@ -318,9 +317,9 @@ def diffusion_loss(
         raise ValueError("weighting the v target needs a variance-preserving schedule")
 
     # 1. times and noise
-    iw = torch.ones(batch, dtype=_F64)
+    iw = torch.ones(batch, dtype=F64)
     if t is not None:
-        t = torch.as_tensor(t, dtype=_F64).detach().cpu()
+        t = torch.as_tensor(t, dtype=F64).detach().cpu()
         t = t.expand(batch).clone() if t.ndim == 0 else t
         if time_sampler is not None:
             iw = time_sampler.weights(t)

@@ -15,9 +15,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from difflab._util import F64, check_choice
 from difflab.likelihood import gaussian_log_likelihood
 from difflab.parameterization import Denoiser
-from difflab.schedules import Schedule, check_choice
+from difflab.schedules import Schedule
 
 __all__ = ["pf_ode_nll"]
 
@@ -34,7 +35,7 @@ def _divergence_field(
 ) -> tuple[Tensor, Tensor]:
     """dy/ds = (y - D(y; s)) / s and dims - tr(dD/dy) (exact or Hutchinson), both (B, ...)."""
     batch = y.shape[0]
-    t = schedule.t_from_edm_sigma(torch.tensor(s, dtype=torch.float64)).clamp(max=schedule.t_max)
+    t = schedule.t_from_edm_sigma(torch.tensor(s, dtype=F64)).clamp(max=schedule.t_max)
     alpha = float(schedule.alpha(t))
     dims = y[0].numel()
     with torch.enable_grad():
@@ -117,7 +118,7 @@ def pf_ode_nll(
     if not 0 < t_lo < t_hi <= schedule.t_max:
         raise ValueError(f"need 0 < t_eps < t_max <= {schedule.t_max}, got {t_lo}, {t_hi}")
     s_lo, s_hi = float(schedule.edm_sigma(t_lo)), float(schedule.edm_sigma(t_hi))
-    u = torch.linspace(math.log(s_lo), math.log(s_hi), steps + 1, dtype=torch.float64)
+    u = torch.linspace(math.log(s_lo), math.log(s_hi), steps + 1, dtype=F64)
     grid = u.exp().tolist()
     grid[0], grid[-1] = s_lo, s_hi
     alpha_eps = float(schedule.alpha(t_lo))
@@ -136,7 +137,7 @@ def pf_ode_nll(
         return _divergence_field(denoiser, y, s, schedule, cond, probes)
 
     y = x0 / alpha_eps
-    delta = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+    delta = torch.zeros(x0.shape[0], dtype=F64, device=x0.device)
     for s0, s1 in zip(grid[:-1], grid[1:]):
         h, u0, u1 = s1 - s0, math.log(s0), math.log(s1)
         if method == "heun":
@@ -153,6 +154,6 @@ def pf_ode_nll(
             y = y + h / 6 * (f1 + 2 * f2 + 2 * f3 + f4)
             w_lo, w_mid, w_hi = _quadratic_weights(u0, math.log(sm), u1)
             delta = delta + w_lo * d1 + w_mid * (d2 + d3) / 2 + w_hi * d4
-    prior_logvar = torch.tensor(math.log1p(s_hi**2), dtype=torch.float64)
+    prior_logvar = torch.tensor(math.log1p(s_hi**2), dtype=F64)
     log_prior = gaussian_log_likelihood(y.double(), 0.0, prior_logvar).flatten(1).sum(1)
     return -(log_prior + delta) + dims * math.log(alpha_eps)

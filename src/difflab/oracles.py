@@ -27,13 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from difflab._util import F64
 from difflab.data.toy import GaussianMixture
 from difflab.parameterization import Prediction
 from difflab.schedules import Schedule
 
 __all__ = ["GaussianDenoiser", "GMMDenoiser", "gaussian_pf_ode_solution", "gaussian_sde_mean"]
-
-_F64 = torch.float64
 
 
 def _flat_f64(xt: Tensor, dim: int) -> Tensor:
@@ -42,12 +41,12 @@ def _flat_f64(xt: Tensor, dim: int) -> Tensor:
         raise ValueError(
             f"expected xt of shape (B, ...) with {dim} numbers per sample, got {tuple(xt.shape)}"
         )
-    return xt.reshape(xt.shape[0], dim).to(_F64)
+    return xt.reshape(xt.shape[0], dim).to(F64)
 
 
 def _coefficients(schedule: Schedule, t: Tensor, batch: int) -> tuple[Tensor, Tensor]:
     """alpha(t), sigma(t) as float64 CPU tensors of shape (B,), or (1,) when all t are equal."""
-    t = torch.as_tensor(t, dtype=_F64).detach().cpu().reshape(-1)
+    t = torch.as_tensor(t, dtype=F64).detach().cpu().reshape(-1)
     if t.numel() not in (1, batch):
         raise ValueError(f"t must be a scalar or have {batch} elements, got {t.numel()}")
     if t.numel() > 1 and bool((t == t[0]).all()):
@@ -57,7 +56,7 @@ def _coefficients(schedule: Schedule, t: Tensor, batch: int) -> tuple[Tensor, Te
 
 def _prediction(xt: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Prediction:
     """Prediction with eps = (xt - alpha x0) / sigma (0 where sigma = 0), in xt's dtype."""
-    x = xt.reshape(x0.shape).to(_F64)
+    x = xt.reshape(x0.shape).to(F64)
     a, s = alpha[:, None].to(x.device), sigma[:, None].to(x.device)
     if bool((s > 0).all()):
         eps = (x - a * x0) / s
@@ -82,8 +81,8 @@ class GaussianDenoiser:
     """
 
     def __init__(self, mean: Tensor, cov: Tensor, schedule: Schedule) -> None:
-        m = torch.as_tensor(mean, dtype=_F64).detach().cpu().flatten()
-        c = torch.as_tensor(cov, dtype=_F64).detach().cpu()
+        m = torch.as_tensor(mean, dtype=F64).detach().cpu().flatten()
+        c = torch.as_tensor(cov, dtype=F64).detach().cpu()
         d = m.numel()
         if c.shape != (d, d):
             raise ValueError(f"cov must have shape ({d}, {d}) to match mean, got {tuple(c.shape)}")
@@ -138,7 +137,7 @@ class GMMDenoiser:
         alpha, sigma = _coefficients(self.schedule, t, x.shape[0])
         a, s = (alpha, sigma) if alpha.numel() > 1 else (alpha[0], sigma[0])
         x0 = self.gmm.x0_posterior_mean(x, a.to(x.device), s.to(x.device))
-        return _prediction(xt, x0.to(_F64), alpha, sigma)
+        return _prediction(xt, x0.to(F64), alpha, sigma)
 
     def __repr__(self) -> str:
         return f"GMMDenoiser({self.gmm!r}, schedule={self.schedule!r})"
@@ -194,14 +193,14 @@ def gaussian_sde_mean(
     """
     if not eta >= 0:
         raise ValueError(f"eta must be non-negative, got {eta}")
-    m = torch.as_tensor(mean, dtype=_F64).flatten()
-    c = torch.as_tensor(cov, dtype=_F64)
+    m = torch.as_tensor(mean, dtype=F64).flatten()
+    c = torch.as_tensor(cov, dtype=F64)
     lam, u = torch.linalg.eigh(0.5 * (c + c.T))
     lam = lam.clamp(min=0)
     y = _flat_f64(y_start, m.numel()).cpu()
     b = y.shape[0]
-    s0 = torch.as_tensor(sigma_start, dtype=_F64).cpu().expand(b)[:, None]
-    s1 = torch.as_tensor(sigma_end, dtype=_F64).cpu().expand(b)[:, None]
+    s0 = torch.as_tensor(sigma_start, dtype=F64).cpu().expand(b)[:, None]
+    s1 = torch.as_tensor(sigma_end, dtype=F64).cpu().expand(b)[:, None]
     ratio = ((lam + s1**2) / (lam + s0**2)) ** ((1.0 + eta) / 2)  # (B, D) eigenvalues
     y_end = m + (ratio * ((y - m) @ u)) @ u.T
     return y_end.reshape(y_start.shape).to(y_start.device, y_start.dtype)

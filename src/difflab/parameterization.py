@@ -27,7 +27,8 @@ from typing import Any, Literal, Protocol, get_args, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from difflab.schedules import Schedule, check_choice
+from difflab._util import F64, broadcast_to, check_choice  # broadcast_to: re-exported
+from difflab.schedules import Schedule
 
 __all__ = [
     "Parameterization",
@@ -48,14 +49,6 @@ __all__ = [
 
 Parameterization = Literal["eps", "x0", "v", "edm"]
 PARAMETERIZATIONS: tuple[str, ...] = get_args(Parameterization)
-
-
-def broadcast_to(coef: Tensor | float, x: Tensor) -> Tensor:
-    """Reshape a per-sample coefficient (B,) or a scalar to broadcast against x (B, ...)."""
-    c = torch.as_tensor(coef, device=x.device).to(x.dtype)
-    if c.ndim == 0:
-        return c
-    return c.reshape(c.shape[0], *([1] * (x.ndim - 1)))
 
 
 # ---- conversions (alpha, sigma: scalars or tensors broadcastable to x) -----------------------
@@ -175,13 +168,13 @@ class ModelDenoiser(nn.Module):
 
     def coefficients(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """alpha(t), sigma(t) cast to x's dtype/device and broadcast to x."""
-        t = t.detach().to("cpu", torch.float64)
+        t = t.detach().to("cpu", F64)
         alpha, sigma = self.schedule.alpha_sigma(t)
         return broadcast_to(alpha, x), broadcast_to(sigma, x)
 
     def network_output(self, xt: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         """The raw network output (before conversion), as the training losses see it."""
-        t = torch.as_tensor(t, dtype=torch.float64).expand(xt.shape[0])
+        t = torch.as_tensor(t, dtype=F64).expand(xt.shape[0])
         if self.parameterization == "edm":
             alpha, _ = self.coefficients(t, xt)
             s = self.schedule.edm_sigma(t.cpu())
@@ -192,7 +185,7 @@ class ModelDenoiser(nn.Module):
 
     def prediction_from_output(self, out: Tensor, xt: Tensor, t: Tensor) -> Prediction:
         """Convert a raw network output into a :class:`Prediction`."""
-        t = torch.as_tensor(t, dtype=torch.float64).expand(xt.shape[0])
+        t = torch.as_tensor(t, dtype=F64).expand(xt.shape[0])
         var_frac = None
         if self.learned_variance:
             out, v = out.chunk(2, dim=1)

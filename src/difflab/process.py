@@ -11,21 +11,35 @@
 
       mean = alpha_{t|s} sigma_s^2 / sigma_t^2 * x_t + alpha_s sigma_{t|s}^2 / sigma_t^2 * x0
       var  = sigma_{t|s}^2 sigma_s^2 / sigma_t^2
+
+* :func:`grid_posterior` tabulates the coefficients of q(x_s | x_t, x0) for every step of a
+  grid of times. The reverse step p(x_s | x_t) of a model takes its variance from them
+  (:data:`Variance`): ``small`` is the posterior variance beta-tilde, ``large`` the forward
+  step's sigma_{t|s}^2 (beta_t) [Ho 2020, Sec. 3.2], ``learned`` their log-interpolation
+  [Nichol & Dhariwal 2021, Eq. 15]. The DDPM sampler and the variational bound both read them
+  here.
 """
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
-from difflab.parameterization import broadcast_to
+from difflab._util import F64, broadcast_to
 from difflab.schedules import DiscreteSchedule, Schedule
 
 __all__ = ["q_sample", "q_step", "q_sample_iterative", "q_posterior", "transition"]
+__all__ += ["Variance", "VARIANCES", "grid_posterior"]  # the reverse-step variances
+
+# the variance of a reverse step p(x_s | x_t): beta-tilde, beta, or learned between the two
+Variance = Literal["small", "large", "learned"]
+VARIANCES: tuple[str, ...] = get_args(Variance)
 
 
 def _times(t: Tensor | float | int, x: Tensor) -> Tensor:
-    t = torch.as_tensor(t, dtype=torch.float64).cpu()
+    t = torch.as_tensor(t, dtype=F64).cpu()
     return t.expand(x.shape[0]) if t.ndim == 0 else t
 
 
@@ -121,3 +135,32 @@ def q_posterior(
     var = var_ts * s_s**2 / s_t2
     mean = broadcast_to(coef_xt, xt) * xt + broadcast_to(coef_x0, xt) * x0
     return mean, broadcast_to(var, xt)
+
+
+def grid_posterior(schedule: Schedule, ts: Tensor) -> dict[str, Tensor]:
+    """Coefficients of every step ts[i] -> ts[i + 1] of a grid, float64 tensors of shape (n,).
+
+    ``coef_xt``, ``coef_x0``: the posterior mean of q(x_s | x_t, x0) is
+    coef_xt * x_t + coef_x0 * x0 [Ho 2020, Eq. 7]; read off :func:`q_posterior`
+    (linear in (x_t, x0)) at unit inputs, all steps at once.
+    ``beta_tilde``: its variance; ``beta_step``: sigma_{t|s}^2 [Kingma 2021, Eq. 10].
+    ``log_beta_tilde``: log beta_tilde, clipped on a step to t = 0 (where beta_tilde = 0) to the
+    value of the step before, as Improved DDPM does (log beta_step on a one-step grid).
+    """
+    ts = torch.as_tensor(ts, dtype=F64).cpu()
+    t, s = ts[:-1], ts[1:]
+    one, zero = torch.ones(t.numel(), 1, dtype=F64), torch.zeros(t.numel(), 1, dtype=F64)
+    coef_x0, beta_tilde = q_posterior(one, zero, t, s, schedule)
+    coef_xt, _ = q_posterior(zero, one, t, s, schedule)
+    _, beta_step = transition(schedule, t, s)
+    beta_tilde = beta_tilde.flatten()
+    clipped = beta_tilde.clone()
+    for i in (clipped <= 0).nonzero().flatten().tolist():  # only a step to t = 0
+        clipped[i] = clipped[i - 1] if i > 0 else beta_step[i]
+    return {
+        "coef_xt": coef_xt.flatten(),
+        "coef_x0": coef_x0.flatten(),
+        "beta_tilde": beta_tilde,
+        "beta_step": beta_step,
+        "log_beta_tilde": clipped.log(),
+    }

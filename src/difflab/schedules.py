@@ -32,6 +32,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from difflab._util import F64, check_choice  # check_choice: re-exported
+
 __all__ = [
     "BetaScheduleName",
     "BETA_SCHEDULES",
@@ -51,18 +53,9 @@ BETA_SCHEDULES: tuple[str, ...] = get_args(BetaScheduleName)
 Spacing = Literal["uniform", "leading", "trailing", "karras", "logsnr"]
 SPACINGS: tuple[str, ...] = get_args(Spacing)
 
-_F64 = torch.float64
-
-
-def check_choice(name: str, value: str, options: tuple[str, ...]) -> str:
-    """Validate a string choice once, with an error that lists the valid options."""
-    if value not in options:
-        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(options)}")
-    return value
-
 
 def _as_f64(t: Tensor | float) -> Tensor:
-    return torch.as_tensor(t, dtype=_F64)
+    return torch.as_tensor(t, dtype=F64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +65,7 @@ def _as_f64(t: Tensor | float) -> Tensor:
 
 def _betas_from_alpha_bar(alpha_bar_fn, T: int, max_beta: float = 0.999) -> Tensor:
     """beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped [Nichol & Dhariwal 2021, Sec. 3.2]."""
-    t = torch.arange(T + 1, dtype=_F64)
+    t = torch.arange(T + 1, dtype=F64)
     ab = alpha_bar_fn(t)
     return (1.0 - ab[1:] / ab[:-1]).clamp(max=max_beta)
 
@@ -104,11 +97,11 @@ def make_betas(
     b0 = beta_start if beta_start is not None else 1e-4 * scale
     b1 = beta_end if beta_end is not None else 0.02 * scale
     if name == "linear":
-        betas = torch.linspace(b0, b1, T, dtype=_F64)
+        betas = torch.linspace(b0, b1, T, dtype=F64)
     elif name == "quadratic":
-        betas = torch.linspace(math.sqrt(b0), math.sqrt(b1), T, dtype=_F64) ** 2
+        betas = torch.linspace(math.sqrt(b0), math.sqrt(b1), T, dtype=F64) ** 2
     elif name == "sigmoid":
-        betas = torch.sigmoid(torch.linspace(-6.0, 6.0, T, dtype=_F64)) * (b1 - b0) + b0
+        betas = torch.sigmoid(torch.linspace(-6.0, 6.0, T, dtype=F64)) * (b1 - b0) + b0
     elif name == "cosine":
 
         def alpha_bar(t: Tensor) -> Tensor:
@@ -117,10 +110,10 @@ def make_betas(
 
         betas = _betas_from_alpha_bar(alpha_bar, T)
     else:  # sohl-dickstein
-        min_beta = torch.full((T,), 1e-6, dtype=_F64)
+        min_beta = torch.full((T,), 1e-6, dtype=F64)
         min_beta[0] += 1e-3
-        baseline = 1.0 / torch.linspace(float(T), 2.0, T, dtype=_F64) if T > 1 else torch.ones(1)
-        betas = min_beta + baseline.to(_F64) * (1.0 - min_beta - 1e-5)
+        baseline = 1.0 / torch.linspace(float(T), 2.0, T, dtype=F64) if T > 1 else torch.ones(1)
+        betas = min_beta + baseline.to(F64) * (1.0 - min_beta - 1e-5)
     betas = betas.clamp(max=0.999)  # short T: the 1000/T scaling would exceed 1
     if not bool(((betas > 0) & (betas < 1)).all()):
         raise ValueError(f"{name} schedule with T={T} gives betas outside (0, 1)")
@@ -133,7 +126,7 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first is unchanged.
     The last beta becomes 1 (alpha_bar_T = 0): the model sees pure noise at t = T.
     """
-    sqrt_ab = torch.cumprod(1.0 - betas.to(_F64), 0).sqrt()
+    sqrt_ab = torch.cumprod(1.0 - betas.to(F64), 0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab = (sqrt_ab - last) * first / (first - last)
     ab = sqrt_ab**2
@@ -228,14 +221,14 @@ class DiscreteSchedule(Schedule):
     variance_preserving = True
 
     def __init__(self, betas: Tensor, *, name: str = "custom") -> None:
-        betas = torch.as_tensor(betas, dtype=_F64).flatten()
+        betas = torch.as_tensor(betas, dtype=F64).flatten()
         if betas.numel() < 1 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a non-empty 1-D tensor with values in (0, 1]")
         self.name = name
         self.T = betas.numel()
         self.betas = betas
         self.alphas = 1.0 - betas
-        self.alpha_bar = torch.cat([torch.ones(1, dtype=_F64), torch.cumprod(self.alphas, 0)])
+        self.alpha_bar = torch.cat([torch.ones(1, dtype=F64), torch.cumprod(self.alphas, 0)])
         # Eq. (7) [Ho 2020]: beta-tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t
         self.beta_tilde = (1 - self.alpha_bar[:-1]) / (1 - self.alpha_bar[1:]) * betas
         # (T+1,), strictly decreasing; floored at 1e-20 so a zero-terminal-SNR schedule
@@ -279,7 +272,7 @@ class DiscreteSchedule(Schedule):
         if bool(((t < 0) | (t > self.T)).any()):
             raise ValueError(f"t must lie in [0, {self.T}]")
         lo = t.floor().clamp(0, self.T - 1).long()
-        frac = t - lo.to(_F64)
+        frac = t - lo.to(F64)
         return (1 - frac) * self._log_ab[lo] + frac * self._log_ab[lo + 1]
 
     def logsnr(self, t: Tensor | float) -> Tensor:
@@ -302,7 +295,7 @@ class DiscreteSchedule(Schedule):
         lo = hi - 1
         span = neg[hi] - neg[lo]
         frac = ((-lab) - neg[lo]) / span
-        return lo.to(_F64) + frac.clamp(0, 1)
+        return lo.to(F64) + frac.clamp(0, 1)
 
     def __repr__(self) -> str:
         return f"DiscreteSchedule(name={self.name!r}, T={self.T})"
@@ -342,7 +335,7 @@ def schedule_from_config(config: dict) -> Schedule:
         return EDMSchedule(config["sigma_min"], config["sigma_max"])
     if kind == "discrete":
         if config.get("name") == "custom":
-            return DiscreteSchedule(torch.tensor(config["betas"], dtype=_F64))
+            return DiscreteSchedule(torch.tensor(config["betas"], dtype=F64))
         extra = {k: v for k, v in config.items() if k not in ("type", "name", "T")}
         return DiscreteSchedule.from_name(config["name"], config["T"], **extra)
     raise ValueError(f"unknown schedule type {kind!r}; choose one of: discrete, edm")
@@ -387,34 +380,34 @@ def sampling_timesteps(
         raise ValueError(f"t_start must lie in [{t_lo}, {schedule.t_max}], got {t_hi}")
     discrete = isinstance(schedule, DiscreteSchedule)
     if spacing == "trailing":
-        ts = t_hi - torch.arange(steps, dtype=_F64) * (t_hi / steps)
+        ts = t_hi - torch.arange(steps, dtype=F64) * (t_hi / steps)
         ts = ts.clamp(min=t_lo)
     elif spacing == "leading":
         if not discrete:
             raise ValueError("leading spacing is defined for discrete schedules only")
         stride = max(int(t_hi) // steps, 1)
-        ts = (1 + torch.arange(steps - 1, -1, -1, dtype=_F64) * stride).clamp(max=t_hi)
+        ts = (1 + torch.arange(steps - 1, -1, -1, dtype=F64) * stride).clamp(max=t_hi)
     elif spacing == "uniform":
-        ts = torch.linspace(t_hi, t_lo, steps, dtype=_F64)
+        ts = torch.linspace(t_hi, t_lo, steps, dtype=F64)
     elif spacing == "karras":
         s_hi = float(schedule.edm_sigma(t_hi))
         s_lo = schedule.sigma_min
-        ramp = torch.linspace(0, 1, steps, dtype=_F64)
+        ramp = torch.linspace(0, 1, steps, dtype=F64)
         sig = (s_hi ** (1 / rho) + ramp * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
         ts = schedule.t_from_edm_sigma(sig)
     else:  # logsnr
         lam = torch.linspace(
-            float(schedule.logsnr(t_hi)), float(schedule.logsnr(t_lo)), steps, dtype=_F64
+            float(schedule.logsnr(t_hi)), float(schedule.logsnr(t_lo)), steps, dtype=F64
         )
         ts = schedule.t_from_logsnr(lam)
     if discrete and spacing in ("trailing", "uniform"):
         ts = ts.round()
     if steps == 1:
-        ts = torch.tensor([t_hi], dtype=_F64)
+        ts = torch.tensor([t_hi], dtype=F64)
     ts = ts.clamp(t_lo, schedule.t_max)
     if bool((ts[1:] >= ts[:-1]).any()):
         raise ValueError(
             f"{steps} steps with {spacing} spacing give repeated times on this schedule; "
             "use fewer steps or another spacing"
         )
-    return torch.cat([ts, torch.zeros(1, dtype=_F64)])
+    return torch.cat([ts, torch.zeros(1, dtype=F64)])

@@ -15,8 +15,6 @@ With a ramp-up ratio r the half-life is ``min(half_life, r * images_seen)`` (EDM
 from __future__ import annotations
 
 import copy
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -217,22 +215,3 @@ class Trainer:
         for k, v in self.extra_state.items():
             v.load_state_dict(state["extra"][k])
         self.step = int(state["step"])
-
-
-class ThroughputMeter:
-    """Images per second over a sliding window of wall-clock time."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.count = 0
-
-    def add(self, n: int) -> None:
-        self.count += n
-
-    def rate(self) -> float:
-        dt = time.perf_counter() - self.t0
-        return self.count / dt if dt > 0 else math.nan
-
-    def reset(self) -> None:
-        self.t0 = time.perf_counter()
-        self.count = 0

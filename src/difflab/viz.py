@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from difflab._util import F64
 from difflab.safe_io import atomic_output
 
 ArrayLike = torch.Tensor | np.ndarray
@@ -28,7 +29,7 @@ Lim = float | tuple[float, float] | None
 
 def _numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", torch.float64).numpy()
+        return x.detach().to("cpu", F64).numpy()
     return np.asarray(x, dtype=np.float64)
 
 

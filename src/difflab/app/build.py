@@ -30,7 +30,7 @@ __all__ = [
     "with_model",
 ]
 
-# shape of one example of the image datasets whose size is fixed (folders are configured)
+# shape of one example of the image datasets whose size is fixed (folders, hf are configured)
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
@@ -102,6 +102,8 @@ def build_data(cfg: RunConfig, *, train: bool = True) -> Any:
         kwargs["image_size"] = d.image_size
     if d.channels is not None:
         kwargs["channels"] = d.channels
+    if d.image_column is not None:
+        kwargs["image_column"] = d.image_column
     ds = load_image_dataset(d.name, data_dir=data_dir, train=train, download=d.download, **kwargs)
     if d.hflip is not None:
         ds.hflip = d.hflip
@@ -138,9 +140,7 @@ def diffusion_denoiser(cfg: RunConfig, model: nn.Module, schedule: Schedule) -> 
 
 def with_model(built: Built, model: nn.Module) -> Built:
     """The same run with another network (e.g. the EMA copy) behind a fresh denoiser."""
-    denoiser = (
-        None if built.denoiser is None else diffusion_denoiser(built.cfg, model, built.schedule)
-    )
+    denoiser = built.kind.denoiser(built.cfg, model, built.schedule)
     return replace(built, model=model, denoiser=denoiser)
 
 
@@ -148,11 +148,14 @@ def cfg_data_shape(cfg: RunConfig) -> tuple[int, ...]:
     """Shape of one example without loading the data (2-D points, or images)."""
     if cfg.data.is_toy:
         return (2,)
-    if cfg.data.name in IMAGE_SHAPES and cfg.data.image_size is None:
-        return IMAGE_SHAPES[cfg.data.name]
-    if cfg.data.image_size is None or cfg.data.channels is None:
+    d = cfg.data
+    if d.name in IMAGE_SHAPES:  # a fixed size, unless resized or converted
+        c, h, _ = IMAGE_SHAPES[d.name]
+        size = d.image_size or h
+        return (d.channels or c, size, size)
+    if d.image_size is None or d.channels is None:
         raise ValueError("image folder runs need data.image_size and data.channels")
-    return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    return (d.channels, d.image_size, d.image_size)
 
 
 def make_batch_fn(built: Built) -> Callable[[int, torch.Generator], Any]:

@@ -27,14 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from difflab.safe_io import atomic_output, atomic_write_json, check_writable, say
+from difflab.sampler_table import SAMPLER_NAMES  # torch-free: --help lists the samplers
 
 # The commands import the app layer (and so torch) inside their functions, so that `difflab
 # --help` and argument errors answer at once without importing torch.
 
-# the names of difflab.samplers.SAMPLERS, spelled out so that --help does not import torch
-# (a test keeps the two equal)
-SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2s", "dpm++2m-sde", "euler", "heun",
-                 "euler-ancestral")  # fmt: skip
 
 __all__ = ["main"]
 
@@ -231,6 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from difflab.app.config import apply_overrides, get_preset
     from difflab.app.runs import read_run_config
     from difflab.app.training import train_run
+    from difflab.data.hf import resolve_data_dir
 
     for name in ("steps", "batch_size", "lr", "minutes"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
@@ -267,7 +265,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--resume keeps the run's config; cannot change {bad[0]}")
     cfg = apply_overrides(cfg, overrides)
     if cfg.data.data_dir is not None:  # stored resolved: the run resumes from any folder
-        cfg = replace(cfg, data=replace(cfg.data, data_dir=str(Path(cfg.data.data_dir).resolve())))
+        cfg = replace(cfg, data=replace(cfg.data, data_dir=resolve_data_dir(cfg.data.data_dir)))
     extend = args.steps is not None or args.minutes is not None
     train_run(
         cfg, run_dir, resume=args.resume is not None, extend=extend, progress=not args.no_progress
@@ -573,7 +571,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         run_config=cfg.to_dict(),
         metrics=metrics,
         sample_grid=grid if grid.is_file() else None,
-        command="difflab " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
+        command=_train_command(cfg),
         tags=["difflab", cfg.data.name],
     )
     out = export_to_diffusers(
@@ -583,6 +581,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     )  # fmt: skip
     say(f"wrote {out} (load it with DDPMPipeline.from_pretrained or DDIMPipeline)")
     return 0
+
+
+def _train_command(cfg: Any) -> str:
+    """A `difflab train` command that makes a run of this config: its preset, and --set for
+    every field that differs from the preset."""
+    from difflab.app.config import PRESETS
+
+    base = PRESETS[cfg.preset].to_dict() if cfg.preset in PRESETS else {}
+    sets = [
+        f"--set {key}={value}"
+        for key, value in _flat(cfg.to_dict()).items()
+        if key != "preset" and _flat(base).get(key, object()) != value
+    ]
+    return " ".join([f"difflab train --preset {cfg.preset}", *sets])
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -597,10 +609,11 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from difflab.app.runs import import_diffusers_run
+    from difflab.data.hf import resolve_data_dir
 
     overrides = list(args.set)
     if args.data_dir is not None:
-        overrides.append(f"data.data_dir={Path(args.data_dir).resolve()}")
+        overrides.append(f"data.data_dir={resolve_data_dir(args.data_dir)}")
     run = import_diffusers_run(args.folder, args.out, preset=args.preset, overrides=overrides)
     say(f"wrote {run}; fine-tune it with: difflab train --resume {run} --steps N")
     return 0

@@ -28,18 +28,19 @@ __all__ = [
 ]
 
 TOY_NAMES = ("swissroll", "moons", "8gaussians", "checkerboard", "gmm")
-IMAGE_NAMES = ("mnist", "fashion-mnist", "cifar10", "folder")
+IMAGE_NAMES = ("mnist", "fashion-mnist", "cifar10", "folder", "hf")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "swissroll"  # toy: swissroll|moons|8gaussians|checkerboard|gmm; images: mnist|...
-    data_dir: str | None = None  # folder with the dataset files (images only)
+    data_dir: str | None = None  # folder with the dataset files (images); hf: hf:NAME[:SPLIT]
     download: bool = False  # fetch the standard files (SHA-256 checked) when missing
     image_size: int | None = None  # resize/crop images to this size (folder datasets)
     channels: int | None = None  # 1 or 3 (folder datasets); None keeps the dataset's own
     hflip: bool | None = None  # random horizontal flips; None = the dataset's default
     limit: int | None = None  # use only the first N training images (quick experiments)
+    image_column: str | None = None  # hf data: the image column (None: first Image feature)
 
     @property
     def is_toy(self) -> bool:
@@ -48,7 +49,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "mlp"  # mlp (2-D) | unet (images) | sohl-dickstein (2-D) | classifier (noisy x_t)
+    kind: str = "mlp"  # mlp | unet | sohl-dickstein | classifier | autoencoder | latent
     preset: str = "mnist-cpu"  # U-Net size preset (see difflab.nn.unet.UNET_PRESETS)
     hidden: int = 128  # MLP width
     depth: int = 3  # MLP residual blocks
@@ -58,6 +59,11 @@ class ModelConfig:
     parameterization: str = "eps"  # what the network predicts: eps | x0 | v | edm
     learned_variance: bool = False  # Improved DDPM: also output the variance interpolation
     image_task: str = "none"  # Palette image-to-image: none | colorize | restore | inpaint
+    ae_preset: str = "mnist-f2c4"  # autoencoder architecture (difflab.nn.autoencoder presets)
+    kl_weight: float = 1e-6  # autoencoder runs: weight of the KL term [Rombach 2022]
+    rec_loss: str = "l1"  # autoencoder runs: reconstruction loss, l1 | l2
+    autoencoder: str | None = None  # latent runs: the trained autoencoder run directory
+    latent_scale: float | None = None  # latent runs: 1 / std of the latents, set once from data
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,8 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dropout": ((lambda v: 0 <= v < 1), "in [0, 1)"),
     "model.num_classes": _at_least(0),
     "model.label_dropout": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "model.kl_weight": _at_least(0),
+    "model.latent_scale": _above(0),
     "diffusion.T": _above(0),
     "diffusion.sigma_min": _above(0),
     "diffusion.sigma_max": _above(0),
@@ -294,6 +302,26 @@ PRESETS["mnist-restore"] = replace(
     preset="mnist-restore",
     model=ModelConfig(kind="unet", preset="mnist-cpu", image_task="restore"),
 )
+# latent diffusion [Rombach 2022]: a KL autoencoder (28x28x1 -> 14x14x4), then a diffusion
+# model on its frozen encoder's latents (difflab train --preset mnist-latent
+# --set model.autoencoder=AE_RUN); latents are not in [-1, 1], so no x0 clipping
+PRESETS["mnist-ae"] = replace(
+    PRESETS["mnist"],
+    preset="mnist-ae",
+    model=ModelConfig(kind="autoencoder", ae_preset="mnist-f2c4"),
+    train=replace(PRESETS["mnist"].train, lr=1e-3, ema_half_life=10_000.0),
+)
+PRESETS["mnist-latent"] = replace(
+    PRESETS["mnist"],
+    preset="mnist-latent",
+    model=ModelConfig(kind="latent", preset="mnist-half", ae_preset="mnist-f2c4"),
+    sample=replace(PRESETS["mnist"].sample, threshold=None),
+)
+PRESETS["mnist-latent-cond"] = replace(
+    PRESETS["mnist-latent"],
+    preset="mnist-latent-cond",
+    model=replace(PRESETS["mnist-latent"].model, num_classes=10, label_dropout=0.1),
+)
 PRESETS["fashion-mnist"] = replace(
     PRESETS["mnist"], preset="fashion-mnist", data=DataConfig(name="fashion-mnist")
 )
@@ -325,6 +353,39 @@ PRESETS["folder"] = replace(
     preset="folder",
     data=DataConfig(name="folder", image_size=32, channels=3),
     model=ModelConfig(kind="unet", preset="ddpm-cifar10"),
+)
+# The Hugging Face diffusion course's first model (Unit 1, "Introduction to Diffusers",
+# github.com/huggingface/diffusion-models-class): the 1000 Smithsonian butterflies at 32 x 32
+# with random flips, the cosine schedule ("squaredcos_cap_v2"), T = 1000, the eps MSE loss,
+# torch AdamW (lr 4e-4, its default weight decay 0.01), batch 64, 30 epochs = 480 steps, no
+# warm-up, no clipping; sampled by DDPMPipeline (1000 ancestral steps, x0 clipped). Differences:
+# the course squashes each image to 32 x 32 and trains a smaller UNet2DModel whose per-level
+# attention head widths difflab's single num_heads cannot express; here images are resized and
+# centre-cropped (as every difflab image source) and the network is DDPM's CIFAR-10 U-Net at
+# the same resolution; difflab keeps an EMA copy for sampling. Needs internet for the data
+# (pip install 'difflab[hf]'); a save_to_disk copy works offline with --data-dir DIR.
+PRESETS["butterflies"] = RunConfig(
+    preset="butterflies",
+    data=DataConfig(
+        name="hf",
+        data_dir="hf:huggan/smithsonian_butterflies_subset",
+        image_size=32,
+        channels=3,
+        hflip=True,
+    ),
+    model=ModelConfig(kind="unet", preset="ddpm-cifar10"),
+    diffusion=DiffusionConfig(schedule="cosine", T=1000),
+    train=TrainConfig(
+        steps=480,
+        batch_size=64,
+        lr=4e-4,
+        weight_decay=0.01,
+        warmup_steps=0,
+        grad_clip=0.0,
+        log_every=16,
+        ckpt_every=160,
+    ),
+    sample=SampleConfig(sampler="ddpm", steps=1000, n=64, threshold="clip"),
 )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from difflab.app.build import Built, build_data
-from difflab.app.sampling import ImageBar, draw_samples
+from difflab.app.sampling import ImageBar
 from difflab.data.toy import sample_toy
 from difflab.evaluation import DIGIT_DATASETS, frechet_digit_distance, load_or_train_classifier
 from difflab.inference import inference_context
@@ -53,12 +53,13 @@ def evaluate_quality(
 ) -> dict[str, Any]:
     """Quality metrics of ``n`` samples (see the module docstring); ``progress`` and
     ``compile`` as in :func:`~difflab.app.sampling.draw_samples`."""
-    x = draw_samples(
-        built, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
-        progress=progress, compile=compile,
-    )  # fmt: skip
     out: dict[str, Any] = {"n": n, "sampler": sampler, "steps": steps}
-    out.update(built.kind.evaluate(built, x, seed=seed))
+    out.update(
+        built.kind.quality(
+            built, n=n, seed=seed, sampler=sampler, steps=steps, batch_size=batch_size,
+            progress=progress, compile=compile,
+        )  # fmt: skip
+    )
     return out
 
 
@@ -98,8 +99,10 @@ def evaluate_nll(
 ) -> dict[str, Any]:
     """NLL of ``n`` held-out examples by the variational bound and the PF-ODE; ``progress``:
     a bar on stderr counting examples (rate and ETA), advanced per batch."""
-    if not built.kind.has_denoiser:
-        raise ValueError(f"difflab nll needs a diffusion denoiser, not a {built.kind.name} run")
+    if not built.kind.has_likelihood:
+        raise ValueError(
+            f"difflab nll scores diffusion models of the data, not {built.kind.name} runs"
+        )
     x = _held_out(built, n, seed=seed)
     images = x.ndim == 4
     dims = int(x[0].numel())

@@ -12,6 +12,10 @@ kind                selected by         what it is
                     image_task set      conditioning [Saharia 2022]
 ``classifier``      model.kind=         a noise-aware classifier of x_t, for classifier guidance
                     classifier          [Dhariwal & Nichol 2021]
+``autoencoder``     model.kind=         a KL autoencoder, the first stage of latent diffusion
+                    autoencoder         [Rombach 2022]
+``latent-           model.kind=latent   a denoiser on the latents of a frozen autoencoder run;
+diffusion``                             samples are decoded [Rombach 2022]
 ==================  ==================  ============================================================
 
 Adding a kind of run is one class here and one entry in :data:`KINDS` (plus its tests); the
@@ -22,6 +26,7 @@ rest of the app layer asks ``built.kind`` and never branches on kind names
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +34,26 @@ import torch
 from torch import Tensor, nn
 
 import difflab.app.report as report
+from difflab import checkpoint as ckpt
 from difflab.app.build import Built, diffusion_denoiser
 from difflab.app.config import RunConfig
 from difflab.app.evaluate import digit_quality
-from difflab.app.sampling import finite_samples, sample_with_denoiser
+from difflab.app.sampling import (
+    draw_samples,
+    finite_samples,
+    guided_denoiser,
+    sample_with_denoiser,
+)
 from difflab.classifier import build_classifier, classifier_loss
+from difflab.evaluation import DIGIT_DATASETS
 from difflab.image_to_image import cond_channels, degrade
+from difflab.latent import latent_diffusion_loss, latent_sample, latent_scale_factor
+from difflab.nn.autoencoder import (
+    AUTOENCODER_PRESETS,
+    REC_LOSSES,
+    autoencoder_loss,
+    build_autoencoder,
+)
 from difflab.nn.mlp import TimeMLP
 from difflab.nn.sohl_dickstein import SohlDicksteinModel
 from difflab.nn.unet import UNET_PRESETS, build_unet
@@ -56,6 +75,7 @@ class RunKind:
         data_parallel: it trains under ``torchrun``.
         guides_sampling: it is a classifier that guides another run's sampling.
         conditions_on_images: ``difflab sample`` restores conditioning images (``--input``).
+        has_likelihood: ``difflab nll`` can score it (a denoiser of the data itself).
     """
 
     name = ""
@@ -64,6 +84,7 @@ class RunKind:
     data_parallel = True
     guides_sampling = False
     conditions_on_images = False
+    has_likelihood = True
 
     def selects(self, cfg: RunConfig) -> bool:
         """Whether a config is a run of this kind."""
@@ -78,7 +99,11 @@ class RunKind:
             )
         if cfg.model.image_task != "none" and not self.conditions_on_images:
             raise ValueError("image-to-image tasks (model.image_task) need model.kind=unet")
-        if self.data == "image":  # image networks are built from a U-Net preset
+        self.check_network(cfg)
+
+    def check_network(self, cfg: RunConfig) -> None:
+        """The network's preset name (image networks are built from a U-Net preset)."""
+        if self.data == "image":
             check_choice("model.preset", cfg.model.preset, tuple(UNET_PRESETS))
 
     def build_model(
@@ -109,8 +134,8 @@ class RunKind:
                     drop.to(labels.device), torch.full_like(labels, num_classes), labels
                 )
             cond = self.training_cond(cfg, x0, cond, g)
-            out = diffusion_loss(
-                built.denoiser, x0, cond=cond, loss_type=d.loss_type, weighting=d.weighting,
+            out = self.objective(
+                built, x0, cond=cond, loss_type=d.loss_type, weighting=d.weighting,
                 t_sampling="uniform" if d.t_sampling == "importance" else d.t_sampling,
                 time_sampler=time_sampler, vlb_weight=d.vlb_weight, offset_noise=d.offset_noise,
                 generator=g,
@@ -118,6 +143,14 @@ class RunKind:
             return out.loss, {}
 
         return loss_fn
+
+    def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
+        """The diffusion loss of a batch of data x0 (:func:`difflab.objectives.diffusion_loss`)."""
+        return diffusion_loss(built.denoiser, x0, **options)
+
+    def on_data(self, built: Built) -> Built:
+        """Finish building once the training data is open (e.g. statistics of the data)."""
+        return built
 
     def training_cond(self, cfg: RunConfig, x0: Tensor, cond: Any, g: torch.Generator) -> Any:
         """The conditioning of a training batch (class labels or None by default)."""
@@ -139,8 +172,12 @@ class RunKind:
         """A figure of the model during training (``train.sample_every``)."""
         report.grid_figure(built, path, seed=seed)
 
-    def evaluate(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
-        """``difflab eval``: quality metrics of the samples ``x``."""
+    def quality(self, built: Built, *, n: int, seed: int, **sampling: Any) -> dict[str, Any]:
+        """``difflab eval``: quality metrics of n samples drawn with ``sampling`` options."""
+        return self.score(built, draw_samples(built, n, seed=seed, **sampling), seed=seed)
+
+    def score(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
+        """Quality metrics of the samples ``x``."""
         raise ValueError(f"difflab eval does not score {self.name} runs")
 
 
@@ -168,7 +205,7 @@ class Diffusion2D(RunKind):
     def progress_figure(self, built: Built, path: Path, *, seed: int) -> None:
         report.scatter_figure(built, path, n=built.cfg.sample.n, seed=seed)
 
-    def evaluate(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
+    def score(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
         return report.toy_quality(built, x, seed=seed)
 
 
@@ -233,7 +270,7 @@ class DiffusionImage(RunKind):
     def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
         return report.images_report(built, run_dir, log=log)
 
-    def evaluate(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
+    def score(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
         return digit_quality(built, x)
 
 
@@ -249,6 +286,14 @@ class ImageToImage(DiffusionImage):
     def unet_options(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
         return {"cond_channels": cond_channels(cfg.model.image_task, channels)}  # type: ignore
 
+    def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
+        """The diffusion loss of a batch of data x0 (:func:`difflab.objectives.diffusion_loss`)."""
+        return diffusion_loss(built.denoiser, x0, **options)
+
+    def on_data(self, built: Built) -> Built:
+        """Finish building once the training data is open (e.g. statistics of the data)."""
+        return built
+
     def training_cond(self, cfg: RunConfig, x0: Tensor, cond: Any, g: torch.Generator) -> Any:
         image = degrade(x0, cfg.model.image_task, generator=g)  # type: ignore[arg-type]
         return {"image": image} if cond is None else {"class": cond, "image": image}
@@ -261,7 +306,7 @@ class ImageToImage(DiffusionImage):
     def progress_figure(self, built: Built, path: Path, *, seed: int) -> None:
         report.restoration_figure(built, path, seed=seed)
 
-    def evaluate(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
+    def score(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
         raise ValueError("image-to-image runs are scored by difflab sample (PSNR), not eval")
 
 
@@ -312,9 +357,158 @@ class Classifier(RunKind):
         pass
 
 
+class AutoencoderRun(RunKind):
+    """The LDM first stage: a KL-regularised autoencoder [Rombach 2022]. It does not sample;
+    its report and ``difflab eval`` give the reconstruction PSNR (and, for digits, the FDD of
+    reconstructions: the best any latent model on it can reach)."""
+
+    name = "autoencoder"
+    has_denoiser = False
+    has_likelihood = False
+
+    def selects(self, cfg: RunConfig) -> bool:
+        return cfg.model.kind == "autoencoder"
+
+    def check_network(self, cfg: RunConfig) -> None:
+        check_choice("model.ae_preset", cfg.model.ae_preset, tuple(AUTOENCODER_PRESETS))
+        check_choice("model.rec_loss", cfg.model.rec_loss, REC_LOSSES)
+
+    def build_model(
+        self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
+    ) -> nn.Module:
+        c, h, _ = data_shape
+        return build_autoencoder(cfg.model.ae_preset, in_channels=c, image_size=h)
+
+    def loss_fn(self, built: Built, extra_state: dict[str, Any]) -> LossFn:
+        m = built.cfg.model
+
+        def ae_loss(batch: tuple[Tensor, Any], g: torch.Generator):
+            return autoencoder_loss(
+                built.model, batch[0], kl_weight=m.kl_weight, rec_loss=m.rec_loss,  # type: ignore
+                generator=g,
+            )  # fmt: skip
+
+        return ae_loss
+
+    def draw(self, built: Built, b: int, **kw: Any) -> Tensor:
+        raise ValueError(
+            "an autoencoder run does not sample; train a latent run on it: difflab train "
+            "--preset mnist-latent --set model.autoencoder=AE_RUN"
+        )
+
+    def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
+        out = report.reconstruction_figure(built, run_dir / "samples.png")
+        log(f"reconstruction PSNR {out['psnr']:.2f} dB")
+        return {"psnr": out["psnr"]}
+
+    def progress_figure(self, built: Built, path: Path, *, seed: int) -> None:
+        report.reconstruction_figure(built, path)
+
+    def quality(self, built: Built, *, n: int, seed: int, **sampling: Any) -> dict[str, Any]:
+        out = report.reconstruction_figure(built, None, n=n)
+        metrics: dict[str, Any] = {"psnr": out["psnr"]}
+        if built.cfg.data.name in DIGIT_DATASETS:
+            metrics.update(digit_quality(built, out["reconstructions"]))
+        return metrics
+
+
+class LatentModel(nn.Module):
+    """A denoising network on the scaled latents of a frozen autoencoder [Rombach 2022]: the
+    run's checkpoints hold both, so a latent run samples without its autoencoder run."""
+
+    def __init__(self, unet: nn.Module, ae: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.unet = unet
+        self.ae = ae.eval().requires_grad_(False)
+        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64))
+
+
+class LatentDiffusion(DiffusionImage):
+    """Diffusion on the latents of a trained autoencoder run (``model.autoencoder``), scaled
+    to unit variance by LDM's factor, computed once from the data and kept in the config."""
+
+    name = "latent-diffusion"
+    has_likelihood = False  # a likelihood of latents is not one of the images
+    data_parallel = False
+
+    def selects(self, cfg: RunConfig) -> bool:
+        return cfg.model.kind == "latent"
+
+    def check(self, cfg: RunConfig) -> None:
+        super().check(cfg)
+        check_choice("model.ae_preset", cfg.model.ae_preset, tuple(AUTOENCODER_PRESETS))
+        if cfg.sample.threshold is not None:
+            raise ValueError("sample.threshold clips to [-1, 1], latents are not: set it to none")
+        if cfg.model.latent_scale is not None:
+            return  # a trained run: its checkpoints hold the autoencoder
+        if cfg.model.autoencoder is None:
+            raise ValueError("a latent run needs model.autoencoder=AE_RUN, a trained autoencoder")
+        ae_cfg = RunConfig.from_dict(ckpt.read_config(cfg.model.autoencoder))
+        if ae_cfg.model.kind != "autoencoder":
+            raise ValueError(f"{cfg.model.autoencoder} is not an autoencoder run")
+        if ae_cfg.model.ae_preset != cfg.model.ae_preset:
+            raise ValueError(
+                f"model.ae_preset is {cfg.model.ae_preset!r} but {cfg.model.autoencoder} is a "
+                f"{ae_cfg.model.ae_preset!r} autoencoder; set model.ae_preset to it"
+            )
+
+    def build_model(
+        self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
+    ) -> nn.Module:
+        c, h, _ = data_shape
+        ae = build_autoencoder(cfg.model.ae_preset, in_channels=c, image_size=h)
+        unet = super().build_model(cfg, ae.latent_shape(), sched)
+        return LatentModel(unet, ae, cfg.model.latent_scale or 1.0)
+
+    def denoiser(self, cfg: RunConfig, model: nn.Module, schedule: Schedule) -> Any:
+        return diffusion_denoiser(cfg, model.unet, schedule)  # type: ignore[arg-type]
+
+    def on_data(self, built: Built) -> Built:
+        """A new run: load the autoencoder run's EMA weights and set the latent scale."""
+        cfg = built.cfg
+        if cfg.model.latent_scale is not None:
+            return built
+        c = ckpt.load_checkpoint(cfg.model.autoencoder)  # type: ignore[arg-type]
+        c.check_finite("ema")
+        model: Any = built.model
+        model.ae.load_state_dict(c.tensors["ema"])
+        images = built.dataset.images[:2048]
+        g = torch.Generator().manual_seed(0)
+        batches = (built.dataset.batch(torch.arange(i, min(i + 256, len(images))), g)[0]
+                   for i in range(0, len(images), 256))  # fmt: skip
+        ae = model.ae.to(built.device)
+        scale = latent_scale_factor(ae, (x.to(built.device) for x in batches))
+        model.scale.fill_(scale)
+        return replace(built, cfg=replace(cfg, model=replace(cfg.model, latent_scale=scale)))
+
+    def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
+        m: Any = built.model
+        return latent_diffusion_loss(built.denoiser, m.ae, x0, float(m.scale), **options)
+
+    def draw(
+        self, built: Built, b: int, *, generator: torch.Generator, cond: Any,
+        callback: Any, guidance: float | None, classifier: nn.Module | None,
+        classifier_scale: float, **options: Any,
+    ) -> Tensor:  # fmt: skip
+        den, cond = guided_denoiser(built, cond, guidance, classifier, classifier_scale)
+        m: Any = built.model
+        return latent_sample(
+            den, built.schedule, m.ae, float(m.scale), b, generator=generator, cond=cond,
+            callback=callback, device=built.device, **options,
+        )  # fmt: skip
+
+
 KINDS: dict[str, RunKind] = {
     k.name: k
-    for k in (Diffusion2D(), SohlDickstein(), DiffusionImage(), ImageToImage(), Classifier())
+    for k in (
+        Diffusion2D(),
+        SohlDickstein(),
+        DiffusionImage(),
+        ImageToImage(),
+        Classifier(),
+        AutoencoderRun(),
+        LatentDiffusion(),
+    )
 }
 
 
@@ -324,6 +518,6 @@ def kind_of(cfg: RunConfig) -> RunKind:
         if kind.selects(cfg):
             return kind
     raise ValueError(
-        f"unknown model kind {cfg.model.kind!r}; choose one of: mlp, unet, sohl-dickstein, "
-        "classifier"
+        f"unknown model.kind {cfg.model.kind!r}; choose one of: mlp, unet, sohl-dickstein, "
+        "classifier, autoencoder, latent"
     )

@@ -34,6 +34,7 @@ from difflab.classifier import noisy_accuracy
 from difflab.data.toy import sample_toy, toy_density
 from difflab.image_to_image import degrade, preview
 from difflab.metrics import exact_nll, mmd, sliced_wasserstein
+from difflab.nn.autoencoder import psnr
 from difflab.process import q_sample
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "grid_figure",
     "images_report",
     "points_report",
+    "reconstruction_figure",
     "restoration_figure",
     "scatter_figure",
     "toy_quality",
@@ -262,6 +264,29 @@ def restoration_figure(
         "originals": x0,
         "psnr": nan if x0 is None else _psnr(x, x0),
         "psnr_degraded": nan if x0 is None else _psnr(shown, x0),
+    }
+
+
+def reconstruction_figure(built: Built, path: Path | None, *, n: int = 16) -> dict[str, Any]:
+    """Autoencoder runs: n evaluation images and their reconstructions D(mean of q(z|x)), a
+    grid of the first 16 (rows original / reconstruction) at ``path``; returns
+    {"reconstructions", "originals", "psnr"} (mean PSNR in dB over the n images)."""
+    x0, _ = evaluation_images(built, n)
+    ae: Any = built.model
+    recs = []
+    with torch.no_grad():
+        for i in range(0, x0.shape[0], 256):
+            xb = x0[i : i + 256].to(built.device)
+            recs.append(ae.decode(ae.encode(xb).mode()).float().cpu())
+    rec = torch.cat(recs)
+    if path is not None:
+        viz.save_image_grid(
+            torch.cat([x0[:16], rec[:16].clamp(-1, 1)]), path, nrow=min(16, n), scale=2
+        )
+    return {
+        "reconstructions": rec.clamp(-1, 1),
+        "originals": x0,
+        "psnr": float(psnr(rec, x0).mean()),
     }
 
 

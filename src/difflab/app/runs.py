@@ -71,7 +71,8 @@ def build(cfg: RunConfig, *, device: torch.device | None = None, load_data: bool
     data_shape = cfg_data_shape(cfg) if dataset is None else tuple(dataset.images.shape[1:])
     model = kind.build_model(cfg, data_shape, schedule).to(device)
     denoiser = kind.denoiser(cfg, model, schedule)
-    return Built(cfg, kind, schedule, model, denoiser, data_shape, dataset, device)
+    built = Built(cfg, kind, schedule, model, denoiser, data_shape, dataset, device)
+    return built if dataset is None else kind.on_data(built)
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:

@@ -79,8 +79,8 @@ def train_run(
     torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed only
     built = build(cfg, device=device)
     trainer = _make_trainer(built, dist)
-    lock = _open_run(
-        cfg, run_dir, trainer, resume=resume, extend=extend, log=log, main=dist.is_main
+    lock = _open_run(  # built.cfg: the kind may have set values from the data
+        built.cfg, run_dir, trainer, resume=resume, extend=extend, log=log, main=dist.is_main
     )
     try:
         with _sigterm_as_interrupt():

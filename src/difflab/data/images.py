@@ -1,4 +1,5 @@
-"""Real image datasets without torchvision: MNIST, Fashion-MNIST, CIFAR-10, image folders.
+"""Real image datasets without torchvision: MNIST, Fashion-MNIST, CIFAR-10, image folders and
+Hugging Face data sets.
 
 Every dataset is held in memory as uint8 images (N, C, H, W) in an ``ImageDataset``, which hands
 out float images in [-1, 1] (x = u / 127.5 - 1, the scaling of [Ho 2020, Sec. 3.3]).
@@ -8,7 +9,10 @@ File layout under ``data_dir`` (files may also sit directly in ``data_dir``; dow
     mnist/          train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-... (or unzipped)
     fashion-mnist/  the same four IDX file names
     cifar10/        cifar-10-python.tar.gz or its extracted folder cifar-10-batches-py/
-For ``"folder"``, ``data_dir`` is the image folder itself, searched recursively.
+For ``"folder"``, ``data_dir`` is the image folder itself, searched recursively. For ``"hf"``,
+``data_dir`` is ``hf:NAME[:SPLIT]`` (the Hugging Face hub) or a ``save_to_disk`` folder
+(``DIR[:SPLIT]``), see :mod:`difflab.data.hf`. Folders and Hugging Face images pass one by one
+through the same conversion, resize and centre crop. ``IMAGE_SOURCES`` is the table of data sets.
 
 Files found on disk are checked for structure, not hashed (re-compressed copies are fine);
 ``download=True`` fetches missing files (``difflab.data.download.REMOTE_FILES``) and checks
@@ -25,8 +29,11 @@ import struct
 import tarfile
 import warnings
 import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Literal, get_args
+from typing import IO, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -36,11 +43,15 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .download import fetch
+from .hf import open_hf_split
 
 __all__ = [
     "IMAGE_DATASETS",
     "IMAGE_EXTENSIONS",
+    "IMAGE_SOURCES",
     "ImageDataset",
+    "ImageSource",
+    "LoadRequest",
     "ImageDatasetName",
     "load_image_dataset",
     "read_cifar_batch",
@@ -49,7 +60,7 @@ __all__ = [
     "to_unit_range",
 ]
 
-ImageDatasetName = Literal["mnist", "fashion-mnist", "cifar10", "folder"]
+ImageDatasetName = Literal["mnist", "fashion-mnist", "cifar10", "folder", "hf"]
 IMAGE_DATASETS: tuple[str, ...] = get_args(ImageDatasetName)
 OnError = Literal["skip", "raise"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -216,40 +227,46 @@ def _resize_center_crop_pil(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _read_folder(root: Path, *, channels: int, image_size: int | None, on_error: OnError) -> Tensor:
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist (set data_dir / --data-dir)")
-    paths = sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
-    arrays, first, n_bad = [], None, 0
-    for path in paths:
+def _decode_images(
+    files: Iterable[tuple[str, str | Path | IO[bytes]]],
+    *,
+    channels: int,
+    image_size: int | None,
+    on_error: OnError,
+    where: str,
+) -> tuple[Tensor, list[int]]:
+    """Decode (name, file) pairs one at a time: to L or RGB, then the shorter side resized to
+    ``image_size`` and centre-cropped. Returns uint8 (N, C, H, W) and the positions of the
+    images kept (unreadable ones are warned about and skipped, or raise with on_error="raise");
+    ``where`` completes the message when nothing is readable."""
+    arrays, kept, first, n_bad = [], [], None, 0
+    for i, (name, file) in enumerate(files):
         try:
-            with Image.open(path) as im:
+            with Image.open(file) as im:
                 image = im.convert("L" if channels == 1 else "RGB")  # decodes all pixels
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             if on_error == "raise":
-                raise OSError(f"cannot read image {path}: {err}") from err
-            warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=3)
+                raise OSError(f"cannot read image {name}: {err}") from err
+            # stacklevel 4: the caller of load_image_dataset (through a reader)
+            warnings.warn(f"skipping unreadable image {name}: {err}", stacklevel=4)
             n_bad += 1
             continue
         if image_size is not None:
             image = _resize_center_crop_pil(image, image_size)
         array = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, channels)
         if first is None:
-            first = (path, array.shape)
+            first = (name, array.shape)
         elif array.shape != first[1]:
             raise ValueError(
                 f"images differ in size ({first[1][:2]} for {first[0]}, "
-                f"{array.shape[:2]} for {path}); pass image_size to resize them"
+                f"{array.shape[:2]} for {name}); pass image_size to resize them"
             )
         arrays.append(array)
+        kept.append(i)
     if not arrays:
         skipped = f" ({n_bad} unreadable files skipped)" if n_bad else ""
-        raise ValueError(
-            f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) under {root}{skipped}"
-        )
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        raise ValueError(f"no readable images {where}{skipped}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), kept
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -415,6 +432,87 @@ def _load_cifar(data_dir: Path, train: bool, download: bool):
     return _read_cifar(source, train)
 
 
+# ----------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class LoadRequest:
+    """What :func:`load_image_dataset` was asked for, as handed to a source's reader."""
+
+    data_dir: str  # a folder, or a source spec such as hf:NAME[:SPLIT]
+    train: bool
+    download: bool
+    channels: int | None
+    image_size: int | None
+    on_error: OnError
+    image_column: str | None
+
+
+class SourceImages(NamedTuple):
+    """What a reader returns: uint8 images (N, C, H, W), labels int64 (N,) or None (unlabelled),
+    and the class names (empty when unnamed)."""
+
+    images: Tensor
+    labels: Tensor | None
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One data set of the table: how it is read and what it defaults to."""
+
+    read: Callable[[LoadRequest], SourceImages]
+    hflip: bool  # random horizontal flips by default
+    image_column: bool = False  # reads columns: the image_column option applies
+
+
+def _read_digits(name: str, req: LoadRequest) -> SourceImages:
+    images, labels = _load_idx_dataset(name, Path(req.data_dir), req.train, req.download)
+    return SourceImages(images, labels, _CLASS_NAMES[name])
+
+
+def _read_cifar10(req: LoadRequest) -> SourceImages:
+    images, labels = _load_cifar(Path(req.data_dir), req.train, req.download)
+    return SourceImages(images, labels, _CLASS_NAMES["cifar10"])
+
+
+def _read_image_folder(req: LoadRequest) -> SourceImages:
+    root = Path(req.data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist (set data_dir / --data-dir)")
+    paths = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    images, _ = _decode_images(
+        ((str(p), p) for p in paths),
+        channels=req.channels or 3,
+        image_size=req.image_size,
+        on_error=req.on_error,
+        where=f"({', '.join(IMAGE_EXTENSIONS)}) under {root}",
+    )
+    return SourceImages(images, None, ())
+
+
+def _read_hf(req: LoadRequest) -> SourceImages:
+    split = open_hf_split(req.data_dir, train=req.train, image_column=req.image_column)
+    images, kept = _decode_images(
+        split.encoded_images(),
+        channels=req.channels or 3,
+        image_size=req.image_size,
+        on_error=req.on_error,
+        where=f"in column {split.image_column!r} of {split.origin}",
+    )
+    labels = split.labels()
+    return SourceImages(images, None if labels is None else labels[kept], split.class_names)
+
+
+IMAGE_SOURCES: dict[str, ImageSource] = {
+    "mnist": ImageSource(partial(_read_digits, "mnist"), hflip=False),
+    "fashion-mnist": ImageSource(partial(_read_digits, "fashion-mnist"), hflip=False),
+    "cifar10": ImageSource(_read_cifar10, hflip=True),
+    "folder": ImageSource(_read_image_folder, hflip=True),
+    "hf": ImageSource(_read_hf, hflip=True, image_column=True),
+}
+
+
 def load_image_dataset(
     name: ImageDatasetName,
     *,
@@ -425,17 +523,21 @@ def load_image_dataset(
     channels: Literal[1, 3] | None = None,
     on_error: OnError = "skip",
     hflip: bool | None = None,
+    image_column: str | None = None,
 ) -> ImageDataset:
     """Load a dataset into memory as an ``ImageDataset`` with images in [-1, 1].
 
     name: "mnist" / "fashion-mnist" (1 x 28 x 28, 10 classes, no flips by default), "cifar10"
     (3 x 32 x 32, 10 classes, flips), "folder" (every .png/.jpg/.jpeg/.bmp/.webp under data_dir,
     unlabelled, flips, RGB unless channels=1; unreadable files are warned about and skipped, or
-    abort with on_error="raise"). ``train`` picks the split (ignored for folders).
+    abort with on_error="raise"), "hf" (a Hugging Face data set: data_dir is hf:NAME[:SPLIT] or
+    a save_to_disk folder; images as for folders, labels from its first ClassLabel column; see
+    :mod:`difflab.data.hf`). ``train`` picks the split (ignored for folders).
     image_size: resize the shorter side and centre-crop; channels: convert to 1 or 3 channels;
-    hflip: override the random horizontal flip default.
+    hflip: override the random horizontal flip default; image_column: the image column of an
+    "hf" data set (default: its first Image feature).
     """
-    if name not in IMAGE_DATASETS:
+    if name not in IMAGE_SOURCES:
         raise ValueError(
             f"unknown image dataset {name!r}; valid options: {', '.join(IMAGE_DATASETS)}"
         )
@@ -445,19 +547,17 @@ def load_image_dataset(
         raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
-    data_dir = Path(data_dir)
-    labels = None
-    if name == "folder":
-        images = _read_folder(
-            data_dir, channels=channels or 3, image_size=image_size, on_error=on_error
-        )
-    elif name == "cifar10":
-        images, labels = _load_cifar(data_dir, train, download)
-    else:
-        images, labels = _load_idx_dataset(name, data_dir, train, download)
+    source = IMAGE_SOURCES[name]
+    if image_column is not None and not source.image_column:
+        readers = ", ".join(k for k, v in IMAGE_SOURCES.items() if v.image_column)
+        raise ValueError(f"image_column={image_column!r} applies to {readers} data, not {name!r}")
+    req = LoadRequest(str(data_dir), train, download, channels, image_size, on_error, image_column)
+    images, labels, names = source.read(req)
     images = _convert(images, channels, image_size)
-    names = _CLASS_NAMES.get(name, ())
-    flip = name not in ("mnist", "fashion-mnist") if hflip is None else hflip
     return ImageDataset(
-        images, labels, num_classes=len(names) or None, hflip=flip, class_names=names
+        images,
+        labels,
+        num_classes=len(names) or None,
+        hflip=source.hflip if hflip is None else hflip,
+        class_names=names,
     )

@@ -28,6 +28,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from difflab._util import F64
+
 __all__ = [
     "TOY_DATASETS",
     "GaussianMixture",
@@ -41,13 +43,12 @@ __all__ = [
 ToyName = Literal["swissroll", "moons", "8gaussians", "checkerboard", "gmm"]
 TOY_DATASETS: tuple[str, ...] = get_args(ToyName)
 
-_F64 = torch.float64
 ScalarOrBatch = float | Tensor
 
 
 def _batch_param(value: ScalarOrBatch, n: int, name: str, device: torch.device) -> Tensor:
     """Turn a float, a 0-dim tensor or an (n,) tensor into an (n,) float64 tensor."""
-    v = torch.as_tensor(value, dtype=_F64, device=device)
+    v = torch.as_tensor(value, dtype=F64, device=device)
     if v.numel() == 1:
         return v.reshape(1).expand(n)
     if v.numel() == n:
@@ -66,9 +67,9 @@ class GaussianMixture:
     """
 
     def __init__(self, weights: Tensor, means: Tensor, covariances: Tensor) -> None:
-        w = torch.as_tensor(weights, dtype=_F64).detach().cpu()
-        mu = torch.as_tensor(means, dtype=_F64).detach().cpu()
-        cov = torch.as_tensor(covariances, dtype=_F64).detach().cpu()
+        w = torch.as_tensor(weights, dtype=F64).detach().cpu()
+        mu = torch.as_tensor(means, dtype=F64).detach().cpu()
+        cov = torch.as_tensor(covariances, dtype=F64).detach().cpu()
         if w.ndim != 1 or mu.ndim != 2 or cov.ndim != 3:
             raise ValueError(
                 "expected weights (K,), means (K, D), covariances (K, D, D); got "
@@ -100,11 +101,11 @@ class GaussianMixture:
     @classmethod
     def isotropic(cls, means: Tensor, std: float | Tensor, weights: Tensor | None = None):
         """Mixture of N(mu_k, std_k^2 I); ``std`` a float or (K,); equal weights by default."""
-        mu = torch.as_tensor(means, dtype=_F64)
+        mu = torch.as_tensor(means, dtype=F64)
         k, d = mu.shape
-        s = torch.as_tensor(std, dtype=_F64).expand(k)
-        w = torch.full((k,), 1.0 / k, dtype=_F64) if weights is None else weights
-        cov = s[:, None, None] ** 2 * torch.eye(d, dtype=_F64).expand(k, d, d)
+        s = torch.as_tensor(std, dtype=F64).expand(k)
+        w = torch.full((k,), 1.0 / k, dtype=F64) if weights is None else weights
+        cov = s[:, None, None] ** 2 * torch.eye(d, dtype=F64).expand(k, d, d)
         return cls(w, mu, cov)
 
     @property
@@ -141,7 +142,7 @@ class GaussianMixture:
         if n == 0:
             return torch.empty(0, self.dim, dtype=dtype)
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        eps = torch.randn(n, self.dim, dtype=_F64, generator=generator)
+        eps = torch.randn(n, self.dim, dtype=F64, generator=generator)
         x = self.means[k] + torch.einsum("nij,nj->ni", self._chol[k], eps)
         return x.to(dtype)
 
@@ -151,7 +152,7 @@ class GaussianMixture:
         Each component maps to N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I); weights unchanged.
         This is the marginal q(x_t) of Eq. (4) [Ho 2020] for Gaussian-mixture data.
         """
-        eye = torch.eye(self.dim, dtype=_F64)
+        eye = torch.eye(self.dim, dtype=F64)
         cov = alpha**2 * self.covariances + sigma**2 * eye  # Eq. (4) [Ho 2020], per component
         return GaussianMixture(self.weights, alpha * self.means, cov)
 
@@ -170,7 +171,7 @@ class GaussianMixture:
         a = _batch_param(alpha, n, "alpha", dev)
         s = _batch_param(sigma, n, "sigma", dev)
         mu, lam, u = self.means.to(dev), self._eigvals.to(dev), self._eigvecs.to(dev)
-        diff = x.to(_F64)[:, None, :] - a[:, None, None] * mu  # (n, K, D)
+        diff = x.to(F64)[:, None, :] - a[:, None, None] * mu  # (n, K, D)
         d = torch.einsum("kji,nkj->nki", u, diff)  # U_k^T diff
         var = a[:, None, None] ** 2 * lam + s[:, None, None] ** 2  # (n, K, D)
         maha = (d**2 / var).sum(-1)
@@ -210,7 +211,7 @@ class GaussianMixture:
 
 def eight_gaussians_gmm() -> GaussianMixture:
     """The ``8gaussians`` law: equal mixture of N(1.5 (cos(k pi/4), sin(k pi/4)), 0.15^2 I)."""
-    angles = torch.arange(8, dtype=_F64) * (math.pi / 4)
+    angles = torch.arange(8, dtype=F64) * (math.pi / 4)
     means = 1.5 * torch.stack([angles.cos(), angles.sin()], dim=1)
     return GaussianMixture.isotropic(means, 0.15)
 
@@ -231,13 +232,13 @@ def default_gmm() -> GaussianMixture:
     Component k has covariance R(theta_k) diag(s_major^2, s_minor^2) R(theta_k)^T; all means are
     shifted by the same vector so that the mixture mean is exactly zero.
     """
-    w = torch.tensor([row[0] for row in _GMM_LAYOUT], dtype=_F64)
-    mu = torch.tensor([row[1] for row in _GMM_LAYOUT], dtype=_F64)
+    w = torch.tensor([row[0] for row in _GMM_LAYOUT], dtype=F64)
+    mu = torch.tensor([row[1] for row in _GMM_LAYOUT], dtype=F64)
     covs = []
     for _, _, s_major, s_minor, deg in _GMM_LAYOUT:
         c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
-        rot = torch.tensor([[c, -s], [s, c]], dtype=_F64)
-        covs.append(rot @ torch.diag(torch.tensor([s_major**2, s_minor**2], dtype=_F64)) @ rot.T)
+        rot = torch.tensor([[c, -s], [s, c]], dtype=F64)
+        covs.append(rot @ torch.diag(torch.tensor([s_major**2, s_minor**2], dtype=F64)) @ rot.T)
     mu = mu - (w / w.sum()) @ mu
     return GaussianMixture(w, mu, torch.stack(covs))
 
@@ -254,25 +255,25 @@ def toy_density(name: Literal["8gaussians", "gmm"]) -> GaussianMixture:
 
 
 def _swissroll(n: int, g: torch.Generator | None) -> Tensor:
-    t = 1.5 * math.pi * (1 + 2 * torch.rand(n, dtype=_F64, generator=g))
+    t = 1.5 * math.pi * (1 + 2 * torch.rand(n, dtype=F64, generator=g))
     curve = torch.stack([t * t.cos() - 2.0, t * t.sin() - 2.0 / (3 * math.pi)], dim=1) / 6.0
-    return curve + 0.1 * torch.randn(n, 2, dtype=_F64, generator=g)
+    return curve + 0.1 * torch.randn(n, 2, dtype=F64, generator=g)
 
 
 def _moons(n: int, g: torch.Generator | None) -> Tensor:
-    u = math.pi * torch.rand(n, dtype=_F64, generator=g)
+    u = math.pi * torch.rand(n, dtype=F64, generator=g)
     inner = torch.rand(n, generator=g) < 0.5
     outer_pts = torch.stack([u.cos(), u.sin()], dim=1)
     inner_pts = torch.stack([1 - u.cos(), 0.5 - u.sin()], dim=1)
-    x = torch.where(inner[:, None], inner_pts, outer_pts) - torch.tensor([0.5, 0.25], dtype=_F64)
-    return x + 0.1 * torch.randn(n, 2, dtype=_F64, generator=g)
+    x = torch.where(inner[:, None], inner_pts, outer_pts) - torch.tensor([0.5, 0.25], dtype=F64)
+    return x + 0.1 * torch.randn(n, 2, dtype=F64, generator=g)
 
 
 def _checkerboard(n: int, g: torch.Generator | None) -> Tensor:
     col = torch.randint(0, 4, (n,), generator=g)
     row = 2 * torch.randint(0, 2, (n,), generator=g) + col % 2  # same parity as col
-    corner = torch.stack([col, row], dim=1).to(_F64) - 2.0
-    return corner + torch.rand(n, 2, dtype=_F64, generator=g)
+    corner = torch.stack([col, row], dim=1).to(F64) - 2.0
+    return corner + torch.rand(n, 2, dtype=F64, generator=g)
 
 
 def sample_toy(name: ToyName, n: int, *, generator: torch.Generator | None = None) -> Tensor:

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab._util import check_choice
 from difflab.likelihood import normal_kl
 from difflab.nn.layers import AttentionBlock, group_norm, zero_
 from difflab.nn.unet import Downsample, Upsample
-from difflab.schedules import check_choice
 
 __all__ = [
     "AutoencoderConfig",

@@ -167,6 +167,23 @@ class ClassEmbedding(nn.Module):
         return self.table(labels)
 
 
+def add_class_embedding(
+    emb: Tensor, class_embed: ClassEmbedding | None, labels: Tensor | None
+) -> Tensor:
+    """emb + the embedding of ``labels`` (the null label when None, i.e. unconditional).
+
+    A model without classes (``class_embed`` None) returns emb and refuses labels in one line.
+    Shapes: emb (B, dim), labels (B,) int64 -> (B, dim).
+    """
+    if class_embed is None:
+        if labels is not None:
+            raise ValueError("class labels given but the model has num_classes=0")
+        return emb
+    if labels is None:
+        labels = class_embed.null_labels(emb.shape[0], device=emb.device)
+    return emb + class_embed(labels)
+
+
 def drop_class_labels(
     labels: Tensor, p: float, num_classes: int, generator: torch.Generator | None = None
 ) -> Tensor:

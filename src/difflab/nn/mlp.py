@@ -17,6 +17,7 @@ from difflab.nn.layers import (
     ClassEmbedding,
     TimeEmbedding,
     TimeEmbeddingKind,
+    add_class_embedding,
     aug_level_from_cond,
     split_cond,
     zero_,
@@ -102,13 +103,7 @@ class TimeMLP(nn.Module):
             raise ValueError("TimeMLP does not take image conditioning (cond['image'])")
         if aug_level_from_cond(cond) is not None:
             raise ValueError("TimeMLP does not take an augmentation level (cond['aug_level'])")
-        emb = self.time_embed(t)
-        if self.class_embed is not None:
-            if labels is None:
-                labels = self.class_embed.null_labels(x.shape[0], device=x.device)
-            emb = emb + self.class_embed(labels)
-        elif labels is not None:
-            raise ValueError("class labels given but the model has num_classes=0")
+        emb = add_class_embedding(self.time_embed(t), self.class_embed, labels)
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)

@@ -31,6 +31,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from difflab._util import F64
 from difflab.likelihood import normal_kl
 from difflab.process import q_posterior, q_step
 from difflab.schedules import DiscreteSchedule
@@ -46,8 +47,8 @@ def temporal_basis(T: int, n_basis: int) -> Tensor:
     code, ``generate_temporal_basis``)."""
     if n_basis < 2:
         raise ValueError(f"n_temporal_basis must be >= 2, got {n_basis}")
-    xx = torch.linspace(-1, 1, T, dtype=torch.float64)
-    centres = torch.linspace(-1, 1, n_basis, dtype=torch.float64)
+    xx = torch.linspace(-1, 1, T, dtype=F64)
+    centres = torch.linspace(-1, 1, n_basis, dtype=F64)
     width = (centres[1] - centres[0]) / 2
     basis = torch.exp(-((xx[:, None] - centres[None, :]) ** 2) / (2 * width**2))
     return (basis / basis.sum(1, keepdim=True)).T.contiguous()

@@ -36,6 +36,7 @@ from difflab.nn.layers import (
     ClassEmbedding,
     TimeEmbedding,
     TimeEmbeddingKind,
+    add_class_embedding,
     aug_level_from_cond,
     group_norm,
     split_cond,
@@ -321,13 +322,7 @@ class UNet(nn.Module):
             raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         labels, image = split_cond(cond)
 
-        emb = self.time_embed(t)
-        if self.class_embed is not None:
-            if labels is None:
-                labels = self.class_embed.null_labels(x.shape[0], device=x.device)
-            emb = emb + self.class_embed(labels)
-        elif labels is not None:
-            raise ValueError("class labels given but the model has num_classes=0")
+        emb = add_class_embedding(self.time_embed(t), self.class_embed, labels)
         emb = self._add_aug_level(emb, aug_level_from_cond(cond))
         if cfg.cond_channels:
             expected = (x.shape[0], cfg.cond_channels, *x.shape[2:])

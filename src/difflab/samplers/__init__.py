@@ -4,19 +4,24 @@ All samplers share one signature (see :mod:`difflab.samplers.common`)::
 
     sampler(denoiser, x, ts, *, schedule, cond=None, generator=None, callback=None, **options)
 
-=================== ================================ ====== ================================
-name                function                         NFE    paper
-=================== ================================ ====== ================================
-``ddpm``            :func:`ancestral.ddpm`           N      Ho 2020, Algorithm 2
-``ddim``            :func:`ddim.ddim`                N      Song 2021, Eq. 12
-``dpm++2m``         :func:`dpm_solver.dpmpp_2m`      N      Lu 2022b, Algorithm 2
-``dpm++3m``         :func:`dpm_solver.dpmpp_3m`      N      Lu 2022b, multistep of order 3
-``dpm++2s``         :func:`dpm_solver.dpmpp_2s`      2N-1   Lu 2022b, Algorithm 1
-``dpm++2m-sde``     :func:`dpm_solver.dpmpp_2m_sde`  N      Lu 2022b, SDE-DPM-Solver++(2M)
-``euler``           :func:`edm.euler`                N      Karras 2022, Alg. 2 (Euler)
-``heun``            :func:`edm.heun`                 2N-1   Karras 2022, Algorithm 2
-``euler-ancestral`` :func:`edm.euler_ancestral`      N      k-diffusion ``euler_a``
-=================== ================================ ====== ================================
+The samplers are the entries of :data:`~difflab.sampler_table.SAMPLER_TABLE` (one
+``SamplerSpec`` each: function, options, default spacing, network evaluations per step, fixed
+options); ``SAMPLERS``, ``SAMPLER_OPTIONS``, ``DEFAULT_SPACING`` and :func:`nfe` are read off it:
+
+=================== =========================================== ====== ========================
+name                function                                    NFE    paper
+=================== =========================================== ====== ========================
+``ddpm``            :func:`ancestral.ddpm`                      N      Ho 2020, Algorithm 2
+``ddim``            :func:`ddim.ddim`                           N      Song 2021, Eq. 12
+``dpm++2m``         :func:`dpm_solver.dpm_solver_pp`, order 2   N      Lu 2022b, Algorithm 2
+``dpm++3m``         :func:`dpm_solver.dpm_solver_pp`, order 3   N      Lu 2022b, order 3
+``dpm++2s``         :func:`dpm_solver.dpmpp_2s`                 2N-1   Lu 2022b, Algorithm 1
+``dpm++2m-sde``     :func:`dpm_solver.dpmpp_sde`, order 2       N      Lu 2022b, SDE-DPM-Solver++
+``euler``           :func:`edm.edm_sampler`, first order        N      Karras 2022, Alg. 2
+``heun``            :func:`edm.edm_sampler`, second order       2N-1   Karras 2022, Algorithm 2
+``euler-ancestral`` :func:`edm.euler_ancestral`                 N      k-diffusion ``euler_a``
+``ipndm``           :func:`ipndm.ipndm`                         N      Zhang & Chen 2023
+=================== =========================================== ====== ========================
 
 N is the number of steps of a grid ending at t = 0 (see :func:`nfe`). ``SAMPLER_OPTIONS`` lists
 the options each sampler takes (e.g. ``eta`` of DDIM); :func:`sample` rejects the others.
@@ -28,51 +33,41 @@ runs a sampler by name.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
+from difflab._util import check_choice
 from difflab.parameterization import Denoiser
+from difflab.sampler_table import SAMPLER_NAMES, SAMPLER_TABLE, SamplerSpec
 from difflab.samplers.ancestral import ddpm
 from difflab.samplers.common import Callback, ThresholdedDenoiser, prior_noise
 from difflab.samplers.ddim import ddim, ddim_invert
-from difflab.samplers.dpm_solver import (
-    dpm_solver_pp,
-    dpmpp_2m,
-    dpmpp_2m_sde,
-    dpmpp_2s,
-    dpmpp_3m,
-    dpmpp_sde,
-)
-from difflab.samplers.edm import euler, euler_ancestral, heun
-from difflab.schedules import (
-    DiscreteSchedule,
-    Schedule,
-    Spacing,
-    check_choice,
-    sampling_timesteps,
-)
+from difflab.samplers.dpm_solver import dpm_solver_pp, dpmpp_2s, dpmpp_sde
+from difflab.samplers.edm import edm_sampler, euler_ancestral
+from difflab.samplers.ipndm import ipndm
+from difflab.schedules import DiscreteSchedule, Schedule, Spacing, sampling_timesteps
 
 __all__ = [
     "SAMPLERS",
     "SAMPLER_OPTIONS",
     "DEFAULT_SPACING",
+    "SAMPLER_NAMES",
+    "SAMPLER_TABLE",
     "Sampler",
+    "SamplerSpec",
     "ThresholdedDenoiser",
     "ddim",
     "ddim_invert",
     "ddpm",
     "default_spacing",
     "dpm_solver_pp",
-    "dpmpp_2m",
-    "dpmpp_2m_sde",
     "dpmpp_2s",
-    "dpmpp_3m",
     "dpmpp_sde",
-    "euler",
+    "edm_sampler",
     "euler_ancestral",
-    "heun",
+    "ipndm",
     "nfe",
     "prior_noise",
     "sample",
@@ -80,48 +75,12 @@ __all__ = [
 
 Sampler = Callable[..., Tensor]
 
-SAMPLERS: dict[str, Sampler] = {
-    "ddpm": ddpm,
-    "ddim": ddim,
-    "dpm++2m": dpmpp_2m,
-    "dpm++3m": dpmpp_3m,
-    "dpm++2s": dpmpp_2s,
-    "dpm++2m-sde": dpmpp_2m_sde,
-    "euler": euler,
-    "heun": heun,
-    "euler-ancestral": euler_ancestral,
-}
-
-# the keyword options of each sampler (the function's parameters after ``callback``)
-SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "ddpm": ("variance",),
-    "ddim": ("eta",),
-    "dpm++2m": ("lower_order_final",),
-    "dpm++3m": ("lower_order_final",),
-    "dpm++2s": ("r",),
-    "dpm++2m-sde": ("eta", "s_noise", "lower_order_final"),
-    "euler": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
-    "heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
-    "euler-ancestral": ("eta", "s_noise"),
-}
-
-# on DDPM schedules: trailing spacing starts at the most noisy level [Lin 2024]; Karras spacing
-# concentrates the steps at low noise, where the ODE solvers need them [Karras 2022, Eq. 5]
+# read off the sampler table (difflab.sampler_table); nothing here is kept by hand
+SAMPLERS: dict[str, Sampler] = {name: spec.load() for name, spec in SAMPLER_TABLE.items()}
+SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {n: s.options for n, s in SAMPLER_TABLE.items()}
 DEFAULT_SPACING: dict[str, Spacing] = {
-    "ddpm": "trailing",
-    "ddim": "trailing",
-    "dpm++2m": "karras",
-    "dpm++3m": "karras",
-    "dpm++2s": "karras",
-    "dpm++2m-sde": "karras",
-    "euler": "karras",
-    "heun": "karras",
-    "euler-ancestral": "karras",
+    name: cast(Spacing, spec.default_spacing) for name, spec in SAMPLER_TABLE.items()
 }
-
-
-# samplers that call the network twice per step except on the step to t = 0
-_TWO_EVALS_PER_STEP = ("heun", "dpm++2s")
 
 
 def _check_sampler(name: str) -> str:
@@ -140,7 +99,7 @@ def nfe(sampler: str, steps: int) -> int:
     _check_sampler(sampler)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    return 2 * steps - 1 if sampler in _TWO_EVALS_PER_STEP else steps
+    return SAMPLER_TABLE[sampler].nfe(steps)
 
 
 def sample(

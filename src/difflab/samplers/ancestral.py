@@ -19,51 +19,19 @@ The last step (s = 0) adds no noise: it returns the posterior mean, which is x0_
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from difflab._util import F64, check_choice
 from difflab.parameterization import Denoiser
-from difflab.process import q_posterior, transition
+from difflab.process import VARIANCES, Variance, grid_posterior
 from difflab.samplers.common import Callback, call_denoiser, check_grid, randn, report
-from difflab.schedules import Schedule, check_choice
+from difflab.schedules import Schedule
 
+# Variance, VARIANCES and grid_posterior live in difflab.process and are re-exported here
 __all__ = ["Variance", "VARIANCES", "ddpm", "grid_posterior", "reverse_log_variance"]
-
-Variance = Literal["small", "large", "learned"]
-VARIANCES: tuple[str, ...] = get_args(Variance)
-
-_F64 = torch.float64
-
-
-def grid_posterior(schedule: Schedule, ts: Tensor) -> dict[str, Tensor]:
-    """Coefficients of every step ts[i] -> ts[i + 1] of a grid, float64 tensors of shape (n,).
-
-    ``coef_xt``, ``coef_x0``: the posterior mean of q(x_s | x_t, x0) is
-    coef_xt * x_t + coef_x0 * x0 [Ho 2020, Eq. 7]; read off :func:`~difflab.process.q_posterior`
-    (linear in (x_t, x0)) at unit inputs, all steps at once.
-    ``beta_tilde``: its variance; ``beta_step``: sigma_{t|s}^2 [Kingma 2021, Eq. 10].
-    ``log_beta_tilde``: log beta_tilde, clipped on a step to t = 0 (where beta_tilde = 0) to the
-    value of the step before, as Improved DDPM does (log beta_step on a one-step grid).
-    """
-    ts = torch.as_tensor(ts, dtype=_F64).cpu()
-    t, s = ts[:-1], ts[1:]
-    one, zero = torch.ones(t.numel(), 1, dtype=_F64), torch.zeros(t.numel(), 1, dtype=_F64)
-    coef_x0, beta_tilde = q_posterior(one, zero, t, s, schedule)
-    coef_xt, _ = q_posterior(zero, one, t, s, schedule)
-    _, beta_step = transition(schedule, t, s)
-    beta_tilde = beta_tilde.flatten()
-    clipped = beta_tilde.clone()
-    for i in (clipped <= 0).nonzero().flatten().tolist():  # only a step to t = 0
-        clipped[i] = clipped[i - 1] if i > 0 else beta_step[i]
-    return {
-        "coef_xt": coef_xt.flatten(),
-        "coef_x0": coef_x0.flatten(),
-        "beta_tilde": beta_tilde,
-        "beta_step": beta_step,
-        "log_beta_tilde": clipped.log(),
-    }
 
 
 def _log_variance(
@@ -98,7 +66,7 @@ def reverse_log_variance(
     noise on that step, so the clipped value only matters for likelihoods.
     """
     check_choice("variance", variance, VARIANCES)
-    ts = torch.as_tensor(ts, dtype=_F64)
+    ts = torch.as_tensor(ts, dtype=F64)
     lo = max(i - 1, 0)
     table = grid_posterior(schedule, ts[lo : i + 2])
     j = i - lo

@@ -21,8 +21,9 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from difflab.parameterization import Denoiser, Prediction, broadcast_to
-from difflab.schedules import Schedule, check_choice
+from difflab._util import F64, broadcast_to, check_choice
+from difflab.parameterization import Denoiser, Prediction
+from difflab.schedules import Schedule
 
 __all__ = [
     "Callback",
@@ -42,12 +43,10 @@ Callback = Callable[[dict[str, Any]], None]
 ThresholdMode = Literal["clip", "dynamic"]
 THRESHOLD_MODES: tuple[str, ...] = get_args(ThresholdMode)
 
-_F64 = torch.float64
-
 
 def check_grid(ts: Tensor, schedule: Schedule, *, increasing: bool = False) -> Tensor:
     """Validate a time grid: 1-D, at least two times, strictly monotone, inside [0, t_max]."""
-    ts = torch.as_tensor(ts, dtype=_F64).detach().cpu()
+    ts = torch.as_tensor(ts, dtype=F64).detach().cpu()
     order = "increasing" if increasing else "decreasing"
     if ts.ndim != 1 or ts.numel() < 2:
         raise ValueError(f"ts must be a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}")
@@ -63,7 +62,7 @@ def grid_coefficients(schedule: Schedule, ts: Tensor) -> dict[str, list[float]]:
     """alpha, sigma, EDM sigma (sigma / alpha) and lambda = logsnr / 2 at every time of a grid,
     as lists of Python floats computed in float64 (one vectorised schedule call per quantity).
     At t = 0: alpha = 1, sigma = 0, EDM sigma = 0, lambda = inf."""
-    ts = torch.as_tensor(ts, dtype=_F64).cpu()
+    ts = torch.as_tensor(ts, dtype=F64).cpu()
     alpha, sigma = schedule.alpha_sigma(ts)
     return {
         "alpha": alpha.tolist(),
@@ -75,13 +74,13 @@ def grid_coefficients(schedule: Schedule, ts: Tensor) -> dict[str, list[float]]:
 
 def coefficients(schedule: Schedule, t: float) -> tuple[float, float]:
     """(alpha(t), sigma(t)) as Python floats, computed in float64."""
-    alpha, sigma = schedule.alpha_sigma(torch.tensor(float(t), dtype=_F64))
+    alpha, sigma = schedule.alpha_sigma(torch.tensor(float(t), dtype=F64))
     return float(alpha), float(sigma)
 
 
 def call_denoiser(denoiser: Denoiser, x: Tensor, t: float, cond: Any = None) -> Prediction:
     """Evaluate the denoiser at a single time ``t`` for the whole batch (t as (B,) float64)."""
-    return denoiser(x, torch.full((x.shape[0],), float(t), dtype=_F64), cond)
+    return denoiser(x, torch.full((x.shape[0],), float(t), dtype=F64), cond)
 
 
 def report(
@@ -172,7 +171,7 @@ class ThresholdedDenoiser:
         if self.mode == "clip":
             return x0.clamp(-self.c, self.c)
         flat = x0.detach().abs().reshape(x0.shape[0], -1)
-        q_dtype = flat.dtype if flat.dtype in (torch.float32, _F64) else torch.float32
+        q_dtype = flat.dtype if flat.dtype in (torch.float32, F64) else torch.float32
         s = torch.quantile(flat.to(q_dtype), self.percentile, dim=1).clamp(min=self.c)
         s = broadcast_to(s, x0)
         return torch.maximum(torch.minimum(x0, s), -s) * (self.c / s)
@@ -180,7 +179,7 @@ class ThresholdedDenoiser:
     def __call__(self, xt: Tensor, t: Tensor, cond: Any = None) -> Prediction:
         pred = self.denoiser(xt, t, cond)
         x0 = self.threshold(pred.x0)
-        alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(t, dtype=_F64).cpu())
+        alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(t, dtype=F64).cpu())
         alpha = broadcast_to(alpha.expand(xt.shape[0]), xt)
         sigma = broadcast_to(sigma.expand(xt.shape[0]), xt)
         eps = (xt - alpha * x0) / sigma

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from difflab.parameterization import Denoiser
-from difflab.samplers.ancestral import grid_posterior
+from difflab.process import grid_posterior
 from difflab.samplers.common import (
     Callback,
     call_denoiser,

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from difflab._util import F64
 from difflab.parameterization import Denoiser
 from difflab.samplers.common import (
     Callback,
@@ -63,15 +64,14 @@ from difflab.samplers.common import (
 )
 from difflab.schedules import Schedule
 
-__all__ = ["dpm_solver_pp", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "dpmpp_sde", "dpmpp_2m_sde"]
+__all__ = ["dpm_solver_pp", "dpmpp_2s", "dpmpp_sde"]
 
-_F64 = torch.float64
 _LOWER_ORDER_FINAL_BELOW = 15  # grids with fewer steps use lower orders at the end
 
 
 def _lam(schedule: Schedule, t: float) -> float:
     """lambda_t = logsnr(t) / 2 as a float (inf at t = 0)."""
-    return math.inf if t == 0 else float(schedule.logsnr(torch.tensor(t, dtype=_F64))) / 2
+    return math.inf if t == 0 else float(schedule.logsnr(torch.tensor(t, dtype=F64))) / 2
 
 
 def _step_order(order: int, i: int, n: int, lower_order_final: bool) -> int:
@@ -152,25 +152,6 @@ def dpm_solver_pp(
     return x
 
 
-def dpmpp_2m(denoiser: Denoiser, x: Tensor, ts: Tensor, **kwargs: Any) -> Tensor:
-    """DPM-Solver++(2M), second-order multistep [Lu 2022b, Algorithm 2]; 1 NFE per step.
-
-    x_s = (sigma_s/sigma_t) x_t - alpha_s phi_1 ((1 + 1/(2r)) D_i - 1/(2r) D_{i-1}).
-    Same signature as :func:`dpm_solver_pp` without ``order``.
-    """
-    return dpm_solver_pp(denoiser, x, ts, order=2, **kwargs)
-
-
-def dpmpp_3m(denoiser: Denoiser, x: Tensor, ts: Tensor, **kwargs: Any) -> Tensor:
-    """DPM-Solver++(3M), third-order multistep [Lu 2022b]; 1 NFE per step.
-
-    The x0_hat'' term carries the exact Taylor coefficient (-2 alpha_s phi_3 on
-    D2 ~ h^2 x0_hat'' / 2), which gives third-order convergence.
-    Same signature as :func:`dpm_solver_pp` without ``order``.
-    """
-    return dpm_solver_pp(denoiser, x, ts, order=3, **kwargs)
-
-
 @torch.no_grad()
 def dpmpp_2s(
     denoiser: Denoiser,
@@ -202,7 +183,7 @@ def dpmpp_2s(
             continue
         lam_t, lam_s = coef["lam"][i], coef["lam"][i + 1]
         h = lam_s - lam_t
-        t_mid = float(schedule.t_from_logsnr(torch.tensor(2 * (lam_t + r * h), dtype=_F64)))
+        t_mid = float(schedule.t_from_logsnr(torch.tensor(2 * (lam_t + r * h), dtype=F64)))
         r_mid = (_lam(schedule, t_mid) - lam_t) / h  # r, up to the schedule's round trip
         alpha_m, sigma_m = coefficients(schedule, t_mid)
         alpha_s, sigma_s = coef["alpha"][i + 1], coef["sigma"][i + 1]
@@ -282,11 +263,3 @@ def dpmpp_sde(
             x = x + noise * randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         d_prev, h_prev = d0, h
     return x
-
-
-def dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, ts: Tensor, **kwargs: Any) -> Tensor:
-    """SDE-DPM-Solver++(2M) [Lu 2022b], the reverse diffusion SDE (eta = 1); 1 NFE per step.
-
-    Same signature as :func:`dpmpp_sde` without ``order``; ``eta`` and ``s_noise`` pass on.
-    """
-    return dpmpp_sde(denoiser, x, ts, order=2, **kwargs)

@@ -1,4 +1,4 @@
-"""EDM samplers [Karras 2022]: Euler, Heun (Algorithm 2) and Euler-ancestral, on any schedule.
+"""EDM samplers [Karras 2022]: Heun or Euler (Algorithm 2) and Euler-ancestral, on any schedule.
 
 The samplers integrate the probability-flow ODE in the scaled variable y = x / alpha with the EDM
 noise level s = sigma / alpha = ``schedule.edm_sigma(t)`` [Karras 2022, Eq. 4 with s(t) = alpha]:
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from difflab._util import F64
 from difflab.parameterization import Denoiser
 from difflab.samplers.common import (
     Callback,
@@ -41,9 +42,7 @@ from difflab.samplers.common import (
 )
 from difflab.schedules import Schedule
 
-__all__ = ["euler", "heun", "euler_ancestral"]
-
-_F64 = torch.float64
+__all__ = ["edm_sampler", "euler_ancestral"]
 
 
 def _denoise(denoiser: Denoiser, y: Tensor, t: float, alpha: float, cond: Any) -> Tensor:
@@ -51,22 +50,39 @@ def _denoise(denoiser: Denoiser, y: Tensor, t: float, alpha: float, cond: Any) -
     return call_denoiser(denoiser, alpha * y, t, cond).x0
 
 
-def _edm_sampler(
+@torch.no_grad()
+def edm_sampler(
     denoiser: Denoiser,
     x: Tensor,
     ts: Tensor,
     *,
     schedule: Schedule,
-    cond: Any,
-    generator: torch.Generator | None,
-    callback: Callback | None,
-    second_order: bool,
-    s_churn: float,
-    s_tmin: float,
-    s_tmax: float,
-    s_noise: float,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    second_order: bool = True,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
 ) -> Tensor:
-    """Algorithm 2 of [Karras 2022]; with ``second_order=False`` the Euler variant."""
+    """The EDM sampler [Karras 2022, Algorithm 2]: Heun's 2nd-order method with churn, or with
+    ``second_order=False`` the Euler method (the sampler table's ``heun`` and ``euler``).
+
+    Heun takes 2 NFE per step, except the last step to noise level 0, which is an Euler step
+    (2 * steps - 1 NFE in total); Euler takes 1 NFE per step and with ``s_churn = 0`` equals
+    DDIM with eta = 0 on the same grid.
+
+    Args:
+        x: the sample at time ``ts[0]``, shape (B, ...).
+        ts: strictly decreasing times, normally ending at 0.
+        second_order: apply the 2nd-order correction (Heun) or not (Euler).
+        s_churn, s_tmin, s_tmax, s_noise: EDM's stochasticity parameters (see module table);
+            s_tmin, s_tmax are EDM noise levels. The temporary noise increase is capped at the
+            schedule's sigma_max.
+    Returns:
+        The sample at time ``ts[-1]``, same shape and dtype as ``x``.
+    """
     if s_churn < 0 or s_noise < 0:
         raise ValueError(f"s_churn and s_noise must be non-negative, got {s_churn}, {s_noise}")
     ts = check_grid(ts, schedule)
@@ -81,7 +97,7 @@ def _edm_sampler(
         gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= s_cur <= s_tmax else 0.0
         s_hat = min(s_cur * (1 + gamma), schedule.sigma_max)  # the model ends at sigma_max
         if s_hat > s_cur:
-            t_hat = float(schedule.t_from_edm_sigma(torch.tensor(s_hat, dtype=_F64)))
+            t_hat = float(schedule.t_from_edm_sigma(torch.tensor(s_hat, dtype=F64)))
             z = randn(y_cur.shape, generator=generator, dtype=y_cur.dtype, device=y_cur.device)
             y_hat = y_cur + math.sqrt(s_hat**2 - s_cur**2) * s_noise * z
             alpha_hat = coefficients(schedule, t_hat)[0]
@@ -101,84 +117,6 @@ def _edm_sampler(
             y_next = y_hat + (s_next - s_hat) * (0.5 * d_cur + 0.5 * d_prime)
         y_cur = y_next
     return coef["alpha"][-1] * y_cur
-
-
-@torch.no_grad()
-def euler(
-    denoiser: Denoiser,
-    x: Tensor,
-    ts: Tensor,
-    *,
-    schedule: Schedule,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = math.inf,
-    s_noise: float = 1.0,
-) -> Tensor:
-    """Euler method for the EDM probability-flow ODE, with optional churn [Karras 2022, Alg. 2
-    without the 2nd-order correction]. 1 NFE per step. With ``s_churn = 0`` it equals DDIM with
-    eta = 0 on the same grid.
-
-    Args:
-        x: the sample at time ``ts[0]``, shape (B, ...).
-        ts: strictly decreasing times, normally ending at 0.
-        s_churn, s_tmin, s_tmax, s_noise: EDM's stochasticity parameters (see module table);
-            s_tmin, s_tmax are EDM noise levels. The temporary noise increase is capped at the
-            schedule's sigma_max.
-    """
-    return _edm_sampler(
-        denoiser,
-        x,
-        ts,
-        schedule=schedule,
-        cond=cond,
-        generator=generator,
-        callback=callback,
-        second_order=False,
-        s_churn=s_churn,
-        s_tmin=s_tmin,
-        s_tmax=s_tmax,
-        s_noise=s_noise,
-    )
-
-
-@torch.no_grad()
-def heun(
-    denoiser: Denoiser,
-    x: Tensor,
-    ts: Tensor,
-    *,
-    schedule: Schedule,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = math.inf,
-    s_noise: float = 1.0,
-) -> Tensor:
-    """Heun's 2nd-order method with churn [Karras 2022, Algorithm 2]: 2 NFE per step, except
-    the last step to noise level 0, which is an Euler step (2 * steps - 1 NFE in total).
-
-    Arguments as for :func:`euler`.
-    """
-    return _edm_sampler(
-        denoiser,
-        x,
-        ts,
-        schedule=schedule,
-        cond=cond,
-        generator=generator,
-        callback=callback,
-        second_order=True,
-        s_churn=s_churn,
-        s_tmin=s_tmin,
-        s_tmax=s_tmax,
-        s_noise=s_noise,
-    )
 
 
 @torch.no_grad()

@@ -1,0 +1,617 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 11. difflab and diffusers side by side
+#
+# [diffusers](https://huggingface.co/docs/diffusers) is the library most diffusion code and
+# most released models are written for. It and difflab compute the same mathematics with
+# different conventions, and `difflab.interop` translates between them
+# ([docs/diffusers.md](../docs/diffusers.md) has the full correspondence table). This tutorial
+# puts the two next to each other, piece by piece, and checks that each pair computes the same
+# numbers:
+#
+# | difflab | diffusers | section |
+# |---|---|---|
+# | `q_sample(x0, t, schedule, eps=...)` | `DDPMScheduler.add_noise(x0, noise, k)` | 1 |
+# | `ddim(...)`, `sample(sampler="ddim")` | a loop over `DDIMScheduler.step` | 2 |
+# | `build_unet(...)` (`difflab.nn.unet.UNet`) | `UNet2DModel` | 3 |
+# | an image folder, `ImageDataset` (to [-1, 1], flips) | your own data loading | 4 |
+# | `difflab train`, `difflab export RUN OUT` | `DDIMPipeline.from_pretrained(OUT)` | 5, 6 |
+#
+# **The one convention to remember.** difflab counts time as in the papers [Ho 2020]: $t = 0$
+# is the data and $t = 1, \dots, T$ are the noisy steps, so $\bar\alpha_0 = 1$ and
+# $\bar\alpha_t = \prod_{i=1}^{t} (1 - \beta_i)$. diffusers counts from zero, $k = 0, \dots,
+# T - 1$, and its `alphas_cumprod[k]` is the product of the first $k + 1$ factors. So
+#
+# $$\text{diffusers' timestep } k \;=\; \text{difflab's time } t = k + 1 .$$
+#
+# Sections 1 to 3 each check an identity that would fail with $t = k$.
+#
+# The second half is images in practice: a folder of coloured shapes that the tutorial draws
+# itself, how pixels become the $[-1, 1]$ values the model sees and back, random flips, a few
+# training steps with difflab's command line, and the run exported as a diffusers pipeline
+# (with its model card) that diffusers samples to the same images as difflab.
+
+# %%
+import json
+import math
+import shutil
+import sys
+import warnings
+
+import numpy as np
+import torch
+from _common import answers_wanted, is_fast, new_figure, out_path, pick, save, use_threads
+from PIL import Image, ImageDraw, ImageOps
+
+from difflab.app.cli import main as difflab_main
+from difflab.app.runs import load_run, read_run_config
+from difflab.data.images import load_image_dataset, to_uint8, to_unit_range
+from difflab.interop import (
+    diffusers_config_from_unet,
+    load_diffusers,
+    schedule_from_diffusers,
+    state_dict_from_diffusers,
+    state_dict_to_diffusers,
+    unet_config_from_diffusers,
+)
+from difflab.nn.unet import build_unet
+from difflab.oracles import GaussianDenoiser
+from difflab.parameterization import v_from_x0_eps
+from difflab.process import q_sample
+from difflab.samplers import ddim, sample
+from difflab.schedules import DiscreteSchedule, sampling_timesteps
+from difflab.viz import make_grid
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)  # diffusers on numpy 2
+warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' own deprecations
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a notebook
+import diffusers  # noqa: E402  (the dev extra installs it)
+
+diffusers.utils.logging.disable_progress_bar()
+diffusers.utils.logging.set_verbosity_error()
+
+THREADS = use_threads(1)  # small convolutions: one thread is fastest; restored at the end
+F64 = torch.float64
+T = 1000
+RESULTS: dict[str, float] = {}
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+# %% [markdown]
+# ## 1. Adding noise: `add_noise` at $k$ is `q_sample` at $t = k + 1$
+#
+# Both libraries draw $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1 - \bar\alpha_t}\,\epsilon$
+# [Ho 2020, Eq. 4] in one step. We build diffusers' `DDPMScheduler` with DDPM's linear
+# schedule ($\beta$ from $10^{-4}$ to $0.02$), read it into a difflab schedule with
+# `schedule_from_diffusers`, and noise the same $x_0$ with the same $\epsilon$ on both sides.
+# diffusers keeps $\bar\alpha$ in float32 and difflab in float64, so the two agree to float32
+# rounding. It matters most near $k = 0$: there $\bar\alpha \approx 0.9999$ is stored to
+# about $6 \cdot 10^{-8}$, which moves $\sqrt{1 - \bar\alpha} = 0.01$ by about
+# $3 \cdot 10^{-6}$; with $|\epsilon|$ up to 4 we allow $10^{-5}$. Calling `q_sample` at
+# $t = k$ instead is off by a whole step.
+
+# %%
+ddpm_scheduler = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule="linear")
+sched = schedule_from_diffusers(dict(ddpm_scheduler.config))
+RESULTS["schedule_vs_from_name_max_abs"] = max_abs(
+    sched.alpha_bar, DiscreteSchedule.from_name("linear", T).alpha_bar
+)
+RESULTS["alpha_bar_vs_alphas_cumprod_max_abs"] = max_abs(
+    sched.alpha_bar[1:],
+    ddpm_scheduler.alphas_cumprod,  # difflab alpha_bar[k + 1]
+)
+assert RESULTS["schedule_vs_from_name_max_abs"] == 0.0  # the same linear schedule
+assert RESULTS["alpha_bar_vs_alphas_cumprod_max_abs"] < 1e-6  # float32 rounding
+assert float(sched.alpha_bar[0]) == 1.0  # t = 0 is the data itself
+
+x0_probe = torch.rand(4, 3, 16, 16, generator=seeded(0)) * 2 - 1
+eps_probe = torch.randn(4, 3, 16, 16, generator=seeded(1))
+k = torch.tensor([0, 99, 499, 999])
+theirs = ddpm_scheduler.add_noise(x0_probe, eps_probe, k)
+ours = q_sample(x0_probe.double(), (k + 1).double(), sched, eps=eps_probe.double())
+wrong = q_sample(x0_probe.double(), k.double(), sched, eps=eps_probe.double())
+RESULTS["add_noise_vs_q_sample_max_abs"] = max_abs(theirs, ours)
+RESULTS["add_noise_vs_q_sample_at_k_max_abs"] = max_abs(theirs, wrong)
+print(f"max |add_noise(k) - q_sample(t = k + 1)| = {RESULTS['add_noise_vs_q_sample_max_abs']:.1e}"
+      f"; with t = k: {RESULTS['add_noise_vs_q_sample_at_k_max_abs']:.2f}")  # fmt: skip
+assert RESULTS["add_noise_vs_q_sample_max_abs"] < 1e-5
+assert RESULTS["add_noise_vs_q_sample_at_k_max_abs"] > 1e-2  # the check can fail
+
+# %% [markdown]
+# ## 2. One sampler, two spellings: `DDIMScheduler.step` and difflab's `ddim`
+#
+# In diffusers a sampler is a *scheduler* object plus a loop you write: set the number of
+# steps, then for each timestep call the network and `scheduler.step`. In difflab it is one
+# function of (denoiser, $x_T$, time grid). For deterministic DDIM ($\eta = 0$) both compute
+# [Song 2021 (DDIM), Eq. 12] from time $t$ to the next grid time $s$:
+#
+# $$\hat x_0 = \frac{x_t - \sqrt{1 - \bar\alpha_t}\,\hat\epsilon}{\sqrt{\bar\alpha_t}},\qquad
+#   x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1 - \bar\alpha_s}\,\hat\epsilon .$$
+#
+# To compare the samplers alone, the model is one without training error: for Gaussian data
+# $x_0 \sim \mathcal{N}(m, C)$ the best noise prediction is known in closed form
+# (`oracles.GaussianDenoiser`, tutorial 8). The diffusers loop calls it at $t = k + 1$. Its
+# schedule is diffusers' own float32 $\bar\alpha$ (read into a difflab `DiscreteSchedule`), so
+# that only rounding can separate the two; the settings `timestep_spacing="trailing"`,
+# `set_alpha_to_one=True` and `steps_offset=0` are difflab's trailing grid
+# $1000, 900, \dots, 100, 0$ ([docs/diffusers.md](../docs/diffusers.md)).
+
+# %%
+shape_g = (6, 3, 8, 8)  # Gaussian "images": D = 192 numbers each
+D = math.prod(shape_g[1:])
+basis = torch.randn(D, D, dtype=F64, generator=seeded(2)) / math.sqrt(D)
+gauss_mean = 0.3 * torch.randn(D, dtype=F64, generator=seeded(3))
+gauss_cov = 0.2 * basis @ basis.T + 0.01 * torch.eye(D, dtype=F64)
+
+ddim_scheduler = diffusers.DDIMScheduler(
+    num_train_timesteps=T, beta_schedule="linear", timestep_spacing="trailing",
+    set_alpha_to_one=True, steps_offset=0, clip_sample=False, prediction_type="epsilon",
+)  # fmt: skip
+ab32 = torch.cat([torch.ones(1), ddim_scheduler.alphas_cumprod]).double()  # float32 values
+sched32 = DiscreteSchedule(1 - ab32[1:] / ab32[:-1])
+exact = GaussianDenoiser(gauss_mean, gauss_cov, sched32)
+
+
+def eps_model(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The exact noise prediction, called the diffusers way: at timestep k = t - 1."""
+    t = torch.full((x.shape[0],), float(k) + 1, dtype=F64)
+    return exact(x, t).eps
+
+
+ddim_scheduler.set_timesteps(10)
+grid = sampling_timesteps(sched32, 10, spacing="trailing")
+print("diffusers timesteps k:", ddim_scheduler.timesteps.tolist())
+print("difflab grid t:       ", [int(t) for t in grid])
+assert torch.equal(ddim_scheduler.timesteps.double() + 1, grid[:-1])
+
+# one step, k = 999 -> 899, against Eq. 12 written out and difflab's ddim on the grid [1000, 900]
+x_T = torch.randn(shape_g, dtype=F64, generator=seeded(4))
+one_step = ddim_scheduler.step(eps_model(x_T, torch.tensor(999)), 999, x_T, eta=0.0)
+ab_t, ab_s = float(sched32.alpha_bar[1000]), float(sched32.alpha_bar[900])
+eps_hat = eps_model(x_T, torch.tensor(999))
+x0_hat = (x_T - math.sqrt(1 - ab_t) * eps_hat) / math.sqrt(ab_t)
+by_hand = math.sqrt(ab_s) * x0_hat + math.sqrt(1 - ab_s) * eps_hat  # Eq. 12, eta = 0
+ours_one = ddim(exact, x_T, torch.tensor([1000.0, 900.0], dtype=F64), schedule=sched32)
+RESULTS["ddim_one_step_diffusers_vs_hand_max_abs"] = max_abs(one_step.prev_sample, by_hand)
+RESULTS["ddim_one_step_difflab_vs_hand_max_abs"] = max_abs(ours_one, by_hand)
+assert RESULTS["ddim_one_step_diffusers_vs_hand_max_abs"] < 1e-6
+assert RESULTS["ddim_one_step_difflab_vs_hand_max_abs"] < 1e-10
+
+# the whole loop, the diffusers way, from the same x_T
+x = x_T.clone()
+for k in ddim_scheduler.timesteps:
+    x = ddim_scheduler.step(eps_model(x, k), k, x, eta=0.0).prev_sample
+ours_loop = sample(
+    exact, sched32, shape_g, sampler="ddim", steps=10, spacing="trailing", eta=0.0,
+    generator=seeded(4), dtype=F64,  # draws the same x_T from the same seed
+)  # fmt: skip
+RESULTS["ddim_loop_diffusers_vs_difflab_max_abs"] = max_abs(x, ours_loop)
+print(f"10 DDIM steps: max |diffusers - difflab| = "
+      f"{RESULTS['ddim_loop_diffusers_vs_difflab_max_abs']:.1e} (samples of size "
+      f"{float(ours_loop.abs().max()):.1f})")  # fmt: skip
+assert RESULTS["ddim_loop_diffusers_vs_difflab_max_abs"] < 1e-6
+x = x_T.clone()  # the slip: the model called at t = k
+for k in ddim_scheduler.timesteps:
+    t_wrong = torch.full((x.shape[0],), float(k), dtype=F64)
+    x = ddim_scheduler.step(exact(x, t_wrong).eps, k, x, eta=0.0).prev_sample
+RESULTS["ddim_loop_model_at_k_max_abs"] = max_abs(x, ours_loop)
+assert RESULTS["ddim_loop_model_at_k_max_abs"] > 1e-3
+
+# %% [markdown]
+# The tolerance $10^{-6}$: diffusers forms its coefficients from float32 $\bar\alpha$ values
+# (about $6 \cdot 10^{-8}$ relative rounding each), and the ten steps carry values of size
+# $\sim 1$; the gap we see is of that order, while the model called at $t = k$ instead of
+# $k + 1$ moves the samples by more than $10^{-3}$ (checked above; exercise 3 shows a way a
+# comparison can miss such a slip).
+#
+# ## 3. `UNet2DModel` and `build_unet`: the same network
+#
+# difflab's U-Net in the DDPM layout [Ho 2020, Appendix B] is diffusers' `UNet2DModel` with
+# another naming of the weights. `tiny-ddpm` is that layout at toy size (two levels of 16 and 32
+# channels, attention at 8 x 8); `diffusers_config_from_unet` writes its `UNet2DModel` config
+# and `state_dict_to_diffusers` renames (and, for the attention, splits) its weights. The time
+# shift is folded into the weights: a sin/cos feature of $k + 1$ is a fixed rotation of the
+# features of $k$, which the first layer of the time MLP absorbs, so the converted network
+# called at $k$ computes what difflab's computes at $t = k + 1$.
+#
+# A fresh difflab U-Net outputs exactly zero (its last layers start at zero, so every block
+# starts as the identity), and two zeros agree whatever the mapping. So we first add random
+# noise to every weight.
+#
+# The tolerance: both networks run in float32, and the sin/cos features of a time near 1000
+# have arguments of up to 1000 radians, which float32 stores to about $6 \cdot 10^{-5}$; that
+# error passes through the time MLP into every block, so outputs of size $\sim 1$ agree to
+# $10^{-5}$ to $10^{-4}$. Calling the diffusers network at $t$ instead of $k = t - 1$ changes
+# them by more than $10^{-2}$.
+
+# %%
+torch.manual_seed(0)  # the initial weights
+unet = build_unet("tiny-ddpm", in_channels=3)  # 3 x 16 x 16 images
+with torch.no_grad():
+    g = seeded(5)
+    for p in unet.parameters():
+        p.add_(0.1 * torch.randn(p.shape, generator=g))
+unet.eval()
+their_config = diffusers_config_from_unet(unet.config)
+shown = ["sample_size", "block_out_channels", "down_block_types", "up_block_types"]
+shown += ["layers_per_block", "freq_shift", "flip_sin_to_cos", "resnet_time_scale_shift"]
+for key in shown:  # a few entries of the UNet2DModel config
+    print(f"  {key:24s} {their_config[key]}")
+their_unet = diffusers.UNet2DModel(
+    **{k: v for k, v in their_config.items() if not k.startswith("_")}
+).eval()
+their_unet.load_state_dict(state_dict_to_diffusers(unet.state_dict(), unet.config))
+n_ours = sum(p.numel() for p in unet.parameters())
+n_theirs = sum(p.numel() for p in their_unet.parameters())
+print(f"parameters: difflab {n_ours}, diffusers {n_theirs}")
+assert n_ours == n_theirs
+
+x_probe = torch.randn(3, 3, 16, 16, generator=seeded(6))
+k_probe = torch.tensor([0.0, 250.0, 999.0])
+with torch.no_grad():
+    out_theirs = their_unet(x_probe, k_probe).sample
+    out_ours = unet(x_probe, k_probe + 1)  # t = k + 1
+    out_shifted = unet(x_probe, k_probe)  # the slip: t = k
+RESULTS["unet_forward_max_abs"] = max_abs(out_theirs, out_ours)
+RESULTS["unet_forward_at_k_max_abs"] = max_abs(out_theirs, out_shifted)
+RESULTS["unet_output_scale"] = float(out_theirs.abs().max())
+print(f"max |UNet2DModel(x, k) - difflab UNet(x, k + 1)| = {RESULTS['unet_forward_max_abs']:.1e}"
+      f" (outputs up to {RESULTS['unet_output_scale']:.2f}); at t = k: "
+      f"{RESULTS['unet_forward_at_k_max_abs']:.1e}")  # fmt: skip
+assert RESULTS["unet_forward_max_abs"] < 1e-4  # float32 round-off (see below)
+assert RESULTS["unet_forward_at_k_max_abs"] > 1e-2  # the check can fail
+
+# and back: the diffusers weights read into difflab's layout are the weights we started with
+back_config = unet_config_from_diffusers(their_config)
+back = state_dict_from_diffusers(
+    their_unet.state_dict(), back_config, flip_sin_to_cos=their_config["flip_sin_to_cos"]
+)
+RESULTS["unet_weights_round_trip_max_abs"] = max(
+    max_abs(back[name], w) for name, w in unet.state_dict().items()
+)
+assert back_config == unet.config
+assert RESULTS["unet_weights_round_trip_max_abs"] < 1e-6  # the time rotation, there and back
+
+# %% [markdown]
+# ## 4. RGB images in practice: a folder of coloured shapes
+#
+# A real data set is usually a folder of image files. We draw one: discs, squares and
+# triangles of random colour, size and position on a dark background, saved as 32 x 32 PNGs.
+# `load_image_dataset("folder", data_dir=...)` reads every image under the folder into memory
+# as uint8 (N, C, H, W) and hands out floats in $[-1, 1]$:
+#
+# $$x = u / 127.5 - 1 \quad (u \in \{0, \dots, 255\}), \qquad
+#   u = \mathrm{round}\big((x + 1) \cdot 127.5\big) \text{ clamped to } [0, 255]$$
+#
+# (`to_unit_range` and `to_uint8`; the scaling of [Ho 2020, Sec. 3.3]). The model's prior
+# $\mathcal{N}(0, I)$ and the clipping of $\hat x_0$ to $[-1, 1]$ both assume this range.
+#
+# The checks, each against an independent reading of the same files: the loaded pixels are
+# PIL's pixels (a channel-order slip, BGR or H x W x C, would fail); the first channel is red
+# (a red shape has $x_\text{red} \approx 1$ at its centre); the two maps are inverse on all
+# 256 values; and a flipped image is PIL's mirror image of the file.
+
+# %%
+data_dir = out_path("11_shapes")  # the tutorial's own image folder (rewritten on every run)
+shutil.rmtree(data_dir, ignore_errors=True)
+data_dir.mkdir(parents=True)
+n_images = pick(64, 512)
+rng = np.random.default_rng(0)
+shapes_drawn = []
+for i in range(n_images):
+    kind = ("disc", "square", "triangle")[i % 3]
+    colour = tuple(int(c) for c in rng.integers(60, 256, 3))
+    if i == 0:
+        colour = (255, 0, 0)  # a pure red disc, for the channel-order check
+    background = tuple(int(c) for c in rng.integers(0, 40, 3))
+    r, cx, cy = rng.uniform(5, 9), rng.uniform(10, 22), rng.uniform(10, 22)
+    image = Image.new("RGB", (32, 32), background)
+    draw = ImageDraw.Draw(image)
+    if kind == "disc":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif kind == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    else:  # a right triangle: not symmetric under a left-right flip
+        draw.polygon([(cx - r, cy + r), (cx + r, cy + r), (cx - r, cy - r)], fill=colour)
+    image.save(data_dir / f"{i:04d}_{kind}.png")
+    shapes_drawn.append((kind, cx, cy))
+
+folder = load_image_dataset("folder", data_dir=data_dir)  # RGB, native size, flips on
+print(folder)
+files = sorted(data_dir.glob("*.png"))  # the loader's order: sorted paths
+with Image.open(files[0]) as im:
+    pil_pixels = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # (C, H, W)
+RESULTS["folder_vs_pil_max_abs"] = max_abs(folder.images[0], pil_pixels)
+assert folder.images.dtype == torch.uint8 and folder.image_shape == (3, 32, 32)
+assert RESULTS["folder_vs_pil_max_abs"] == 0.0
+_, cx0, cy0 = shapes_drawn[0]
+red_centre = to_unit_range(folder.images[0, :, round(cy0), round(cx0)])
+print(f"centre pixel of the red disc, channels (R, G, B) in [-1, 1]: {red_centre.tolist()}")
+assert red_centre.tolist() == [1.0, -1.0, -1.0]
+
+u = torch.arange(256, dtype=torch.uint8)
+x_u = to_unit_range(u)
+assert float(x_u[0]) == -1.0 and float(x_u[255]) == 1.0
+RESULTS["uint8_round_trip_mismatches"] = float((to_uint8(x_u) != u).sum())
+assert RESULTS["uint8_round_trip_mismatches"] == 0.0
+
+# %% [markdown]
+# **Random flips.** Mirrored shapes are as plausible as the originals, so a left-right flip with
+# probability 1/2 doubles the data for free (DDPM flips CIFAR-10 [Ho 2020, Appendix B];
+# difflab's folder and CIFAR-10 loaders flip by default, MNIST's do not: a mirrored "3" is not a
+# digit). `ImageDataset.batch(indices, generator)` flips each image independently. We draw the
+# first image 4000 times: each copy must be the image or its mirror exactly (PIL's
+# `ImageOps.mirror` of the file), and the number of mirrors is Binomial(4000, 1/2), so within
+# 4 standard errors ($\sqrt{4000/4} \approx 32$) of 2000.
+
+# %%
+n_flip = 4000
+copies, _ = folder.batch(torch.zeros(n_flip, dtype=torch.long), generator=seeded(7))
+plain = to_unit_range(folder.images[0])
+with Image.open(files[0]) as im:
+    mirrored_pil = torch.from_numpy(np.array(ImageOps.mirror(im.convert("RGB"))))
+mirror = to_unit_range(mirrored_pil.permute(2, 0, 1).contiguous())
+is_plain = (copies == plain).flatten(1).all(1)
+is_mirror = (copies == mirror).flatten(1).all(1)
+assert bool((is_plain | is_mirror).all())  # nothing else comes out
+assert not bool((is_plain & is_mirror).any())  # an off-centre disc differs from its mirror
+RESULTS["flip_fraction"] = float(is_mirror.double().mean())
+RESULTS["flip_count_z"] = (float(is_mirror.sum()) - n_flip / 2) / math.sqrt(n_flip / 4)
+print(f"mirrored in {RESULTS['flip_fraction']:.3f} of {n_flip} draws "
+      f"(z = {RESULTS['flip_count_z']:+.2f})")  # fmt: skip
+assert abs(RESULTS["flip_count_z"]) < 4
+
+batch_shown, _ = folder.batch(torch.arange(12), generator=seeded(8))
+fig, axes = new_figure(1, 2, (10, 2.3))
+axes[0, 0].imshow(make_grid(to_unit_range(folder.images[:12]), nrow=6))
+axes[0, 0].set_title("the folder (32 x 32 PNGs)", fontsize=10)
+axes[0, 1].imshow(make_grid(batch_shown, nrow=6))
+axes[0, 1].set_title("a training batch of the same 12: random left-right flips", fontsize=10)
+for ax in axes[0]:
+    ax.axis("off")
+save(fig, "11_shapes_and_flips.png")
+
+# %% [markdown]
+# ## 5. A few training steps with difflab's command line
+#
+# `difflab train` trains a run directory from a *preset* (data, network, schedule, optimiser,
+# sampler) with `--set section.key=value` changes. The `folder` preset trains on an image folder
+# (RGB, flips); we shrink it to 16 x 16 images (the loader resizes the shorter side and crops
+# the centre), the `tiny-ddpm` U-Net (about 0.18M parameters, `in_channels` set from the data),
+# a short warm-up and a larger learning rate, and sample with 10 clipped DDIM steps. The cell
+# runs the command in this process; in a shell it is the same line after `difflab`.
+#
+# The network predicts $v = \alpha_t \epsilon - \sigma_t x_0$ [Salimans & Ho 2022]
+# (`model.parameterization=v`, tutorial 7) rather than $\epsilon$: after a few steps an
+# $\epsilon$-network's $\hat x_0 = (x_t - \sigma_t \hat\epsilon)/\alpha_t$ near $t = T$ is its
+# error amplified by $1/\alpha_T \approx 160$ (tutorial 6), which clipping turns into
+# saturated pixels, while a $v$-network's $\hat x_0 = \alpha_t x_t - \sigma_t \hat v$ stays
+# bounded. diffusers calls this `prediction_type="v_prediction"`.
+#
+# A few steps cannot make good shapes, but they must lower the loss. The check is paired: on
+# one fixed batch of $(x_0, t, \epsilon)$ the trained network's squared error on $v$ is
+# compared with the fresh network's, which predicts $\hat v = 0$ and so scores exactly
+# $\lVert v \rVert^2$ per pixel; the mean improvement must exceed 4 standard errors.
+
+
+# %%
+def difflab(*args: str) -> None:
+    """``difflab ARGS`` as typed in a shell, run in this process."""
+    print("$ difflab " + " ".join(args))
+    argv, sys.argv = sys.argv, ["difflab", *args]  # the model card records sys.argv
+    try:
+        assert difflab_main(list(args)) == 0
+    finally:
+        sys.argv = argv
+
+
+run_dir, pipe_dir = out_path("11_run"), out_path("11_pipeline")
+for path in (run_dir, pipe_dir):
+    shutil.rmtree(path, ignore_errors=True)
+train_steps = pick(16, 800)
+difflab(
+    "train", "--preset", "folder", "--data-dir", str(data_dir), "--out", str(run_dir),
+    "--steps", str(train_steps), "--batch-size", str(pick(8, 32)), "--lr", "2e-3",
+    "--seed", "0", "--no-progress",
+    "--set", "model.preset=tiny-ddpm", "--set", "data.image_size=16",
+    "--set", "train.warmup_steps=4", "--set", f"train.log_every={pick(10, 100)}",
+    "--set", "model.parameterization=v", "--set", "sample.sampler=ddim",
+    "--set", "sample.steps=10",
+)  # fmt: skip
+cfg = read_run_config(run_dir)
+assert (cfg.model.preset, cfg.data.image_size, cfg.sample.threshold) == ("tiny-ddpm", 16, "clip")
+print(f"1 / alpha_T = {1 / float(sched.alpha(float(T))):.0f}")
+
+# %%
+trained = load_run(run_dir)  # the EMA weights
+fresh = build_unet("tiny-ddpm", in_channels=3, image_size=16, dropout=0.0).eval()
+data16 = load_image_dataset("folder", data_dir=data_dir, image_size=16, hflip=False)
+n_eval = pick(128, 1024)
+x0_eval = to_unit_range(data16.images[torch.randint(len(data16), (n_eval,), generator=seeded(9))])
+t_eval = torch.randint(1, T + 1, (n_eval,), generator=seeded(10)).double()
+eps_eval = torch.randn(x0_eval.shape, generator=seeded(11))
+xt_eval = q_sample(x0_eval, t_eval, trained.schedule, eps=eps_eval)
+alpha_e, sigma_e = (c[:, None, None, None].float() for c in trained.schedule.alpha_sigma(t_eval))
+v_eval = v_from_x0_eps(x0_eval, eps_eval, alpha_e, sigma_e)  # the target
+with torch.no_grad():
+    err_trained = (trained.model(xt_eval, t_eval) - v_eval).square().mean((1, 2, 3))
+    fresh_out = fresh(xt_eval, t_eval)
+    err_fresh = (fresh_out - v_eval).square().mean((1, 2, 3))
+assert float(fresh_out.abs().max()) == 0.0  # a fresh U-Net outputs 0
+gain = (err_fresh - err_trained).double()
+RESULTS["train_loss_fresh"] = float(err_fresh.mean())
+RESULTS["train_loss_trained"] = float(err_trained.mean())
+RESULTS["train_gain_z"] = float(gain.mean() / (gain.std() / math.sqrt(n_eval)))
+print(f"v MSE on a fixed batch: fresh {RESULTS['train_loss_fresh']:.3f}, after "
+      f"{train_steps} steps {RESULTS['train_loss_trained']:.3f} "
+      f"(improvement z = {RESULTS['train_gain_z']:.1f})")  # fmt: skip
+assert RESULTS["train_gain_z"] > 4
+
+# %% [markdown]
+# ## 6. The run as a diffusers pipeline, and the same samples from both
+#
+# `difflab export RUN OUT` writes a folder that diffusers' `DDPMPipeline` and `DDIMPipeline`
+# load: `unet/` (config and safetensors weights, the run's EMA weights), `scheduler/` (a
+# `DDPMScheduler` config with the run's $\beta$s, prediction type and clipping) and a model
+# card `README.md` for the hub: license and tags, usage, the run's sample grid, its training
+# numbers and its config.
+
+# %%
+difflab("export", str(run_dir), str(pipe_dir))
+for path in sorted(pipe_dir.rglob("*")):
+    if path.is_file():
+        print(f"  {path.relative_to(pipe_dir)}  ({path.stat().st_size} bytes)")
+card = (pipe_dir / "README.md").read_text(encoding="utf-8")
+shown = card.split("## difflab run config")[0]
+print("---- README.md (the model card; the run's config.json follows it) ----")
+print(shown)
+assert card.startswith("---\nlicense: mit\nlibrary_name: diffusers")
+assert "![samples](samples.png)" in card and "| last.loss |" in card
+scheduler_config = json.loads((pipe_dir / "scheduler" / "scheduler_config.json").read_text())
+assert scheduler_config["clip_sample"] and scheduler_config["timestep_spacing"] == "trailing"
+assert scheduler_config["prediction_type"] == "v_prediction"
+
+# %% [markdown]
+# Now the same model sampled by both libraries from the same noise: `DDIMPipeline` with
+# $\eta = 0$, 10 steps and clipping (`use_clipped_model_output=True` recomputes
+# $\hat\epsilon$ from the clipped $\hat x_0$, as difflab's `threshold="clip"` does), and
+# difflab's `ddim` on the run directory itself, from `torch.randn` with the pipeline's seed.
+# The pipeline returns images in $[0, 1]$, so difflab's are mapped by $x/2 + 1/2$. They must
+# agree to $10^{-4}$, the tolerance of difflab's own parity tests (float32 networks, and the
+# schedule in float32 against float64, over 10 steps): a fortieth of one of the 256 grey
+# levels a PNG stores. Then difflab reads the exported folder back (`load_diffusers`) and
+# must draw the same images once more.
+
+# %%
+n_show = 16
+pipe = diffusers.DDIMPipeline.from_pretrained(pipe_dir)
+pipe.set_progress_bar_config(disable=True)
+theirs_np = pipe(
+    batch_size=n_show, generator=seeded(12), eta=0.0, num_inference_steps=10,
+    use_clipped_model_output=True, output_type="np",
+).images  # (B, H, W, C) in [0, 1]  # fmt: skip
+ours_x = sample(
+    trained.denoiser, trained.schedule, (n_show, 3, 16, 16), sampler="ddim", steps=10,
+    spacing="trailing", eta=0.0, threshold="clip", generator=seeded(12),
+)  # fmt: skip
+theirs_x = torch.from_numpy(theirs_np).permute(0, 3, 1, 2) * 2 - 1  # to (B, C, H, W), [-1, 1]
+RESULTS["pipeline_vs_difflab_max_abs"] = max_abs((ours_x / 2 + 0.5).clamp(0, 1), theirs_x / 2 + 0.5)
+print(f"max |DDIMPipeline - difflab ddim| = {RESULTS['pipeline_vs_difflab_max_abs']:.1e} "
+      "(images in [0, 1])")  # fmt: skip
+assert RESULTS["pipeline_vs_difflab_max_abs"] < 1e-4
+# and the folder read back by difflab is the run's network: the same samples again
+loaded = load_diffusers(pipe_dir)
+ours_from_folder = sample(
+    loaded.denoiser, loaded.schedule, (n_show, 3, 16, 16), sampler="ddim", steps=10,
+    spacing="trailing", threshold="clip", generator=seeded(12),
+)  # fmt: skip
+RESULTS["folder_vs_run_samples_max_abs"] = max_abs(ours_from_folder, ours_x)
+assert RESULTS["folder_vs_run_samples_max_abs"] < 1e-4
+
+fig, axes = new_figure(1, 3, (12, 4.2))
+axes[0, 0].imshow(make_grid(theirs_x, nrow=4))
+axes[0, 0].set_title("diffusers DDIMPipeline", fontsize=10)
+axes[0, 1].imshow(make_grid(ours_x.clamp(-1, 1), nrow=4))
+axes[0, 1].set_title("difflab ddim, same noise", fontsize=10)
+diff = (ours_x.clamp(-1, 1) - theirs_x).abs().amax(1, keepdim=True)
+axes[0, 2].imshow(make_grid(diff / 1e-4 * 2 - 1, nrow=4), cmap="gray")
+axes[0, 2].set_title("|difference| (white = 1e-4)", fontsize=10)
+for ax in axes[0]:
+    ax.axis("off")
+save(fig, "11_pipeline_vs_difflab.png")
+
+# %% [markdown]
+# In fast mode (16 steps of 8 images) the network has learned the dark
+# backgrounds and the palette but not yet the shapes, so the samples are noisy colour; full
+# mode (800 steps, about a minute and a half of CPU time) draws rough discs, squares and
+# triangles. Either way the two libraries draw *the same* images from the same noise.
+#
+# ## Summary
+#
+# * diffusers' timestep $k = 0, \dots, T - 1$ is difflab's $t = k + 1$; difflab keeps $t = 0$
+#   for the data, as the papers do. `add_noise` at $k$ is `q_sample` at $t = k + 1$.
+# * A diffusers sampler is a scheduler plus a loop you write; difflab's `ddim` is the same
+#   DDIM update [Song 2021, Eq. 12] and gives the same numbers, to float32 rounding of
+#   diffusers' $\bar\alpha$.
+# * `UNet2DModel` in the DDPM layout and difflab's U-Net are one network: `difflab.interop`
+#   maps the configs and the weights both ways, folding the time shift into the weights. Compare
+#   networks only after perturbing them: a fresh difflab U-Net outputs zero.
+# * Images reach the model as $u/127.5 - 1 \in [-1, 1]$ in (C, H, W) order, and come back by
+#   the inverse map; left-right flips are a free augmentation for data whose mirror image is
+#   plausible.
+# * `difflab train` then `difflab export` gives a folder diffusers loads as a pipeline, with
+#   a model card; `DDIMPipeline` and difflab sample the same images from the same noise.
+#
+# ## Try this
+#
+# 1. Import the exported folder back as a native difflab run with
+#    `difflab import OUT --out RUN2 --preset folder --set data.image_size=16` (ready to
+#    fine-tune with `difflab train --resume RUN2`) and check that its weights are the
+#    run's EMA weights.
+# 2. diffusers' `DDPMScheduler.get_velocity(x0, noise, k)` is the target of v-prediction
+#    [Salimans & Ho 2022], $v = \alpha_t \epsilon - \sigma_t x_0$. Compare it with difflab's
+#    `v_from_x0_eps` at the right time.
+# 3. Compare two *fresh* difflab U-Nets converted to diffusers, with the diffusers network
+#    called at the wrong time $t$ instead of $t - 1$. Does the check of section 3 catch the
+#    slip?
+#
+# The next cell works them out when `DIFFLAB_ANSWERS=1` is set (the tests set it).
+
+# %%
+if answers_wanted():
+    run2 = out_path("11_run_imported")
+    shutil.rmtree(run2, ignore_errors=True)
+    difflab(
+        "import", str(pipe_dir), "--out", str(run2), "--preset", "folder",
+        "--set", "data.image_size=16",
+    )  # fmt: skip
+    imported = load_run(run2)
+    RESULTS["answer_imported_weights_max_abs"] = max(
+        max_abs(imported.model.state_dict()[name], w)
+        for name, w in trained.model.state_dict().items()
+    )
+    print(f"1. imported run vs the run's EMA weights: max |difference| = "
+          f"{RESULTS['answer_imported_weights_max_abs']:.1e}")  # fmt: skip
+    assert RESULTS["answer_imported_weights_max_abs"] < 1e-6
+
+    k_v = torch.tensor([0, 99, 499, 999])
+    v_theirs = ddpm_scheduler.get_velocity(x0_probe, eps_probe, k_v)
+    alpha_v, sigma_v = (c[:, None, None, None] for c in sched.alpha_sigma((k_v + 1).double()))
+    v_ours = v_from_x0_eps(x0_probe.double(), eps_probe.double(), alpha_v, sigma_v)
+    RESULTS["answer_get_velocity_max_abs"] = max_abs(v_theirs, v_ours)
+    print(f"2. get_velocity(k) vs v at t = k + 1: {RESULTS['answer_get_velocity_max_abs']:.1e}")
+    assert RESULTS["answer_get_velocity_max_abs"] < 1e-5
+
+    fresh_a = build_unet("tiny-ddpm", in_channels=3).eval()
+    fresh_b = diffusers.UNet2DModel(
+        **{k: v for k, v in diffusers_config_from_unet(fresh_a.config).items() if k[0] != "_"}
+    ).eval()
+    fresh_b.load_state_dict(state_dict_to_diffusers(fresh_a.state_dict(), fresh_a.config))
+    with torch.no_grad():
+        slip = max_abs(fresh_b(x_probe, k_probe + 1).sample, fresh_a(x_probe, k_probe + 1))
+    RESULTS["answer_fresh_unets_wrong_time_max_abs"] = slip
+    print(f"3. fresh networks, wrong time: max |difference| = {slip:.1e}: the slip goes unseen")
+    assert slip == 0.0
+
+# %%
+torch.set_num_threads(THREADS)
+print(f"figures in {out_path('')}; fast mode: {is_fast()}; {len(RESULTS)} checked numbers")
