@@ -54,12 +54,9 @@ def evaluate_quality(
     """Quality metrics of ``n`` samples (see the module docstring); ``progress`` and
     ``compile`` as in :func:`~difflab.app.sampling.draw_samples`."""
     out: dict[str, Any] = {"n": n, "sampler": sampler, "steps": steps}
-    out.update(
-        built.kind.quality(
-            built, n=n, seed=seed, sampler=sampler, steps=steps, batch_size=batch_size,
-            progress=progress, compile=compile,
-        )  # fmt: skip
-    )
+    sampling = {"sampler": sampler, "steps": steps, "batch_size": batch_size,
+                "progress": progress, "compile": compile}  # fmt: skip
+    out.update(built.kind.quality(built, n=n, seed=seed, **sampling))
     return out
 
 
