@@ -210,7 +210,7 @@ def _save_timing(out: Path, args: argparse.Namespace, built: Any, **what: Any) -
     info = {
         "run_dir": str(args.run_dir),
         **what,
-        "seconds": round(seconds, 3),
+        "seconds": round(seconds, 6),
         "images_per_s": round(what["n"] / seconds, 3) if seconds > 0 else None,
         "device": str(built.device),
         "threads": torch.get_num_threads(),
