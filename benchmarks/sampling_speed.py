@@ -8,7 +8,9 @@ no compile), then all that helped (at the best and the median call) together, th
 setting at other batch sizes. The settings are timed in interleaved rounds (so a burst of load
 from other processes hits all of them alike); the table gives the first call (compilation
 included), the best and median call, images per second at the best and median call, and each
-setting's largest difference from the baseline's samples (same seed, same noise).
+setting's largest difference from the baseline's samples (same seed, same noise). On CUDA a
+CUDA-graph row (difflab.inference.GraphedNetwork: one captured graph replayed per step, under
+inference_mode) is added.
 
     .venv/bin/python benchmarks/sampling_speed.py
     .venv/bin/python benchmarks/sampling_speed.py --batch-sizes 64,1000 --append BENCHMARKS.md
@@ -25,7 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-from difflab.inference import compile_network, compile_unavailable, inference_context
+from difflab.inference import (
+    GraphedNetwork,
+    compile_network,
+    compile_unavailable,
+    inference_context,
+)
 from difflab.nn.unet import build_unet
 from difflab.parameterization import ModelDenoiser
 from difflab.samplers import nfe, sample
@@ -39,6 +46,7 @@ class Setting:
     channels_last: bool = False
     compile: bool = False
     bf16: bool = False
+    cuda_graph: bool = False
 
 
 LEVERS = [
@@ -47,6 +55,7 @@ LEVERS = [
     Setting("channels-last", channels_last=True),
     Setting("compile", compile=True),
     Setting("bf16 autocast", bf16=True),
+    Setting("CUDA graph", inference_mode=True, cuda_graph=True),  # CUDA only
 ]
 
 
@@ -64,6 +73,8 @@ class SampleCall:
             model = model.to(memory_format=torch.channels_last)
         if setting.compile:
             compile_network(model, args.device)
+        if setting.cuda_graph:
+            model = GraphedNetwork(model)
         self.setting, self.args, self.batch_size = setting, args, batch_size
         self.schedule = DiscreteSchedule.from_name("linear", 1000)
         self.denoiser = ModelDenoiser(model, self.schedule, parameterization="eps")
@@ -135,7 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    levers = [s for s in LEVERS if not (s.compile and compile_unavailable(args.device))]
+    cuda = torch.device(args.device).type == "cuda"
+    levers = [
+        s
+        for s in LEVERS
+        if not (s.compile and compile_unavailable(args.device)) and (cuda or not s.cuda_graph)
+    ]
     calls = {s.name: SampleCall(s, args, args.batch_size) for s in levers}
     time_settings(calls, args.rounds)
     base = calls[LEVERS[0].name]
@@ -151,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         channels_last=any(s.channels_last for s in helped),
         compile=any(s.compile for s in helped),
         bf16=any(s.bf16 for s in helped),
+        cuda_graph=any(s.cuda_graph for s in helped),
     )
     more = {best.name: SampleCall(best, args, args.batch_size)} if len(helped) > 1 else {}
     for b in [int(v) for v in args.batch_sizes.split(",") if v.strip()]:

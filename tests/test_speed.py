@@ -15,7 +15,16 @@ from difflab.app.cli import main
 from difflab.app.config import apply_overrides, get_preset
 from difflab.app.runs import build
 from difflab.app.sampling import draw_samples
-from difflab.inference import compile_unavailable, inference_context, is_compiled
+from difflab.inference import (
+    GraphedNetwork,
+    compile_unavailable,
+    flatten_call,
+    inference_context,
+    is_compiled,
+    unflatten_call,
+)
+from difflab.nn.unet import build_unet
+from difflab.parameterization import ModelDenoiser
 from difflab.samplers import nfe
 
 SETTINGS = ["train.steps=20", "train.batch_size=64", "train.log_every=10", "train.ckpt_every=10",
@@ -137,3 +146,87 @@ def test_compiled_sampling_and_training_match_eager():
         losses[flag] = [float(trainer.train_step()["loss"]) for _ in range(3)]
         assert set(trainer.tensors()["model"]) == set(eager.model.state_dict())
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+# --- CUDA graphs: the signature logic runs on any machine; the replay itself needs CUDA ------
+
+
+@pytest.mark.parametrize(
+    "cond",
+    [None, torch.arange(3), {"class": torch.arange(3), "image": torch.ones(3, 1, 4, 4)}],
+    ids=["none", "tensor", "dict"],
+)
+def test_a_graphed_call_flattens_and_unflattens_to_the_same_arguments(cond):
+    x, t = torch.randn(3, 1, 4, 4), torch.rand(3)
+    tensors, sig = flatten_call(x, t, cond)
+    x2, t2, cond2 = unflatten_call(tensors, sig)
+    assert x2 is x and t2 is t
+    if isinstance(cond, dict):
+        assert cond2.keys() == cond.keys() and all(cond2[k] is cond[k] for k in cond)
+    else:
+        assert cond2 is cond
+    # the signature tells calls apart by shape, dtype and structure: one graph each
+    assert flatten_call(x[:2], t[:2], None)[1] != flatten_call(x, t, None)[1]
+    assert flatten_call(x.double(), t, None)[1] != flatten_call(x, t, None)[1]
+    assert flatten_call(x, t, None)[1] != flatten_call(x, t, torch.arange(3))[1]
+    assert flatten_call(x, t, {"odd": [1]}) is None  # not graphed: run as it is
+
+
+def test_a_graphed_network_runs_as_it_is_off_cuda():
+    net = build_unet("tiny-ddpm").eval()
+    graphed = GraphedNetwork(net)
+    x, t = torch.randn(2, 1, 16, 16), torch.rand(2) * 1000
+    with torch.inference_mode():
+        assert torch.equal(graphed(x, t), net(x, t))
+    assert graphed.config is net.config  # the wrapped network's attributes show through
+    assert not graphed._graphs
+
+
+def test_cuda_graph_on_a_cpu_run_is_one_line(tiny_run, capsys):
+    capsys.readouterr()
+    code = main(["sample", str(tiny_run), "--n", "8", "--cuda-graph", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "--cuda-graph needs a CUDA device" in err and "\n" not in err, err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graphed_sampling_matches_eager_on_cuda():
+    """The replayed graph must compute the eager network on *each call's* inputs (a stale
+    static buffer or an output overwritten by the next replay would fail here)."""
+    torch.manual_seed(0)
+    net = build_unet("tiny-ddpm", num_classes=4).cuda().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    graphed = GraphedNetwork(net)
+    with torch.inference_mode():
+        outs, refs = [], []
+        for i in range(4):
+            x = torch.randn(5, 1, 16, 16, device="cuda")
+            t = torch.full((5,), 100.0 * (i + 1), device="cuda")
+            y = torch.arange(5, device="cuda") % 4
+            outs.append(graphed(x, t, y))
+            refs.append(net(x, t, y))
+        for out, ref in zip(outs, refs):
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        assert len(graphed._graphs) == 1
+        graphed(torch.randn(2, 1, 16, 16, device="cuda"), torch.rand(2, device="cuda"), y[:2])
+        assert len(graphed._graphs) == 2  # a new batch size captures its own graph
+    from difflab.samplers import sample as draw
+    from difflab.schedules import DiscreteSchedule
+
+    sch = DiscreteSchedule.from_name("linear", 1000)
+    a, b = (
+        draw(
+            ModelDenoiser(m, sch),
+            sch,
+            (6, 1, 16, 16),
+            sampler="dpm++2m",
+            steps=8,
+            device="cuda",
+            generator=torch.Generator().manual_seed(1),
+            cond=torch.arange(6, device="cuda") % 4,
+        )  # fmt: skip
+        for m in (net, graphed)
+    )
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

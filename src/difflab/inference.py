@@ -11,6 +11,8 @@ compile             ``torch.compile`` of the network (TorchInductor): fused     
                     kernels, paid for by a compilation on the first call          ``--compile``)
 channels-last       NHWC activations and weights for the convolutions             off
 bf16 autocast       the network in bfloat16 where autocast allows it              off
+CUDA graph          one captured graph per input shape, replayed each step        off (opt-in:
+                    (:class:`GraphedNetwork`): no per-kernel launch cost          ``--cuda-graph``)
 ==================  ===========================================================  ==============
 
 The defaults are what measured fastest on a CPU (BENCHMARKS.md, "Sampling speed"): levers that
@@ -28,11 +30,19 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["compile_network", "compile_unavailable", "inference_context", "is_compiled"]
+__all__ = [
+    "GraphedNetwork",
+    "compile_network",
+    "compile_unavailable",
+    "inference_context",
+    "is_compiled",
+]
 
 
 @contextlib.contextmanager
@@ -81,3 +91,97 @@ def compile_network(model: nn.Module, device: torch.device | str) -> nn.Module:
     if not is_compiled(model):
         model.compile()
     return model
+
+
+# --- CUDA graphs --------------------------------------------------------------------------
+# A sampling loop calls the same network on inputs of one shape tens of times; on a GPU a small
+# network's time is then mostly kernel launches. A CUDA graph records every kernel of one call
+# once and replays them with a single launch. The inputs of the recorded call live in fixed
+# ("static") buffers: each call copies its inputs into them, replays, and clones the output
+# (the next replay overwrites it, and multistep samplers keep old outputs).
+
+_Signature = tuple[Any, ...]
+
+
+def flatten_call(x: Tensor, t: Tensor, cond: Any) -> tuple[list[Tensor], _Signature] | None:
+    """The tensors of a network call ``model(x, t, cond)`` in a fixed order, and its signature
+    (structure, shapes, dtypes, devices); None when ``cond`` is not None, a tensor or a dict of
+    tensors (such a call is not graphed)."""
+    if cond is None or isinstance(cond, Tensor):
+        keys: tuple[str, ...] | None = None if cond is None else ()
+        tensors = [x, t] + ([] if cond is None else [cond])
+    elif isinstance(cond, dict) and all(isinstance(v, Tensor) for v in cond.values()):
+        keys = tuple(sorted(cond))
+        tensors = [x, t, *(cond[k] for k in keys)]
+    else:
+        return None
+    meta = tuple((tuple(v.shape), v.dtype, v.device) for v in tensors)
+    return tensors, (keys, meta, torch.is_inference_mode_enabled())
+
+
+def unflatten_call(tensors: list[Tensor], signature: _Signature) -> tuple[Tensor, Tensor, Any]:
+    """Inverse of :func:`flatten_call`: ``(x, t, cond)`` from the tensors and the signature."""
+    keys = signature[0]
+    x, t, rest = tensors[0], tensors[1], tensors[2:]
+    if keys is None:
+        return x, t, None
+    return x, t, (rest[0] if keys == () else dict(zip(keys, rest)))
+
+
+@dataclass
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: list[Tensor]
+    output: Tensor
+
+
+class GraphedNetwork(nn.Module):
+    """``model`` whose gradient-free CUDA calls replay a captured CUDA graph.
+
+    The first call of each signature (shapes, dtypes, cond structure) warms the network up on a
+    side stream and captures one call into a graph; every later call of that signature copies
+    its inputs into the graph's static buffers, replays it, and returns a clone of its output.
+    Calls on a CPU, with gradients enabled, or with a ``cond`` other than None / a tensor / a
+    dict of tensors run ``model`` as it is. The wrapped network must not change between calls
+    (the graph holds its weights' addresses, not their values at capture): wrap for sampling,
+    not for training.
+    """
+
+    def __init__(self, model: nn.Module, warmup: int = 2) -> None:
+        super().__init__()
+        self.model = model
+        self.warmup = warmup
+        self._graphs: dict[_Signature, _Graph] = {}
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped network's own attributes
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        flat = flatten_call(x, t, cond)
+        if flat is None or not x.is_cuda or torch.is_grad_enabled():
+            return self.model(x, t, cond)
+        tensors, signature = flat
+        entry = self._graphs.get(signature)
+        if entry is None:
+            entry = self._graphs[signature] = self._capture(tensors, signature)
+        for static, value in zip(entry.inputs, tensors):
+            static.copy_(value)
+        entry.graph.replay()
+        return entry.output.clone()
+
+    def _capture(self, tensors: list[Tensor], signature: _Signature) -> _Graph:
+        inputs = [v.clone() for v in tensors]
+        args = unflatten_call(inputs, signature)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: cuDNN picks its algorithms outside capture
+            for _ in range(self.warmup):
+                self.model(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self.model(*args)
+        return _Graph(graph, inputs, output)

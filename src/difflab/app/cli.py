@@ -98,6 +98,11 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="bfloat16 autocast (for GPUs with bf16 units; far slower on most CPUs)",
     )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay a captured CUDA graph of the network at each step (CUDA only)",
+    )
 
 
 def _add_speed_options(p: argparse.ArgumentParser, *, compile: bool = True) -> None:
@@ -217,6 +222,7 @@ def _save_timing(out: Path, args: argparse.Namespace, built: Any, **what: Any) -
         "batch_size": args.batch_size,
         "compile": args.compile,
         "bf16": args.bf16,
+        "cuda_graph": args.cuda_graph,
         "torch": torch.__version__,
     }
     path = out.with_suffix(".json")
@@ -301,7 +307,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     options: dict = {} if args.eta is None else {"eta": args.eta}
     if args.threshold is not None:
         options["threshold"] = None if args.threshold == "none" else args.threshold
-    options.update(progress=not args.no_progress, compile=args.compile, bf16=args.bf16)
+    options.update(
+        progress=not args.no_progress,
+        compile=args.compile,
+        bf16=args.bf16,
+        cuda_graph=args.cuda_graph,
+    )
     classifier = None if args.classifier is None else _load_classifier(args.classifier, built)
     if args.guidance is not None and cfg.model.num_classes == 0:
         raise ValueError("--guidance needs a class-conditional run (model.num_classes)")

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from difflab.app.build import Built
+from difflab.app.build import Built, with_model
 from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, labels_from_cond
-from difflab.inference import compile_network, inference_context
+from difflab.inference import GraphedNetwork, compile_network, inference_context
 from difflab.samplers import sample
 
 __all__ = ["ImageBar", "draw_samples", "finite_samples", "guided_denoiser", "sample_with_denoiser"]
@@ -40,6 +40,7 @@ def draw_samples(
     progress: bool = False,
     compile: bool = False,
     bf16: bool = False,
+    cuda_graph: bool = False,
     **options: Any,
 ) -> Tensor:
     """n samples (n, *data_shape) on the CPU, drawn in batches; a seed reproduces them.
@@ -54,12 +55,18 @@ def draw_samples(
     ``progress``: a bar on stderr counting images (rate and ETA), advanced per batch, with the
     sampler step inside the batch. ``compile``: ``torch.compile`` the run's network in place
     first (:func:`difflab.inference.compile_network`). ``bf16``: bfloat16 autocast.
+    ``cuda_graph``: replay one captured CUDA graph of the network per batch shape
+    (:class:`difflab.inference.GraphedNetwork`; CUDA devices only).
     """
+    if cuda_graph and built.device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device; this run samples on {built.device}")
     options.setdefault("threshold", built.cfg.sample.threshold)
     if built.cfg.sample.eta is not None and sampler == built.cfg.sample.sampler:
         options.setdefault("eta", built.cfg.sample.eta)  # the eta of the run's own sampler
     if compile:
         compile_network(built.model, built.device)
+    if cuda_graph:
+        built = with_model(built, GraphedNetwork(built.model))
     g = torch.Generator().manual_seed(seed)
     guide = {"guidance": guidance, "classifier": classifier, "classifier_scale": classifier_scale}
     out = []
