@@ -537,8 +537,8 @@ def _cascade(args, built, sampler: str, steps: int, options: dict) -> int:
     start = time.perf_counter()
     x = draw_samples(
         built, n, sampler=sampler, steps=steps, seed=args.seed, batch_size=args.batch_size,
-        cond=cond, callback=keep if args.gif else None, base_sampler=args.base_sampler, base_steps=args.base_steps,
-        aug_level=args.aug_level, **options,
+        cond=cond, callback=keep if args.gif else None, base_sampler=args.base_sampler,
+        base_steps=args.base_steps, aug_level=args.aug_level, **options,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     png = out.with_suffix(".png")

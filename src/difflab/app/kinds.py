@@ -28,12 +28,11 @@ rest of the app layer asks ``built.kind`` and never branches on kind names
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import json
 
 import torch
 from torch import Tensor, nn
