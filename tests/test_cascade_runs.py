@@ -249,3 +249,10 @@ def test_eval_scores_samples_of_the_whole_cascade(runs, tmp_path, monkeypatch):
 
     assert np.array_equal(to_uint8(scored[0]).numpy(), _samples(out))
     assert main(["eval", str(runs["alone"]), "--n", "4", "--no-progress"]) == 2
+
+
+def test_nll_and_export_refuse_an_sr_run_in_one_line(runs, tmp_path, capsys):
+    assert main(["export", str(runs["sr"]), str(tmp_path / "out")]) == 2
+    assert main(["nll", str(runs["sr"]), "--n", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and err.count("difflab: error:") == 2, err

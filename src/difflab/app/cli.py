@@ -648,7 +648,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
     built = load_run(args.run_dir, ema=not args.no_ema)
     cfg = built.cfg
-    if not built.kind.has_denoiser or cfg.data.is_toy:
+    if not built.kind.has_denoiser or cfg.data.is_toy or not hasattr(built.model, "config"):
         raise ValueError(f"{args.run_dir}: only image diffusion runs (a U-Net) can be exported")
     finished = args.run_dir / "finished.json"
     info = json.loads(finished.read_text()) if finished.is_file() else {}
