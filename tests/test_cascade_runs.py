@@ -186,6 +186,8 @@ def test_bad_base_runs_are_refused_before_the_run_directory_exists(runs, tmp_pat
     assert "makes images of shape (1, 8, 8)" in capsys.readouterr().err
     assert _train("mnist-sr", r, runs["data"], f"model.base={tmp_path / 'none'}") == 2
     assert capsys.readouterr().err.count("\n") == 1
+    assert _train("mnist-14", r, runs["data"], "data.image_size=15") == 2
+    assert "data.downsample=2 must divide the image size 15" in capsys.readouterr().err
     assert not r.exists()
 
 
