@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.app.config import RunConfig
+from difflab.cascade import downsample_images
 from difflab.data.images import load_image_dataset
 from difflab.data.toy import sample_toy
 from difflab.parameterization import ModelDenoiser
@@ -110,7 +111,24 @@ def build_data(cfg: RunConfig, *, train: bool = True) -> Any:
     if d.limit is not None:
         ds.images = ds.images[: d.limit]
         ds.labels = ds.labels[: d.limit]
+    if d.downsample > 1:
+        ds.images = downsample_uint8(ds.images, d.downsample)
     return ds
+
+
+def downsample_uint8(images: Tensor, factor: int) -> Tensor:
+    """f x f box averages of uint8 images (N, C, H, W) -> (N, C, H / f, W / f), rounded to
+    uint8 (:func:`difflab.cascade.downsample_images`, a cascade's low-resolution data)."""
+    h, w = images.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(
+            f"data.downsample={factor} needs image sides divisible by it, got {h} x {w}"
+        )
+    out = []
+    for chunk in images.split(4096):
+        low = downsample_images(chunk.float(), factor)
+        out.append(low.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
 
 
 @dataclass
@@ -151,11 +169,17 @@ def cfg_data_shape(cfg: RunConfig) -> tuple[int, ...]:
     d = cfg.data
     if d.name in IMAGE_SHAPES:  # a fixed size, unless resized or converted
         c, h, _ = IMAGE_SHAPES[d.name]
-        size = d.image_size or h
-        return (d.channels or c, size, size)
-    if d.image_size is None or d.channels is None:
+        channels, size = d.channels or c, d.image_size or h
+    elif d.image_size is None or d.channels is None:
         raise ValueError("image folder runs need data.image_size and data.channels")
-    return (d.channels, d.image_size, d.image_size)
+    else:
+        channels, size = d.channels, d.image_size
+    if size % d.downsample:
+        raise ValueError(
+            f"data.downsample={d.downsample} must divide the image size {size} "
+            "(set data.image_size)"
+        )
+    return (channels, size // d.downsample, size // d.downsample)
 
 
 def make_batch_fn(built: Built) -> Callable[[int, torch.Generator], Any]:

@@ -8,6 +8,8 @@
     difflab sample COND_RUN --guidance-sweep 0,1,2,4 --n 40  # figure: class rows, scale blocks
     difflab sample RUN_DIR --classifier CLF_RUN --class 3 --classifier-scale 2
     difflab sample RESTORE_RUN --input degraded.npz        # image-to-image (Palette) runs
+    difflab sample SR_RUN --base-steps 50 --aug-level 0.05 # a cascade: base, then SR
+    difflab sample SR_RUN --input low_res/                 # super-resolve your own images
     difflab presets                        # list the presets
     difflab sample DIFFUSERS_DIR --sampler dpm++2m-sde --steps 10   # a diffusers model folder
     difflab export RUN_DIR OUT_DIR         # a diffusers pipeline folder with a model card
@@ -82,7 +84,17 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "--input",
         type=Path,
         help="image-to-image runs: .npz whose 'degraded' array holds the conditioning images "
-        "(default: degrade test images)",
+        "(default: degrade test images); super-resolution runs: low-resolution images to "
+        "super-resolve (an image file, a folder of them, or an .npz 'images' array)",
+    )
+    p.add_argument("--base-sampler", help="super-resolution runs: the base run's sampler "
+                   "(default: the base run's)")  # fmt: skip
+    p.add_argument("--base-steps", type=int, help="super-resolution runs: the base's steps")
+    p.add_argument(
+        "--aug-level",
+        type=float,
+        help="super-resolution runs: noise level of the low-res input as a fraction of the "
+        "schedule's t range, in [0, 1] (default: the run's sample.aug_level)",
     )
     p.add_argument("--eta", type=float, help="eta of ddim, dpm++2m-sde or euler-ancestral")
     p.add_argument(
@@ -318,6 +330,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError("--guidance needs a class-conditional run (model.num_classes)")
     if args.guidance_sweep is not None:
         return _guidance_sweep(args, built, sampler, steps, classifier, options)
+    if built.kind.super_resolves:
+        return _cascade(args, built, sampler, steps, options)
+    if any(v is not None for v in (args.base_sampler, args.base_steps, args.aug_level)):
+        raise ValueError("--base-sampler, --base-steps and --aug-level are for super-resolution "
+                         "runs (model.kind=sr)")  # fmt: skip
     if built.kind.conditions_on_images:
         return _image_task(args, built, sampler, steps, options)
     cond = None
@@ -481,6 +498,79 @@ def _image_task(args, built, sampler: str, steps: int, options: dict) -> int:
     return 0
 
 
+def _cascade(args, built, sampler: str, steps: int, options: dict) -> int:
+    """A super-resolution run: the whole cascade (base -> upsample -> augment -> SR), or the
+    SR stage alone on the low-resolution images of --input. Input is checked before work."""
+    import torch
+
+    from difflab import viz
+    from difflab.app.report import cascade_gif, grid_scale
+    from difflab.app.sampling import draw_samples
+    from difflab.data.images import read_images, to_uint8
+    from difflab.schedules import check_choice
+
+    _positive("--base-steps", args.base_steps)
+    _finite("--aug-level", args.aug_level)
+    if args.aug_level is not None and not 0 <= args.aug_level <= 1:
+        raise ValueError(f"--aug-level must be in [0, 1] (a fraction of t), got {args.aug_level}")
+    if args.guidance is not None or args.classifier is not None:
+        raise ValueError("super-resolution runs sample without guidance (--guidance, --classifier)")
+    if args.base_sampler is not None:
+        check_choice("--base-sampler", args.base_sampler, SAMPLER_NAMES)
+    c, h, w = built.data_shape
+    f = built.cfg.model.sr_factor
+    low = None
+    if args.input is not None:
+        if args.base_sampler is not None or args.base_steps is not None:
+            raise ValueError("--input super-resolves given images: no base stage to set")
+        low = read_images(args.input, channels=c)
+        if tuple(low.shape[1:]) != (c, h // f, w // f):
+            raise ValueError(
+                f"{args.input}: images of shape {tuple(low.shape[1:])}, this run super-resolves "
+                f"{(c, h // f, w // f)} to {(c, h, w)}"
+            )
+    else:
+        built.kind.base_stage(built, args.base_sampler, args.base_steps)  # refuses a missing base
+    n = args.n if low is None else low.shape[0]
+    labels = None
+    if args.label is not None:
+        k = built.cfg.model.num_classes
+        if k == 0 or not 0 <= args.label < k:
+            raise ValueError(f"--class needs a class-conditional run, in 0..{k - 1}")
+        labels = torch.full((n,), args.label, dtype=torch.long)
+    cond = {k: v for k, v in (("image", low), ("class", labels)) if v is not None} or None
+    out = _output_path(args, "samples")
+    infos: list = []
+
+    def keep(info: dict) -> None:  # every step of every stage, for the GIF
+        infos.append({key: info[key].float().cpu() for key in ("x", "x0_hat")})
+
+    start = time.perf_counter()
+    x = draw_samples(
+        built, n, sampler=sampler, steps=steps, seed=args.seed, batch_size=args.batch_size,
+        cond=cond, callback=keep if args.gif else None, base_sampler=args.base_sampler,
+        base_steps=args.base_steps, aug_level=args.aug_level, **options,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    png = out.with_suffix(".png")
+    arrays = {"samples": to_uint8(x).numpy()}
+    if low is not None:
+        arrays["low_res"] = to_uint8(low).numpy()
+    _save_npz(out, **arrays)
+    viz.save_image_grid(x[:256], png, scale=grid_scale(x))
+    if args.gif:
+        cascade_gif(infos, x, out.with_suffix(".gif"), low_res=low)
+    what = _what(sampler, steps, n, seconds)
+    what["aug_level"] = built.cfg.sample.aug_level if args.aug_level is None else args.aug_level
+    if low is None:
+        base = built.kind.base_stage(built, args.base_sampler, args.base_steps)
+        what.update(base_sampler=base.sampler, base_steps=base.steps)
+    timing = _save_timing(out, args, built, **what)
+    say(f"wrote {out} and {png}" + (f" and {out.with_suffix('.gif')}" if args.gif else ""))
+    say(_rate_line(n, seconds, timing))
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from difflab.app.config import PRESETS
 
@@ -569,7 +659,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
     built = load_run(args.run_dir, ema=not args.no_ema)
     cfg = built.cfg
-    if not built.kind.has_denoiser or cfg.data.is_toy:
+    if not built.kind.has_denoiser or cfg.data.is_toy or not hasattr(built.model, "config"):
         raise ValueError(f"{args.run_dir}: only image diffusion runs (a U-Net) can be exported")
     finished = args.run_dir / "finished.json"
     info = json.loads(finished.read_text()) if finished.is_file() else {}

@@ -41,6 +41,7 @@ class DataConfig:
     hflip: bool | None = None  # random horizontal flips; None = the dataset's default
     limit: int | None = None  # use only the first N training images (quick experiments)
     image_column: str | None = None  # hf data: the image column (None: first Image feature)
+    downsample: int = 1  # f > 1: f x f box average of every image (a cascade's low-res base)
 
     @property
     def is_toy(self) -> bool:
@@ -49,7 +50,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "mlp"  # mlp | unet | sohl-dickstein | classifier | autoencoder | latent
+    kind: str = "mlp"  # mlp | unet | sohl-dickstein | classifier | autoencoder | latent | sr
     preset: str = "mnist-cpu"  # U-Net size preset (see difflab.nn.unet.UNET_PRESETS)
     hidden: int = 128  # MLP width
     depth: int = 3  # MLP residual blocks
@@ -64,6 +65,10 @@ class ModelConfig:
     rec_loss: str = "l1"  # autoencoder runs: reconstruction loss, l1 | l2
     autoencoder: str | None = None  # latent runs: the trained autoencoder run directory
     latent_scale: float | None = None  # latent runs: 1 / std of the latents, set once from data
+    base: str | None = None  # super-resolution runs: the low-resolution base run (optional)
+    base_config: str | None = None  # SR runs: the base run's config (JSON), stored with it
+    sr_factor: int = 2  # SR runs: output side / input side
+    aug_level_max: float = 0.0  # SR runs: training levels s ~ U[0, max] (fraction of t range)
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class SampleConfig:
     n: int = 5000  # samples drawn for the end-of-training figures and metrics
     eta: float | None = None  # eta of ddim, dpm++2m-sde, euler-ancestral (None: its default)
     threshold: str | None = None  # x0 thresholding to [-1, 1]: None | clip | dynamic (images)
+    aug_level: float = 0.0  # SR runs: augmentation level of the low-res input (fraction of t)
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,7 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.image_size": _above(0),
     "data.channels": ((lambda v: v in (1, 3)), "1 or 3"),
     "data.limit": _above(0),
+    "data.downsample": _above(0),
     "model.hidden": _above(0),
     "model.depth": _above(0),
     "model.dropout": ((lambda v: 0 <= v < 1), "in [0, 1)"),
@@ -203,6 +210,8 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.label_dropout": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
     "model.kl_weight": _at_least(0),
     "model.latent_scale": _above(0),
+    "model.sr_factor": _above(0),
+    "model.aug_level_max": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
     "diffusion.T": _above(0),
     "diffusion.sigma_min": _above(0),
     "diffusion.sigma_max": _above(0),
@@ -224,6 +233,7 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sample.steps": _above(0),
     "sample.n": _above(0),
     "sample.eta": _at_least(0),
+    "sample.aug_level": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
 }
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -321,6 +331,22 @@ PRESETS["mnist-latent-cond"] = replace(
     PRESETS["mnist-latent"],
     preset="mnist-latent-cond",
     model=replace(PRESETS["mnist-latent"].model, num_classes=10, label_dropout=0.1),
+)
+# cascaded diffusion [Ho 2021; Saharia 2021]: a base model of MNIST at 14 x 14 (2 x 2 box
+# averages), then a super-resolution model 14 -> 28 conditioned on the upsampled low-res image,
+# noised to a level s ~ U[0, 0.25 T] that it is told (Gaussian conditioning augmentation;
+# difflab train --preset mnist-sr --set model.base=BASE_RUN); v-prediction with x0 clipping
+PRESETS["mnist-14"] = replace(
+    PRESETS["mnist"],
+    preset="mnist-14",
+    data=DataConfig(name="mnist", downsample=2),
+    model=ModelConfig(kind="unet", preset="mnist-half"),
+)
+PRESETS["mnist-sr"] = replace(
+    PRESETS["mnist"],
+    preset="mnist-sr",
+    model=ModelConfig(kind="sr", preset="mnist-cpu", parameterization="v", aug_level_max=0.25),
+    sample=replace(PRESETS["mnist"].sample, aug_level=0.05),
 )
 PRESETS["fashion-mnist"] = replace(
     PRESETS["mnist"], preset="fashion-mnist", data=DataConfig(name="fashion-mnist")

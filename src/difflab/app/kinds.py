@@ -16,6 +16,9 @@ kind                selected by         what it is
                     autoencoder         [Rombach 2022]
 ``latent-           model.kind=latent   a denoiser on the latents of a frozen autoencoder run;
 diffusion``                             samples are decoded [Rombach 2022]
+``super-            model.kind=sr       a cascade's super-resolution stage, conditioned on the
+resolution``                            augmented low-res image; with a frozen base run it samples
+                                        the whole cascade [Ho 2021; Saharia 2021]
 ==================  ==================  ============================================================
 
 Adding a kind of run is one class here and one entry in :data:`KINDS` (plus its tests); the
@@ -25,6 +28,7 @@ rest of the app layer asks ``built.kind`` and never branches on kind names
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +39,7 @@ from torch import Tensor, nn
 
 import difflab.app.report as report
 from difflab import checkpoint as ckpt
-from difflab.app.build import Built, diffusion_denoiser
+from difflab.app.build import Built, build_schedule, cfg_data_shape, diffusion_denoiser
 from difflab.app.config import RunConfig
 from difflab.app.evaluate import digit_quality
 from difflab.app.sampling import (
@@ -44,6 +48,7 @@ from difflab.app.sampling import (
     guided_denoiser,
     sample_with_denoiser,
 )
+from difflab.cascade import SRStage, Stage, cascade_sample, sr_loss, super_resolve
 from difflab.classifier import build_classifier, classifier_loss
 from difflab.evaluation import DIGIT_DATASETS
 from difflab.image_to_image import cond_channels, degrade
@@ -76,6 +81,8 @@ class RunKind:
         guides_sampling: it is a classifier that guides another run's sampling.
         conditions_on_images: ``difflab sample`` restores conditioning images (``--input``).
         has_likelihood: ``difflab nll`` can score it (a denoiser of the data itself).
+        super_resolves: a cascade's SR stage: ``difflab sample`` runs its base run first, or
+            super-resolves the low-resolution images of ``--input``.
     """
 
     name = ""
@@ -85,6 +92,7 @@ class RunKind:
     guides_sampling = False
     conditions_on_images = False
     has_likelihood = True
+    super_resolves = False
 
     def selects(self, cfg: RunConfig) -> bool:
         """Whether a config is a run of this kind."""
@@ -498,6 +506,171 @@ class LatentDiffusion(DiffusionImage):
         )  # fmt: skip
 
 
+class SRModel(nn.Module):
+    """A super-resolution network and, if the run has one, its base run's frozen network
+    (EMA weights): the run's checkpoints hold both, so the cascade samples on its own."""
+
+    def __init__(self, unet: nn.Module, base: nn.Module | None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.base = None if base is None else base.eval().requires_grad_(False)
+
+
+class SuperResolution(DiffusionImage):
+    """A cascade's super-resolution stage [Ho 2021; Saharia 2021]: a U-Net given the f x f box
+    average of x0, upsampled, noised to a level s ~ U[0, model.aug_level_max * t_max] that the
+    network is told (Gaussian conditioning augmentation, :func:`difflab.cascade.sr_loss`).
+    ``model.base`` names the base run, a diffusion-image run at the low resolution; its config
+    is stored in ``model.base_config`` and its EMA network in this run's checkpoints."""
+
+    name = "super-resolution"
+    has_likelihood = False  # the likelihood is of x given the low-res image
+    data_parallel = False
+    super_resolves = True
+
+    def selects(self, cfg: RunConfig) -> bool:
+        return cfg.model.kind == "sr"
+
+    def check(self, cfg: RunConfig) -> None:
+        super().check(cfg)
+        c, h, w = cfg_data_shape(cfg)
+        f = cfg.model.sr_factor
+        if h % f or w % f:
+            raise ValueError(f"model.sr_factor={f} must divide the image size {h} x {w}")
+        base_cfg = self.base_config(cfg)
+        if base_cfg is None:
+            return
+        where = cfg.model.base or "model.base_config"
+        if type(kind_of(base_cfg)) is not DiffusionImage:
+            raise ValueError(f"{where} is not an image diffusion run (model.kind=unet)")
+        if tuple(cfg_data_shape(base_cfg)) != (c, h // f, w // f):
+            raise ValueError(
+                f"{where} makes images of shape {tuple(cfg_data_shape(base_cfg))}; this run "
+                f"super-resolves {(c, h // f, w // f)} to {(c, h, w)} (model.sr_factor={f})"
+            )
+        if base_cfg.model.num_classes != cfg.model.num_classes:
+            raise ValueError(
+                f"{where} has model.num_classes={base_cfg.model.num_classes}, this run "
+                f"{cfg.model.num_classes}; a cascade's stages take the same labels"
+            )
+
+    @staticmethod
+    def base_config(cfg: RunConfig) -> RunConfig | None:
+        """The base run's config: stored in the run, or read from ``model.base`` (a new run)."""
+        if cfg.model.base_config is not None:
+            try:
+                return RunConfig.from_dict(json.loads(cfg.model.base_config))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"model.base_config is not a run config: {e}") from None
+        if cfg.model.base is None:
+            return None
+        return RunConfig.from_dict(ckpt.read_config(cfg.model.base))
+
+    def unet_options(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
+        return {"cond_channels": channels, "aug_level_embedding": True}
+
+    def build_model(
+        self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
+    ) -> nn.Module:
+        unet = super().build_model(cfg, data_shape, sched)
+        base_cfg = self.base_config(cfg)
+        base = None
+        if base_cfg is not None:
+            base = kind_of(base_cfg).build_model(
+                base_cfg, cfg_data_shape(base_cfg), build_schedule(base_cfg)
+            )
+        return SRModel(unet, base)
+
+    def denoiser(self, cfg: RunConfig, model: nn.Module, schedule: Schedule) -> Any:
+        return diffusion_denoiser(cfg, model.unet, schedule)  # type: ignore[arg-type]
+
+    def on_data(self, built: Built) -> Built:
+        """A new run on a base run: load its EMA weights, store its config and resolved path."""
+        cfg = built.cfg
+        if cfg.model.base is None or cfg.model.base_config is not None:
+            return built
+        c = ckpt.load_checkpoint(cfg.model.base)
+        c.check_finite("ema")
+        built.model.base.load_state_dict(c.tensors["ema"])  # type: ignore[union-attr]
+        base_cfg = self.base_config(cfg)
+        model = replace(
+            cfg.model, base=str(Path(cfg.model.base).resolve()),
+            base_config=json.dumps(base_cfg.to_dict(), sort_keys=True),  # type: ignore[union-attr]
+        )  # fmt: skip
+        return replace(built, cfg=replace(cfg, model=model))
+
+    def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
+        m = built.cfg.model
+        labels = options.pop("cond")
+        return sr_loss(
+            built.denoiser, x0, max_aug_level=m.aug_level_max * built.schedule.t_max,  # type: ignore
+            factor=m.sr_factor, labels=labels, **options,
+        )  # fmt: skip
+
+    def base_stage(
+        self, built: Built, sampler: str | None = None, steps: int | None = None
+    ) -> Stage:
+        """The base run as a cascade stage, sampled with its own sampler and steps unless
+        given (and its own x0 thresholding and eta)."""
+        base_cfg = self.base_config(built.cfg)
+        net = built.model.base
+        if base_cfg is None or net is None:
+            raise ValueError(
+                f"this {built.cfg.preset} run has no base run (model.base): pass low-resolution "
+                "images with --input, or train one with --set model.base=BASE_RUN"
+            )
+        s = base_cfg.sample
+        sampler = sampler or s.sampler
+        options: dict[str, Any] = {"threshold": s.threshold}
+        if s.eta is not None and sampler == s.sampler:
+            options["eta"] = s.eta
+        schedule = build_schedule(base_cfg)
+        return Stage(
+            diffusion_denoiser(base_cfg, net, schedule), schedule, sampler, steps or s.steps,
+            options,
+        )  # fmt: skip
+
+    def draw(
+        self, built: Built, b: int, *, generator: torch.Generator, cond: Any,
+        callback: Any, guidance: float | None, classifier: nn.Module | None,
+        classifier_scale: float, sampler: str, steps: int, base_sampler: str | None = None,
+        base_steps: int | None = None, aug_level: float | None = None, **options: Any,
+    ) -> Tensor:  # fmt: skip
+        """The whole cascade, or only the SR stage when ``cond`` holds low-res "image"s.
+        ``aug_level``: the sampling-time level as a fraction of t_max (default the run's)."""
+        if guidance is not None or classifier is not None:
+            raise ValueError("super-resolution runs sample without guidance")
+        cfg = built.cfg
+        level = cfg.sample.aug_level if aug_level is None else aug_level
+        low, labels = (cond.get("image"), cond.get("class")) if isinstance(cond, dict) else (
+            None, cond)  # fmt: skip
+        sr = SRStage(
+            built.denoiser, built.schedule, sampler, steps, options,  # type: ignore[arg-type]
+            aug_level=level * built.schedule.t_max, factor=cfg.model.sr_factor,
+        )  # fmt: skip
+        if low is not None:
+            return super_resolve(sr, low, generator=generator, labels=labels, callback=callback)
+        base = self.base_stage(built, base_sampler, base_steps)
+        c, h, w = built.data_shape
+        f = cfg.model.sr_factor
+        stage_callback = None if callback is None else (lambda i, info: callback(info))
+        return cascade_sample(
+            base, sr, (b, c, h // f, w // f), generator=generator, labels=labels,
+            callback=stage_callback, device=built.device,
+        )[-1]  # fmt: skip
+
+    def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
+        seed = built.cfg.train.seed
+        out = report.super_resolution_figure(built, run_dir / "super_resolution.png", seed=seed)
+        log(f"PSNR super-resolved {out['psnr']:.2f} dB, upsampled {out['psnr_upsampled']:.2f} dB")
+        if built.model.base is not None:  # the whole cascade
+            report.grid_figure(built, run_dir / "samples.png", seed=seed)
+        return {"psnr": out["psnr"], "psnr_upsampled": out["psnr_upsampled"]}
+
+    def progress_figure(self, built: Built, path: Path, *, seed: int) -> None:
+        report.super_resolution_figure(built, path, seed=seed)
+
+
 KINDS: dict[str, RunKind] = {
     k.name: k
     for k in (
@@ -508,6 +681,7 @@ KINDS: dict[str, RunKind] = {
         Classifier(),
         AutoencoderRun(),
         LatentDiffusion(),
+        SuperResolution(),
     )
 }
 
@@ -519,5 +693,5 @@ def kind_of(cfg: RunConfig) -> RunKind:
             return kind
     raise ValueError(
         f"unknown model.kind {cfg.model.kind!r}; choose one of: mlp, unet, sohl-dickstein, "
-        "classifier, autoencoder, latent"
+        "classifier, autoencoder, latent, sr"
     )

@@ -8,7 +8,9 @@ MMD of ``sample.n`` samples to fresh data next to the same distances between two
 Image runs: ``samples.png`` (grid), ``denoising.gif`` and ``loss.png``; class-conditional runs
 also ``guidance.png`` (a row per class, a block per classifier-free guidance scale).
 Image-to-image runs (``model.image_task``): ``samples.png`` with rows degraded / restored /
-original and the PSNRs in ``finished.json``. Classifier runs: ``loss.png`` and the accuracy on
+original and the PSNRs in ``finished.json``. Super-resolution runs: ``super_resolution.png``
+(rows low-res / super-resolved / original, PSNRs in ``finished.json``) and, with a base run,
+``samples.png`` of the whole cascade. Classifier runs: ``loss.png`` and the accuracy on
 noisy test images x_t in ``finished.json``. Each kind of run (:mod:`difflab.app.kinds`) says
 which of these pieces its report is made of.
 """
@@ -29,6 +31,7 @@ from torch import Tensor
 from difflab import viz
 from difflab.app.build import Built, build_data
 from difflab.app.sampling import draw_samples
+from difflab.cascade import downsample_images, upsample_images
 from difflab.checkpoint import read_metrics
 from difflab.classifier import noisy_accuracy
 from difflab.data.toy import sample_toy, toy_density
@@ -47,6 +50,8 @@ __all__ = [
     "reconstruction_figure",
     "restoration_figure",
     "scatter_figure",
+    "super_resolution_figure",
+    "cascade_gif",
     "toy_quality",
     "trajectory",
 ]
@@ -355,3 +360,61 @@ def guidance_sweep_figure(
     axes[0][0].set_ylabel("class")
     fig.tight_layout()
     viz.save_figure(fig, path)
+
+
+def super_resolution_figure(
+    built: Built,
+    path: Path,
+    *,
+    n: int = 16,
+    seed: int = 0,
+    sampler: str | None = None,
+    steps: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Super-resolve the box-downsampled first n evaluation images with an SR run.
+
+    Saves a grid with rows low-res (nearest-neighbour upsampled) / super-resolved / original;
+    returns {"samples", "psnr" (of the SR output), "psnr_upsampled" (of the bilinear
+    upsampling, the baseline)} against the originals.
+    """
+    cfg = built.cfg
+    f = cfg.model.sr_factor
+    x0, _ = evaluation_images(built, n)
+    y = downsample_images(x0, f)
+    x = draw_samples(
+        built, y.shape[0], sampler=sampler or cfg.sample.sampler, steps=steps or cfg.sample.steps,
+        seed=seed, cond={"image": y}, **options,
+    )  # fmt: skip
+    rows = [upsample_images(y[:16], f, "nearest"), x[:16], x0[:16]]
+    viz.save_image_grid(torch.cat(rows), path, nrow=rows[0].shape[0], scale=2)
+    return {"samples": x, "psnr": _psnr(x, x0), "psnr_upsampled": _psnr(upsample_images(y, f), x0)}
+
+
+def cascade_gif(
+    infos: list[dict[str, Tensor]], x: Tensor, path: Path, *, low_res: Tensor | None = None
+) -> None:
+    """The denoising GIF of a cascade, each frame a low-res panel beside a full-size one.
+
+    ``infos``: the sampler callback dicts of every stage in order ({"x", "x0_hat"}); states
+    smaller than the samples ``x`` (B, C, H, W) are the base stage's. Base frames show its
+    state (nearest-neighbour upsampled) beside a blank panel; SR frames show the base's final
+    estimate (or the given ``low_res`` images) beside the SR state; the last frame shows x.
+    """
+    k, size = min(64, x.shape[0]), x.shape[-1]
+
+    def up(t: Tensor) -> Tensor:
+        return upsample_images(t[:k].float().clamp(-1, 1), size // t.shape[-1], "nearest")
+
+    blank = torch.full_like(x[:k], -1.0)
+    left = None if low_res is None else up(low_res)
+    frames = []
+    for info in infos:
+        if info["x"].shape[-1] < size:  # the base stage
+            frames.append(torch.cat([up(info["x"]), blank], dim=-1))
+            left = up(info["x0_hat"])
+        else:
+            shown = blank if left is None else left
+            frames.append(torch.cat([shown, info["x"][:k].float().clamp(-1, 1)], dim=-1))
+    frames.append(torch.cat([blank if left is None else left, x[:k]], dim=-1))
+    viz.image_trajectory_gif(frames, path, scale=grid_scale(x))

@@ -53,6 +53,8 @@ def check_config(cfg: RunConfig) -> None:
     if cfg.diffusion.sigma_min >= cfg.diffusion.sigma_max:
         raise ValueError("diffusion.sigma_min must be below diffusion.sigma_max")
     resolve_device(cfg.train.device)
+    if cfg.data.is_toy and cfg.data.downsample != 1:
+        raise ValueError("data.downsample applies to images, not to 2-D data")
     cfg_data_shape(cfg)
     if cfg.sample.threshold is not None:
         check_choice("sample.threshold", cfg.sample.threshold, THRESHOLD_MODES)

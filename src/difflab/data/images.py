@@ -28,6 +28,7 @@ import pickle
 import struct
 import tarfile
 import warnings
+import zipfile
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ __all__ = [
     "read_idx",
     "to_uint8",
     "to_unit_range",
+    "read_images",
 ]
 
 ImageDatasetName = Literal["mnist", "fashion-mnist", "cifar10", "folder", "hf"]
@@ -511,6 +513,44 @@ IMAGE_SOURCES: dict[str, ImageSource] = {
     "folder": ImageSource(_read_image_folder, hflip=True),
     "hf": ImageSource(_read_hf, hflip=True, image_column=True),
 }
+
+
+def read_images(path: str | Path, *, channels: int) -> Tensor:
+    """Images given by a user, as float (N, C, H, W) in [-1, 1]: one image file, a folder of
+    image files (sorted by path, read as an image folder data set, all of one size), or an
+    .npz whose ``images`` (or ``samples``, as ``difflab sample`` writes) array holds uint8 in
+    [0, 255] or floats in [-1, 1], shaped (N, C, H, W) or (N, H, W)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npz" and path.is_file():
+        try:
+            with np.load(path) as data:
+                key = next((k for k in ("images", "samples") if k in data), None)
+                if key is None:
+                    raise ValueError(f"{path} has no 'images' or 'samples' array")
+                array = data[key]
+        except (OSError, zipfile.BadZipFile, EOFError) as err:
+            raise ValueError(f"{path}: not a readable .npz ({err})") from err
+        x = torch.from_numpy(array[:, None] if array.ndim == 3 else array)
+        if x.ndim != 4:
+            raise ValueError(f"{path}: '{key}' must be (N, C, H, W), got {tuple(array.shape)}")
+        x = to_unit_range(x) if x.dtype == torch.uint8 else x.float()
+        if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > 1.0 + 1e-6:
+            raise ValueError(f"{path}: float images must be finite and in [-1, 1]")
+        return x
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        files = [path]
+    else:
+        raise ValueError(
+            f"{path} is not an image file ({', '.join(IMAGE_EXTENSIONS)}), a folder of them, "
+            "or an .npz"
+        )
+    images, _ = _decode_images(
+        ((str(p), p) for p in files), channels=channels, image_size=None, on_error="raise",
+        where=f"({', '.join(IMAGE_EXTENSIONS)}) under {path}",
+    )  # fmt: skip
+    return to_unit_range(images)
 
 
 def load_image_dataset(
