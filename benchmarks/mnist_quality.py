@@ -123,11 +123,15 @@ def main() -> None:
         notes = (
             "FDD: Frechet distance to the 10,000 MNIST test images in the features of "
             "difflab's cached digit classifier (lower is better; the floor row is real "
-            "training images at the same n). Training on CPU with the preset's recipe "
-            f"{' '.join(args.set) or '(no overrides)'}; EMA weights sampled."
+            f"training images at the same n). Training and sampling on {args.device} with the "
+            f"preset's recipe {' '.join(args.set) or '(no overrides)'}; EMA weights sampled."
         )
-        record(f"MNIST quality after {args.minutes:g} min of training", table,
-               path=args.append, notes=notes)  # fmt: skip
+        title = (
+            f"MNIST quality of the run {args.run_dir}"
+            if args.no_train
+            else f"MNIST quality after {args.minutes:g} min of training"
+        )
+        record(title, table, path=args.append, notes=notes)
 
 
 if __name__ == "__main__":

@@ -187,6 +187,9 @@ def test_cuda_graph_on_a_cpu_run_is_one_line(tiny_run, capsys):
     code = main(["sample", str(tiny_run), "--n", "8", "--cuda-graph", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "--cuda-graph needs a CUDA device" in err and "\n" not in err, err
+    code = main(["sample", str(tiny_run), "--n", "8", "--cuda-graph", "--compile"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "cannot be combined" in err and "\n" not in err, err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

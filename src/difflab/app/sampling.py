@@ -58,6 +58,8 @@ def draw_samples(
     ``cuda_graph``: replay one captured CUDA graph of the network per batch shape
     (:class:`difflab.inference.GraphedNetwork`; CUDA devices only).
     """
+    if cuda_graph and compile:  # measured: the two together changed the samples on a GPU
+        raise ValueError("--cuda-graph and --compile cannot be combined; choose one")
     if cuda_graph and built.device.type != "cuda":
         raise ValueError(f"--cuda-graph needs a CUDA device; this run samples on {built.device}")
     options.setdefault("threshold", built.cfg.sample.threshold)
