@@ -244,6 +244,7 @@ def test_eval_scores_samples_of_the_whole_cascade(runs, tmp_path, monkeypatch):
 
     scored = []
     monkeypatch.setattr(kinds, "digit_quality", lambda built, x: scored.append(x) or {"fdd": 0.0})
+    monkeypatch.setattr(kinds, "check_digit_scoring", lambda built: None)  # synthetic data
     assert main(["eval", str(runs["sr"]), "--n", "4", "--no-progress"]) == 0
     out = tmp_path / "s.npz"
     assert main(["sample", str(runs["sr"]), "--n", "4", "--out", str(out)]) == 0
@@ -251,6 +252,21 @@ def test_eval_scores_samples_of_the_whole_cascade(runs, tmp_path, monkeypatch):
 
     assert np.array_equal(to_uint8(scored[0]).numpy(), _samples(out))
     assert main(["eval", str(runs["alone"]), "--n", "4", "--no-progress"]) == 2
+
+
+def test_eval_refuses_a_14x14_base_before_drawing_a_sample(runs, monkeypatch, capsys):
+    """The digit classifier scores 28x28 digits: a base run at 14x14 is refused in one line
+    before any sampling time is spent."""
+    import difflab.app.kinds as kinds
+
+    def must_not_sample(*args, **kwargs):
+        raise AssertionError("sampled before refusing")
+
+    monkeypatch.setattr(kinds, "draw_samples", must_not_sample)
+    capsys.readouterr()
+    assert main(["eval", str(runs["base"]), "--n", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "difflab: error:" in err, err
 
 
 def test_nll_and_export_refuse_an_sr_run_in_one_line(runs, tmp_path, capsys):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from difflab.app.build import Built, build_data
+from difflab.app.build import Built, build_data, cfg_data_shape
 from difflab.app.sampling import ImageBar
 from difflab.data.toy import sample_toy
 from difflab.evaluation import DIGIT_DATASETS, frechet_digit_distance, load_or_train_classifier
@@ -60,15 +60,28 @@ def evaluate_quality(
     return out
 
 
-def digit_quality(built: Built, x: torch.Tensor) -> dict[str, Any]:
-    """The Frechet digit distance of samples ``x`` to the test split, and the real-vs-real
-    floor at the same size (digit datasets only)."""
+def check_digit_scoring(built: Built) -> None:
+    """Raise a one-line ValueError unless the run makes 28x28 digits that the digit
+    classifier can score (called before any sample is drawn)."""
     cfg = built.cfg
     if cfg.data.name not in DIGIT_DATASETS:
         raise ValueError(
             f"difflab eval knows digit datasets and 2-D data; {cfg.data.name!r} needs a "
             "feature extractor (use difflab.metrics.frechet_distance with your own)"
         )
+    shape = cfg_data_shape(cfg)  # the images of the data set (a latent run decodes to them)
+    if shape != (1, 28, 28):
+        raise ValueError(
+            f"difflab eval scores 28x28 digits; this run makes {shape} images "
+            "(evaluate the cascade's super-resolution run instead)"
+        )
+
+
+def digit_quality(built: Built, x: torch.Tensor) -> dict[str, Any]:
+    """The Frechet digit distance of samples ``x`` to the test split, and the real-vs-real
+    floor at the same size (digit datasets only)."""
+    check_digit_scoring(built)
+    cfg = built.cfg
     data_dir = cfg.data.data_dir or f"data/{cfg.data.name}"
     net = load_or_train_classifier(data_dir=data_dir, dataset=cfg.data.name)  # type: ignore
     test = build_data(cfg, train=False)

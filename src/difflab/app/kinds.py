@@ -41,7 +41,7 @@ import difflab.app.report as report
 from difflab import checkpoint as ckpt
 from difflab.app.build import Built, build_schedule, cfg_data_shape, diffusion_denoiser
 from difflab.app.config import RunConfig
-from difflab.app.evaluate import digit_quality
+from difflab.app.evaluate import check_digit_scoring, digit_quality
 from difflab.app.sampling import (
     draw_samples,
     finite_samples,
@@ -182,7 +182,11 @@ class RunKind:
 
     def quality(self, built: Built, *, n: int, seed: int, **sampling: Any) -> dict[str, Any]:
         """``difflab eval``: quality metrics of n samples drawn with ``sampling`` options."""
+        self.check_score(built)
         return self.score(built, draw_samples(built, n, seed=seed, **sampling), seed=seed)
+
+    def check_score(self, built: Built) -> None:
+        """Refuse, before any sample is drawn, a run that ``score`` cannot score."""
 
     def score(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
         """Quality metrics of the samples ``x``."""
@@ -277,6 +281,9 @@ class DiffusionImage(RunKind):
 
     def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
         return report.images_report(built, run_dir, log=log)
+
+    def check_score(self, built: Built) -> None:
+        check_digit_scoring(built)
 
     def score(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
         return digit_quality(built, x)
