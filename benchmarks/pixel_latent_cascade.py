@@ -56,10 +56,8 @@ def train_recipe(name: str, args: argparse.Namespace) -> tuple[Path, str]:
         used += frac
         run = args.out_dir / f"{name}-{preset}"
         sets = [o.format(prev=prev) for o in overrides]
-        steps, img_s, seconds = train_for(
-            preset, frac * args.minutes, run, args.data_dir, sets, args.device
-        )
-        parts.append(f"`{preset}` {steps} steps / {seconds:.0f} s")
+        steps, _, _ = train_for(preset, frac * args.minutes, run, args.data_dir, sets, args.device)
+        parts.append(f"`{preset}` {frac * args.minutes:g} min, {steps} steps")
         prev = run
     assert prev is not None
     return prev, ", ".join(parts)
