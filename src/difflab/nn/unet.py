@@ -38,6 +38,7 @@ from difflab.nn.layers import (
     TimeEmbeddingKind,
     add_class_embedding,
     aug_level_from_cond,
+    check_image_batch,
     group_norm,
     split_cond,
     zero_,
@@ -295,17 +296,10 @@ class UNet(nn.Module):
         self, x: Tensor, t: Tensor, cond: Tensor | dict[str, Tensor] | None = None
     ) -> Tensor:
         cfg = self.config
-        factor = cfg.patch_size * 2 ** (len(cfg.channel_mult) - 1)
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(
-                f"x must have shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}"
-            )
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(
-                f"image height and width must be divisible by {factor} "
-                f"(patch_size * 2^(levels-1) for {len(cfg.channel_mult)} levels), "
-                f"got {tuple(x.shape[2:])}"
-            )
+        levels = len(cfg.channel_mult)
+        factor = cfg.patch_size * 2 ** (levels - 1)
+        why = f"{factor} (patch_size * 2^(levels-1) for {levels} levels)"
+        check_image_batch(x, cfg.in_channels, factor, factor_name=why)
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         labels, image = split_cond(cond)
@@ -432,13 +426,7 @@ class BasicUNet(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, cond: Tensor | dict[str, Tensor] | None = None
     ) -> Tensor:
-        factor = 2 ** (self.levels - 1)
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
-            )
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"image height and width must be divisible by {factor}")
+        check_image_batch(x, self.in_channels, 2 ** (self.levels - 1))
         if cond is not None:
             raise ValueError("BasicUNet is unconditional; cond must be None")
         h, skips = x, []
