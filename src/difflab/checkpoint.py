@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
-import json
 import os
 import re
 import secrets
@@ -54,6 +53,7 @@ from difflab.safe_io import (  # noqa: F401  (re-exported: the run-directory API
     fsync_dir,
     json_bytes,
     one_line,
+    read_json_object,
     read_metrics,
     write_file,
 )
@@ -268,18 +268,13 @@ class Checkpoint:
 
 def _read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     path = ckpt_dir / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: manifest missing (incomplete checkpoint)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable manifest ({one_line(e)})") from e
+    manifest = read_json_object(
+        path, missing="manifest missing (incomplete checkpoint)", invalid="unreadable manifest"
+    )
 
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{path}: unreadable manifest ({what})")
 
-    if not isinstance(manifest, dict):
-        raise bad("not a JSON object")
     version = manifest.get("format_version")
     if type(version) is not int or version < 1:
         raise bad("missing or invalid format_version")
@@ -412,16 +407,11 @@ def load_checkpoint(
 # ----------------------------------------------------------------------------- run directories
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Read ``RUN_DIR/config.json`` (a JSON object)."""
-    path = Path(run_dir) / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found (not a difflab run directory?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({one_line(e)})") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(
+        Path(run_dir) / "config.json",
+        missing="not found (not a difflab run directory?)",
+        invalid="invalid JSON",
+    )
 
 
 def is_finished(run_dir: str | os.PathLike) -> bool:

@@ -32,6 +32,7 @@ __all__ = [
     "json_bytes",
     "one_line",
     "os_error_line",
+    "read_json_object",
     "read_metrics",
     "say",
     "write_file",
@@ -181,6 +182,23 @@ def json_bytes(obj: Any, what: str) -> bytes:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """:func:`atomic_write_bytes` for a JSON document (indented, UTF-8)."""
     atomic_write_bytes(path, json_bytes(obj, str(path)))
+
+
+def read_json_object(
+    path: Path, *, missing: str, invalid: str, error: type[Exception] = CheckpointError
+) -> dict[str, Any]:
+    """The JSON object in the UTF-8 file ``path``. A one-line ``error`` names the file:
+    ``"PATH: {missing}"`` when it does not exist, ``"PATH: {invalid} (cause)"`` when it cannot
+    be read or parsed, ``"PATH: expected a JSON object, got TYPE"`` for another JSON value."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: {invalid} ({one_line(e)})") from e
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -69,6 +69,23 @@ def _fixed(**kwargs: Any) -> Mapping[str, Any]:
 
 _DPM = "difflab.samplers.dpm_solver"
 _EDM = "difflab.samplers.edm"
+# dpm++3m and heun are these samplers with another fixed option
+_DPMPP_2M = SamplerSpec(
+    "dpm++2m",
+    f"{_DPM}:dpm_solver_pp",
+    ("lower_order_final",),
+    "karras",
+    fixed=_fixed(order=2),
+    paper="Lu 2022b, Algorithm 2",
+)
+_EULER = SamplerSpec(
+    "euler",
+    f"{_EDM}:edm_sampler",
+    ("s_churn", "s_tmin", "s_tmax", "s_noise"),
+    "karras",
+    fixed=_fixed(second_order=False),
+    paper="Karras 2022, Algorithm 2 without the 2nd-order correction",
+)
 
 SAMPLER_TABLE: dict[str, SamplerSpec] = {
     spec.name: spec
@@ -87,21 +104,9 @@ SAMPLER_TABLE: dict[str, SamplerSpec] = {
             "trailing",
             paper="Song 2021, Eq. 12",
         ),
-        SamplerSpec(
-            "dpm++2m",
-            f"{_DPM}:dpm_solver_pp",
-            ("lower_order_final",),
-            "karras",
-            fixed=_fixed(order=2),
-            paper="Lu 2022b, Algorithm 2",
-        ),
-        SamplerSpec(
-            "dpm++3m",
-            f"{_DPM}:dpm_solver_pp",
-            ("lower_order_final",),
-            "karras",
-            fixed=_fixed(order=3),
-            paper="Lu 2022b, multistep of order 3",
+        _DPMPP_2M,
+        replace(
+            _DPMPP_2M, name="dpm++3m", fixed=_fixed(order=3), paper="Lu 2022b, multistep of order 3"
         ),
         SamplerSpec(
             "dpm++2s",
@@ -119,19 +124,10 @@ SAMPLER_TABLE: dict[str, SamplerSpec] = {
             fixed=_fixed(order=2),
             paper="Lu 2022b, SDE-DPM-Solver++(2M)",
         ),
-        SamplerSpec(
-            "euler",
-            f"{_EDM}:edm_sampler",
-            ("s_churn", "s_tmin", "s_tmax", "s_noise"),
-            "karras",
-            fixed=_fixed(second_order=False),
-            paper="Karras 2022, Algorithm 2 without the 2nd-order correction",
-        ),
-        SamplerSpec(
-            "heun",
-            f"{_EDM}:edm_sampler",
-            ("s_churn", "s_tmin", "s_tmax", "s_noise"),
-            "karras",
+        _EULER,
+        replace(
+            _EULER,
+            name="heun",
             evals_per_step=2,
             fixed=_fixed(second_order=True),
             paper="Karras 2022, Algorithm 2",

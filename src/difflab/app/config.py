@@ -267,6 +267,17 @@ def _toy(name: str) -> RunConfig:
     return RunConfig(preset=name, data=DataConfig(name=name))
 
 
+def _derive(base: str, name: str, **sections: dict[str, Any] | Any) -> RunConfig:
+    """Preset ``name``: preset ``base`` with, per section, the given fields changed
+    (``model={"num_classes": 10}``) or the section given whole (``train=TrainConfig(...)``)."""
+    cfg = PRESETS[base]
+    changed = {
+        key: replace(getattr(cfg, key), **value) if isinstance(value, dict) else value
+        for key, value in sections.items()
+    }
+    return replace(cfg, preset=name, **changed)
+
+
 PRESETS: dict[str, RunConfig] = {name: _toy(name) for name in TOY_NAMES}
 PRESETS["swissroll-sd2015"] = RunConfig(
     preset="swissroll-sd2015",
@@ -294,91 +305,74 @@ PRESETS["mnist"] = RunConfig(
     # stochastic sampling beats the ODE on briefly trained models (BENCHMARKS.md)
     sample=SampleConfig(sampler="ddpm", steps=100, n=64, threshold="clip"),
 )
-PRESETS["mnist-cond"] = replace(
-    PRESETS["mnist"],
-    preset="mnist-cond",
-    model=ModelConfig(kind="unet", preset="mnist-cpu", num_classes=10, label_dropout=0.1),
+PRESETS["mnist-cond"] = _derive(
+    "mnist", "mnist-cond", model={"num_classes": 10, "label_dropout": 0.1}
 )
 # noise-aware classifier for classifier guidance [Dhariwal & Nichol 2021]: the U-Net's encoder
-PRESETS["mnist-classifier"] = replace(
-    PRESETS["mnist"],
-    preset="mnist-classifier",
-    model=ModelConfig(kind="classifier", preset="mnist-cpu", num_classes=10),
-    train=replace(PRESETS["mnist"].train, steps=5000),
+PRESETS["mnist-classifier"] = _derive(
+    "mnist",
+    "mnist-classifier",
+    model={"kind": "classifier", "num_classes": 10},
+    train={"steps": 5000},
 )
 # Palette [Saharia 2022]: restore blurred, noisy digits (degraded on the fly, see image_to_image)
-PRESETS["mnist-restore"] = replace(
-    PRESETS["mnist"],
-    preset="mnist-restore",
-    model=ModelConfig(kind="unet", preset="mnist-cpu", image_task="restore"),
-)
+PRESETS["mnist-restore"] = _derive("mnist", "mnist-restore", model={"image_task": "restore"})
 # latent diffusion [Rombach 2022]: a KL autoencoder (28x28x1 -> 14x14x4), then a diffusion
 # model on its frozen encoder's latents (difflab train --preset mnist-latent
 # --set model.autoencoder=AE_RUN); latents are not in [-1, 1], so no x0 clipping
-PRESETS["mnist-ae"] = replace(
-    PRESETS["mnist"],
-    preset="mnist-ae",
-    model=ModelConfig(kind="autoencoder", ae_preset="mnist-f2c4"),
-    train=replace(PRESETS["mnist"].train, lr=1e-3, ema_half_life=10_000.0),
+PRESETS["mnist-ae"] = _derive(
+    "mnist",
+    "mnist-ae",
+    model={"kind": "autoencoder", "ae_preset": "mnist-f2c4"},
+    train={"lr": 1e-3, "ema_half_life": 10_000.0},
 )
-PRESETS["mnist-latent"] = replace(
-    PRESETS["mnist"],
-    preset="mnist-latent",
-    model=ModelConfig(kind="latent", preset="mnist-half", ae_preset="mnist-f2c4"),
-    sample=replace(PRESETS["mnist"].sample, threshold=None),
+PRESETS["mnist-latent"] = _derive(
+    "mnist",
+    "mnist-latent",
+    model={"kind": "latent", "preset": "mnist-half", "ae_preset": "mnist-f2c4"},
+    sample={"threshold": None},
 )
-PRESETS["mnist-latent-cond"] = replace(
-    PRESETS["mnist-latent"],
-    preset="mnist-latent-cond",
-    model=replace(PRESETS["mnist-latent"].model, num_classes=10, label_dropout=0.1),
+PRESETS["mnist-latent-cond"] = _derive(
+    "mnist-latent", "mnist-latent-cond", model={"num_classes": 10, "label_dropout": 0.1}
 )
 # cascaded diffusion [Ho 2021; Saharia 2021]: a base model of MNIST at 14 x 14 (2 x 2 box
 # averages), then a super-resolution model 14 -> 28 conditioned on the upsampled low-res image,
 # noised to a level s ~ U[0, 0.25 T] that it is told (Gaussian conditioning augmentation;
 # difflab train --preset mnist-sr --set model.base=BASE_RUN); v-prediction with x0 clipping
-PRESETS["mnist-14"] = replace(
-    PRESETS["mnist"],
-    preset="mnist-14",
-    data=DataConfig(name="mnist", downsample=2),
-    model=ModelConfig(kind="unet", preset="mnist-half"),
+PRESETS["mnist-14"] = _derive(
+    "mnist", "mnist-14", data={"downsample": 2}, model={"preset": "mnist-half"}
 )
-PRESETS["mnist-sr"] = replace(
-    PRESETS["mnist"],
-    preset="mnist-sr",
-    model=ModelConfig(kind="sr", preset="mnist-cpu", parameterization="v", aug_level_max=0.25),
-    sample=replace(PRESETS["mnist"].sample, aug_level=0.05),
+PRESETS["mnist-sr"] = _derive(
+    "mnist",
+    "mnist-sr",
+    model={"kind": "sr", "parameterization": "v", "aug_level_max": 0.25},
+    sample={"aug_level": 0.05},
 )
-PRESETS["fashion-mnist"] = replace(
-    PRESETS["mnist"], preset="fashion-mnist", data=DataConfig(name="fashion-mnist")
-)
-PRESETS["cifar10"] = RunConfig(
-    preset="cifar10",
-    data=DataConfig(name="cifar10"),
-    model=ModelConfig(kind="unet", preset="ddpm-cifar10"),
-    diffusion=DiffusionConfig(schedule="linear", T=1000),
+PRESETS["fashion-mnist"] = _derive("mnist", "fashion-mnist", data={"name": "fashion-mnist"})
+# the MNIST preset at DDPM's CIFAR-10 scale
+PRESETS["cifar10"] = _derive(
+    "mnist",
+    "cifar10",
+    data={"name": "cifar10"},
+    model={"preset": "ddpm-cifar10"},
     # DDPM: Adam 2e-4, batch 128, 800k steps, warm-up 5000, EMA 0.9999 (= half-life 887k images)
-    train=TrainConfig(
-        steps=800_000,
-        batch_size=128,
-        lr=2e-4,
-        warmup_steps=5000,
-        ema_half_life=887_000.0,
-        log_every=100,
-        ckpt_every=5000,
-        sample_every=10_000,
-    ),
-    sample=SampleConfig(sampler="ddim", steps=100, n=64, threshold="clip"),
+    train={
+        "steps": 800_000,
+        "batch_size": 128,
+        "lr": 2e-4,
+        "warmup_steps": 5000,
+        "ema_half_life": 887_000.0,
+        "log_every": 100,
+        "ckpt_every": 5000,
+        "sample_every": 10_000,
+    },
+    sample={"sampler": "ddim"},
 )
-PRESETS["cifar10-colorize"] = replace(
-    PRESETS["cifar10"],
-    preset="cifar10-colorize",
-    model=ModelConfig(kind="unet", preset="ddpm-cifar10", image_task="colorize"),
+PRESETS["cifar10-colorize"] = _derive(
+    "cifar10", "cifar10-colorize", model={"image_task": "colorize"}
 )
-PRESETS["folder"] = replace(
-    PRESETS["cifar10"],
-    preset="folder",
-    data=DataConfig(name="folder", image_size=32, channels=3),
-    model=ModelConfig(kind="unet", preset="ddpm-cifar10"),
+PRESETS["folder"] = _derive(
+    "cifar10", "folder", data={"name": "folder", "image_size": 32, "channels": 3}
 )
 # The Hugging Face diffusion course's first model (Unit 1, "Introduction to Diffusers",
 # github.com/huggingface/diffusion-models-class): the 1000 Smithsonian butterflies at 32 x 32
@@ -390,8 +384,9 @@ PRESETS["folder"] = replace(
 # centre-cropped (as every difflab image source) and the network is DDPM's CIFAR-10 U-Net at
 # the same resolution; difflab keeps an EMA copy for sampling. Needs internet for the data
 # (pip install 'difflab[hf]'); a save_to_disk copy works offline with --data-dir DIR.
-PRESETS["butterflies"] = RunConfig(
-    preset="butterflies",
+PRESETS["butterflies"] = _derive(
+    "cifar10",
+    "butterflies",
     data=DataConfig(
         name="hf",
         data_dir="hf:huggan/smithsonian_butterflies_subset",
@@ -399,8 +394,7 @@ PRESETS["butterflies"] = RunConfig(
         channels=3,
         hflip=True,
     ),
-    model=ModelConfig(kind="unet", preset="ddpm-cifar10"),
-    diffusion=DiffusionConfig(schedule="cosine", T=1000),
+    diffusion={"schedule": "cosine"},
     train=TrainConfig(
         steps=480,
         batch_size=64,
@@ -411,7 +405,7 @@ PRESETS["butterflies"] = RunConfig(
         log_every=16,
         ckpt_every=160,
     ),
-    sample=SampleConfig(sampler="ddpm", steps=1000, n=64, threshold="clip"),
+    sample={"sampler": "ddpm", "steps": 1000},
 )
 
 

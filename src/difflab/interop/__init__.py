@@ -2,44 +2,12 @@
 
 - :mod:`difflab.interop.diffusers`: diffusers ``UNet2DModel`` folders in (config, weights,
   scheduler), difflab runs out (:func:`export_to_diffusers`), and :func:`import_to_run`.
+
+The package re-exports the public names (``__all__``) of each adapter module.
 """
 
-from difflab.interop.diffusers import (
-    DiffusersModel,
-    DiffusersTimeDenoiser,
-    diffusers_config_from_unet,
-    diffusers_timestep,
-    load_diffusers,
-    schedule_from_diffusers,
-    scheduler_config_from_schedule,
-    state_dict_from_diffusers,
-    state_dict_to_diffusers,
-    unet_config_from_diffusers,
-)
-from difflab.interop.diffusers_export import (
-    ImportedRun,
-    ModelCardInfo,
-    closest_preset,
-    export_to_diffusers,
-    import_to_run,
-    model_card,
-)
+from difflab.interop import diffusers, diffusers_export
+from difflab.interop.diffusers import *  # noqa: F403 (the names of diffusers.__all__)
+from difflab.interop.diffusers_export import *  # noqa: F403 (the names of its __all__)
 
-__all__ = [
-    "DiffusersModel",
-    "ImportedRun",
-    "ModelCardInfo",
-    "closest_preset",
-    "export_to_diffusers",
-    "import_to_run",
-    "model_card",
-    "DiffusersTimeDenoiser",
-    "diffusers_config_from_unet",
-    "diffusers_timestep",
-    "load_diffusers",
-    "schedule_from_diffusers",
-    "scheduler_config_from_schedule",
-    "state_dict_from_diffusers",
-    "state_dict_to_diffusers",
-    "unet_config_from_diffusers",
-]
+__all__ = [*diffusers.__all__, *diffusers_export.__all__]

@@ -29,7 +29,6 @@ order along the output channels, with heads as consecutive channel groups in bot
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch import Tensor
 
 from difflab.nn.unet import UNet, UNetConfig, validate_config
 from difflab.parameterization import ModelDenoiser, Parameterization
+from difflab.safe_io import read_json_object
 from difflab.schedules import DiscreteSchedule, Schedule, make_betas, rescale_zero_terminal_snr
 
 __all__ = [
@@ -621,15 +621,9 @@ class DiffusersModel:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not readable JSON: {err}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return obj
+    return read_json_object(
+        path, missing="not found", invalid="not readable JSON", error=ValueError
+    )
 
 
 def _diffusers_paths(folder: Path) -> tuple[Path, Path]:

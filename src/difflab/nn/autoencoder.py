@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from difflab._util import check_choice
 from difflab.likelihood import normal_kl
-from difflab.nn.layers import AttentionBlock, group_norm, zero_
+from difflab.nn.layers import AttentionBlock, check_image_batch, group_norm, zero_
 from difflab.nn.unet import Downsample, Upsample
 
 __all__ = [
@@ -252,16 +252,8 @@ class Autoencoder(nn.Module):
         return (self.config.latent_channels, image_shape[-2] // f, image_shape[-1] // f)
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
-        cfg, f = self.config, self.downsample_factor
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(
-                f"x must have shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}"
-            )
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(
-                f"image height and width must be divisible by the factor f = {f}, "
-                f"got {tuple(x.shape[2:])}"
-            )
+        f = self.downsample_factor
+        check_image_batch(x, self.config.in_channels, f, factor_name=f"the factor f = {f}")
         return DiagonalGaussian.from_moments(self.encoder(x))
 
     def decode(self, z: Tensor) -> Tensor:

@@ -262,6 +262,18 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out)
 
 
+def check_image_batch(x: Tensor, channels: int, factor: int, *, factor_name: str = "") -> None:
+    """A one-line ``ValueError`` unless ``x`` is (B, channels, H, W) with H and W divisible by
+    ``factor`` (the sizes a network halves); ``factor_name`` says in the message what it is."""
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"x must have shape (B, {channels}, H, W), got {tuple(x.shape)}")
+    if x.shape[2] % factor or x.shape[3] % factor:
+        raise ValueError(
+            f"image height and width must be divisible by {factor_name or factor}, "
+            f"got {tuple(x.shape[2:])}"
+        )
+
+
 def group_norm(channels: int, groups: int, eps: float = 1e-6) -> nn.GroupNorm:
     """GroupNorm with a clear error when `channels` is not divisible by `groups`."""
     if channels % groups != 0:

@@ -38,6 +38,7 @@ from difflab.nn.layers import (
     TimeEmbeddingKind,
     add_class_embedding,
     aug_level_from_cond,
+    check_image_batch,
     group_norm,
     split_cond,
     zero_,
@@ -95,51 +96,39 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         dropout=0.0,
         norm_groups=8,
     ),
-    # 14x14 inputs: MNIST at half resolution (a cascade's base) or f = 2 autoencoder latents
-    # (14x14x4). One 7x7 level after a 2x2 fold; about 3x cheaper per pass than mnist-cpu.
-    "mnist-half": UNetConfig(
-        image_size=14,
-        in_channels=4,
-        patch_size=2,
-        base_channels=48,
-        channel_mult=(1,),
-        num_res_blocks=1,
-        attention_resolutions=(),
-        mid_attention=True,
-        num_heads=1,
-        dropout=0.0,
-        norm_groups=8,
-    ),
-    # A few thousand parameters, for tests.
-    "tiny": UNetConfig(
-        image_size=16,
-        in_channels=1,
-        base_channels=4,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        mid_attention=False,
-        num_heads=2,
-        dropout=0.0,
-        norm_groups=2,
-        time_features=32,  # 4 sin/cos features cannot resolve t in [0, 1000]
-    ),
-    # the DDPM layout of ddpm-cifar10 at toy size (16x16x1, 0.1M parameters): every option
-    # has a diffusers form, so it exports to and imports from a UNet2DModel
-    "tiny-ddpm": UNetConfig(
-        image_size=16,
-        in_channels=1,
-        base_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        num_heads=1,
-        dropout=0.0,
-        norm_groups=4,
-        use_scale_shift_norm=False,
-        downsample_padding=0,
-    ),
 }
+# 14x14 inputs: MNIST at half resolution (a cascade's base) or f = 2 autoencoder latents
+# (14x14x4). One 7x7 level after a 2x2 fold; about 3x cheaper per pass than mnist-cpu.
+UNET_PRESETS["mnist-half"] = dataclasses.replace(
+    UNET_PRESETS["mnist-cpu"], image_size=14, in_channels=4, base_channels=48, channel_mult=(1,)
+)
+# A few thousand parameters, for tests.
+UNET_PRESETS["tiny"] = UNetConfig(
+    image_size=16,
+    in_channels=1,
+    base_channels=4,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(8,),
+    mid_attention=False,
+    num_heads=2,
+    dropout=0.0,
+    norm_groups=2,
+    time_features=32,  # 4 sin/cos features cannot resolve t in [0, 1000]
+)
+# tiny's levels (16x16x1) in the DDPM layout of ddpm-cifar10 (additive time embedding, "SAME"
+# downsampling), 0.1M parameters: every option has a diffusers form, so it exports to and
+# imports from a UNet2DModel
+UNET_PRESETS["tiny-ddpm"] = dataclasses.replace(
+    UNET_PRESETS["tiny"],
+    base_channels=16,
+    mid_attention=True,
+    num_heads=1,
+    norm_groups=4,
+    time_features=None,
+    use_scale_shift_norm=False,
+    downsample_padding=0,
+)
 
 
 class ResBlock(nn.Module):
@@ -307,17 +296,10 @@ class UNet(nn.Module):
         self, x: Tensor, t: Tensor, cond: Tensor | dict[str, Tensor] | None = None
     ) -> Tensor:
         cfg = self.config
-        factor = cfg.patch_size * 2 ** (len(cfg.channel_mult) - 1)
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(
-                f"x must have shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}"
-            )
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(
-                f"image height and width must be divisible by {factor} "
-                f"(patch_size * 2^(levels-1) for {len(cfg.channel_mult)} levels), "
-                f"got {tuple(x.shape[2:])}"
-            )
+        levels = len(cfg.channel_mult)
+        factor = cfg.patch_size * 2 ** (levels - 1)
+        why = f"{factor} (patch_size * 2^(levels-1) for {levels} levels)"
+        check_image_batch(x, cfg.in_channels, factor, factor_name=why)
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         labels, image = split_cond(cond)
@@ -444,13 +426,7 @@ class BasicUNet(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, cond: Tensor | dict[str, Tensor] | None = None
     ) -> Tensor:
-        factor = 2 ** (self.levels - 1)
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
-            )
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"image height and width must be divisible by {factor}")
+        check_image_batch(x, self.in_channels, 2 ** (self.levels - 1))
         if cond is not None:
             raise ValueError("BasicUNet is unconditional; cond must be None")
         h, skips = x, []

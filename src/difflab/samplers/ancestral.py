@@ -27,7 +27,7 @@ from torch import Tensor
 from difflab._util import F64, check_choice
 from difflab.parameterization import Denoiser
 from difflab.process import VARIANCES, Variance, grid_posterior
-from difflab.samplers.common import Callback, call_denoiser, check_grid, randn, report
+from difflab.samplers.common import Callback, check_grid, denoise_and_report, grid_steps, randn
 from difflab.schedules import Schedule
 
 # Variance, VARIANCES and grid_posterior live in difflab.process and are re-exported here
@@ -89,25 +89,17 @@ def ddpm(
     """DDPM ancestral sampling [Ho 2020, Algorithm 2], on the grid ``ts`` (respaced or full).
 
     Args:
-        denoiser: gives x0_hat (and ``var_frac`` for ``variance="learned"``).
-        x: the sample at time ``ts[0]``, shape (B, ...).
-        ts: strictly decreasing times, normally ending at 0.
         variance: ``"small"`` (beta-tilde, the posterior variance), ``"large"`` (beta_step) or
             ``"learned"`` (Improved DDPM interpolation of the two in the log domain, Eq. 15,
-            using ``Prediction.var_frac``).
-    Returns:
-        The sample at time ``ts[-1]``, same shape and dtype as ``x``.
+            using ``Prediction.var_frac``, which the denoiser must then give).
     """
     check_choice("variance", variance, VARIANCES)
     ts = check_grid(ts, schedule)
-    n = ts.numel() - 1
     table = grid_posterior(schedule, ts)
     coef_xt, coef_x0 = table["coef_xt"].tolist(), table["coef_x0"].tolist()
     log_step, log_tilde = table["beta_step"].log().tolist(), table["log_beta_tilde"].tolist()
-    for i in range(n):
-        t, s = float(ts[i]), float(ts[i + 1])
-        pred = call_denoiser(denoiser, x, t, cond)
-        report(callback, i, t, s, x, pred.x0)
+    for i, t, s in grid_steps(ts):
+        pred = denoise_and_report(denoiser, x, i, t, s, cond=cond, callback=callback)
         if variance == "learned" and pred.var_frac is None:
             _log_variance(variance, 0.0, 0.0, None)  # raises the error
         # posterior mean with x0 -> x0_hat  [Ho 2020, Eq. 7 and 11]

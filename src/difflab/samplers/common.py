@@ -5,17 +5,21 @@ Every sampler in :mod:`difflab.samplers` has the signature (k-diffusion style)::
     sampler(denoiser, x, ts, *, schedule, cond=None, generator=None, callback=None, **options)
 
 where ``x`` (B, ...) is the sample at time ``ts[0]`` and ``ts`` a strictly decreasing float64
-grid of schedule times, normally ending at 0 (from :func:`~difflab.schedules.sampling_timesteps`).
-The denoiser is called with a (B,) float64 CPU tensor of times. Once per step, after the step's
-first network evaluation, the ``callback`` receives a dict ``{"i", "t", "t_next", "x",
+grid of schedule times, normally ending at 0 (from :func:`~difflab.schedules.sampling_timesteps`);
+it returns the sample at time ``ts[-1]``, of the same shape and dtype as ``x``. ``schedule``
+gives alpha(t) and sigma(t), ``cond`` is passed to the denoiser, ``generator`` draws the noise of
+stochastic samplers (deterministic ones accept it and do not use it). The denoiser is called with
+a (B,) float64 CPU tensor of times. Once per step, after the step's first network evaluation
+(:func:`denoise_and_report`), the ``callback`` receives a dict ``{"i", "t", "t_next", "x",
 "x0_hat"}``: ``x`` is the current sample at time ``t`` (for EDM samplers with churn: after the
-temporary noise increase) and ``x0_hat`` the denoiser's estimate of the clean data there.
+temporary noise increase) and ``x0_hat`` the denoiser's estimate of the clean data there. Each
+sampler's docstring names only its own options.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, get_args
 
 import torch
@@ -33,7 +37,9 @@ __all__ = [
     "call_denoiser",
     "check_grid",
     "coefficients",
+    "denoise_and_report",
     "grid_coefficients",
+    "grid_steps",
     "prior_noise",
     "randn",
     "report",
@@ -56,6 +62,12 @@ def check_grid(ts: Tensor, schedule: Schedule, *, increasing: bool = False) -> T
     if float(ts.min()) < 0 or float(ts.max()) > schedule.t_max:
         raise ValueError(f"ts must lie in [0, {schedule.t_max}], got {ts.min():g}..{ts.max():g}")
     return ts
+
+
+def grid_steps(ts: Tensor) -> Iterator[tuple[int, float, float]]:
+    """The steps of a grid: (i, ts[i], ts[i + 1]) as Python floats, for i = 0 ... len(ts) - 2."""
+    for i in range(ts.numel() - 1):
+        yield i, float(ts[i]), float(ts[i + 1])
 
 
 def grid_coefficients(schedule: Schedule, ts: Tensor) -> dict[str, list[float]]:
@@ -89,6 +101,25 @@ def report(
     """Send the per-step dictionary to the callback, if there is one."""
     if callback is not None:
         callback({"i": i, "t": float(t), "t_next": float(t_next), "x": x, "x0_hat": x0_hat})
+
+
+def denoise_and_report(
+    denoiser: Denoiser,
+    x: Tensor,
+    i: int,
+    t: float,
+    t_next: float,
+    *,
+    cond: Any,
+    callback: Callback | None,
+    t_eval: float | None = None,
+) -> Prediction:
+    """The first network evaluation of step i (t -> t_next): the denoiser's prediction at the
+    sample ``x`` (B, ...), at time ``t`` or at ``t_eval`` for a sampler that first moves off the
+    grid (EDM's churn); the callback receives ``x`` and the prediction's x0."""
+    pred = call_denoiser(denoiser, x, t if t_eval is None else t_eval, cond)
+    report(callback, i, t, t_next, x, pred.x0)
+    return pred
 
 
 def randn(

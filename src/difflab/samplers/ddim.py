@@ -27,7 +27,9 @@ from difflab.samplers.common import (
     Callback,
     call_denoiser,
     check_grid,
+    denoise_and_report,
     grid_coefficients,
+    grid_steps,
     randn,
     report,
 )
@@ -48,26 +50,20 @@ def ddim(
     callback: Callback | None = None,
     eta: float = 0.0,
 ) -> Tensor:
-    """DDIM sampling [Song 2021, Eq. 12] with stochasticity ``eta`` on the grid ``ts``.
+    """DDIM sampling [Song 2021, Eq. 12] with stochasticity ``eta`` on the grid ``ts``, from the
+    denoiser's (x0_hat, eps_hat).
 
     Args:
-        denoiser: gives (x0_hat, eps_hat).
-        x: the sample at time ``ts[0]``, shape (B, ...).
-        ts: strictly decreasing times, normally ending at 0.
         eta: 0 for the deterministic sampler, 1 for DDPM's posterior variance; values above 1
             are allowed (the eps_hat coefficient is then clipped at 0).
-    Returns:
-        The sample at time ``ts[-1]``, same shape and dtype as ``x``.
     """
     if not eta >= 0:
         raise ValueError(f"eta must be non-negative, got {eta}")
     ts = check_grid(ts, schedule)
     coef = grid_coefficients(schedule, ts)
     post_var = grid_posterior(schedule, ts)["beta_tilde"].tolist() if eta > 0 else None
-    for i in range(ts.numel() - 1):
-        t, s = float(ts[i]), float(ts[i + 1])
-        pred = call_denoiser(denoiser, x, t, cond)
-        report(callback, i, t, s, x, pred.x0)
+    for i, t, s in grid_steps(ts):
+        pred = denoise_and_report(denoiser, x, i, t, s, cond=cond, callback=callback)
         alpha_s, sigma_s = coef["alpha"][i + 1], coef["sigma"][i + 1]
         c = eta * math.sqrt(post_var[i]) if post_var is not None else 0.0  # Eq. (16)
         dir_coef = math.sqrt(max(sigma_s**2 - c**2, 0.0))
@@ -105,8 +101,7 @@ def ddim_invert(
     ts = check_grid(ts_increasing, schedule, increasing=True)
     coef = grid_coefficients(schedule, ts)
     x = x0
-    for i in range(ts.numel() - 1):
-        t, t_next = float(ts[i]), float(ts[i + 1])
+    for i, t, t_next in grid_steps(ts):
         eps_hat = call_denoiser(denoiser, x, t_next, cond).eps
         alpha_t, sigma_t = coef["alpha"][i], coef["sigma"][i]
         alpha_n, sigma_n = coef["alpha"][i + 1], coef["sigma"][i + 1]

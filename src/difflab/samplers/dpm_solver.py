@@ -58,9 +58,10 @@ from difflab.samplers.common import (
     call_denoiser,
     check_grid,
     coefficients,
+    denoise_and_report,
     grid_coefficients,
+    grid_steps,
     randn,
-    report,
 )
 from difflab.schedules import Schedule
 
@@ -103,12 +104,9 @@ def dpm_solver_pp(
     """Multistep DPM-Solver++ of order 1, 2 or 3 [Lu 2022b; order 2 is Algorithm 2].
 
     The first steps use the highest order the stored history allows (1, then 2, ...); the
-    step to t = 0 returns x0_hat. Order 1 is DDIM with eta = 0. Deterministic: ``generator`` is
-    accepted for the common signature and not used.
+    step to t = 0 returns x0_hat. Order 1 is DDIM with eta = 0. Deterministic.
 
     Args:
-        x: the sample at time ``ts[0]``, shape (B, ...).
-        ts: strictly decreasing times, normally ending at 0.
         order: 1, 2 or 3.
         lower_order_final: on grids of fewer than 15 steps, step i of n uses order at most
             n - i (the last steps, the largest in lambda on a Karras grid, are the least
@@ -119,10 +117,8 @@ def dpm_solver_pp(
     ts = check_grid(ts, schedule)
     coef = grid_coefficients(schedule, ts)
     history: list[tuple[Tensor, float]] = []  # (D_j, lambda_j), most recent last
-    for i in range(ts.numel() - 1):
-        t, s = float(ts[i]), float(ts[i + 1])
-        d0 = call_denoiser(denoiser, x, t, cond).x0
-        report(callback, i, t, s, x, d0)
+    for i, t, s in grid_steps(ts):
+        d0 = denoise_and_report(denoiser, x, i, t, s, cond=cond, callback=callback).x0
         lam_t, lam_s = coef["lam"][i], coef["lam"][i + 1]
         history = [*history[-2:], (d0, lam_t)]
         if s == 0:
@@ -168,16 +164,14 @@ def dpmpp_2s(
 
     Per step: an intermediate point u at lambda_t + r h by a first-order step, then
     D = (1 - 1/(2r)) D_t + 1/(2r) D(u) and x_s = (sigma_s/sigma_t) x_t - alpha_s phi_1 D.
-    The step to t = 0 returns x0_hat (1 NFE). Deterministic (``generator`` is not used).
+    The step to t = 0 returns x0_hat (1 NFE). Deterministic.
     """
     if not 0 < r < 1:
         raise ValueError(f"r must lie in (0, 1), got {r}")
     ts = check_grid(ts, schedule)
     coef = grid_coefficients(schedule, ts)
-    for i in range(ts.numel() - 1):
-        t, s = float(ts[i]), float(ts[i + 1])
-        d_t = call_denoiser(denoiser, x, t, cond).x0
-        report(callback, i, t, s, x, d_t)
+    for i, t, s in grid_steps(ts):
+        d_t = denoise_and_report(denoiser, x, i, t, s, cond=cond, callback=callback).x0
         if s == 0:
             x = d_t  # denoise to zero
             continue
@@ -225,8 +219,6 @@ def dpmpp_sde(
     converges to the exact mean of the SDE at the method's order.
 
     Args:
-        x: the sample at time ``ts[0]``, shape (B, ...).
-        ts: strictly decreasing times, normally ending at 0.
         order: 1 or 2.
         eta: 0 (the ODE) ... 1 (the reverse diffusion SDE); larger values inject more noise.
         s_noise: scale of the injected noise (1 for the SDE; 0 gives its mean for an affine
@@ -244,10 +236,8 @@ def dpmpp_sde(
     coef = grid_coefficients(schedule, ts)
     d_prev: Tensor | None = None
     h_prev = 0.0
-    for i in range(ts.numel() - 1):
-        t, s = float(ts[i]), float(ts[i + 1])
-        d0 = call_denoiser(denoiser, x, t, cond).x0
-        report(callback, i, t, s, x, d0)
+    for i, t, s in grid_steps(ts):
+        d0 = denoise_and_report(denoiser, x, i, t, s, cond=cond, callback=callback).x0
         if s == 0:
             x = d0  # denoise to zero
             continue

@@ -36,9 +36,10 @@ from difflab.samplers.common import (
     call_denoiser,
     check_grid,
     coefficients,
+    denoise_and_report,
     grid_coefficients,
+    grid_steps,
     randn,
-    report,
 )
 from difflab.schedules import Schedule
 
@@ -74,14 +75,10 @@ def edm_sampler(
     DDIM with eta = 0 on the same grid.
 
     Args:
-        x: the sample at time ``ts[0]``, shape (B, ...).
-        ts: strictly decreasing times, normally ending at 0.
         second_order: apply the 2nd-order correction (Heun) or not (Euler).
         s_churn, s_tmin, s_tmax, s_noise: EDM's stochasticity parameters (see module table);
             s_tmin, s_tmax are EDM noise levels. The temporary noise increase is capped at the
             schedule's sigma_max.
-    Returns:
-        The sample at time ``ts[-1]``, same shape and dtype as ``x``.
     """
     if s_churn < 0 or s_noise < 0:
         raise ValueError(f"s_churn and s_noise must be non-negative, got {s_churn}, {s_noise}")
@@ -89,8 +86,7 @@ def edm_sampler(
     n = ts.numel() - 1
     coef = grid_coefficients(schedule, ts)
     y_cur = x / coef["alpha"][0]
-    for i in range(n):
-        t_cur, t_next = float(ts[i]), float(ts[i + 1])
+    for i, t_cur, t_next in grid_steps(ts):
         s_cur, s_next = coef["edm_sigma"][i], coef["edm_sigma"][i + 1]
 
         # Increase noise temporarily.
@@ -105,8 +101,10 @@ def edm_sampler(
             s_hat, t_hat, y_hat, alpha_hat = s_cur, t_cur, y_cur, coef["alpha"][i]
 
         # Euler step.
-        x0_hat = _denoise(denoiser, y_hat, t_hat, alpha_hat, cond)
-        report(callback, i, t_cur, t_next, alpha_hat * y_hat, x0_hat)
+        x_hat = alpha_hat * y_hat
+        x0_hat = denoise_and_report(
+            denoiser, x_hat, i, t_cur, t_next, cond=cond, callback=callback, t_eval=t_hat
+        ).x0
         d_cur = (y_hat - x0_hat) / s_hat
         y_next = y_hat + (s_next - s_hat) * d_cur
 
@@ -149,12 +147,12 @@ def euler_ancestral(
     ts = check_grid(ts, schedule)
     coef = grid_coefficients(schedule, ts)
     y = x / coef["alpha"][0]
-    for i in range(ts.numel() - 1):
-        t_cur, t_next = float(ts[i]), float(ts[i + 1])
+    for i, t_cur, t_next in grid_steps(ts):
         s_cur, s_next = coef["edm_sigma"][i], coef["edm_sigma"][i + 1]
-        alpha = coef["alpha"][i]
-        x0_hat = _denoise(denoiser, y, t_cur, alpha, cond)
-        report(callback, i, t_cur, t_next, alpha * y, x0_hat)
+        x_cur = coef["alpha"][i] * y
+        x0_hat = denoise_and_report(
+            denoiser, x_cur, i, t_cur, t_next, cond=cond, callback=callback
+        ).x0
         s_up = min(s_next, eta * math.sqrt(s_next**2 * (s_cur**2 - s_next**2) / s_cur**2))
         s_down = math.sqrt(s_next**2 - s_up**2)
         y = y + (s_down - s_cur) * (y - x0_hat) / s_cur  # Euler step to s_down

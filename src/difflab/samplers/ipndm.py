@@ -41,10 +41,10 @@ from torch import Tensor
 from difflab.parameterization import Denoiser
 from difflab.samplers.common import (
     Callback,
-    call_denoiser,
     check_grid,
+    denoise_and_report,
     grid_coefficients,
-    report,
+    grid_steps,
 )
 from difflab.schedules import Schedule
 
@@ -74,15 +74,10 @@ def ipndm(
     """iPNDM sampling [Zhang & Chen 2023]: Adams-Bashforth multistep in (y, s), 1 NFE per step.
 
     Step i uses order min(i + 1, max_order) (the lower-order warm start); the step to t = 0
-    returns x0_hat. With ``max_order=1`` this is the Euler sampler. Deterministic: ``generator``
-    is accepted for the common signature and not used.
+    returns x0_hat. With ``max_order=1`` this is the Euler sampler. Deterministic.
 
     Args:
-        x: the sample at time ``ts[0]``, shape (B, ...).
-        ts: strictly decreasing times, normally ending at 0.
         max_order: the highest Adams-Bashforth order, 1 to 4.
-    Returns:
-        The sample at time ``ts[-1]``, same shape and dtype as ``x``.
     """
     if max_order not in ADAMS_BASHFORTH:
         raise ValueError(f"max_order must be one of: 1, 2, 3, 4, got {max_order!r}")
@@ -90,11 +85,12 @@ def ipndm(
     coef = grid_coefficients(schedule, ts)
     y = x / coef["alpha"][0]
     history: list[Tensor] = []  # d_i, d_{i-1}, ... (most recent first)
-    for i in range(ts.numel() - 1):
-        t_cur, t_next = float(ts[i]), float(ts[i + 1])
+    for i, t_cur, t_next in grid_steps(ts):
         s_cur, s_next = coef["edm_sigma"][i], coef["edm_sigma"][i + 1]
-        x0_hat = call_denoiser(denoiser, coef["alpha"][i] * y, t_cur, cond).x0
-        report(callback, i, t_cur, t_next, coef["alpha"][i] * y, x0_hat)
+        x_cur = coef["alpha"][i] * y
+        x0_hat = denoise_and_report(
+            denoiser, x_cur, i, t_cur, t_next, cond=cond, callback=callback
+        ).x0
         if s_next == 0:
             y = x0_hat  # the Euler step to s = 0: denoise to zero
             continue
