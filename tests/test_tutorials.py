@@ -123,6 +123,16 @@ KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
         "latent_sample_vs_decode_max_abs": _below(1e-6),
         "answer_var_zt_z": _z(),
     },
+    "13": {
+        "downsample_vs_block_mean_max_abs": _below(1e-6),
+        "aug_mean_max_abs_z_s50": _z(5),
+        "aug_var_max_abs_z_s50": _z(5),
+        "aug_mean_max_abs_z_s300": _z(5),
+        "aug_var_max_abs_z_s300": _z(5),
+        "aug_kl_vs_closed_form_max_rel": _below(1e-9),
+        "cascade_vs_by_hand_max_abs": _below(1e-12),
+        "answer_alpha_minus_sigma": _below(1e-9),
+    },
 }
 MIN_ANSWERS = 2  # "Try this" exercises whose answers each tutorial checks
 # tutorial number -> the optional package it compares with (installed by the dev extra)
