@@ -123,8 +123,9 @@ print(f"{N} training images of {source}, {C}x{H}x{W}")
 # `channel_mult` of length $L$. The checks: the encoder's output has shape
 # $(c, H/f, W/f)$; and counting the floating-point operations of one U-Net call (PyTorch's
 # `FlopCounterMode`, which counts convolutions and matrix products exactly), the same U-Net
-# costs about $f^2$ times less on the latent than on the pixels: a little less than $f^2$,
-# because the time-embedding MLP costs the same at any size.
+# costs about $f^2$ times less on the latent than on the pixels: a little less in fast mode,
+# because the time-embedding MLP costs the same at any size; a little more in full mode, whose
+# self-attention in the middle of the U-Net costs $f^4$ times less.
 
 # %%
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -278,9 +279,9 @@ print(
 # $$\mathrm{PSNR}(x, \tilde x) = 10 \log_{10} \frac{R^2}{\mathrm{MSE}(x, \tilde x)}
 #   \ \text{dB}, \qquad R = 2 \text{ for pixels in } [-1, 1],$$
 #
-# and reports it with FID for each first stage (App. G, Table 8). Checks: difflab's `psnr`
-# equals the formula; the trained autoencoder reconstructs held-out digits far better
-# (by 5 dB and more) than predicting the mean image for every digit.
+# and reports it, with a reconstruction FID, for each of its first-stage models. Checks:
+# difflab's `psnr` equals the formula; the trained autoencoder reconstructs held-out digits far
+# better (by 5 dB and more) than predicting the mean image for every digit.
 
 # %%
 with torch.no_grad():
