@@ -55,6 +55,7 @@ from _common import (
     save,
     use_threads,
 )
+from torch.utils.flop_counter import FlopCounterMode
 
 from difflab.data.images import load_image_dataset
 from difflab.latent import (
@@ -128,8 +129,6 @@ print(f"{N} training images of {source}, {C}x{H}x{W}")
 # self-attention in the middle of the U-Net costs $f^4$ times less.
 
 # %%
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
 f = pick(2, 4)
 latent_channels = pick(1, 4)
 ae = build_autoencoder(
