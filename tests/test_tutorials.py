@@ -111,6 +111,28 @@ KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
         "pipeline_vs_difflab_max_abs": _below(1e-4),
         "answer_imported_weights_max_abs": _below(1e-6),
     },
+    "12": {
+        "pixels_over_latents": lambda v: v > 1,
+        "flops_ratio_over_f2": lambda v: 0.7 < v < 1.3,
+        "ae_loss_vs_by_hand_rel": _below(1e-5),
+        "kl_closed_form_vs_by_hand_rel": _below(1e-5),
+        "kl_monte_carlo_max_abs_z": _z(),
+        "psnr_vs_formula_max_abs": _below(1e-9),
+        "latent_std_after": lambda v: abs(v - 1) < 0.15,
+        "scale_vs_pooled_std_rel": _below(1e-6),
+        "latent_sample_vs_decode_max_abs": _below(1e-6),
+        "answer_var_zt_z": _z(),
+    },
+    "13": {
+        "downsample_vs_block_mean_max_abs": _below(1e-6),
+        "aug_mean_max_abs_z_s50": _z(5),
+        "aug_var_max_abs_z_s50": _z(5),
+        "aug_mean_max_abs_z_s300": _z(5),
+        "aug_var_max_abs_z_s300": _z(5),
+        "aug_kl_vs_closed_form_max_rel": _below(1e-9),
+        "cascade_vs_by_hand_max_abs": _below(1e-12),
+        "answer_alpha_minus_sigma": _below(1e-9),
+    },
 }
 MIN_ANSWERS = 2  # "Try this" exercises whose answers each tutorial checks
 # tutorial number -> the optional package it compares with (installed by the dev extra)
