@@ -48,9 +48,8 @@ import torch
 import torch.nn.functional as F
 from _common import (
     answers_wanted,
-    data_dir,
-    digit_like_images,
     is_fast,
+    load_digits,
     new_figure,
     out_path,
     pick,
@@ -59,7 +58,6 @@ from _common import (
 )
 from torch import nn
 
-from difflab.data.images import load_image_dataset
 from difflab.nn.unet import build_unet
 from difflab.objectives import diffusion_loss
 from difflab.parameterization import ModelDenoiser, x0_from_eps
@@ -75,24 +73,8 @@ gen = torch.Generator().manual_seed(0)
 torch.manual_seed(0)  # initial weights
 
 
-def load_digits(n_val: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Training and held-out images (N, 1, H, W) in [-1, 1], and where they came from."""
-    folder = None if is_fast() else data_dir()
-    if folder is not None:
-        try:
-            train = load_image_dataset("mnist", data_dir=folder, train=True)
-            test = load_image_dataset("mnist", data_dir=folder, train=False)
-            images = train.batch(torch.arange(len(train)))[0]
-            return images, test.batch(torch.arange(n_val))[0], "MNIST"
-        except (FileNotFoundError, ValueError):
-            pass
-    size = pick(16, 28)
-    images = digit_like_images(pick(2000, 20_000) + n_val, size, generator=gen)[0]
-    return images[n_val:], images[:n_val], "seven-segment digits"
-
-
 n_val = pick(128, 512)
-data, val_x0, source = load_digits(n_val)
+data, val_x0, source = load_digits(n_val, generator=gen)
 N, C, H, W = data.shape
 T = pick(100, 1000)
 print(f"{N} training images of {source}, {C}x{H}x{W}; T = {T}")

@@ -169,6 +169,31 @@ def digit_like_images(n: int, size: int = 16, *, generator=None):
     return (2 * ink - 1).reshape(n, 1, size, size), labels
 
 
+def load_digits(n_val: int, *, generator=None):
+    """Training and held-out digit images (N, 1, H, W) in [-1, 1], and where they came from.
+
+    Full mode: MNIST (28 x 28) when :func:`data_dir` finds it (all training images, the first
+    ``n_val`` test images). Fast mode, or no MNIST: seven-segment digits
+    (:func:`digit_like_images`) of 16 x 16 (fast) or 28 x 28 pixels.
+    """
+    import torch
+
+    from difflab.data.images import load_image_dataset
+
+    folder = None if is_fast() else data_dir()
+    if folder is not None:
+        try:
+            train = load_image_dataset("mnist", data_dir=folder, train=True)
+            test = load_image_dataset("mnist", data_dir=folder, train=False)
+            images = train.batch(torch.arange(len(train)))[0]
+            return images, test.batch(torch.arange(n_val))[0], "MNIST"
+        except (FileNotFoundError, ValueError):
+            pass
+    size = pick(16, 28)
+    images = digit_like_images(pick(2000, 20_000) + n_val, size, generator=generator)[0]
+    return images[n_val:], images[:n_val], "seven-segment digits"
+
+
 def _in_ipython() -> bool:
     ipython = sys.modules.get("IPython")
     return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
