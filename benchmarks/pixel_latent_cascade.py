@@ -20,7 +20,7 @@ reach). Sampling images/s is timed per model with the same batch size.
         --minutes 10 --append BENCHMARKS.md
     # a smoke test of the script (seconds of training, small n):
     .venv/bin/python benchmarks/pixel_latent_cascade.py --data-dir ../shared/data/mnist \\
-        --minutes 0.2 --n 200 --out-dir /tmp/plc
+        --minutes 0.2 --n 200 --out-dir runs/plc-smoke
 """
 
 from __future__ import annotations
