@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from _common import (
     answers_wanted,
+    grid_panels,
     is_fast,
     load_digits,
     new_figure,
@@ -487,12 +488,8 @@ panels = [
         for name, k in sampler_steps.items()
     ],
 ]
-fig, axes = new_figure(1, len(panels), (3.3 * len(panels), 3.6))
-for ax, (images, title) in zip(axes[0], panels):
-    ax.imshow(make_grid(images.clamp(-1, 1), nrow=8)[:, :, 0], cmap="gray", vmin=0, vmax=255)
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
-save(fig, "06_samples.png")
+panels = [(images.clamp(-1, 1), title) for images, title in panels]
+grid_panels(panels, "06_samples.png", (3.3 * len(panels), 3.6))
 
 # %% [markdown]
 # ## Summary

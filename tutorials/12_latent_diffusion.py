@@ -46,6 +46,7 @@ import math
 import torch
 from _common import (
     answers_wanted,
+    grid_panels,
     is_fast,
     load_digits,
     new_figure,
@@ -69,7 +70,6 @@ from difflab.parameterization import ModelDenoiser
 from difflab.samplers import sample
 from difflab.schedules import DiscreteSchedule
 from difflab.train import Trainer
-from difflab.viz import make_grid
 
 F64 = torch.float64
 THREADS = use_threads(pick(1, torch.get_num_threads()))  # fast mode: small convolutions
@@ -439,12 +439,7 @@ panels = [
     (val_rec[:n_show], f"reconstructions D(E(x)), {RESULTS['psnr_reconstruction_db']:.1f} dB"),
     (samples.clamp(-1, 1), f"latent diffusion samples D(z0 / s), ddim {ddim_steps} steps"),
 ]
-fig, axes = new_figure(1, 3, (11, 4))
-for ax, (images, title) in zip(axes[0], panels):
-    ax.imshow(make_grid(images, nrow=8)[:, :, 0], cmap="gray", vmin=0, vmax=255)
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
-save(fig, "12_samples.png")
+grid_panels(panels, "12_samples.png", (11, 4))
 
 # %% [markdown]
 # ## Summary

@@ -45,12 +45,11 @@ import math
 import torch
 from _common import (
     answers_wanted,
+    grid_panels,
     is_fast,
     load_digits,
-    new_figure,
     out_path,
     pick,
-    save,
     use_threads,
 )
 
@@ -73,7 +72,6 @@ from difflab.parameterization import ModelDenoiser
 from difflab.samplers import sample
 from difflab.schedules import DiscreteSchedule
 from difflab.train import Trainer
-from difflab.viz import make_grid
 
 F64 = torch.float64
 THREADS = use_threads(pick(1, torch.get_num_threads()))  # fast mode: small convolutions
@@ -344,18 +342,13 @@ gap = {key: abs(RESULTS[f"detail_energy_{key}"] - RESULTS["detail_energy_true"])
        for key in ("bilinear", "sr")}  # fmt: skip
 assert gap["sr"] < gap["bilinear"]
 
-fig, axes = new_figure(1, 4, (12, 3.4))
 panels = [
     (upsample_images(val_y[:16], factor, "nearest"), f"input y ({h}x{w}, shown enlarged)"),
     (val_bilinear[:16], f"bilinear, {RESULTS['bilinear_psnr_db']:.1f} dB"),
     (x_sr[0, :16], f"SR sample, {RESULTS['sr_sample_psnr_db']:.1f} dB"),
     (val_x[:16], f"true {H}x{W}"),
 ]
-for ax, (images, title) in zip(axes[0], panels):
-    ax.imshow(make_grid(images, nrow=4)[:, :, 0], cmap="gray", vmin=0, vmax=255)
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
-save(fig, "13_super_resolution.png")
+grid_panels(panels, "13_super_resolution.png", (12, 3.4), nrow=4)
 
 # %% [markdown]
 # ## 6. Sampling the cascade
@@ -393,17 +386,12 @@ print(f"cascade: {n_show} samples {tuple(low_samples.shape[1:])} -> "
       f"{RESULTS['cascade_consistency_other_mse']:.4f})")  # fmt: skip
 assert RESULTS["cascade_consistency_mse"] < 0.5 * RESULTS["cascade_consistency_other_mse"]
 
-fig, axes = new_figure(1, 3, (11, 2.9))
 panels = [
     (upsample_images(low_samples, factor, "nearest"), f"base samples, {h}x{w} (enlarged)"),
     (upsample_images(low_samples, factor), f"bilinear upsampling to {H}x{W}"),
     (high_samples, f"SR stage (s = {sr_stage.aug_level:.0f}), {H}x{W}"),
 ]
-for ax, (images, title) in zip(axes[0], panels):
-    ax.imshow(make_grid(images, nrow=8)[:, :, 0], cmap="gray", vmin=0, vmax=255)
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
-save(fig, "13_cascade.png")
+grid_panels(panels, "13_cascade.png", (11, 2.9))
 
 # %% [markdown]
 # ## Summary

@@ -65,6 +65,19 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (5
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
+def grid_panels(panels: list, name: str, figsize: tuple[float, float], *, nrow: int = 8) -> None:
+    """One row of image grids, one per ``(images (B, 1, H, W) in [-1, 1], title)``, saved
+    as ``name`` (see :func:`save`)."""
+    from difflab.viz import make_grid
+
+    fig, axes = new_figure(1, len(panels), figsize)
+    for ax, (images, title) in zip(axes[0], panels):
+        ax.imshow(make_grid(images, nrow=nrow)[:, :, 0], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+    save(fig, name)
+
+
 def save(fig: Any, name: str, dpi: int = 110) -> None:
     """Save a Figure as ``out_dir() / name``, print where it went and, in a notebook, show it.
 
