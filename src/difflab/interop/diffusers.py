@@ -469,36 +469,20 @@ def state_dict_from_diffusers(
     Every diffusers tensor is used exactly once; a missing or extra tensor, or a shape that
     does not fit, is a one-line ValueError.
     """
-    used: set[str] = set()
-    out: dict[str, Tensor] = {}
-    for ours, theirs, kind in _module_pairs(cfg):
-        if kind == "qkv":
-            for p in ("weight", "bias"):
-                parts = [_take(sd, f"{theirs}.to_{n}.{p}", used) for n in "qkv"]
-                fused = torch.cat(parts, 0)
-                out[f"{ours}.{p}"] = fused[..., None, None] if p == "weight" else fused
-            continue
-        if kind == "class":
-            table = _take(sd, f"{theirs}.weight", used)
-            if null_label == "none":
-                table = torch.cat([table, torch.zeros_like(table[:1])])
-            out[f"{ours}.weight"] = table
-            continue
-        if kind == "skip" and f"{theirs}.weight" not in sd:
-            continue
-        for p in ("weight", "bias"):
-            w = _take(sd, f"{theirs}.{p}", used)
-            if kind == "proj" and p == "weight":
-                w = w[..., None, None]
-            if kind == "time" and p == "weight":
-                a = _time_rotation(cfg, flip_sin_to_cos)
-                w = (w.to(_F64) @ torch.linalg.inv(a)).to(w.dtype)
-            out[f"{ours}.{p}"] = w
-    extra = sorted(set(sd) - used)
-    if extra:
-        raise ValueError(f"diffusers weights have tensors difflab does not map: {extra[0]!r}")
+    out = _convert(sd, cfg, to_diffusers=False, flip_sin_to_cos=flip_sin_to_cos)
+    if null_label == "none" and cfg.num_classes:
+        table = out["class_embed.table.weight"]
+        out["class_embed.table.weight"] = torch.cat([table, torch.zeros_like(table[:1])])
     _check_shapes(out, _unet_shapes(cfg))
     return out
+
+
+def state_dict_to_diffusers(sd: dict[str, Tensor], cfg: UNetConfig) -> dict[str, Tensor]:
+    """diffusers ``UNet2DModel`` weights (for :func:`diffusers_config_from_unet`'s config) from a
+    difflab U-Net state dict; inverse of :func:`state_dict_from_diffusers` with
+    ``null_label="last"``. Every difflab tensor is used exactly once."""
+    _check_shapes(sd, _unet_shapes(cfg))
+    return _convert(sd, cfg, to_diffusers=True)
 
 
 def _check_shapes(sd: dict[str, Tensor], shapes: dict[str, torch.Size]) -> None:
@@ -512,36 +496,42 @@ def _check_shapes(sd: dict[str, Tensor], shapes: dict[str, torch.Size]) -> None:
             )
 
 
-def state_dict_to_diffusers(sd: dict[str, Tensor], cfg: UNetConfig) -> dict[str, Tensor]:
-    """diffusers ``UNet2DModel`` weights (for :func:`diffusers_config_from_unet`'s config) from a
-    difflab U-Net state dict; inverse of :func:`state_dict_from_diffusers` with
-    ``null_label="last"``. Every difflab tensor is used exactly once."""
-    _check_shapes(sd, _unet_shapes(cfg))
+def _convert(
+    sd: dict[str, Tensor], cfg: UNetConfig, *, to_diffusers: bool, flip_sin_to_cos: bool = False
+) -> dict[str, Tensor]:
+    """Weights one way or the other, module pair by module pair (:func:`_module_pairs`); every
+    input tensor is used exactly once. The two directions differ only in how a kind's tensors
+    are reshaped: fused qkv <-> to_q/to_k/to_v, 1x1 conv <-> linear, and the time rotation."""
+    rotation = _time_rotation(cfg, flip_sin_to_cos)
+    rotation = rotation if to_diffusers else torch.linalg.inv(rotation)
     used: set[str] = set()
     out: dict[str, Tensor] = {}
     for ours, theirs, kind in _module_pairs(cfg):
-        if kind == "qkv":
-            for p in ("weight", "bias"):
-                fused = _take(sd, f"{ours}.{p}", used)
+        src, dst = (ours, theirs) if to_diffusers else (theirs, ours)
+        if kind == "skip" and f"{src}.weight" not in sd:
+            continue  # a residual block without a 1x1 shortcut
+        for p in ("weight", "bias"):
+            if kind == "class" and p == "bias":
+                continue  # an embedding table has no bias
+            if kind == "qkv" and to_diffusers:
+                fused = _take(sd, f"{src}.{p}", used)
                 fused = fused[:, :, 0, 0] if p == "weight" else fused
                 for n, part in zip("qkv", fused.chunk(3, 0)):
-                    out[f"{theirs}.to_{n}.{p}"] = part.contiguous()
-            continue
-        if kind == "class":
-            out[f"{theirs}.weight"] = _take(sd, f"{ours}.weight", used)
-            continue
-        if kind == "skip" and f"{ours}.weight" not in sd:
-            continue
-        for p in ("weight", "bias"):
-            w = _take(sd, f"{ours}.{p}", used)
-            if kind == "proj" and p == "weight":
-                w = w[:, :, 0, 0].contiguous()
-            if kind == "time" and p == "weight":
-                w = (w.to(_F64) @ _time_rotation(cfg, False)).to(w.dtype)
-            out[f"{theirs}.{p}"] = w
+                    out[f"{dst}.to_{n}.{p}"] = part.contiguous()
+                continue
+            if kind == "qkv":
+                w = torch.cat([_take(sd, f"{src}.to_{n}.{p}", used) for n in "qkv"], 0)
+            else:
+                w = _take(sd, f"{src}.{p}", used)
+            if p == "weight" and kind in ("qkv", "proj"):
+                w = w[:, :, 0, 0].contiguous() if to_diffusers else w[..., None, None]
+            if p == "weight" and kind == "time":
+                w = (w.to(_F64) @ rotation).to(w.dtype)
+            out[f"{dst}.{p}"] = w
     extra = sorted(set(sd) - used)
     if extra:
-        raise ValueError(f"difflab weights have tensors diffusers does not map: {extra[0]!r}")
+        source, target = ("difflab", "diffusers") if to_diffusers else ("diffusers", "difflab")
+        raise ValueError(f"{source} weights have tensors {target} does not map: {extra[0]!r}")
     return out
 
 
