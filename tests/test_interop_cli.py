@@ -93,7 +93,10 @@ def image_run(tmp_path_factory):
     run = root / "run"
     sets = ["data.image_size=16", "data.channels=1", "model.preset=tiny-ddpm", "train.steps=4",
             "train.batch_size=8", "train.log_every=2", "train.ckpt_every=2", "sample.steps=4",
-            "sample.sampler=ddim", "train.warmup_steps=1"]  # fmt: skip
+            "sample.sampler=ddim", "train.warmup_steps=1",
+            # LDM's schedule: diffusers' scaled_linear from 0.00085 to 0.012
+            "diffusion.schedule=quadratic", "diffusion.beta_start=0.00085",
+            "diffusion.beta_end=0.012"]  # fmt: skip
     sets = [a for s in sets for a in ("--set", s)]
     code = main(["train", "--preset", "folder", "--out", str(run), "--data-dir",
                  str(root / "imgs"), "--no-progress", *sets])  # fmt: skip
@@ -118,7 +121,12 @@ def test_export_loads_in_diffusers_with_the_ema_weights(image_run, tmp_path, cap
     assert "license: mit" in card and "folder" in card
     # the command that makes this run: its preset and every setting that differs from it
     assert "difflab train --preset folder" in card and "--set model.preset=tiny-ddpm" in card
-    assert diffusers.DDIMPipeline.from_pretrained(out).scheduler.config.num_train_timesteps == 1000
+    scheduler = diffusers.DDIMPipeline.from_pretrained(out).scheduler
+    assert scheduler.config.num_train_timesteps == 1000
+    # the run's beta range reaches diffusers: its alpha-bars are the run's
+    assert scheduler.config.beta_schedule == "scaled_linear"
+    alpha_bar = load_run(image_run).schedule.alpha_bar
+    np.testing.assert_allclose(scheduler.alphas_cumprod.double(), alpha_bar[1:], rtol=1e-6)
     # an existing folder is kept unless --overwrite
     assert main(["export", str(image_run), str(out)]) == 2
     assert "exists" in capsys.readouterr().err
@@ -140,6 +148,12 @@ def test_import_then_fine_tune(image_run, tmp_path, capsys):
     # equal up to the float32 rounding of the first time layer, which export and import
     # rotate by the one-step timestep offset (t = k + 1) and back
     assert all(torch.allclose(start.tensors["model"][k], ema[k], rtol=0, atol=1e-6) for k in ema)
+    # the imported run keeps the beta range (LDM's), not the preset's default range
+    from difflab.app.runs import load_run
+
+    np.testing.assert_allclose(
+        load_run(run).schedule.betas, load_run(image_run).schedule.betas, rtol=1e-12
+    )
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert ckpt.load_checkpoint(run).step == 2 and ckpt.is_finished(run)
 

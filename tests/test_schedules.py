@@ -52,6 +52,33 @@ def test_quadratic_and_sigmoid_shapes():
     assert torch.allclose(logit, torch.linspace(-6, 6, 100, dtype=F64), atol=1e-6)
 
 
+def test_ldm_scaled_linear_range_and_its_run_config():
+    # LDM's schedule: sqrt(beta) linear from sqrt(0.00085) to sqrt(0.012), and the run config's
+    # beta range reaches it (a run with the defaults would get DDPM's 1e-4..0.02 instead)
+    from difflab.app.build import build_schedule
+    from difflab.app.config import apply_overrides, get_preset
+
+    q = make_betas("quadratic", 1000, beta_start=0.00085, beta_end=0.012)
+    assert float(q[0]) == pytest.approx(0.00085) and float(q[-1]) == pytest.approx(0.012)
+    assert float(q[499]) == pytest.approx(
+        (0.00085**0.5 + 499 / 999 * (0.012**0.5 - 0.00085**0.5)) ** 2
+    )
+    sets = [
+        "diffusion.schedule=quadratic",
+        "diffusion.beta_start=0.00085",
+        "diffusion.beta_end=0.012",
+    ]
+    sched = build_schedule(apply_overrides(get_preset("mnist"), sets))
+    assert torch.equal(sched.betas, q)
+    # one end set: the other keeps its default
+    sched = build_schedule(apply_overrides(get_preset("mnist"), ["diffusion.beta_end=0.012"]))
+    assert float(sched.betas[0]) == pytest.approx(1e-4) and float(sched.betas[-1]) == pytest.approx(
+        0.012
+    )
+    with pytest.raises(ValueError, match="cosine schedule has no beta_start"):
+        make_betas("cosine", 10, beta_end=0.02)
+
+
 def test_cosine_alpha_bar_follows_eq17():
     T, s = 1000, 0.008
     sched = DiscreteSchedule.from_name("cosine", T)

@@ -37,6 +37,7 @@ from difflab._util import F64, check_choice  # check_choice: re-exported
 __all__ = [
     "BetaScheduleName",
     "BETA_SCHEDULES",
+    "BETA_RANGE_SCHEDULES",
     "Spacing",
     "SPACINGS",
     "Schedule",
@@ -50,6 +51,7 @@ __all__ = [
 
 BetaScheduleName = Literal["linear", "cosine", "quadratic", "sigmoid", "sohl-dickstein"]
 BETA_SCHEDULES: tuple[str, ...] = get_args(BetaScheduleName)
+BETA_RANGE_SCHEDULES: tuple[str, ...] = ("linear", "quadratic", "sigmoid")  # read beta_start/end
 Spacing = Literal["uniform", "leading", "trailing", "karras", "logsnr"]
 SPACINGS: tuple[str, ...] = get_args(Spacing)
 
@@ -93,6 +95,8 @@ def make_betas(
     check_choice("beta schedule", name, BETA_SCHEDULES)
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"the number of diffusion steps T must be a positive integer, got {T!r}")
+    if name not in BETA_RANGE_SCHEDULES and (beta_start, beta_end) != (None, None):
+        raise ValueError(f"the {name} schedule has no beta_start/beta_end")
     scale = 1000.0 / T
     b0 = beta_start if beta_start is not None else 1e-4 * scale
     b1 = beta_end if beta_end is not None else 0.02 * scale

@@ -54,7 +54,12 @@ def build_schedule(cfg: RunConfig) -> Schedule:
     d = cfg.diffusion
     if d.schedule == "edm":
         return EDMSchedule(d.sigma_min, d.sigma_max)
-    return DiscreteSchedule.from_name(d.schedule, d.T, zero_terminal_snr=d.zero_terminal_snr)
+    beta_range = {
+        k: v for k, v in (("beta_start", d.beta_start), ("beta_end", d.beta_end)) if v is not None
+    }
+    return DiscreteSchedule.from_name(
+        d.schedule, d.T, zero_terminal_snr=d.zero_terminal_snr, **beta_range
+    )
 
 
 class ImageBatches:

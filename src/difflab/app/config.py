@@ -77,6 +77,8 @@ class DiffusionConfig:
         "linear"  # beta schedule (linear|cosine|quadratic|sigmoid|sohl-dickstein) or edm
     )
     T: int = 1000  # number of diffusion steps (discrete schedules)
+    beta_start: float | None = None  # beta_1 of linear|quadratic|sigmoid; None = 1e-4 * 1000/T
+    beta_end: float | None = None  # beta_T of linear|quadratic|sigmoid; None = 0.02 * 1000/T
     zero_terminal_snr: bool = False  # rescale betas so the last step has zero SNR [Lin 2024]
     sigma_min: float = 0.002  # EDM schedule only
     sigma_max: float = 80.0  # EDM schedule only
@@ -213,6 +215,8 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.sr_factor": _above(0),
     "model.aug_level_max": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
     "diffusion.T": _above(0),
+    "diffusion.beta_start": ((lambda v: 0 < v < 1), "in (0, 1)"),
+    "diffusion.beta_end": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "diffusion.sigma_min": _above(0),
     "diffusion.sigma_max": _above(0),
     "diffusion.sigma_data": _above(0),

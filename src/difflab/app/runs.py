@@ -25,7 +25,7 @@ from difflab.parameterization import PARAMETERIZATIONS
 from difflab.safe_io import say
 from difflab.samplers import SAMPLER_OPTIONS, SAMPLERS
 from difflab.samplers.common import THRESHOLD_MODES
-from difflab.schedules import BETA_SCHEDULES, check_choice
+from difflab.schedules import BETA_RANGE_SCHEDULES, BETA_SCHEDULES, check_choice
 
 __all__ = [
     "build",
@@ -52,6 +52,7 @@ def check_config(cfg: RunConfig) -> None:
     check_choice("diffusion.t_sampling", cfg.diffusion.t_sampling, TIME_SAMPLINGS)
     if cfg.diffusion.sigma_min >= cfg.diffusion.sigma_max:
         raise ValueError("diffusion.sigma_min must be below diffusion.sigma_max")
+    _check_beta_range(cfg.diffusion)
     resolve_device(cfg.train.device)
     if cfg.data.is_toy and cfg.data.downsample != 1:
         raise ValueError("data.downsample applies to images, not to 2-D data")
@@ -61,6 +62,20 @@ def check_config(cfg: RunConfig) -> None:
     check_choice("sample.sampler", cfg.sample.sampler, tuple(SAMPLERS))
     if cfg.sample.eta is not None and "eta" not in SAMPLER_OPTIONS[cfg.sample.sampler]:
         raise ValueError(f"sample.eta is set but sampler {cfg.sample.sampler!r} has no eta")
+
+
+def _check_beta_range(d: DiffusionConfig) -> None:
+    if d.beta_start is None and d.beta_end is None:
+        return
+    if d.schedule not in BETA_RANGE_SCHEDULES:
+        names = ", ".join(BETA_RANGE_SCHEDULES)
+        raise ValueError(
+            f"diffusion.beta_start/beta_end apply to the {names} schedules, not {d.schedule!r}"
+        )
+    if d.beta_start is not None and d.beta_end is not None and d.beta_start >= d.beta_end:
+        raise ValueError(
+            f"diffusion.beta_start ({d.beta_start:g}) must be below beta_end ({d.beta_end:g})"
+        )
 
 
 def build(cfg: RunConfig, *, device: torch.device | None = None, load_data: bool = True) -> Built:

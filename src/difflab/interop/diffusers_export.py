@@ -256,6 +256,9 @@ class ImportedRun:
         if sched["name"] != "custom":
             diffusion["T"] = sched["T"]
             diffusion["zero_terminal_snr"] = bool(sched.get("zero_terminal_snr", False))
+            for key in ("beta_start", "beta_end"):  # scaled_linear models use LDM's range
+                if key in sched:
+                    diffusion[key] = float(sched[key])
         return {"model": model, "diffusion": diffusion}
 
 
