@@ -299,7 +299,8 @@ def test_import_to_run(tmp_path) -> None:
     assert run.unet_config == net.config and run.num_classes == 3
     assert run.schedule_config["name"] == "linear"
     sections = run.run_config_sections()
-    assert sections["diffusion"] == {"schedule": "linear", "T": 1000, "zero_terminal_snr": False}
+    assert sections["diffusion"] == {"schedule": "linear", "T": 1000, "zero_terminal_snr": False,
+                                     "beta_start": 0.0001, "beta_end": 0.02}  # fmt: skip
     rebuilt = UNet(**dataclasses.asdict(run.unet_config))
     rebuilt.load_state_dict(run.state_dict)
 

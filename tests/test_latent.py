@@ -168,13 +168,20 @@ def test_latent_sample_decodes_and_callback_sees_images() -> None:
     assert torch.equal(out, again)
 
 
-def test_half_resolution_unet_preset_fits_f2_latents_and_14x14_images() -> None:
-    ae_shape = build_autoencoder("mnist-f2c4").latent_shape()
-    assert ae_shape == (4, 14, 14)
-    for c in (4, 1):  # f = 2 latents, or a cascade's 14x14 base
-        net = build_unet("mnist-half", in_channels=c)
-        with torch.no_grad():
-            assert net(torch.zeros(2, c, 14, 14), torch.zeros(2)).shape == (2, c, 14, 14)
+def test_latent_presets_fit_each_other() -> None:
+    # the mnist-latent run's U-Net takes the latents of the mnist-ae run's autoencoder, at full
+    # latent resolution (no fold), and the half-resolution U-Net takes a cascade's 14x14 base
+    from difflab.app.config import get_preset
+
+    ae_cfg, latent_cfg = get_preset("mnist-ae").model, get_preset("mnist-latent").model
+    assert ae_cfg.ae_preset == latent_cfg.ae_preset
+    c, h, w = build_autoencoder(ae_cfg.ae_preset).latent_shape()
+    net = build_unet(latent_cfg.preset)
+    assert (net.config.in_channels, net.config.image_size, net.config.patch_size) == (c, h, 1)
+    with torch.no_grad():
+        assert net(torch.zeros(2, c, h, w), torch.zeros(2)).shape == (2, c, h, w)
+        half = build_unet("mnist-half", in_channels=1)
+        assert half(torch.zeros(2, 1, 14, 14), torch.zeros(2)).shape == (2, 1, 14, 14)
 
 
 # ---------------------------------------------------------------- end to end

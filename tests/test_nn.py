@@ -21,6 +21,7 @@ from difflab.nn.layers import (
     drop_class_labels,
     sinusoidal_embedding,
     split_cond,
+    upsample_nearest2x,
 )
 from difflab.nn.mlp import TimeMLP
 from difflab.nn.unet import UNET_PRESETS, BasicUNet, ResBlock, UNetConfig, build_unet
@@ -443,3 +444,20 @@ def test_basic_unet_ignores_t() -> None:
         model(x, torch.zeros(2), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="divisible"):
         model(torch.randn(1, 1, 30, 30), torch.zeros(1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    c=st.integers(1, 5),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    channels_last=st.booleans(),
+)
+def test_upsample_nearest2x_equals_interpolate(b, c, h, w, channels_last) -> None:
+    # oracle: torch's nearest interpolation; a transposed H/W or a 2x1 block would differ
+    x = torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(h * 10 + w))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    assert torch.equal(upsample_nearest2x(x), expected)

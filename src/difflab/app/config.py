@@ -323,19 +323,22 @@ PRESETS["mnist-classifier"] = _derive(
 )
 # Palette [Saharia 2022]: restore blurred, noisy digits (degraded on the fly, see image_to_image)
 PRESETS["mnist-restore"] = _derive("mnist", "mnist-restore", model={"image_task": "restore"})
-# latent diffusion [Rombach 2022]: a KL autoencoder (28x28x1 -> 14x14x4), then a diffusion
+# latent diffusion [Rombach 2022]: a KL autoencoder (28x28x1 -> 7x7x4, f = 4), then a diffusion
 # model on its frozen encoder's latents (difflab train --preset mnist-latent
-# --set model.autoencoder=AE_RUN); latents are not in [-1, 1], so no x0 clipping
+# --set model.autoencoder=AE_RUN) on LDM's schedule (sqrt(beta) linear from 0.00085 to 0.012:
+# it ends less noisy than DDPM's, which matters because latents have no range to clip x0 to);
+# recipe chosen at a 10-minute CPU budget (BENCHMARKS.md, latent recipes)
 PRESETS["mnist-ae"] = _derive(
     "mnist",
     "mnist-ae",
-    model={"kind": "autoencoder", "ae_preset": "mnist-f2c4"},
+    model={"kind": "autoencoder", "ae_preset": "mnist-f4c4"},
     train={"lr": 1e-3, "ema_half_life": 10_000.0},
 )
 PRESETS["mnist-latent"] = _derive(
     "mnist",
     "mnist-latent",
-    model={"kind": "latent", "preset": "mnist-half", "ae_preset": "mnist-f2c4"},
+    model={"kind": "latent", "preset": "mnist-latent", "ae_preset": "mnist-f4c4"},
+    diffusion={"schedule": "quadratic", "beta_start": 0.00085, "beta_end": 0.012},
     sample={"threshold": None},
 )
 PRESETS["mnist-latent-cond"] = _derive(

@@ -41,6 +41,7 @@ from difflab.nn.layers import (
     check_image_batch,
     group_norm,
     split_cond,
+    upsample_nearest2x,
     zero_,
 )
 
@@ -97,10 +98,16 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         norm_groups=8,
     ),
 }
-# 14x14 inputs: MNIST at half resolution (a cascade's base) or f = 2 autoencoder latents
-# (14x14x4). One 7x7 level after a 2x2 fold; about 3x cheaper per pass than mnist-cpu.
+# 14x14 inputs: MNIST at half resolution (a cascade's base). One 7x7 level after a 2x2 fold;
+# about 3x cheaper per pass than mnist-cpu.
 UNET_PRESETS["mnist-half"] = dataclasses.replace(
     UNET_PRESETS["mnist-cpu"], image_size=14, in_channels=4, base_channels=48, channel_mult=(1,)
+)
+# 7x7x4 latents of the f = 4 MNIST autoencoder (mnist-f4c4): one 7x7 level, no fold (a 2x2 fold
+# of f = 2 latents lost their local structure: BENCHMARKS.md, latent recipes); ~4x cheaper per
+# pass than mnist-cpu.
+UNET_PRESETS["mnist-latent"] = dataclasses.replace(
+    UNET_PRESETS["mnist-half"], image_size=7, patch_size=1
 )
 # A few thousand parameters, for tests.
 UNET_PRESETS["tiny"] = UNetConfig(
@@ -216,7 +223,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, h: Tensor, emb: Tensor | None = None) -> Tensor:
-        return self.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample_nearest2x(h))
 
 
 class UNet(nn.Module):
@@ -437,7 +444,7 @@ class BasicUNet(nn.Module):
                 h = F.max_pool2d(h, 2)
         for i, conv in enumerate(self.up):
             if i > 0:
-                h = F.interpolate(h, scale_factor=2.0, mode="nearest") + skips.pop()
+                h = upsample_nearest2x(h) + skips.pop()
             h = conv(h)
             if i < self.levels - 1:
                 h = F.silu(h)
