@@ -5,6 +5,7 @@ eager network: compilation must not change the function, up to float32 reassocia
 are skipped where TorchInductor cannot run (no C++ compiler).
 """
 
+import copy
 import json
 
 import numpy as np
@@ -17,6 +18,7 @@ from difflab.app.runs import build
 from difflab.app.sampling import draw_samples
 from difflab.inference import (
     GraphedNetwork,
+    compile_network,
     compile_unavailable,
     flatten_call,
     inference_context,
@@ -233,3 +235,25 @@ def test_graphed_sampling_matches_eager_on_cuda():
         for m in (net, graphed)
     )
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or compile_unavailable("cuda") is not None,
+    reason="needs CUDA and torch.compile",
+)
+def test_graphed_compiled_network_matches_eager_on_cuda():
+    """A CUDA graph of the *compiled* network computes the eager network on each call's inputs.
+    `difflab sample` refuses --cuda-graph with --compile until this passes on a GPU: the GPU
+    benchmark that led to the refusal compared samples with a reference of another batch size."""
+    torch.manual_seed(0)
+    net = build_unet("tiny-ddpm").cuda().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    eager = copy.deepcopy(net)
+    graphed = GraphedNetwork(compile_network(net, "cuda"))
+    with torch.inference_mode():
+        for i in range(3):
+            x = torch.randn(8, 1, 16, 16, device="cuda")
+            t = torch.full((8,), 200.0 * (i + 1), device="cuda")
+            torch.testing.assert_close(graphed(x, t), eager(x, t), rtol=1e-3, atol=1e-3)

@@ -58,7 +58,9 @@ def draw_samples(
     ``cuda_graph``: replay one captured CUDA graph of the network per batch shape
     (:class:`difflab.inference.GraphedNetwork`; CUDA devices only).
     """
-    if cuda_graph and compile:  # measured: the two together changed the samples on a GPU
+    # kept apart until tests/test_speed.py::test_graphed_compiled_network_matches_eager_on_cuda
+    # has passed on a GPU (BENCHMARKS.md, sampling speed on the GPU)
+    if cuda_graph and compile:
         raise ValueError("--cuda-graph and --compile cannot be combined; choose one")
     if cuda_graph and built.device.type != "cuda":
         raise ValueError(f"--cuda-graph needs a CUDA device; this run samples on {built.device}")
