@@ -285,6 +285,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
         (["--set", "diffusion.schedule=wobbly"], "diffusion.schedule"),
         (["--set", "diffusion.beta_end=1.5"], "diffusion.beta_end"),
         (["--set", "diffusion.beta_start=0.02", "--set", "diffusion.beta_end=0.01"], "below"),
+        (["--set", "diffusion.beta_start=0.5"], "below beta_end (0.02)"),  # the default end
         (["--set", "diffusion.schedule=cosine", "--set", "diffusion.beta_end=0.01"], "cosine"),
         (["--set", "model.kind=transformer"], "model.kind"),
         (["--set", "data.name=imagenet"], "data.name"),

@@ -77,6 +77,8 @@ def test_ldm_scaled_linear_range_and_its_run_config():
     )
     with pytest.raises(ValueError, match="cosine schedule has no beta_start"):
         make_betas("cosine", 10, beta_end=0.02)
+    with pytest.raises(ValueError, match="must be below beta_end"):
+        make_betas("quadratic", 1000, beta_start=0.03)  # above the default end 0.02
 
 
 def test_cosine_alpha_bar_follows_eq17():

@@ -100,6 +100,8 @@ def make_betas(
     scale = 1000.0 / T
     b0 = beta_start if beta_start is not None else 1e-4 * scale
     b1 = beta_end if beta_end is not None else 0.02 * scale
+    if name in BETA_RANGE_SCHEDULES and not b0 < b1:
+        raise ValueError(f"beta_start ({b0:g}) must be below beta_end ({b1:g})")
     if name == "linear":
         betas = torch.linspace(b0, b1, T, dtype=F64)
     elif name == "quadratic":

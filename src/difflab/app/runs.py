@@ -52,7 +52,7 @@ def check_config(cfg: RunConfig) -> None:
     check_choice("diffusion.t_sampling", cfg.diffusion.t_sampling, TIME_SAMPLINGS)
     if cfg.diffusion.sigma_min >= cfg.diffusion.sigma_max:
         raise ValueError("diffusion.sigma_min must be below diffusion.sigma_max")
-    _check_beta_range(cfg.diffusion)
+    _check_beta_range(cfg)
     resolve_device(cfg.train.device)
     if cfg.data.is_toy and cfg.data.downsample != 1:
         raise ValueError("data.downsample applies to images, not to 2-D data")
@@ -64,7 +64,8 @@ def check_config(cfg: RunConfig) -> None:
         raise ValueError(f"sample.eta is set but sampler {cfg.sample.sampler!r} has no eta")
 
 
-def _check_beta_range(d: DiffusionConfig) -> None:
+def _check_beta_range(cfg: RunConfig) -> None:
+    d = cfg.diffusion
     if d.beta_start is None and d.beta_end is None:
         return
     if d.schedule not in BETA_RANGE_SCHEDULES:
@@ -72,10 +73,10 @@ def _check_beta_range(d: DiffusionConfig) -> None:
         raise ValueError(
             f"diffusion.beta_start/beta_end apply to the {names} schedules, not {d.schedule!r}"
         )
-    if d.beta_start is not None and d.beta_end is not None and d.beta_start >= d.beta_end:
-        raise ValueError(
-            f"diffusion.beta_start ({d.beta_start:g}) must be below beta_end ({d.beta_end:g})"
-        )
+    try:  # the range as make_betas reads it: an end left unset takes its default
+        build_schedule(cfg)
+    except ValueError as e:
+        raise ValueError(f"diffusion.beta_start/beta_end: {e}") from None
 
 
 def build(cfg: RunConfig, *, device: torch.device | None = None, load_data: bool = True) -> Built:
