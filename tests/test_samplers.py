@@ -703,6 +703,37 @@ def test_sampler_options_are_the_keyword_options_of_the_functions():
         assert set(SAMPLER_OPTIONS[name]) == _keyword_options(base) - set(spec.fixed), name
 
 
+class _Linear(torch.nn.Module):
+    """A denoiser with parameters (x0_hat = w x): a sampler must not record its graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5, dtype=F64))
+
+    def forward(self, x, t, cond=None):
+        alpha, sigma = LINEAR.alpha_sigma(t)
+        x0 = self.w * x
+        return Prediction(x0=x0, eps=(x - alpha[:, None] * x0) / sigma[:, None])
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_the_sampler_decorator_gives_every_sampler_the_one_signature(name):
+    """The shared arguments come first in every sampler's reported signature (what ``help``
+    shows), the grid is checked before any step, and no gradient graph is recorded."""
+    fn = SAMPLERS[name]
+    params = list(inspect.signature(fn).parameters.values())
+    assert [p.name for p in params[:7]] == [
+        "denoiser", "x", "ts", "schedule", "cond", "generator", "callback"
+    ]  # fmt: skip
+    assert all(p.kind is p.KEYWORD_ONLY for p in params[3:])
+    x = torch.randn(8, 2, dtype=F64, generator=_seed(0))
+    ts = sampling_timesteps(LINEAR, 4)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        fn(_Linear(), x, ts.flip(0), schedule=LINEAR)
+    out = fn(_Linear(), x, ts, schedule=LINEAR, generator=_seed(1))
+    assert out.shape == x.shape and not out.requires_grad
+
+
 # ---- thresholding ---------------------------------------------------------------------------
 
 

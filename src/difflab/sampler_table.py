@@ -6,10 +6,11 @@ module imports neither torch nor the sampler functions (each is named by a "modu
 string and imported by :meth:`SamplerSpec.load`), so ``difflab --help`` can list the names
 without importing torch.
 
-Adding a sampler: write its function, with the common signature of
-:mod:`difflab.samplers.common`, in a module of this package; add one ``SamplerSpec`` below; give
-it step counts in ``GAUSSIAN_STEPS`` and ``GMM_STEPS`` of ``tests/test_samplers.py`` (every
-test parametrised over the samplers then covers it) and a convergence-order case.
+Adding a sampler: write its step loop ``body(ctx, x, *, options)`` under the ``@sampler``
+decorator of :mod:`difflab.samplers.common` (which gives it the common signature) in a module
+of :mod:`difflab.samplers`; add one ``SamplerSpec`` below; give it step counts in
+``GAUSSIAN_STEPS`` and ``GMM_STEPS`` of ``tests/test_samplers.py`` (every test parametrised
+over the samplers then covers it) and a convergence-order case.
 
 Default spacing (on DDPM schedules; every sampler uses ``karras`` on the others): trailing
 spacing starts at the most noisy level [Lin 2024]; Karras spacing concentrates the steps at low

@@ -1,6 +1,7 @@
 """Samplers: walk from noise to data with any denoiser on any schedule.
 
-All samplers share one signature (see :mod:`difflab.samplers.common`)::
+All samplers share one signature, written once by the ``sampler`` decorator of
+:mod:`difflab.samplers.common`::
 
     sampler(denoiser, x, ts, *, schedule, cond=None, generator=None, callback=None, **options)
 
@@ -32,7 +33,6 @@ runs a sampler by name.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -42,7 +42,7 @@ from difflab._util import check_choice
 from difflab.parameterization import Denoiser
 from difflab.sampler_table import SAMPLER_NAMES, SAMPLER_TABLE, SamplerSpec
 from difflab.samplers.ancestral import ddpm
-from difflab.samplers.common import Callback, ThresholdedDenoiser, prior_noise
+from difflab.samplers.common import Callback, Sampler, ThresholdedDenoiser, prior_noise
 from difflab.samplers.ddim import ddim, ddim_invert
 from difflab.samplers.dpm_solver import dpm_solver_pp, dpmpp_2s, dpmpp_sde
 from difflab.samplers.edm import edm_sampler, euler_ancestral
@@ -72,8 +72,6 @@ __all__ = [
     "prior_noise",
     "sample",
 ]
-
-Sampler = Callable[..., Tensor]
 
 # read off the sampler table (difflab.sampler_table); nothing here is kept by hand
 SAMPLERS: dict[str, Sampler] = {name: spec.load() for name, spec in SAMPLER_TABLE.items()}

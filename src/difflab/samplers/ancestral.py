@@ -19,15 +19,13 @@ The last step (s = 0) adds no noise: it returns the posterior mean, which is x0_
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from difflab._util import F64, check_choice
-from difflab.parameterization import Denoiser
 from difflab.process import VARIANCES, Variance, grid_posterior
-from difflab.samplers.common import Callback, check_grid, denoise_and_report, grid_steps, randn
+from difflab.samplers.common import SamplerContext, sampler
 from difflab.schedules import Schedule
 
 # Variance, VARIANCES and grid_posterior live in difflab.process and are re-exported here
@@ -74,18 +72,8 @@ def reverse_log_variance(
     return _log_variance(variance, log_step, float(table["log_beta_tilde"][j]), var_frac)
 
 
-@torch.no_grad()
-def ddpm(
-    denoiser: Denoiser,
-    x: Tensor,
-    ts: Tensor,
-    *,
-    schedule: Schedule,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    variance: Variance = "small",
-) -> Tensor:
+@sampler
+def ddpm(ctx: SamplerContext, x: Tensor, *, variance: Variance = "small") -> Tensor:
     """DDPM ancestral sampling [Ho 2020, Algorithm 2], on the grid ``ts`` (respaced or full).
 
     Args:
@@ -94,12 +82,11 @@ def ddpm(
             using ``Prediction.var_frac``, which the denoiser must then give).
     """
     check_choice("variance", variance, VARIANCES)
-    ts = check_grid(ts, schedule)
-    table = grid_posterior(schedule, ts)
+    table = grid_posterior(ctx.schedule, ctx.ts)
     coef_xt, coef_x0 = table["coef_xt"].tolist(), table["coef_x0"].tolist()
     log_step, log_tilde = table["beta_step"].log().tolist(), table["log_beta_tilde"].tolist()
-    for i, t, s in grid_steps(ts):
-        pred = denoise_and_report(denoiser, x, i, t, s, cond=cond, callback=callback)
+    for i, t, s in ctx.steps():
+        pred = ctx.denoise_and_report(x, i, t, s)
         if variance == "learned" and pred.var_frac is None:
             _log_variance(variance, 0.0, 0.0, None)  # raises the error
         # posterior mean with x0 -> x0_hat  [Ho 2020, Eq. 7 and 11]
@@ -109,6 +96,5 @@ def ddpm(
             continue
         logvar = _log_variance(variance, log_step[i], log_tilde[i], pred.var_frac)
         std = logvar.mul(0.5).exp() if isinstance(logvar, Tensor) else math.exp(0.5 * logvar)
-        z = randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x = mean + std * z  # std is a float, or a tensor of x's shape (learned variance)
+        x = mean + std * ctx.noise(x)  # std is a float, or a tensor of x's shape (learned variance)
     return x

@@ -10,17 +10,26 @@ it returns the sample at time ``ts[-1]``, of the same shape and dtype as ``x``. 
 gives alpha(t) and sigma(t), ``cond`` is passed to the denoiser, ``generator`` draws the noise of
 stochastic samplers (deterministic ones accept it and do not use it). The denoiser is called with
 a (B,) float64 CPU tensor of times. Once per step, after the step's first network evaluation
-(:func:`denoise_and_report`), the ``callback`` receives a dict ``{"i", "t", "t_next", "x",
-"x0_hat"}``: ``x`` is the current sample at time ``t`` (for EDM samplers with churn: after the
-temporary noise increase) and ``x0_hat`` the denoiser's estimate of the clean data there. Each
-sampler's docstring names only its own options.
+(:meth:`SamplerContext.denoise_and_report`), the ``callback`` receives a dict ``{"i", "t",
+"t_next", "x", "x0_hat"}``: ``x`` is the current sample at time ``t`` (for EDM samplers with
+churn: after the temporary noise increase) and ``x0_hat`` the denoiser's estimate of the clean
+data there.
+
+That signature is written once, here: a sampler is its step loop ``body(ctx, x, **options)``
+decorated with :func:`sampler`, which checks the grid, bundles the shared arguments into one
+:class:`SamplerContext` ``ctx`` and runs the body without gradients. Each sampler's docstring
+names only its own options.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, get_args
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 from torch import Tensor
@@ -31,6 +40,8 @@ from difflab.schedules import Schedule
 
 __all__ = [
     "Callback",
+    "Sampler",
+    "SamplerContext",
     "ThresholdMode",
     "THRESHOLD_MODES",
     "ThresholdedDenoiser",
@@ -43,6 +54,7 @@ __all__ = [
     "prior_noise",
     "randn",
     "report",
+    "sampler",
 ]
 
 Callback = Callable[[dict[str, Any]], None]
@@ -120,6 +132,96 @@ def denoise_and_report(
     pred = call_denoiser(denoiser, x, t if t_eval is None else t_eval, cond)
     report(callback, i, t, t_next, x, pred.x0)
     return pred
+
+
+@dataclass(frozen=True)
+class SamplerContext:
+    """The arguments every sampler shares, as its body sees them (see the module docstring).
+
+    Attributes:
+        denoiser, schedule, cond, generator, callback: as given to the sampler.
+        ts: the checked grid, (N + 1,) float64 on the CPU, decreasing.
+    """
+
+    denoiser: Denoiser
+    schedule: Schedule
+    ts: Tensor
+    cond: Any = None
+    generator: torch.Generator | None = None
+    callback: Callback | None = None
+
+    @cached_property
+    def coef(self) -> dict[str, list[float]]:
+        """:func:`grid_coefficients` of the grid: ``coef["alpha"][i]`` is alpha(ts[i]), ..."""
+        return grid_coefficients(self.schedule, self.ts)
+
+    @property
+    def n(self) -> int:
+        """The number of steps, len(ts) - 1."""
+        return self.ts.numel() - 1
+
+    def steps(self) -> Iterator[tuple[int, float, float]]:
+        """(i, ts[i], ts[i + 1]) for every step (:func:`grid_steps`)."""
+        return grid_steps(self.ts)
+
+    def denoise(self, x: Tensor, t: float) -> Prediction:
+        """The denoiser's prediction at ``x`` (B, ...) and time ``t``, with ``cond``."""
+        return call_denoiser(self.denoiser, x, t, self.cond)
+
+    def denoise_and_report(
+        self, x: Tensor, i: int, t: float, t_next: float, t_eval: float | None = None
+    ) -> Prediction:
+        """Step i's first network evaluation, reported to the callback
+        (:func:`denoise_and_report`)."""
+        return denoise_and_report(
+            self.denoiser, x, i, t, t_next, cond=self.cond, callback=self.callback, t_eval=t_eval
+        )
+
+    def noise(self, like: Tensor) -> Tensor:
+        """Standard normal noise of ``like``'s shape, dtype and device, from ``generator``."""
+        return randn(like.shape, generator=self.generator, dtype=like.dtype, device=like.device)
+
+
+class Sampler(Protocol):
+    """The one sampler signature (see the module docstring)."""
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        x: Tensor,
+        ts: Tensor,
+        *,
+        schedule: Schedule,
+        cond: Any = None,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+        **options: Any,
+    ) -> Tensor: ...
+
+
+def sampler(body: Callable[..., Tensor]) -> Sampler:
+    """Make a sampler of the one signature from its step loop ``body(ctx, x, **options)``.
+
+    The sampler checks ``ts`` (:func:`check_grid`), builds the :class:`SamplerContext` and runs
+    the body under ``torch.no_grad()``. Its name, docstring and reported signature (the shared
+    arguments, then the body's keyword options) are the body's, so ``help`` and
+    ``inspect.signature`` show what a caller passes.
+    """
+
+    @functools.wraps(body)
+    def run(denoiser, x, ts, *, schedule, cond=None, generator=None, callback=None, **options):
+        # typed by the Sampler protocol, whose parameters the reported signature shows
+        ts = check_grid(ts, schedule)
+        ctx = SamplerContext(denoiser, schedule, ts, cond, generator, callback)
+        with torch.no_grad():
+            return body(ctx, x, **options)
+
+    shared = list(inspect.signature(Sampler.__call__).parameters.values())[1:-1]
+    own = [p for p in inspect.signature(body).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    returns = inspect.signature(body).return_annotation
+    signature = inspect.Signature(shared + own, return_annotation=returns)
+    run.__signature__ = signature  # type: ignore[attr-defined]
+    return run
 
 
 def randn(

@@ -25,31 +25,21 @@ from difflab.parameterization import Denoiser
 from difflab.process import grid_posterior
 from difflab.samplers.common import (
     Callback,
+    SamplerContext,
     call_denoiser,
     check_grid,
-    denoise_and_report,
     grid_coefficients,
     grid_steps,
-    randn,
     report,
+    sampler,
 )
 from difflab.schedules import Schedule
 
 __all__ = ["ddim", "ddim_invert"]
 
 
-@torch.no_grad()
-def ddim(
-    denoiser: Denoiser,
-    x: Tensor,
-    ts: Tensor,
-    *,
-    schedule: Schedule,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    eta: float = 0.0,
-) -> Tensor:
+@sampler
+def ddim(ctx: SamplerContext, x: Tensor, *, eta: float = 0.0) -> Tensor:
     """DDIM sampling [Song 2021, Eq. 12] with stochasticity ``eta`` on the grid ``ts``, from the
     denoiser's (x0_hat, eps_hat).
 
@@ -59,17 +49,16 @@ def ddim(
     """
     if not eta >= 0:
         raise ValueError(f"eta must be non-negative, got {eta}")
-    ts = check_grid(ts, schedule)
-    coef = grid_coefficients(schedule, ts)
-    post_var = grid_posterior(schedule, ts)["beta_tilde"].tolist() if eta > 0 else None
-    for i, t, s in grid_steps(ts):
-        pred = denoise_and_report(denoiser, x, i, t, s, cond=cond, callback=callback)
+    coef = ctx.coef
+    post_var = grid_posterior(ctx.schedule, ctx.ts)["beta_tilde"].tolist() if eta > 0 else None
+    for i, t, s in ctx.steps():
+        pred = ctx.denoise_and_report(x, i, t, s)
         alpha_s, sigma_s = coef["alpha"][i + 1], coef["sigma"][i + 1]
         c = eta * math.sqrt(post_var[i]) if post_var is not None else 0.0  # Eq. (16)
         dir_coef = math.sqrt(max(sigma_s**2 - c**2, 0.0))
         x = alpha_s * pred.x0 + dir_coef * pred.eps  # Eq. (12) [Song 2021]
         if c > 0:
-            x = x + c * randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x = x + c * ctx.noise(x)
     return x
 
 

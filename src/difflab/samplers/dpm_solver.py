@@ -46,23 +46,12 @@ eta = 0 is DPM-Solver++(2M) itself.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from difflab._util import F64
-from difflab.parameterization import Denoiser
-from difflab.samplers.common import (
-    Callback,
-    call_denoiser,
-    check_grid,
-    coefficients,
-    denoise_and_report,
-    grid_coefficients,
-    grid_steps,
-    randn,
-)
+from difflab.samplers.common import SamplerContext, coefficients, sampler
 from difflab.schedules import Schedule
 
 __all__ = ["dpm_solver_pp", "dpmpp_2s", "dpmpp_sde"]
@@ -88,18 +77,9 @@ def _first_order(x: Tensor, d: Tensor, sigma_ratio: float, alpha_s: float, h: fl
     return sigma_ratio * x - alpha_s * math.expm1(-h) * d
 
 
-@torch.no_grad()
+@sampler
 def dpm_solver_pp(
-    denoiser: Denoiser,
-    x: Tensor,
-    ts: Tensor,
-    *,
-    schedule: Schedule,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    order: int = 2,
-    lower_order_final: bool = True,
+    ctx: SamplerContext, x: Tensor, *, order: int = 2, lower_order_final: bool = True
 ) -> Tensor:
     """Multistep DPM-Solver++ of order 1, 2 or 3 [Lu 2022b; order 2 is Algorithm 2].
 
@@ -114,11 +94,10 @@ def dpm_solver_pp(
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be one of: 1, 2, 3, got {order!r}")
-    ts = check_grid(ts, schedule)
-    coef = grid_coefficients(schedule, ts)
+    coef = ctx.coef
     history: list[tuple[Tensor, float]] = []  # (D_j, lambda_j), most recent last
-    for i, t, s in grid_steps(ts):
-        d0 = denoise_and_report(denoiser, x, i, t, s, cond=cond, callback=callback).x0
+    for i, t, s in ctx.steps():
+        d0 = ctx.denoise_and_report(x, i, t, s).x0
         lam_t, lam_s = coef["lam"][i], coef["lam"][i + 1]
         history = [*history[-2:], (d0, lam_t)]
         if s == 0:
@@ -127,7 +106,7 @@ def dpm_solver_pp(
         alpha_s, sigma_s = coef["alpha"][i + 1], coef["sigma"][i + 1]
         sigma_t = coef["sigma"][i]
         h = lam_s - lam_t
-        k = min(len(history), _step_order(order, i, ts.numel() - 1, lower_order_final))
+        k = min(len(history), _step_order(order, i, ctx.n, lower_order_final))
         phi_1 = math.expm1(-h)
         x = (sigma_s / sigma_t) * x - alpha_s * phi_1 * d0  # first order [Lu 2022b]
         if k == 2:
@@ -148,18 +127,8 @@ def dpm_solver_pp(
     return x
 
 
-@torch.no_grad()
-def dpmpp_2s(
-    denoiser: Denoiser,
-    x: Tensor,
-    ts: Tensor,
-    *,
-    schedule: Schedule,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    r: float = 0.5,
-) -> Tensor:
+@sampler
+def dpmpp_2s(ctx: SamplerContext, x: Tensor, *, r: float = 0.5) -> Tensor:
     """DPM-Solver++(2S), second-order singlestep [Lu 2022b, Algorithm 1]; 2 NFE per step.
 
     Per step: an intermediate point u at lambda_t + r h by a first-order step, then
@@ -168,10 +137,9 @@ def dpmpp_2s(
     """
     if not 0 < r < 1:
         raise ValueError(f"r must lie in (0, 1), got {r}")
-    ts = check_grid(ts, schedule)
-    coef = grid_coefficients(schedule, ts)
-    for i, t, s in grid_steps(ts):
-        d_t = denoise_and_report(denoiser, x, i, t, s, cond=cond, callback=callback).x0
+    coef, schedule = ctx.coef, ctx.schedule
+    for i, t, s in ctx.steps():
+        d_t = ctx.denoise_and_report(x, i, t, s).x0
         if s == 0:
             x = d_t  # denoise to zero
             continue
@@ -183,22 +151,17 @@ def dpmpp_2s(
         alpha_s, sigma_s = coef["alpha"][i + 1], coef["sigma"][i + 1]
         sigma_t = coef["sigma"][i]
         u = _first_order(x, d_t, sigma_m / sigma_t, alpha_m, r_mid * h)
-        d_mid = call_denoiser(denoiser, u, t_mid, cond).x0
+        d_mid = ctx.denoise(u, t_mid).x0
         d = (1 - 1 / (2 * r_mid)) * d_t + (1 / (2 * r_mid)) * d_mid
         x = _first_order(x, d, sigma_s / sigma_t, alpha_s, h)
     return x
 
 
-@torch.no_grad()
+@sampler
 def dpmpp_sde(
-    denoiser: Denoiser,
+    ctx: SamplerContext,
     x: Tensor,
-    ts: Tensor,
     *,
-    schedule: Schedule,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
     order: int = 2,
     eta: float = 1.0,
     s_noise: float = 1.0,
@@ -232,12 +195,11 @@ def dpmpp_sde(
         raise ValueError(f"eta must be non-negative, got {eta}")
     if not s_noise >= 0:
         raise ValueError(f"s_noise must be non-negative, got {s_noise}")
-    ts = check_grid(ts, schedule)
-    coef = grid_coefficients(schedule, ts)
+    coef = ctx.coef
     d_prev: Tensor | None = None
     h_prev = 0.0
-    for i, t, s in grid_steps(ts):
-        d0 = denoise_and_report(denoiser, x, i, t, s, cond=cond, callback=callback).x0
+    for i, t, s in ctx.steps():
+        d0 = ctx.denoise_and_report(x, i, t, s).x0
         if s == 0:
             x = d0  # denoise to zero
             continue
@@ -245,11 +207,11 @@ def dpmpp_sde(
         h = coef["lam"][i + 1] - coef["lam"][i]
         data_coef = -alpha_s * math.expm1(-(1.0 + eta) * h)  # alpha_s (1 - e^{-k h})
         d = d0
-        if _step_order(order, i, ts.numel() - 1, lower_order_final) == 2 and d_prev is not None:
+        if _step_order(order, i, ctx.n, lower_order_final) == 2 and d_prev is not None:
             d = d0 + (d0 - d_prev) / (2 * (h_prev / h))
         x = (sigma_s / sigma_t) * math.exp(-eta * h) * x + data_coef * d
         noise = sigma_s * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise
         if noise > 0:
-            x = x + noise * randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x = x + noise * ctx.noise(x)
         d_prev, h_prev = d0, h
     return x

@@ -24,43 +24,21 @@ code            paper (Alg. 2)      meaning
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from difflab._util import F64
-from difflab.parameterization import Denoiser
-from difflab.samplers.common import (
-    Callback,
-    call_denoiser,
-    check_grid,
-    coefficients,
-    denoise_and_report,
-    grid_coefficients,
-    grid_steps,
-    randn,
-)
-from difflab.schedules import Schedule
+from difflab.samplers.common import SamplerContext, coefficients, sampler
 
 __all__ = ["edm_sampler", "euler_ancestral"]
 
 
-def _denoise(denoiser: Denoiser, y: Tensor, t: float, alpha: float, cond: Any) -> Tensor:
-    """D(y; s) at time t: the denoiser's x0_hat at x = alpha(t) y."""
-    return call_denoiser(denoiser, alpha * y, t, cond).x0
-
-
-@torch.no_grad()
+@sampler
 def edm_sampler(
-    denoiser: Denoiser,
+    ctx: SamplerContext,
     x: Tensor,
-    ts: Tensor,
     *,
-    schedule: Schedule,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
     second_order: bool = True,
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
@@ -82,53 +60,38 @@ def edm_sampler(
     """
     if s_churn < 0 or s_noise < 0:
         raise ValueError(f"s_churn and s_noise must be non-negative, got {s_churn}, {s_noise}")
-    ts = check_grid(ts, schedule)
-    n = ts.numel() - 1
-    coef = grid_coefficients(schedule, ts)
+    coef, schedule = ctx.coef, ctx.schedule
     y_cur = x / coef["alpha"][0]
-    for i, t_cur, t_next in grid_steps(ts):
+    for i, t_cur, t_next in ctx.steps():
         s_cur, s_next = coef["edm_sigma"][i], coef["edm_sigma"][i + 1]
 
         # Increase noise temporarily.
-        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= s_cur <= s_tmax else 0.0
+        gamma = min(s_churn / ctx.n, math.sqrt(2) - 1) if s_tmin <= s_cur <= s_tmax else 0.0
         s_hat = min(s_cur * (1 + gamma), schedule.sigma_max)  # the model ends at sigma_max
         if s_hat > s_cur:
             t_hat = float(schedule.t_from_edm_sigma(torch.tensor(s_hat, dtype=F64)))
-            z = randn(y_cur.shape, generator=generator, dtype=y_cur.dtype, device=y_cur.device)
-            y_hat = y_cur + math.sqrt(s_hat**2 - s_cur**2) * s_noise * z
+            y_hat = y_cur + math.sqrt(s_hat**2 - s_cur**2) * s_noise * ctx.noise(y_cur)
             alpha_hat = coefficients(schedule, t_hat)[0]
         else:
             s_hat, t_hat, y_hat, alpha_hat = s_cur, t_cur, y_cur, coef["alpha"][i]
 
         # Euler step.
-        x_hat = alpha_hat * y_hat
-        x0_hat = denoise_and_report(
-            denoiser, x_hat, i, t_cur, t_next, cond=cond, callback=callback, t_eval=t_hat
-        ).x0
+        x0_hat = ctx.denoise_and_report(alpha_hat * y_hat, i, t_cur, t_next, t_eval=t_hat).x0
         d_cur = (y_hat - x0_hat) / s_hat
         y_next = y_hat + (s_next - s_hat) * d_cur
 
         # 2nd-order correction.
         if second_order and s_next > 0:
-            x0_next = _denoise(denoiser, y_next, t_next, coef["alpha"][i + 1], cond)
+            x0_next = ctx.denoise(coef["alpha"][i + 1] * y_next, t_next).x0  # D(y_next; s_next)
             d_prime = (y_next - x0_next) / s_next
             y_next = y_hat + (s_next - s_hat) * (0.5 * d_cur + 0.5 * d_prime)
         y_cur = y_next
     return coef["alpha"][-1] * y_cur
 
 
-@torch.no_grad()
+@sampler
 def euler_ancestral(
-    denoiser: Denoiser,
-    x: Tensor,
-    ts: Tensor,
-    *,
-    schedule: Schedule,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
+    ctx: SamplerContext, x: Tensor, *, eta: float = 1.0, s_noise: float = 1.0
 ) -> Tensor:
     """Euler-ancestral sampling (k-diffusion's ``euler_a``) in y = x / alpha.
 
@@ -144,19 +107,14 @@ def euler_ancestral(
     """
     if not eta >= 0:
         raise ValueError(f"eta must be non-negative, got {eta}")
-    ts = check_grid(ts, schedule)
-    coef = grid_coefficients(schedule, ts)
+    coef = ctx.coef
     y = x / coef["alpha"][0]
-    for i, t_cur, t_next in grid_steps(ts):
+    for i, t_cur, t_next in ctx.steps():
         s_cur, s_next = coef["edm_sigma"][i], coef["edm_sigma"][i + 1]
-        x_cur = coef["alpha"][i] * y
-        x0_hat = denoise_and_report(
-            denoiser, x_cur, i, t_cur, t_next, cond=cond, callback=callback
-        ).x0
+        x0_hat = ctx.denoise_and_report(coef["alpha"][i] * y, i, t_cur, t_next).x0
         s_up = min(s_next, eta * math.sqrt(s_next**2 * (s_cur**2 - s_next**2) / s_cur**2))
         s_down = math.sqrt(s_next**2 - s_up**2)
         y = y + (s_down - s_cur) * (y - x0_hat) / s_cur  # Euler step to s_down
         if s_up > 0:
-            z = randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
-            y = y + s_noise * s_up * z
+            y = y + s_noise * s_up * ctx.noise(y)
     return coef["alpha"][-1] * y

@@ -33,20 +33,9 @@ code            meaning
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import Tensor
 
-from difflab.parameterization import Denoiser
-from difflab.samplers.common import (
-    Callback,
-    check_grid,
-    denoise_and_report,
-    grid_coefficients,
-    grid_steps,
-)
-from difflab.schedules import Schedule
+from difflab.samplers.common import SamplerContext, sampler
 
 __all__ = ["ADAMS_BASHFORTH", "ipndm"]
 
@@ -59,18 +48,8 @@ ADAMS_BASHFORTH: dict[int, tuple[float, ...]] = {
 }
 
 
-@torch.no_grad()
-def ipndm(
-    denoiser: Denoiser,
-    x: Tensor,
-    ts: Tensor,
-    *,
-    schedule: Schedule,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    max_order: int = 4,
-) -> Tensor:
+@sampler
+def ipndm(ctx: SamplerContext, x: Tensor, *, max_order: int = 4) -> Tensor:
     """iPNDM sampling [Zhang & Chen 2023]: Adams-Bashforth multistep in (y, s), 1 NFE per step.
 
     Step i uses order min(i + 1, max_order) (the lower-order warm start); the step to t = 0
@@ -81,16 +60,12 @@ def ipndm(
     """
     if max_order not in ADAMS_BASHFORTH:
         raise ValueError(f"max_order must be one of: 1, 2, 3, 4, got {max_order!r}")
-    ts = check_grid(ts, schedule)
-    coef = grid_coefficients(schedule, ts)
+    coef = ctx.coef
     y = x / coef["alpha"][0]
     history: list[Tensor] = []  # d_i, d_{i-1}, ... (most recent first)
-    for i, t_cur, t_next in grid_steps(ts):
+    for i, t_cur, t_next in ctx.steps():
         s_cur, s_next = coef["edm_sigma"][i], coef["edm_sigma"][i + 1]
-        x_cur = coef["alpha"][i] * y
-        x0_hat = denoise_and_report(
-            denoiser, x_cur, i, t_cur, t_next, cond=cond, callback=callback
-        ).x0
+        x0_hat = ctx.denoise_and_report(coef["alpha"][i] * y, i, t_cur, t_next).x0
         if s_next == 0:
             y = x0_hat  # the Euler step to s = 0: denoise to zero
             continue
