@@ -57,3 +57,23 @@ def test_the_checks_find_what_they_look_for():
     assert SAMPLER_BRANCH.search('if sampler == "ddim":')
     assert SAMPLER_BRANCH.search('if name in ("heun", "dpm++2s"):')
     assert not SAMPLER_BRANCH.search("if sampler == built.cfg.sample.sampler:")
+
+
+def test_every_kind_is_selected_by_its_model_kind_and_the_error_lists_them():
+    """Each preset selects the kind of its ``model.kind`` (and image task), and an unknown
+    ``model.kind`` is refused with the list read off the table."""
+    import pytest
+
+    from difflab.app.config import PRESETS, apply_overrides
+    from difflab.app.kinds import KINDS, kind_of
+
+    seen = set()
+    for cfg in PRESETS.values():
+        kind = kind_of(cfg)
+        assert kind.model_kind == cfg.model.kind, cfg.preset
+        assert kind.conditions_on_images == (cfg.model.image_task != "none"), cfg.preset
+        seen.add(kind.name)
+    assert seen == set(KINDS), "a kind of run without a preset"
+    with pytest.raises(ValueError, match="unknown model.kind 'gan'; choose one of: ") as err:
+        kind_of(apply_overrides(PRESETS["mnist"], ["model.kind=gan"]))
+    assert all(k.model_kind in str(err.value) for k in KINDS.values())

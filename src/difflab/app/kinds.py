@@ -75,6 +75,8 @@ class RunKind:
 
     Attributes:
         name: the kind's name in the table.
+        model_kind: the ``model.kind`` of its configs (kinds that share one override
+            :meth:`selects`).
         data: the data it models, ``"2-D"`` or ``"image"``.
         has_denoiser: its network is a diffusion denoiser (samplers, guidance, likelihoods).
         data_parallel: it trains under ``torchrun``.
@@ -86,6 +88,7 @@ class RunKind:
     """
 
     name = ""
+    model_kind = ""
     data = "image"
     has_denoiser = True
     data_parallel = True
@@ -95,8 +98,8 @@ class RunKind:
     super_resolves = False
 
     def selects(self, cfg: RunConfig) -> bool:
-        """Whether a config is a run of this kind."""
-        raise NotImplementedError
+        """Whether a config is a run of this kind (by default: its ``model.kind``)."""
+        return cfg.model.kind == self.model_kind
 
     def check(self, cfg: RunConfig) -> None:
         """Kind-specific checks of a config (one-line ``ValueError``)."""
@@ -195,10 +198,8 @@ class RunKind:
 
 class Diffusion2D(RunKind):
     name = "diffusion-2d"
+    model_kind = "mlp"
     data = "2-D"
-
-    def selects(self, cfg: RunConfig) -> bool:
-        return cfg.model.kind == "mlp"
 
     def build_model(
         self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
@@ -225,11 +226,9 @@ class SohlDickstein(Diffusion2D):
     """The 2015 model samples with its own reverse kernels, so it has no denoiser."""
 
     name = "sohl-dickstein"
+    model_kind = "sohl-dickstein"
     has_denoiser = False
     data_parallel = False
-
-    def selects(self, cfg: RunConfig) -> bool:
-        return cfg.model.kind == "sohl-dickstein"
 
     def build_model(
         self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
@@ -259,9 +258,7 @@ class SohlDickstein(Diffusion2D):
 
 class DiffusionImage(RunKind):
     name = "diffusion-image"
-
-    def selects(self, cfg: RunConfig) -> bool:
-        return cfg.model.kind == "unet" and cfg.model.image_task == "none"
+    model_kind = "unet"
 
     def build_model(
         self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
@@ -296,7 +293,7 @@ class ImageToImage(DiffusionImage):
     conditions_on_images = True
 
     def selects(self, cfg: RunConfig) -> bool:
-        return cfg.model.kind == "unet" and cfg.model.image_task != "none"
+        return super().selects(cfg) and cfg.model.image_task != "none"
 
     def unet_options(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
         return {"cond_channels": cond_channels(cfg.model.image_task, channels)}  # type: ignore
@@ -329,11 +326,9 @@ class Classifier(RunKind):
     """A noise-aware classifier: the U-Net's encoder [Dhariwal & Nichol 2021]."""
 
     name = "classifier"
+    model_kind = "classifier"
     has_denoiser = False
     guides_sampling = True
-
-    def selects(self, cfg: RunConfig) -> bool:
-        return cfg.model.kind == "classifier"
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)
@@ -378,11 +373,9 @@ class AutoencoderRun(RunKind):
     reconstructions: the best any latent model on it can reach)."""
 
     name = "autoencoder"
+    model_kind = "autoencoder"
     has_denoiser = False
     has_likelihood = False
-
-    def selects(self, cfg: RunConfig) -> bool:
-        return cfg.model.kind == "autoencoder"
 
     def check_network(self, cfg: RunConfig) -> None:
         check_choice("model.ae_preset", cfg.model.ae_preset, tuple(AUTOENCODER_PRESETS))
@@ -443,11 +436,9 @@ class LatentDiffusion(DiffusionImage):
     to unit variance by LDM's factor, computed once from the data and kept in the config."""
 
     name = "latent-diffusion"
+    model_kind = "latent"
     has_likelihood = False  # a likelihood of latents is not one of the images
     data_parallel = False
-
-    def selects(self, cfg: RunConfig) -> bool:
-        return cfg.model.kind == "latent"
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)
@@ -531,12 +522,10 @@ class SuperResolution(DiffusionImage):
     is stored in ``model.base_config`` and its EMA network in this run's checkpoints."""
 
     name = "super-resolution"
+    model_kind = "sr"
     has_likelihood = False  # the likelihood is of x given the low-res image
     data_parallel = False
     super_resolves = True
-
-    def selects(self, cfg: RunConfig) -> bool:
-        return cfg.model.kind == "sr"
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)
@@ -683,8 +672,8 @@ KINDS: dict[str, RunKind] = {
     for k in (
         Diffusion2D(),
         SohlDickstein(),
+        ImageToImage(),  # before diffusion-image, which then takes the other U-Net runs
         DiffusionImage(),
-        ImageToImage(),
         Classifier(),
         AutoencoderRun(),
         LatentDiffusion(),
@@ -698,7 +687,5 @@ def kind_of(cfg: RunConfig) -> RunKind:
     for kind in KINDS.values():
         if kind.selects(cfg):
             return kind
-    raise ValueError(
-        f"unknown model.kind {cfg.model.kind!r}; choose one of: mlp, unet, sohl-dickstein, "
-        "classifier, autoencoder, latent, sr"
-    )
+    choices = ", ".join(dict.fromkeys(kind.model_kind for kind in KINDS.values()))
+    raise ValueError(f"unknown model.kind {cfg.model.kind!r}; choose one of: {choices}")
