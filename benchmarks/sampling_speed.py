@@ -14,6 +14,7 @@ inference_mode) is added.
 
     .venv/bin/python benchmarks/sampling_speed.py
     .venv/bin/python benchmarks/sampling_speed.py --batch-sizes 64,1000 --append BENCHMARKS.md
+    .venv/bin/python benchmarks/sampling_speed.py --default-batches 64,250,500,1000  # defaults
     python benchmarks/sampling_speed.py --device cuda --batch-size 1000      # on a GPU
 """
 
@@ -121,6 +122,13 @@ def time_settings(calls: dict[str, SampleCall], rounds: int) -> None:
             call.run()
 
 
+HEADER = [
+    "| setting | batch | first call s | best s | median s | img/s (best) | img/s (median) "
+    "| max abs diff |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|",
+]
+
+
 def table_rows(calls: dict[str, SampleCall], references: dict[int, torch.Tensor]) -> list[str]:
     """One table row per call; its samples are compared with the eager samples of the *same*
     batch size (a stochastic sampler's noise stream depends on the batch size)."""
@@ -136,12 +144,37 @@ def table_rows(calls: dict[str, SampleCall], references: dict[int, torch.Tensor]
     return rows
 
 
+def compare_defaults(args: argparse.Namespace, batches: list[int]) -> None:
+    """inference_mode with and without channels-last at each batch size, timed in interleaved
+    rounds, each row against the eager samples of its batch size."""
+    candidates = [LEVERS[1], Setting("inference_mode + channels-last", True, channels_last=True)]
+    calls = {f"{s.name}, batch {b}": SampleCall(s, args, b) for b in batches for s in candidates}
+    time_settings(calls, args.rounds)
+    references = {}
+    for b in batches:
+        ref = SampleCall(LEVERS[0], args, b)
+        ref.run(record=False)
+        assert ref.out is not None
+        references[b] = ref.out
+    table = "\n".join([*HEADER, *table_rows(calls, references)])
+    print(table)
+    if args.append:
+        _append(args, table, "Sampling speed: default levers per batch size")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sampler", default="dpm++2m-sde")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=250, help="batch of the lever rows")
     parser.add_argument("--batch-sizes", default="", help="more batch sizes for the best setting")
+    parser.add_argument(
+        "--default-batches",
+        default="",
+        metavar="B1,B2,...",
+        help="only compare inference_mode with and without channels-last at these batch sizes "
+        "(the candidates for difflab's default)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--device", default="cpu")
@@ -149,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    if args.default_batches:
+        return compare_defaults(args, [int(v) for v in args.default_batches.split(",")])
     cuda = torch.device(args.device).type == "cuda"
     levers = [
         s
@@ -180,12 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     time_settings(more, args.rounds)
 
     assert base.out is not None
-    lines = [
-        "| setting | batch | first call s | best s | median s | img/s (best) "
-        "| img/s (median) | max abs diff |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        *table_rows(calls, {args.batch_size: base.out}),
-    ]
+    lines = [*HEADER, *table_rows(calls, {args.batch_size: base.out})]
     if more:
         references = {args.batch_size: base.out}
         for b in {c.batch_size for c in more.values()} - set(references):
@@ -197,16 +227,20 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(lines)
     print(table)
     if args.append:
-        from _record import record
+        _append(args, table, "Sampling speed of the mnist network")
 
-        where = f"{args.threads} CPU threads" if args.device == "cpu" else args.device
-        notes = (
-            f"{where}; U-Net `mnist-cpu` (random weights), {args.sampler} with {args.steps} "
-            f"steps ({nfe(args.sampler, args.steps)} NFE) per call, threshold clip; "
-            f"{args.rounds} timed calls per setting after a first call; max abs diff: against "
-            "the eager float32 samples from the same noise (pixels in [-1, 1])."
-        )
-        record("Sampling speed of the mnist network", table, path=args.append, notes=notes)
+
+def _append(args: argparse.Namespace, table: str, title: str) -> None:
+    from _record import record
+
+    where = f"{args.threads} CPU threads" if args.device == "cpu" else args.device
+    notes = (
+        f"{where}; U-Net `mnist-cpu` (random weights), {args.sampler} with {args.steps} "
+        f"steps ({nfe(args.sampler, args.steps)} NFE) per call, threshold clip; "
+        f"{args.rounds} timed calls per setting after a first call; max abs diff: against "
+        "the eager float32 samples from the same noise (pixels in [-1, 1])."
+    )
+    record(title, table, path=args.append, notes=notes)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def draw_samples(
     sampler: str,
     steps: int,
     seed: int = 0,
-    batch_size: int = 1000,
+    batch_size: int = 500,
     cond: Tensor | dict[str, Tensor] | None = None,
     guidance: float | None = None,
     classifier: torch.nn.Module | None = None,
