@@ -18,6 +18,9 @@ reach). Sampling images/s is timed per model with the same batch size.
 
     .venv/bin/python benchmarks/pixel_latent_cascade.py --data-dir ../shared/data/mnist \\
         --minutes 10 --append BENCHMARKS.md
+    # sample and score the runs of an earlier call again (sampling speed with today's code):
+    .venv/bin/python benchmarks/pixel_latent_cascade.py --data-dir ../shared/data/mnist \\
+        --rows pixel,latent --out-dir runs/bench-plc2 --no-train --append BENCHMARKS.md
     # a smoke test of the script (seconds of training, small n):
     .venv/bin/python benchmarks/pixel_latent_cascade.py --data-dir ../shared/data/mnist \\
         --minutes 0.2 --n 200 --out-dir runs/plc-smoke
@@ -78,6 +81,8 @@ def main() -> None:
     ap.add_argument("--rows", default="pixel,latent,cascade")
     ap.add_argument("--grid", type=Path, help="write a grid of each row's samples here")
     ap.add_argument("--append", help="append the table to this markdown file")
+    ap.add_argument("--no-train", action="store_true",
+                    help="sample and score the runs already in --out-dir")  # fmt: skip
     args = ap.parse_args()
 
     yard = mnist_yardstick(args.data_dir, device=args.device)
@@ -88,7 +93,11 @@ def main() -> None:
     rows = [f"| real training images (floor) | - | - | - | - | {floor:.2f} |"]
     pixel_rate = None
     for name in args.rows.split(","):
-        run, trained = train_recipe(name, args)
+        if args.no_train:
+            run = args.out_dir / f"{name}-{RECIPES[name][1][-1][0]}"
+            trained = f"the earlier run `{run}`"
+        else:
+            run, trained = train_recipe(name, args)
         built = load_run(run, device=torch.device(args.device))
         per_stage = nfe(args.sampler, args.steps)
         stages = RECIPES[name][0]

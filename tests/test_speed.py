@@ -118,6 +118,48 @@ def test_compile_without_a_compiler_is_one_line(tiny_run, monkeypatch, tmp_path,
     assert code == 2 and "cannot compile the network" in err and "\n" not in err, err
 
 
+def _conv_formats(model: torch.nn.Module) -> list[bool]:
+    """Records, per forward of a 3x3 convolution with several input channels, whether its
+    weight was channels-last (a weight with one input channel is both formats at once)."""
+    conv = next(
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size == (3, 3)
+    )
+    seen: list[bool] = []
+    fmt = torch.channels_last
+    conv.register_forward_hook(
+        lambda m, i, o: seen.append(m.weight.is_contiguous(memory_format=fmt))
+    )
+    return seen
+
+
+def test_cpu_sampling_runs_channels_last_and_gives_the_weights_back(monkeypatch):
+    """On a CPU the U-Net samples with channels-last weights (the lever of BENCHMARKS.md), the
+    samples are those of the contiguous network up to float32 rounding, and afterwards the same
+    parameters hold contiguous ordinary tensors that training can update in place."""
+    import contextlib
+
+    import difflab.app.sampling as sampling
+
+    cfg = apply_overrides(get_preset("mnist"), ["data.image_size=8", "model.preset=tiny"])
+    built = build(cfg, device=torch.device("cpu"), load_data=False)
+    params = list(built.model.parameters())
+    seen = _conv_formats(built.model)
+    x = draw_samples(built, 6, sampler="dpm++2m-sde", steps=4, seed=3)
+    assert seen and all(seen)
+    assert all(a is b for a, b in zip(built.model.parameters(), params, strict=True))
+    assert all(p.is_contiguous() and not p.is_inference() for p in params)
+    with torch.no_grad():
+        params[0].add_(0.0)  # an in-place update, as an optimizer or the EMA makes
+
+    seen.clear()
+    monkeypatch.setattr(sampling, "channels_last", lambda *a: contextlib.nullcontext())
+    x_nchw = draw_samples(built, 6, sampler="dpm++2m-sde", steps=4, seed=3)
+    assert seen and not any(seen)
+    assert torch.allclose(x, x_nchw, atol=1e-4), (x - x_nchw).abs().max()
+
+
 @needs_compile
 def test_compiled_sampling_and_training_match_eager():
     """Same samples from the same noise, and the same training losses, compiled or not; the

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from difflab.app.build import Built, with_model
 from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, labels_from_cond
-from difflab.inference import GraphedNetwork, compile_network, inference_context
+from difflab.inference import GraphedNetwork, channels_last, compile_network, inference_context
 from difflab.samplers import sample
 
 __all__ = ["ImageBar", "draw_samples", "finite_samples", "guided_denoiser", "sample_with_denoiser"]
@@ -52,6 +52,9 @@ def draw_samples(
     ``threshold`` and ``eta`` (in ``options``) default to the run's ``sample.threshold`` and
     ``sample.eta`` (if set and ``sampler`` is the run's ``sample.sampler``).
 
+    On a CPU the network runs in channels-last memory format
+    (:func:`difflab.inference.channels_last`).
+
     ``progress``: a bar on stderr counting images (rate and ETA), advanced per batch, with the
     sampler step inside the batch. ``compile``: ``torch.compile`` the run's network in place
     first (:func:`difflab.inference.compile_network`). ``bf16``: bfloat16 autocast.
@@ -68,7 +71,7 @@ def draw_samples(
     if built.cfg.sample.eta is not None and sampler == built.cfg.sample.sampler:
         options.setdefault("eta", built.cfg.sample.eta)  # the eta of the run's own sampler
     if compile:
-        compile_network(built.model, built.device)
+        compile_network(built.model, built.device)  # traced at the first call, in channels_last
     if cuda_graph:
         built = with_model(built, GraphedNetwork(built.model))
     g = torch.Generator().manual_seed(seed)
@@ -78,7 +81,7 @@ def draw_samples(
     bar = ImageBar(n, f"{sampler}, {steps} steps", steps=steps, enabled=progress)
     # classifier guidance takes gradients of the classifier: no inference_mode for it
     grad_off = inference_context(built.device, needs_grad=classifier is not None, bf16=bf16)
-    with bar, grad_off:
+    with channels_last(built.model, built.device), bar, grad_off:  # NHWC on a CPU
         while done < n:
             b = min(batch_size, n - done)
             x = built.kind.draw(
