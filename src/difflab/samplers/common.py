@@ -48,7 +48,6 @@ __all__ = [
     "call_denoiser",
     "check_grid",
     "coefficients",
-    "denoise_and_report",
     "grid_coefficients",
     "grid_steps",
     "prior_noise",
@@ -115,25 +114,6 @@ def report(
         callback({"i": i, "t": float(t), "t_next": float(t_next), "x": x, "x0_hat": x0_hat})
 
 
-def denoise_and_report(
-    denoiser: Denoiser,
-    x: Tensor,
-    i: int,
-    t: float,
-    t_next: float,
-    *,
-    cond: Any,
-    callback: Callback | None,
-    t_eval: float | None = None,
-) -> Prediction:
-    """The first network evaluation of step i (t -> t_next): the denoiser's prediction at the
-    sample ``x`` (B, ...), at time ``t`` or at ``t_eval`` for a sampler that first moves off the
-    grid (EDM's churn); the callback receives ``x`` and the prediction's x0."""
-    pred = call_denoiser(denoiser, x, t if t_eval is None else t_eval, cond)
-    report(callback, i, t, t_next, x, pred.x0)
-    return pred
-
-
 @dataclass(frozen=True)
 class SamplerContext:
     """The arguments every sampler shares, as its body sees them (see the module docstring).
@@ -171,11 +151,12 @@ class SamplerContext:
     def denoise_and_report(
         self, x: Tensor, i: int, t: float, t_next: float, t_eval: float | None = None
     ) -> Prediction:
-        """Step i's first network evaluation, reported to the callback
-        (:func:`denoise_and_report`)."""
-        return denoise_and_report(
-            self.denoiser, x, i, t, t_next, cond=self.cond, callback=self.callback, t_eval=t_eval
-        )
+        """The first network evaluation of step i (t -> t_next): the denoiser's prediction at
+        the sample ``x`` (B, ...), at time ``t`` or at ``t_eval`` for a sampler that first moves
+        off the grid (EDM's churn); the callback receives ``x`` and the prediction's x0."""
+        pred = self.denoise(x, t if t_eval is None else t_eval)
+        report(self.callback, i, t, t_next, x, pred.x0)
+        return pred
 
     def noise(self, like: Tensor) -> Tensor:
         """Standard normal noise of ``like``'s shape, dtype and device, from ``generator``."""
@@ -217,9 +198,9 @@ def sampler(body: Callable[..., Tensor]) -> Sampler:
             return body(ctx, x, **options)
 
     shared = list(inspect.signature(Sampler.__call__).parameters.values())[1:-1]
-    own = [p for p in inspect.signature(body).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    returns = inspect.signature(body).return_annotation
-    signature = inspect.Signature(shared + own, return_annotation=returns)
+    body_signature = inspect.signature(body)
+    own = [p for p in body_signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
+    signature = inspect.Signature(shared + own, return_annotation=body_signature.return_annotation)
     run.__signature__ = signature  # type: ignore[attr-defined]
     return run
 

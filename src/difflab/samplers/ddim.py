@@ -26,10 +26,7 @@ from difflab.process import grid_posterior
 from difflab.samplers.common import (
     Callback,
     SamplerContext,
-    call_denoiser,
     check_grid,
-    grid_coefficients,
-    grid_steps,
     report,
     sampler,
 )
@@ -88,10 +85,11 @@ def ddim_invert(
         x at time ``ts_increasing[-1]``, same shape and dtype as ``x0``.
     """
     ts = check_grid(ts_increasing, schedule, increasing=True)
-    coef = grid_coefficients(schedule, ts)
+    ctx = SamplerContext(denoiser, schedule, ts, cond)
+    coef = ctx.coef
     x = x0
-    for i, t, t_next in grid_steps(ts):
-        eps_hat = call_denoiser(denoiser, x, t_next, cond).eps
+    for i, t, t_next in ctx.steps():
+        eps_hat = ctx.denoise(x, t_next).eps
         alpha_t, sigma_t = coef["alpha"][i], coef["sigma"][i]
         alpha_n, sigma_n = coef["alpha"][i + 1], coef["sigma"][i + 1]
         x0_hat = (x - sigma_t * eps_hat) / alpha_t
