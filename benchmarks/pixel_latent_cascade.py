@@ -66,6 +66,11 @@ def train_recipe(name: str, args: argparse.Namespace) -> tuple[Path, str]:
     return prev, ", ".join(parts)
 
 
+def last_run(name: str, args: argparse.Namespace) -> Path:
+    """The run directory of a recipe's last stage (the one that is sampled)."""
+    return args.out_dir / f"{name}-{RECIPES[name][1][-1][0]}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", required=True, help="the four MNIST *-ubyte.gz files")
@@ -84,6 +89,12 @@ def main() -> None:
     ap.add_argument("--no-train", action="store_true",
                     help="sample and score the runs already in --out-dir")  # fmt: skip
     args = ap.parse_args()
+    recipes = args.rows.split(",")
+    for name in recipes:
+        if name not in RECIPES:
+            ap.error(f"--rows: unknown row {name!r}; choose from {', '.join(RECIPES)}")
+        if args.no_train and not (last_run(name, args) / "config.json").is_file():
+            ap.error(f"--no-train: {last_run(name, args)} is not a run directory")
 
     yard = mnist_yardstick(args.data_dir, device=args.device)
     net, ref = yard.net, yard.reference
@@ -92,9 +103,9 @@ def main() -> None:
 
     rows = [f"| real training images (floor) | - | - | - | - | {floor:.2f} |"]
     pixel_rate = None
-    for name in args.rows.split(","):
+    for name in recipes:
         if args.no_train:
-            run = args.out_dir / f"{name}-{RECIPES[name][1][-1][0]}"
+            run = last_run(name, args)
             trained = f"the earlier run `{run}`"
         else:
             run, trained = train_recipe(name, args)

@@ -144,6 +144,17 @@ def table_rows(calls: dict[str, SampleCall], references: dict[int, torch.Tensor]
     return rows
 
 
+def _batches(text: str) -> list[int]:
+    """A comma-separated list of positive batch sizes (argparse type: bad input is one line)."""
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        sizes = [0]
+    if not all(b > 0 for b in sizes):
+        raise argparse.ArgumentTypeError(f"expected positive integers B1,B2,..., got {text!r}")
+    return sizes
+
+
 def compare_defaults(args: argparse.Namespace, batches: list[int]) -> None:
     """inference_mode with and without channels-last at each batch size, timed in interleaved
     rounds, each row against the eager samples of its batch size."""
@@ -167,10 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampler", default="dpm++2m-sde")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=250, help="batch of the lever rows")
-    parser.add_argument("--batch-sizes", default="", help="more batch sizes for the best setting")
+    parser.add_argument(
+        "--batch-sizes", type=_batches, default=[], help="more batch sizes for the best setting"
+    )
     parser.add_argument(
         "--default-batches",
-        default="",
+        type=_batches,
+        default=[],
         metavar="B1,B2,...",
         help="only compare inference_mode with and without channels-last at these batch sizes "
         "(the candidates for difflab's default)",
@@ -183,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     if args.default_batches:
-        return compare_defaults(args, [int(v) for v in args.default_batches.split(",")])
+        return compare_defaults(args, args.default_batches)
     cuda = torch.device(args.device).type == "cuda"
     levers = [
         s
@@ -208,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         cuda_graph=any(s.cuda_graph for s in helped),
     )
     more = {best.name: SampleCall(best, args, args.batch_size)} if len(helped) > 1 else {}
-    for b in [int(v) for v in args.batch_sizes.split(",") if v.strip()]:
+    for b in args.batch_sizes:
         more[f"{best.name if helped else base.setting.name}, batch {b}"] = SampleCall(
             best if helped else base.setting, args, b
         )
