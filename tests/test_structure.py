@@ -77,3 +77,62 @@ def test_every_kind_is_selected_by_its_model_kind_and_the_error_lists_them():
     with pytest.raises(ValueError, match="unknown model.kind 'gan'; choose one of: ") as err:
         kind_of(apply_overrides(PRESETS["mnist"], ["model.kind=gan"]))
     assert all(k.model_kind in str(err.value) for k in KINDS.values())
+
+
+# building a network by its class or preset table: only the network table does
+NETWORK_BUILD = re.compile(r"\b(build_unet|UNET_PRESETS|build_autoencoder|AUTOENCODER_PRESETS)\b")
+# the modules that are networks (nn/; classifier.py is the U-Net's encoder), convert them
+# (interop/), the public lazy re-exports (__init__.py) and the latent-space library pieces
+NETWORK_MODULES = ("nn/", "interop/", "classifier.py", "__init__.py", "latent.py")
+
+
+def test_networks_are_built_only_through_the_network_table():
+    hits = [
+        f"{f}:{i}: {c.strip()}" for f, i, c in _lines(NETWORK_MODULES) if NETWORK_BUILD.search(c)
+    ]
+    assert not hits, "networks built outside difflab.nn.networks:\n" + "\n".join(hits)
+    assert NETWORK_BUILD.search("net = build_unet(m.preset, **kw)")
+    assert NETWORK_BUILD.search("check_choice('model.preset', p, tuple(UNET_PRESETS))")
+
+
+def _pairs():
+    """Every (kind of run, network) pair the tables allow: the network builds the head the kind
+    needs, on the kind's data."""
+    from difflab.app.kinds import KINDS
+    from difflab.nn.networks import NETWORKS
+
+    return [(k, n) for k in KINDS for n, net in NETWORKS.items()
+            if KINDS[k].head in net.heads and KINDS[k].data == net.data]  # fmt: skip
+
+
+def test_every_allowed_task_and_network_pair_takes_a_loss_step():
+    """Each kind's first preset, with each network it allows at that network's smallest
+    preset, builds and takes one optimisation step on random data."""
+    import torch
+
+    from difflab.app.config import PRESETS, apply_overrides
+    from difflab.app.kinds import kind_of
+    from difflab.app.runs import build
+    from difflab.nn.networks import NETWORKS
+
+    pairs = _pairs()
+    assert {k for k, _ in pairs} >= {"diffusion-2d", "diffusion-image", "classifier",
+                                     "autoencoder", "latent-diffusion", "super-resolution",
+                                     "image-to-image", "sohl-dickstein"}  # fmt: skip
+    for kind, net in pairs:
+        preset = next(p for p in PRESETS.values() if kind_of(p).name == kind)
+        presets = list(NETWORKS[net].presets)
+        sets = [f"model.net={net}", "model.ae_preset=tiny", "model.hidden=8",
+                "train.device=cpu", "diffusion.T=20"]  # fmt: skip
+        if presets and kind != "autoencoder":  # the autoencoder's preset is model.ae_preset
+            sets.append(f"model.preset={'tiny' if 'tiny' in presets else presets[0]}")
+        if not preset.data.is_toy:
+            sets.append("data.image_size=16")
+        if kind == "latent-diffusion":
+            sets.append("model.latent_scale=1.0")  # as a trained latent run
+        built = build(apply_overrides(preset, sets), load_data=False)
+        g = torch.Generator().manual_seed(0)
+        x0 = torch.rand(4, *built.data_shape, generator=g) * 2 - 1
+        loss, _ = built.kind.loss_fn(built, {})((x0, torch.arange(4) % 2), g)
+        loss.backward()
+        assert torch.isfinite(loss), (kind, net)

@@ -576,7 +576,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     for name, cfg in PRESETS.items():
         what = cfg.data.name
-        say(f"{name:18s} data={what:14s} model={cfg.model.kind:15s} steps={cfg.train.steps}")
+        model = f"{cfg.model.kind}:{cfg.model.net}"
+        say(f"{name:18s} data={what:14s} model={model:22s} steps={cfg.train.steps}")
     return 0
 
 

@@ -50,8 +50,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "mlp"  # mlp | unet | sohl-dickstein | classifier | autoencoder | latent | sr
-    preset: str = "mnist-cpu"  # U-Net size preset (see difflab.nn.unet.UNET_PRESETS)
+    kind: str = "diffusion"  # the task: diffusion | classifier | autoencoder | latent | sr
+    net: str = "mlp"  # the network (difflab.nn.networks.NETWORKS): mlp | unet | sohl-dickstein
+    preset: str = "mnist-cpu"  # the network's size preset (e.g. difflab.nn.unet.UNET_PRESETS)
     hidden: int = 128  # MLP width
     depth: int = 3  # MLP residual blocks
     dropout: float | None = None  # override the preset's dropout
@@ -177,8 +178,29 @@ class RunConfig:
                 raise ValueError(
                     f"unknown keys in config section {name!r}: {', '.join(sorted(bad))}"
                 )
-            kwargs[name] = section_cls(**value)
+            kwargs[name] = section_cls(**(migrate_model(value) if name == "model" else value))
         return cls(**kwargs).validate()
+
+
+# model.kind once named the network too; an old value is the pair (task, network) it meant
+KIND_MIGRATION = {
+    "mlp": ("diffusion", "mlp"),
+    "unet": ("diffusion", "unet"),
+    "sohl-dickstein": ("diffusion", "sohl-dickstein"),
+    "classifier": ("classifier", "unet"),
+    "autoencoder": ("autoencoder", "autoencoder"),
+    "latent": ("latent", "unet"),
+    "sr": ("sr", "unet"),
+}
+
+
+def migrate_model(model: dict[str, Any]) -> dict[str, Any]:
+    """A ``model`` section written before ``model.net`` existed, in today's terms: its
+    ``model.kind`` (mlp, unet, sohl-dickstein, classifier, ...) names the task and network."""
+    if "net" in model or model.get("kind", "mlp") not in KIND_MIGRATION:
+        return model
+    kind, net = KIND_MIGRATION[model.get("kind", "mlp")]
+    return {**model, "kind": kind, "net": net}
 
 
 _SECTIONS = {
@@ -286,7 +308,7 @@ PRESETS: dict[str, RunConfig] = {name: _toy(name) for name in TOY_NAMES}
 PRESETS["swissroll-sd2015"] = RunConfig(
     preset="swissroll-sd2015",
     data=DataConfig(name="swissroll"),
-    model=ModelConfig(kind="sohl-dickstein", hidden=128),
+    model=ModelConfig(net="sohl-dickstein", hidden=128),
     diffusion=DiffusionConfig(schedule="sohl-dickstein", T=40),
     train=TrainConfig(steps=6000, batch_size=512, lr=1e-3, ema_half_life=50_000.0),
     sample=SampleConfig(sampler="ddpm", steps=40),
@@ -294,7 +316,7 @@ PRESETS["swissroll-sd2015"] = RunConfig(
 PRESETS["mnist"] = RunConfig(
     preset="mnist",
     data=DataConfig(name="mnist"),
-    model=ModelConfig(kind="unet", preset="mnist-cpu"),
+    model=ModelConfig(net="unet", preset="mnist-cpu"),
     diffusion=DiffusionConfig(schedule="linear", T=1000),
     # tuned for quality after 10 CPU minutes (benchmarks/mnist_quality.py, BENCHMARKS.md)
     train=TrainConfig(
@@ -331,7 +353,7 @@ PRESETS["mnist-restore"] = _derive("mnist", "mnist-restore", model={"image_task"
 PRESETS["mnist-ae"] = _derive(
     "mnist",
     "mnist-ae",
-    model={"kind": "autoencoder", "ae_preset": "mnist-f4c4"},
+    model={"kind": "autoencoder", "net": "autoencoder", "ae_preset": "mnist-f4c4"},
     train={"lr": 1e-3, "ema_half_life": 10_000.0},
 )
 PRESETS["mnist-latent"] = _derive(
@@ -451,7 +473,9 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply ``section.key=value`` overrides (e.g. ``train.lr=3e-4``)."""
+    """Apply ``section.key=value`` overrides (e.g. ``train.lr=3e-4``). A ``model.kind`` of
+    the old form (``model.kind=unet``) also sets ``model.net``, unless that is given too."""
+    keys = [item.split("=", 1)[0] for item in overrides]
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ValueError(f"override {item!r} must look like section.key=value")
@@ -467,4 +491,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             raise ValueError(f"unknown key {key!r} in section {section!r}; choose one of: {names}")
         value = _parse_value(text, getattr(sec, key), path)
         cfg = replace(cfg, **{section: replace(sec, **{key: value})})
+    if "model.kind" in keys and "model.net" not in keys:
+        model = migrate_model({"kind": cfg.model.kind})
+        cfg = replace(cfg, model=replace(cfg.model, **model))
     return cfg.validate()

@@ -1,25 +1,32 @@
 """The run-kind table: every kind of run is one entry that says how to check, build, train,
 sample, report and evaluate it.
 
-==================  ==================  ============================================================
-kind                selected by         what it is
-==================  ==================  ============================================================
-``diffusion-2d``    model.kind=mlp      a denoiser on 2-D points (swiss roll, moons, mixtures)
-``sohl-dickstein``  model.kind=         the 2015 model: Gaussian reverse kernels of its own
-                    sohl-dickstein      [Sohl-Dickstein 2015]
-``diffusion-image`` model.kind=unet     an image denoiser (U-Net), optionally class-conditional
-``image-to-image``  model.kind=unet,    Palette: restore, colourise or inpaint an image given as
-                    image_task set      conditioning [Saharia 2022]
-``classifier``      model.kind=         a noise-aware classifier of x_t, for classifier guidance
-                    classifier          [Dhariwal & Nichol 2021]
-``autoencoder``     model.kind=         a KL autoencoder, the first stage of latent diffusion
-                    autoencoder         [Rombach 2022]
-``latent-           model.kind=latent   a denoiser on the latents of a frozen autoencoder run;
-diffusion``                             samples are decoded [Rombach 2022]
-``super-            model.kind=sr       a cascade's super-resolution stage, conditioned on the
-resolution``                            augmented low-res image; with a frozen base run it samples
-                                        the whole cascade [Ho 2021; Saharia 2021]
-==================  ==================  ============================================================
+``model.kind`` names the task (what the run learns) and ``model.net`` the network that the task
+builds through the network table (:mod:`difflab.nn.networks`); the data set decides between the
+2-D and image kinds of a task.
+
+==================  ======================  ========================================================
+kind                selected by             what it is
+==================  ======================  ========================================================
+``diffusion-2d``    kind=diffusion, 2-D     a denoiser on 2-D points (swiss roll, moons, mixtures)
+``sohl-dickstein``  kind=diffusion,         the 2015 model: Gaussian reverse kernels of its own
+                    net=sohl-dickstein      [Sohl-Dickstein 2015]
+``diffusion-image`` kind=diffusion, images  an image denoiser, optionally class-conditional
+``image-to-image``  kind=diffusion, images, Palette: restore, colourise or inpaint an image given
+                    image_task set          as conditioning [Saharia 2022]
+``classifier``      kind=classifier         a noise-aware classifier of x_t, for classifier
+                                            guidance [Dhariwal & Nichol 2021]
+``autoencoder``     kind=autoencoder        a KL autoencoder, the first stage of latent diffusion
+                                            [Rombach 2022]
+``latent-           kind=latent             a denoiser on the latents of a frozen autoencoder run;
+diffusion``                                 samples are decoded [Rombach 2022]
+``super-            kind=sr                 a cascade's super-resolution stage, conditioned on the
+resolution``                                augmented low-res image; with a frozen base run it
+                                            samples the whole cascade [Ho 2021; Saharia 2021]
+==================  ======================  ========================================================
+
+Configs written before ``model.net`` existed name the network in ``model.kind`` (``mlp``,
+``unet``, ``sohl-dickstein``); :func:`difflab.app.config.migrate_model` reads them.
 
 Adding a kind of run is one class here and one entry in :data:`KINDS` (plus its tests); the
 rest of the app layer asks ``built.kind`` and never branches on kind names
@@ -49,19 +56,12 @@ from difflab.app.sampling import (
     sample_with_denoiser,
 )
 from difflab.cascade import SRStage, Stage, cascade_sample, sr_loss, super_resolve
-from difflab.classifier import build_classifier, classifier_loss
+from difflab.classifier import classifier_loss
 from difflab.evaluation import DIGIT_DATASETS
 from difflab.image_to_image import cond_channels, degrade
 from difflab.latent import latent_diffusion_loss, latent_sample, latent_scale_factor
-from difflab.nn.autoencoder import (
-    AUTOENCODER_PRESETS,
-    REC_LOSSES,
-    autoencoder_loss,
-    build_autoencoder,
-)
-from difflab.nn.mlp import TimeMLP
-from difflab.nn.sohl_dickstein import SohlDicksteinModel
-from difflab.nn.unet import UNET_PRESETS, build_unet
+from difflab.nn.autoencoder import REC_LOSSES, autoencoder_loss
+from difflab.nn.networks import NetSpec, build_network, network
 from difflab.objectives import ImportanceTimeSampler, diffusion_loss
 from difflab.schedules import DiscreteSchedule, Schedule, check_choice
 
@@ -75,9 +75,11 @@ class RunKind:
 
     Attributes:
         name: the kind's name in the table.
-        model_kind: the ``model.kind`` of its configs (kinds that share one override
-            :meth:`selects`).
+        model_kind: the ``model.kind`` (the task) of its configs (kinds that share one
+            override :meth:`selects`).
         data: the data it models, ``"2-D"`` or ``"image"``.
+        head: what it asks of its network (:class:`difflab.nn.networks.NetSpec`), which
+            ``model.net`` names (:data:`difflab.nn.networks.NETWORKS`).
         has_denoiser: its network is a diffusion denoiser (samplers, guidance, likelihoods).
         data_parallel: it trains under ``torchrun``.
         guides_sampling: it is a classifier that guides another run's sampling.
@@ -90,6 +92,7 @@ class RunKind:
     name = ""
     model_kind = ""
     data = "image"
+    head = "denoiser"
     has_denoiser = True
     data_parallel = True
     guides_sampling = False
@@ -109,18 +112,35 @@ class RunKind:
                 f"not {cfg.data.name!r}"
             )
         if cfg.model.image_task != "none" and not self.conditions_on_images:
-            raise ValueError("image-to-image tasks (model.image_task) need model.kind=unet")
+            raise ValueError(
+                "image-to-image tasks (model.image_task) are diffusion runs on images "
+                "(model.kind=diffusion)"
+            )
         self.check_network(cfg)
 
+    def net_preset(self, cfg: RunConfig) -> tuple[str, str]:
+        """The config key of the network's preset, and its value."""
+        return "model.preset", cfg.model.preset
+
     def check_network(self, cfg: RunConfig) -> None:
-        """The network's preset name (image networks are built from a U-Net preset)."""
-        if self.data == "image":
-            check_choice("model.preset", cfg.model.preset, tuple(UNET_PRESETS))
+        """The network (``model.net``) builds this kind's head on its data, at its preset."""
+        key, preset = self.net_preset(cfg)
+        network(cfg.model.net).check(preset, self.head, self.data, preset_key=key)
+
+    def net_spec(self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule) -> NetSpec:
+        """What this kind needs of its network (by default: a denoiser of the data)."""
+        m = cfg.model
+        return NetSpec(
+            data_shape, out_channels=data_shape[0] * (2 if m.learned_variance else 1),
+            num_classes=m.num_classes, dropout=m.dropout, hidden=m.hidden, depth=m.depth,
+        )  # fmt: skip
 
     def build_model(
         self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
     ) -> nn.Module:
-        raise NotImplementedError
+        """The run's network, from the network table (:mod:`difflab.nn.networks`)."""
+        spec = self.net_spec(cfg, data_shape, sched)
+        return build_network(cfg.model.net, self.net_preset(cfg)[1], spec)
 
     def denoiser(self, cfg: RunConfig, model: nn.Module, schedule: Schedule) -> Any:
         """The denoiser the samplers see (None for kinds without one)."""
@@ -198,18 +218,11 @@ class RunKind:
 
 class Diffusion2D(RunKind):
     name = "diffusion-2d"
-    model_kind = "mlp"
+    model_kind = "diffusion"
     data = "2-D"
 
-    def build_model(
-        self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
-    ) -> nn.Module:
-        m = cfg.model
-        out = data_shape[0] * (2 if m.learned_variance else 1)
-        return TimeMLP(
-            dim=data_shape[0], hidden=m.hidden, depth=m.depth, out_dim=out,
-            num_classes=m.num_classes,
-        )  # fmt: skip
+    def selects(self, cfg: RunConfig) -> bool:
+        return super().selects(cfg) and cfg.data.is_toy
 
     def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
         traj = self.trajectory(built, built.cfg.sample.n, seed=built.cfg.train.seed)
@@ -226,16 +239,18 @@ class SohlDickstein(Diffusion2D):
     """The 2015 model samples with its own reverse kernels, so it has no denoiser."""
 
     name = "sohl-dickstein"
-    model_kind = "sohl-dickstein"
+    head = "own"
     has_denoiser = False
     data_parallel = False
 
-    def build_model(
-        self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
-    ) -> nn.Module:
+    def selects(self, cfg: RunConfig) -> bool:
+        """A diffusion run whose network brings its own loss and sampler."""
+        return super().selects(cfg) and self.head in network(cfg.model.net).heads
+
+    def net_spec(self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule) -> NetSpec:
         if not isinstance(sched, DiscreteSchedule):
             raise ValueError("the Sohl-Dickstein model needs a discrete schedule")
-        return SohlDicksteinModel(dim=data_shape[0], T=sched.T, hidden=cfg.model.hidden)
+        return NetSpec(data_shape, head="own", hidden=cfg.model.hidden, steps=sched.T)
 
     def loss_fn(self, built: Built, extra_state: dict[str, Any]) -> LossFn:
         def sd_loss(batch: tuple[Tensor, Any], g: torch.Generator):
@@ -258,22 +273,17 @@ class SohlDickstein(Diffusion2D):
 
 class DiffusionImage(RunKind):
     name = "diffusion-image"
-    model_kind = "unet"
+    model_kind = "diffusion"
 
-    def build_model(
-        self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
-    ) -> nn.Module:
-        m = cfg.model
-        c, h, _ = data_shape
-        overrides: dict[str, Any] = dict(
-            in_channels=c, image_size=h, out_channels=c * (2 if m.learned_variance else 1),
-            num_classes=m.num_classes, **self.unet_options(cfg, c),
-        )  # fmt: skip
-        if m.dropout is not None:
-            overrides["dropout"] = m.dropout
-        return build_unet(m.preset, **overrides)
+    def selects(self, cfg: RunConfig) -> bool:
+        return super().selects(cfg) and not cfg.data.is_toy
 
-    def unet_options(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
+    def net_spec(self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule) -> NetSpec:
+        spec = super().net_spec(cfg, data_shape, sched)
+        return replace(spec, **self.conditioning(cfg, data_shape[0]))
+
+    def conditioning(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
+        """What the network is given besides x_t, t and labels (:class:`NetSpec` fields)."""
         return {}
 
     def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
@@ -295,7 +305,7 @@ class ImageToImage(DiffusionImage):
     def selects(self, cfg: RunConfig) -> bool:
         return super().selects(cfg) and cfg.model.image_task != "none"
 
-    def unet_options(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
+    def conditioning(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
         return {"cond_channels": cond_channels(cfg.model.image_task, channels)}  # type: ignore
 
     def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
@@ -327,6 +337,7 @@ class Classifier(RunKind):
 
     name = "classifier"
     model_kind = "classifier"
+    head = "classifier"
     has_denoiser = False
     guides_sampling = True
 
@@ -335,15 +346,9 @@ class Classifier(RunKind):
         if cfg.model.num_classes < 2:
             raise ValueError("a classifier run needs model.num_classes >= 2")
 
-    def build_model(
-        self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
-    ) -> nn.Module:
+    def net_spec(self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule) -> NetSpec:
         m = cfg.model
-        extra = {} if m.dropout is None else {"dropout": m.dropout}
-        c, h, _ = data_shape
-        return build_classifier(
-            m.preset, num_classes=m.num_classes, in_channels=c, image_size=h, **extra
-        )
+        return NetSpec(data_shape, head="classifier", num_classes=m.num_classes, dropout=m.dropout)
 
     def loss_fn(self, built: Built, extra_state: dict[str, Any]) -> LossFn:
         if built.dataset is not None and bool((built.dataset.labels < 0).any()):
@@ -374,18 +379,19 @@ class AutoencoderRun(RunKind):
 
     name = "autoencoder"
     model_kind = "autoencoder"
+    head = "autoencoder"
     has_denoiser = False
     has_likelihood = False
 
+    def net_preset(self, cfg: RunConfig) -> tuple[str, str]:
+        return "model.ae_preset", cfg.model.ae_preset
+
     def check_network(self, cfg: RunConfig) -> None:
-        check_choice("model.ae_preset", cfg.model.ae_preset, tuple(AUTOENCODER_PRESETS))
+        super().check_network(cfg)
         check_choice("model.rec_loss", cfg.model.rec_loss, REC_LOSSES)
 
-    def build_model(
-        self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
-    ) -> nn.Module:
-        c, h, _ = data_shape
-        return build_autoencoder(cfg.model.ae_preset, in_channels=c, image_size=h)
+    def net_spec(self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule) -> NetSpec:
+        return NetSpec(data_shape, head="autoencoder")
 
     def loss_fn(self, built: Built, extra_state: dict[str, Any]) -> LossFn:
         m = built.cfg.model
@@ -437,12 +443,14 @@ class LatentDiffusion(DiffusionImage):
 
     name = "latent-diffusion"
     model_kind = "latent"
+    ae_net = "autoencoder"  # the network of the autoencoder runs it works on
     has_likelihood = False  # a likelihood of latents is not one of the images
     data_parallel = False
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)
-        check_choice("model.ae_preset", cfg.model.ae_preset, tuple(AUTOENCODER_PRESETS))
+        network(self.ae_net).check(cfg.model.ae_preset, "autoencoder", "image", preset_key=(
+            "model.ae_preset"))  # fmt: skip
         if cfg.sample.threshold is not None:
             raise ValueError("sample.threshold clips to [-1, 1], latents are not: set it to none")
         if cfg.model.latent_scale is not None:
@@ -461,8 +469,9 @@ class LatentDiffusion(DiffusionImage):
     def build_model(
         self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
     ) -> nn.Module:
-        c, h, _ = data_shape
-        ae = build_autoencoder(cfg.model.ae_preset, in_channels=c, image_size=h)
+        ae = build_network(
+            self.ae_net, cfg.model.ae_preset, NetSpec(data_shape, head="autoencoder")
+        )
         unet = super().build_model(cfg, ae.latent_shape(), sched)
         return LatentModel(unet, ae, cfg.model.latent_scale or 1.0)
 
@@ -538,7 +547,7 @@ class SuperResolution(DiffusionImage):
             return
         where = cfg.model.base or "model.base_config"
         if type(kind_of(base_cfg)) is not DiffusionImage:
-            raise ValueError(f"{where} is not an image diffusion run (model.kind=unet)")
+            raise ValueError(f"{where} is not an image diffusion run (model.kind=diffusion)")
         if tuple(cfg_data_shape(base_cfg)) != (c, h // f, w // f):
             raise ValueError(
                 f"{where} makes images of shape {tuple(cfg_data_shape(base_cfg))}; this run "
@@ -562,7 +571,7 @@ class SuperResolution(DiffusionImage):
             return None
         return RunConfig.from_dict(ckpt.read_config(cfg.model.base))
 
-    def unet_options(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
+    def conditioning(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
         return {"cond_channels": channels, "aug_level_embedding": True}
 
     def build_model(
@@ -670,8 +679,8 @@ class SuperResolution(DiffusionImage):
 KINDS: dict[str, RunKind] = {
     k.name: k
     for k in (
+        SohlDickstein(),  # before diffusion-2d, which then takes the other 2-D runs
         Diffusion2D(),
-        SohlDickstein(),
         ImageToImage(),  # before diffusion-image, which then takes the other U-Net runs
         DiffusionImage(),
         Classifier(),

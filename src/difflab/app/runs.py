@@ -153,7 +153,7 @@ def _load_diffusers(folder: Path, device: torch.device) -> Built:
         preset=f"diffusers:{folder.name}",
         data=DataConfig(name="folder", image_size=h, channels=c),
         model=ModelConfig(
-            kind="unet", preset=closest_preset(m.unet.config)[0] or "ddpm-cifar10",
+            kind="diffusion", net="unet", preset=closest_preset(m.unet.config)[0] or "ddpm-cifar10",
             num_classes=m.num_classes, parameterization=m.parameterization,
             learned_variance=m.learned_variance,
         ),

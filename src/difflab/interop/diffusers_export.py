@@ -244,7 +244,8 @@ class ImportedRun:
     def run_config_sections(self) -> dict[str, dict[str, Any]]:
         """``model`` and ``diffusion`` fields of a difflab RunConfig for this network."""
         model = {
-            "kind": "unet",
+            "kind": "diffusion",
+            "net": "unet",
             "preset": self.preset,
             "num_classes": self.num_classes,
             "parameterization": self.parameterization,
