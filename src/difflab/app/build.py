@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from difflab.app.config import RunConfig
 from difflab.cascade import downsample_images
+from difflab.data.datasets import dataset
 from difflab.data.images import load_image_dataset
-from difflab.data.toy import sample_toy
 from difflab.parameterization import ModelDenoiser
 from difflab.schedules import DiscreteSchedule, EDMSchedule, Schedule
 
@@ -30,9 +30,6 @@ __all__ = [
     "resolve_device",
     "with_model",
 ]
-
-# shape of one example of the image datasets whose size is fixed (folders, hf are configured)
-IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -172,8 +169,9 @@ def cfg_data_shape(cfg: RunConfig) -> tuple[int, ...]:
     if cfg.data.is_toy:
         return (2,)
     d = cfg.data
-    if d.name in IMAGE_SHAPES:  # a fixed size, unless resized or converted
-        c, h, _ = IMAGE_SHAPES[d.name]
+    shape = dataset(d.name).shape
+    if shape is not None:  # a fixed size, unless resized or converted
+        c, h, _ = shape
         channels, size = d.channels or c, d.image_size or h
     elif d.image_size is None or d.channels is None:
         raise ValueError("image folder runs need data.image_size and data.channels")
@@ -190,10 +188,11 @@ def cfg_data_shape(cfg: RunConfig) -> tuple[int, ...]:
 def make_batch_fn(built: Built) -> Callable[[int, torch.Generator], Any]:
     """batch_fn(step, generator) -> (x0, labels or None) on the run's device."""
     cfg = built.cfg
-    if cfg.data.is_toy:
+    sample = dataset(cfg.data.name).sample
+    if sample is not None:  # 2-D points, drawn afresh
 
         def toy_batch(step: int, g: torch.Generator) -> tuple[Tensor, None]:
-            x = sample_toy(cfg.data.name, cfg.train.batch_size, generator=g)  # type: ignore
+            x = sample(cfg.train.batch_size, g)
             return x.to(built.device), None
 
         return toy_batch

@@ -135,13 +135,14 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 def _with_data(built: Any, args: argparse.Namespace) -> Any:
     """The run with the evaluation data of --data / --data-dir."""
-    from difflab.app.build import IMAGE_SHAPES
+    from difflab.data.datasets import dataset
 
     if args.data is None and args.data_dir is None:
         return built
     d = built.cfg.data
     name = args.data or d.name
-    size = {"image_size": None, "channels": None} if name in IMAGE_SHAPES else {}
+    fixed = dataset(name).shape is not None  # its own size, not the run's data.image_size
+    size = {"image_size": None, "channels": None} if fixed else {}
     data = replace(d, name=name, data_dir=args.data_dir or d.data_dir, **size)
     return replace(built, cfg=replace(built.cfg, data=data))
 

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from difflab.data.datasets import DATASETS
+
 __all__ = [
     "DataConfig",
     "ModelConfig",
@@ -27,13 +29,10 @@ __all__ = [
     "apply_overrides",
 ]
 
-TOY_NAMES = ("swissroll", "moons", "8gaussians", "checkerboard", "gmm")
-IMAGE_NAMES = ("mnist", "fashion-mnist", "cifar10", "folder", "hf")
-
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "swissroll"  # toy: swissroll|moons|8gaussians|checkerboard|gmm; images: mnist|...
+    name: str = "swissroll"  # a data set of difflab.data.datasets.DATASETS
     data_dir: str | None = None  # folder with the dataset files (images); hf: hf:NAME[:SPLIT]
     download: bool = False  # fetch the standard files (SHA-256 checked) when missing
     image_size: int | None = None  # resize/crop images to this size (folder datasets)
@@ -45,7 +44,8 @@ class DataConfig:
 
     @property
     def is_toy(self) -> bool:
-        return self.name in TOY_NAMES
+        """2-D points (:data:`difflab.data.datasets.DATASETS` says which sets are)."""
+        return self.name in DATASETS and DATASETS[self.name].is_2d
 
 
 @dataclass(frozen=True)
@@ -304,7 +304,9 @@ def _derive(base: str, name: str, **sections: dict[str, Any] | Any) -> RunConfig
     return replace(cfg, preset=name, **changed)
 
 
-PRESETS: dict[str, RunConfig] = {name: _toy(name) for name in TOY_NAMES}
+PRESETS: dict[str, RunConfig] = {
+    name: _toy(name) for name in ("swissroll", "moons", "8gaussians", "checkerboard", "gmm")
+}
 PRESETS["swissroll-sd2015"] = RunConfig(
     preset="swissroll-sd2015",
     data=DataConfig(name="swissroll"),

@@ -19,8 +19,8 @@ import torch
 
 from difflab.app.build import Built, build_data, cfg_data_shape
 from difflab.app.sampling import ImageBar
-from difflab.data.toy import sample_toy
-from difflab.evaluation import DIGIT_DATASETS, frechet_digit_distance, load_or_train_classifier
+from difflab.data.datasets import dataset
+from difflab.evaluation import frechet_digit_distance, load_or_train_classifier
 from difflab.inference import inference_context
 from difflab.likelihood import bits_per_dim, mean_and_stderr, vlb
 from difflab.ode_likelihood import pf_ode_nll
@@ -31,9 +31,9 @@ __all__ = ["digit_quality", "evaluate_nll", "evaluate_quality"]
 
 def _held_out(built: Built, n: int, *, seed: int) -> torch.Tensor:
     cfg = built.cfg
-    if cfg.data.is_toy:
-        g = torch.Generator().manual_seed(50_000 + seed)
-        return sample_toy(cfg.data.name, n, generator=g)  # type: ignore[arg-type]
+    sample = dataset(cfg.data.name).sample
+    if sample is not None:
+        return sample(n, torch.Generator().manual_seed(50_000 + seed))
     ds = build_data(cfg, train=False)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     x, _ = ds.batch(idx)
@@ -64,7 +64,7 @@ def check_digit_scoring(built: Built) -> None:
     """Raise a one-line ValueError unless the run makes 28x28 digits that the digit
     classifier can score (called before any sample is drawn)."""
     cfg = built.cfg
-    if cfg.data.name not in DIGIT_DATASETS:
+    if not dataset(cfg.data.name).digits:
         raise ValueError(
             f"difflab eval knows digit datasets and 2-D data; {cfg.data.name!r} needs a "
             "feature extractor (use difflab.metrics.frechet_distance with your own)"

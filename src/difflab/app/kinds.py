@@ -57,7 +57,7 @@ from difflab.app.sampling import (
 )
 from difflab.cascade import SRStage, Stage, cascade_sample, sr_loss, super_resolve
 from difflab.classifier import classifier_loss
-from difflab.evaluation import DIGIT_DATASETS
+from difflab.data.datasets import dataset
 from difflab.image_to_image import cond_channels, degrade
 from difflab.latent import latent_diffusion_loss, latent_sample, latent_scale_factor
 from difflab.nn.autoencoder import REC_LOSSES, autoencoder_loss
@@ -421,7 +421,7 @@ class AutoencoderRun(RunKind):
     def quality(self, built: Built, *, n: int, seed: int, **sampling: Any) -> dict[str, Any]:
         out = report.reconstruction_figure(built, None, n=n)
         metrics: dict[str, Any] = {"psnr": out["psnr"]}
-        if built.cfg.data.name in DIGIT_DATASETS:
+        if dataset(built.cfg.data.name).digits:
             metrics.update(digit_quality(built, out["reconstructions"]))
         return metrics
 

@@ -34,7 +34,8 @@ from difflab.app.sampling import draw_samples
 from difflab.cascade import downsample_images, upsample_images
 from difflab.checkpoint import read_metrics
 from difflab.classifier import noisy_accuracy
-from difflab.data.toy import sample_toy, toy_density
+from difflab.data.datasets import dataset
+from difflab.data.toy import toy_density
 from difflab.image_to_image import degrade, preview
 from difflab.metrics import exact_nll, mmd, sliced_wasserstein
 from difflab.nn.autoencoder import psnr
@@ -97,7 +98,8 @@ def toy_quality(built: Built, samples: Tensor, *, seed: int, repeats: int = 5) -
     n = samples.shape[0]
     g = torch.Generator().manual_seed(10_000 + seed)
     # both distances fluctuate a lot between draws: average over `repeats` fresh data sets
-    fresh = [sample_toy(name, n, generator=g) for _ in range(2 * repeats)]  # type: ignore
+    sample = dataset(name).sample
+    fresh = [sample(n, g) for _ in range(2 * repeats)]  # type: ignore[misc]
     sw = lambda a, b: sliced_wasserstein(  # noqa: E731
         a, b, n_projections=1024, generator=torch.Generator().manual_seed(7)
     )
@@ -151,7 +153,7 @@ def forward_reverse_figure(
     sched = built.schedule
     n = reverse[0].shape[0]
     g = torch.Generator().manual_seed(123)
-    x0 = sample_toy(built.cfg.data.name, n, generator=g).double()  # type: ignore[arg-type]
+    x0 = dataset(built.cfg.data.name).sample(n, g).double()  # type: ignore[misc]
     T = sched.t_max
     marks = [0.0, T / 2, T]
     forward = [x0.float() if m == 0 else q_sample(x0, m, sched, generator=g).float() for m in marks]

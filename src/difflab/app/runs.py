@@ -17,8 +17,7 @@ from difflab import checkpoint as ckpt
 from difflab.app.build import Built, build_data, build_schedule, cfg_data_shape, resolve_device
 from difflab.app.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig
 from difflab.app.kinds import KINDS, kind_of
-from difflab.data.images import IMAGE_DATASETS
-from difflab.data.toy import TOY_DATASETS
+from difflab.data.datasets import dataset
 from difflab.image_to_image import TASKS
 from difflab.objectives import LOSS_TYPES, TIME_SAMPLINGS, WEIGHTINGS
 from difflab.parameterization import PARAMETERIZATIONS
@@ -42,7 +41,7 @@ def check_config(cfg: RunConfig) -> None:
     or written: types and ranges (:meth:`RunConfig.validate`), every name, the run kind's own
     checks, and the device."""
     cfg.validate()
-    check_choice("data.name", cfg.data.name, TOY_DATASETS + IMAGE_DATASETS)
+    dataset(cfg.data.name)  # a name of the data-set table
     kind_of(cfg).check(cfg)
     check_choice("model.parameterization", cfg.model.parameterization, PARAMETERIZATIONS)
     check_choice("model.image_task", cfg.model.image_task, ("none", *TASKS))

@@ -464,6 +464,8 @@ class ImageSource:
     read: Callable[[LoadRequest], SourceImages]
     hflip: bool  # random horizontal flips by default
     image_column: bool = False  # reads columns: the image_column option applies
+    shape: tuple[int, int, int] | None = None  # (C, H, W) of its images; None: data.image_size
+    digits: bool = False  # the digit classifier (difflab.evaluation) scores samples of it
 
 
 def _read_digits(name: str, req: LoadRequest) -> SourceImages:
@@ -507,9 +509,13 @@ def _read_hf(req: LoadRequest) -> SourceImages:
 
 
 IMAGE_SOURCES: dict[str, ImageSource] = {
-    "mnist": ImageSource(partial(_read_digits, "mnist"), hflip=False),
-    "fashion-mnist": ImageSource(partial(_read_digits, "fashion-mnist"), hflip=False),
-    "cifar10": ImageSource(_read_cifar10, hflip=True),
+    "mnist": ImageSource(
+        partial(_read_digits, "mnist"), hflip=False, shape=(1, 28, 28), digits=True
+    ),
+    "fashion-mnist": ImageSource(
+        partial(_read_digits, "fashion-mnist"), hflip=False, shape=(1, 28, 28), digits=True
+    ),
+    "cifar10": ImageSource(_read_cifar10, hflip=True, shape=(3, 32, 32)),
     "folder": ImageSource(_read_image_folder, hflip=True),
     "hf": ImageSource(_read_hf, hflip=True, image_column=True),
 }

@@ -23,6 +23,7 @@ E[x_0 | x_t] in closed form (``x0_posterior_mean``), which the sampler tests use
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
@@ -32,6 +33,7 @@ from difflab._util import F64
 
 __all__ = [
     "TOY_DATASETS",
+    "TOY_SOURCES",
     "GaussianMixture",
     "ToyName",
     "default_gmm",
@@ -278,11 +280,18 @@ def _checkerboard(n: int, g: torch.Generator | None) -> Tensor:
 
 def sample_toy(name: ToyName, n: int, *, generator: torch.Generator | None = None) -> Tensor:
     """Draw n points (n, 2) float32 from the toy dataset ``name`` (see the module table)."""
-    if name not in TOY_DATASETS:
-        raise ValueError(f"unknown toy dataset {name!r}; valid options: {', '.join(TOY_DATASETS)}")
+    if name not in TOY_SOURCES:
+        raise ValueError(f"unknown toy dataset {name!r}; valid options: {', '.join(TOY_SOURCES)}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    if name in ("8gaussians", "gmm"):
-        return toy_density(name).sample(n, generator)
-    makers = {"swissroll": _swissroll, "moons": _moons, "checkerboard": _checkerboard}
-    return makers[name](n, generator).to(torch.float32)
+    return TOY_SOURCES[name](n, generator).to(torch.float32)
+
+
+# name -> sample(n, generator) -> (n, 2): the toy data sets (TOY_DATASETS lists the same names)
+TOY_SOURCES: dict[str, Callable[[int, torch.Generator | None], Tensor]] = {
+    "swissroll": _swissroll,
+    "moons": _moons,
+    "8gaussians": lambda n, g: toy_density("8gaussians").sample(n, g),
+    "checkerboard": _checkerboard,
+    "gmm": lambda n, g: toy_density("gmm").sample(n, g),
+}
