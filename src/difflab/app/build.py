@@ -7,7 +7,7 @@ What differs between kinds of run (the model, its loss, sampling, reports) is in
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -18,7 +18,8 @@ from difflab.cascade import downsample_images
 from difflab.data.datasets import dataset
 from difflab.data.images import load_image_dataset
 from difflab.parameterization import ModelDenoiser
-from difflab.schedules import DiscreteSchedule, EDMSchedule, Schedule
+from difflab.process_table import process_for
+from difflab.schedules import Schedule
 
 __all__ = [
     "Built",
@@ -48,15 +49,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_schedule(cfg: RunConfig) -> Schedule:
-    d = cfg.diffusion
-    if d.schedule == "edm":
-        return EDMSchedule(d.sigma_min, d.sigma_max)
-    beta_range = {
-        k: v for k, v in (("beta_start", d.beta_start), ("beta_end", d.beta_end)) if v is not None
-    }
-    return DiscreteSchedule.from_name(
-        d.schedule, d.T, zero_terminal_snr=d.zero_terminal_snr, **beta_range
-    )
+    """The schedule of the run's process (:func:`difflab.process_table.process_for`)."""
+    d = asdict(cfg.diffusion)
+    return process_for(cfg.diffusion.schedule).make_schedule(d)
 
 
 class ImageBatches:

@@ -62,7 +62,8 @@ from difflab.image_to_image import cond_channels, degrade
 from difflab.latent import latent_diffusion_loss, latent_sample, latent_scale_factor
 from difflab.nn.autoencoder import REC_LOSSES, autoencoder_loss
 from difflab.nn.networks import NetSpec, build_network, network
-from difflab.objectives import ImportanceTimeSampler, diffusion_loss
+from difflab.objectives import ImportanceTimeSampler
+from difflab.process_table import process_for
 from difflab.schedules import DiscreteSchedule, Schedule, check_choice
 
 __all__ = ["KINDS", "RunKind", "kind_of"]
@@ -176,8 +177,8 @@ class RunKind:
         return loss_fn
 
     def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
-        """The diffusion loss of a batch of data x0 (:func:`difflab.objectives.diffusion_loss`)."""
-        return diffusion_loss(built.denoiser, x0, **options)
+        """The loss of the run's process on a batch of data x0 (:mod:`difflab.process_table`)."""
+        return process_for(built.cfg.diffusion.schedule).loss(built.denoiser, x0, **options)
 
     def on_data(self, built: Built) -> Built:
         """Finish building once the training data is open (e.g. statistics of the data)."""
@@ -307,14 +308,6 @@ class ImageToImage(DiffusionImage):
 
     def conditioning(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
         return {"cond_channels": cond_channels(cfg.model.image_task, channels)}  # type: ignore
-
-    def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
-        """The diffusion loss of a batch of data x0 (:func:`difflab.objectives.diffusion_loss`)."""
-        return diffusion_loss(built.denoiser, x0, **options)
-
-    def on_data(self, built: Built) -> Built:
-        """Finish building once the training data is open (e.g. statistics of the data)."""
-        return built
 
     def training_cond(self, cfg: RunConfig, x0: Tensor, cond: Any, g: torch.Generator) -> Any:
         image = degrade(x0, cfg.model.image_task, generator=g)  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ A run flows one way: CLI -> config (:mod:`difflab.app.config`, validated here) -
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -21,10 +21,11 @@ from difflab.data.datasets import dataset
 from difflab.image_to_image import TASKS
 from difflab.objectives import LOSS_TYPES, TIME_SAMPLINGS, WEIGHTINGS
 from difflab.parameterization import PARAMETERIZATIONS
+from difflab.process_table import process_for
 from difflab.safe_io import say
 from difflab.samplers import SAMPLER_OPTIONS, SAMPLERS
 from difflab.samplers.common import THRESHOLD_MODES
-from difflab.schedules import BETA_RANGE_SCHEDULES, BETA_SCHEDULES, check_choice
+from difflab.schedules import BETA_SCHEDULES, check_choice
 
 __all__ = [
     "build",
@@ -45,13 +46,12 @@ def check_config(cfg: RunConfig) -> None:
     kind_of(cfg).check(cfg)
     check_choice("model.parameterization", cfg.model.parameterization, PARAMETERIZATIONS)
     check_choice("model.image_task", cfg.model.image_task, ("none", *TASKS))
-    check_choice("diffusion.schedule", cfg.diffusion.schedule, (*BETA_SCHEDULES, "edm"))
     check_choice("diffusion.loss_type", cfg.diffusion.loss_type, LOSS_TYPES)
     check_choice("diffusion.weighting", cfg.diffusion.weighting, WEIGHTINGS)
     check_choice("diffusion.t_sampling", cfg.diffusion.t_sampling, TIME_SAMPLINGS)
     if cfg.diffusion.sigma_min >= cfg.diffusion.sigma_max:
         raise ValueError("diffusion.sigma_min must be below diffusion.sigma_max")
-    _check_beta_range(cfg)
+    process_for(cfg.diffusion.schedule).check(asdict(cfg.diffusion))
     resolve_device(cfg.train.device)
     if cfg.data.is_toy and cfg.data.downsample != 1:
         raise ValueError("data.downsample applies to images, not to 2-D data")
@@ -61,21 +61,6 @@ def check_config(cfg: RunConfig) -> None:
     check_choice("sample.sampler", cfg.sample.sampler, tuple(SAMPLERS))
     if cfg.sample.eta is not None and "eta" not in SAMPLER_OPTIONS[cfg.sample.sampler]:
         raise ValueError(f"sample.eta is set but sampler {cfg.sample.sampler!r} has no eta")
-
-
-def _check_beta_range(cfg: RunConfig) -> None:
-    d = cfg.diffusion
-    if d.beta_start is None and d.beta_end is None:
-        return
-    if d.schedule not in BETA_RANGE_SCHEDULES:
-        names = ", ".join(BETA_RANGE_SCHEDULES)
-        raise ValueError(
-            f"diffusion.beta_start/beta_end apply to the {names} schedules, not {d.schedule!r}"
-        )
-    try:  # the range as make_betas reads it: an end left unset takes its default
-        build_schedule(cfg)
-    except ValueError as e:
-        raise ValueError(f"diffusion.beta_start/beta_end: {e}") from None
 
 
 def build(cfg: RunConfig, *, device: torch.device | None = None, load_data: bool = True) -> Built:
