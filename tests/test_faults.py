@@ -442,3 +442,26 @@ def test_undecodable_metrics_name_the_file(tmp_path):
     path.write_bytes(b"step,loss\n10,\xff\xfe\n")
     with pytest.raises(ckpt.CheckpointError, match="metrics.csv.*UTF-8"):
         MetricsLog(path, ["step", "loss"], resume_step=10)
+
+
+# ----------------------------------------------------------------------------- unfinished runs
+def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(run, tmp_path, capsys):
+    """Killed after the step-30 checkpoint but before finished.json: resume writes the report
+    (samples, figures, quality) and finished.json instead of asking for a larger --steps."""
+    import shutil
+
+    copy = tmp_path / "u"
+    shutil.copytree(run, copy)
+    (copy / "finished.json").unlink()
+    for name in ("samples.png", "loss.png"):
+        (copy / name).unlink()
+    before = ckpt.load_checkpoint(copy)
+    assert main(["train", "--resume", str(copy), "--no-progress"]) == 0, capsys.readouterr().err
+    assert ckpt.is_finished(copy)
+    assert json.loads((copy / "finished.json").read_text())["step"] == 30
+    assert (copy / "samples.png").is_file() and (copy / "loss.png").is_file()
+    after = ckpt.load_checkpoint(copy)
+    assert after.step == 30
+    assert all(torch.equal(before.tensors["ema"][k], after.tensors["ema"][k])
+               for k in before.tensors["ema"])  # fmt: skip
+    assert read_metrics(copy / "metrics.csv")["step"] == [10, 20, 30]

@@ -163,7 +163,9 @@ def _open_run(
                 c.check_finite("model")
                 trainer.load(c.tensors, c.state)
                 log(f"resumed {run_dir} at step {trainer.step}")
-            if trainer.step >= cfg.train.steps:
+            # an unfinished run at its step count was stopped between its last checkpoint
+            # and finished.json: it resumes to write its report; anything else needs more steps
+            if trainer.step > cfg.train.steps or (finished and trainer.step == cfg.train.steps):
                 raise ValueError(
                     f"{run_dir} is at step {trainer.step}; --steps must be larger to extend it"
                 )
@@ -253,8 +255,12 @@ def _train_loop(
     log(f"{cfg.preset}: {n_params / 1e6:.3g}M parameters on {where}, run dir {run_dir}")
     window = _Window(t.batch_size)
 
+    saved = {"step": trainer.step if resume else -1}  # a resumed step is already on disk
+
     def save() -> None:
         """A checkpoint of the current step, never of a non-finite state."""
+        if saved["step"] == trainer.step:
+            return
         if not window.loss_finite():
             raise _diverged(run_dir, trainer.step, "the loss became NaN or infinite")
         if not _weights_finite(trainer):
@@ -263,6 +269,7 @@ def _train_loop(
             ckpt.save_checkpoint(
                 run_dir, step=trainer.step, tensors=trainer.tensors(), state=trainer.state()
             )
+        saved["step"] = trainer.step
 
     start = time.perf_counter()
     budget = None if t.max_minutes is None else t.max_minutes * 60.0
