@@ -465,3 +465,32 @@ def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(run, tmp_p
     assert all(torch.equal(before.tensors["ema"][k], after.tensors["ema"][k])
                for k in before.tensors["ema"])  # fmt: skip
     assert read_metrics(copy / "metrics.csv")["step"] == [10, 20, 30]
+
+
+def test_resume_with_every_checkpoint_corrupt_is_refused(tmp_path, capsys):
+    """Every checkpoint corrupt: resume refuses in one line naming what it skipped, instead of
+    silently training again from step 0 over the run's files."""
+    out = _two_checkpoints(tmp_path)
+    (out / "finished.json").unlink()
+    for step_dir in (out / "checkpoints").glob("step-*"):
+        f = step_dir / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-8])
+    capsys.readouterr()
+    metrics = (out / "metrics.csv").read_bytes()
+    err = _one_line_error(capsys, main(["train", "--resume", str(out), "--no-progress"]))
+    assert "no complete checkpoint" in err and "truncated" in err
+    assert (out / "metrics.csv").read_bytes() == metrics
+    assert not ckpt.is_finished(out)
+
+
+def test_resume_before_the_first_checkpoint_starts_at_step_0_and_says_so(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert _train(out, "train.steps=20", "train.ckpt_every=10") == 0
+    (out / "finished.json").unlink()
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert "no checkpoint yet" in capsys.readouterr().out
+    assert ckpt.load_checkpoint(out).step == 20

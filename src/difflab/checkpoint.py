@@ -351,6 +351,13 @@ def _resolve(run_dir: Path) -> tuple[Path | None, dict[str, Any] | None, list[st
     return None, None, skipped
 
 
+def has_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds any checkpoint directory, complete or not (a run that has none
+    was stopped before its first checkpoint; one whose checkpoints all fail to verify is
+    damaged, which :func:`load_checkpoint` reports)."""
+    return bool(_candidates(_checkpoints_root(Path(run_dir))))
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint directory :func:`load_checkpoint` would load from ``run_dir``, or None:
     the newest one (``checkpoints/latest`` first) that passes verification."""

@@ -156,13 +156,15 @@ def _open_run(
     lock = ckpt.open_run_dir(run_dir, config=cfg.to_dict(), resume=resume) if main else None
     try:
         if resume:
-            if ckpt.latest_checkpoint(run_dir) is not None:
-                c = ckpt.load_checkpoint(run_dir)
+            if ckpt.has_checkpoints(run_dir):  # all corrupt: refused, never a silent step 0
+                c = _load_for_resume(run_dir)
                 if c.fallback_note():
                     log(f"warning: {c.fallback_note()}")
                 c.check_finite("model")
                 trainer.load(c.tensors, c.state)
                 log(f"resumed {run_dir} at step {trainer.step}")
+            else:
+                log(f"{run_dir} holds no checkpoint yet; training starts at step 0")
             # an unfinished run at its step count was stopped between its last checkpoint
             # and finished.json: it resumes to write its report; anything else needs more steps
             if trainer.step > cfg.train.steps or (finished and trainer.step == cfg.train.steps):
@@ -178,6 +180,15 @@ def _open_run(
             lock.release()
         raise
     return lock
+
+
+def _load_for_resume(run_dir: Path) -> ckpt.Checkpoint:
+    try:
+        return ckpt.load_checkpoint(run_dir)
+    except ckpt.CheckpointError as e:
+        raise ckpt.CheckpointError(
+            f"cannot resume: {e}; nothing was changed (restore a checkpoint or train a new run)"
+        ) from None
 
 
 class _Window:
