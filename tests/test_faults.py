@@ -494,3 +494,88 @@ def test_resume_before_the_first_checkpoint_starts_at_step_0_and_says_so(tmp_pat
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert "no checkpoint yet" in capsys.readouterr().out
     assert ckpt.load_checkpoint(out).step == 20
+
+
+# ----------------------------------------------------------------------------- outputs on a run
+@pytest.mark.parametrize(
+    "out, expected",
+    [
+        ("checkpoints/step-00000030/model.safetensors", "inside the checkpoints/ folder"),
+        ("config.json", "file of the run directory"),
+        ("config.npz", "config.json is a file of the run directory"),  # the timing JSON
+        ("samples.npz", "samples.png is a file of the run directory"),  # the run's own figure
+    ],
+)
+def test_sample_output_on_a_file_of_the_run_is_refused_before_sampling(
+    run, tmp_path, capsys, monkeypatch, out, expected
+):
+    import shutil
+
+    import difflab.app.sampling as sampling
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    monkeypatch.setattr(sampling, "draw_samples", lambda *a, **k: pytest.fail("sampled"))
+    args = ["sample", str(copy), "--n", "8", "--no-progress", "--out", str(copy / out)]
+    assert expected in _one_line_error(capsys, main(args))
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_sample_outputs_in_a_run_directory_are_new_files(run, tmp_path):
+    """New files beside the run's own are fine; a default name never replaces one."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    args = ["sample", str(copy), "--n", "8", "--no-progress"]
+    assert main(args) == 0 and main(args) == 0 and main([*args, "--out", str(copy)]) == 0
+    assert len(list(copy.glob("samples-*.npz"))) == 3
+    assert main([*args, "--out", str(copy / "metrics.npz")]) == 0  # beside metrics.csv
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_sample_output_in_the_data_directory_is_refused(run, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    copy = _edited(run, tmp_path, lambda c: c["data"].update(data_dir=str(data)))
+    err = _one_line_error(capsys, main(["sample", str(copy), "--n", "4", "--out",
+                                        str(data / "s.npz")]))  # fmt: skip
+    assert "data directory" in err
+    assert not list(data.iterdir())
+
+
+def test_export_never_replaces_a_run_or_a_folder_that_is_not_an_export(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    cases = [
+        (copy, "is a run directory"),
+        (copy / "checkpoints", "file of the run"),
+        (other, "not an exported folder"),
+        (tmp_path, "not an exported folder"),
+    ]
+    for out, expected in cases:
+        err = _one_line_error(capsys, main(["export", str(copy), str(out), "--overwrite"]))
+        assert expected in err
+    assert (other / "keep.txt").read_text() == "mine"
+    assert ckpt.load_checkpoint(copy).step == 30 and ckpt.is_finished(copy)
+
+
+def test_viz_and_a_new_run_never_land_on_a_run(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = (copy / "config.json").read_bytes()
+    err = _one_line_error(capsys, main(["viz", "schedules", "--out", str(copy / "config.json")]))
+    assert "file of the run directory" in err
+    err = _one_line_error(capsys, _train(copy / "checkpoints" / "new", "train.steps=10"))
+    assert "inside the checkpoints/ folder" in err
+    assert (copy / "config.json").read_bytes() == config
+    assert not (copy / "checkpoints" / "new").exists()

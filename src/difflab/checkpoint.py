@@ -458,6 +458,8 @@ def prepare_run_dir(
 
 def _check_new_run_dir(run_dir: Path) -> None:
     """A new run may go into ``run_dir`` only if it is absent or empty (but for its lock)."""
+    if not is_run_dir(run_dir):  # an existing run gets the messages below
+        check_output(run_dir)
     if not run_dir.exists():
         return
     if not run_dir.is_dir():
@@ -474,6 +476,63 @@ def _check_new_run_dir(run_dir: Path) -> None:
 
 
 LOCK_NAME = ".lock"
+RUN_STATE_FILES = ("config.json", "finished.json", "metrics.csv", LOCK_NAME)
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a difflab run directory: ``config.json`` beside checkpoints, a lock
+    or ``finished.json`` (a diffusers folder has a config.json but none of these)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and (
+        (path / "checkpoints").is_dir()
+        or (path / "finished.json").is_file()
+        or (path / LOCK_NAME).exists()
+    )
+
+
+def check_output(
+    path: str | os.PathLike,
+    *,
+    data_dirs: tuple[str | os.PathLike, ...] = (),
+    replace_export: bool = False,
+) -> Path:
+    """Refuse (one-line ``ValueError``) an output that would land on a run or its data.
+
+    Every command that writes a file or folder calls this on each path it will write, before
+    any work: the path may not be a run directory, a file of one (``config.json``, metrics,
+    any file it already holds) or anything below its folders (``checkpoints/``, ``tb/``), nor
+    lie in one of ``data_dirs``. A new file directly in a run directory (``samples-*.npz``)
+    is fine. ``replace_export=True`` (``export --overwrite``) lets an existing folder be
+    replaced only if it is an export (it holds ``model_index.json``).
+    """
+    path = Path(path)
+    real = Path(os.path.realpath(path))
+    if is_run_dir(real):
+        raise ValueError(f"{path} is a run directory; write the output elsewhere")
+    for parent in real.parents:
+        if not is_run_dir(parent):
+            continue
+        if parent != real.parent:
+            inner = real.relative_to(parent).parts[0]
+            raise ValueError(
+                f"{path} is inside the {inner}/ folder of the run directory {parent}; "
+                "write the output elsewhere"
+            )
+        if real.name in RUN_STATE_FILES or real.exists():
+            raise ValueError(
+                f"{path} is a file of the run directory {parent}; write the output to a new "
+                "file name or elsewhere"
+            )
+    for data in data_dirs:
+        data = Path(os.path.realpath(data))
+        if real == data or data in real.parents:
+            raise ValueError(f"{path} is in the data directory {data}; write the output elsewhere")
+    if replace_export and real.exists() and not (real / "model_index.json").is_file():
+        raise ValueError(
+            f"{path} is not an exported folder (no model_index.json); --overwrite replaces only "
+            "a folder written by difflab export"
+        )
+    return path
 
 
 class RunLock:
