@@ -144,6 +144,29 @@ def test_a_huge_learning_rate_never_leaves_a_non_finite_checkpoint(tmp_path, cap
             assert all(torch.isfinite(t).all() for t in c.tensors[group].values())
 
 
+def _non_finite(obj, where: str = "") -> list[str]:
+    """The names of the floating tensors in a nested state that hold a NaN or an inf."""
+    if isinstance(obj, torch.Tensor):
+        return [where] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in _non_finite(v, f"{where}[{k!r}]")]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in _non_finite(v, f"{where}[{i}]")]
+    return []
+
+
+def test_divergence_never_saves_a_non_finite_optimizer_state(tmp_path, capsys):
+    """lr 1e6 without clipping or warm-up, a checkpoint every step: Adam's exp_avg_sq turns
+    infinite a step before the weights do; no checkpoint holds it (weights, EMA, optimizer)."""
+    out = tmp_path / "r"
+    code = _train(out, "train.steps=50", "train.ckpt_every=1", "train.log_every=1",
+                  "train.grad_clip=0", "train.warmup_steps=0", extra=("--lr", "1e6"))  # fmt: skip
+    assert "diverged" in _one_line_error(capsys, code)
+    for step_dir in (out / "checkpoints").glob("step-*"):
+        c = ckpt.load_checkpoint(step_dir)
+        assert _non_finite(c.tensors) == [] and _non_finite(c.state) == [], step_dir
+
+
 def test_sample_and_eval_refuse_non_finite_weights(run, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -137,6 +137,31 @@ def _check_state(obj: Any, where: str) -> None:
     )
 
 
+def first_non_finite(obj: Any, where: str = "") -> str | None:
+    """The name (``[group][key]...``) of the first floating-point tensor in a nested state
+    (dicts, lists, tuples) that holds a NaN or an infinity, or None when all are finite.
+    Training refuses to save such a state: weights, EMA and optimizer moments alike."""
+    named: list[tuple[str, torch.Tensor]] = []
+
+    def walk(o: Any, name: str) -> None:
+        if isinstance(o, torch.Tensor):
+            if o.is_floating_point() or o.is_complex():
+                named.append((name, o))
+        elif isinstance(o, Mapping):
+            for k, v in o.items():
+                walk(v, f"{name}[{k!r}]")
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, f"{name}[{i}]")
+
+    walk(obj, where)
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all().cpu() for _, t in named])  # one host sync
+    bad = (~finite).nonzero()
+    return named[int(bad[0])][0] if len(bad) else None
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     *,

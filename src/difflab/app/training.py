@@ -237,11 +237,6 @@ def _diverged(run_dir: Path, step: int, what: str) -> TrainingDiverged:
     )
 
 
-def _weights_finite(trainer: Trainer) -> bool:
-    tensors = [*trainer.model.parameters(), *trainer.ema.model.parameters()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
 def _train_loop(
     built: Built,
     trainer: Trainer,
@@ -274,12 +269,12 @@ def _train_loop(
             return
         if not window.loss_finite():
             raise _diverged(run_dir, trainer.step, "the loss became NaN or infinite")
-        if not _weights_finite(trainer):
-            raise _diverged(run_dir, trainer.step, "the weights became NaN or infinite")
+        tensors, state = trainer.tensors(), trainer.state()  # weights, EMA, optimizer moments
+        bad = ckpt.first_non_finite(tensors, "tensors") or ckpt.first_non_finite(state, "state")
+        if bad is not None:
+            raise _diverged(run_dir, trainer.step, f"{bad} became NaN or infinite")
         if main:
-            ckpt.save_checkpoint(
-                run_dir, step=trainer.step, tensors=trainer.tensors(), state=trainer.state()
-            )
+            ckpt.save_checkpoint(run_dir, step=trainer.step, tensors=tensors, state=state)
         saved["step"] = trainer.step
 
     start = time.perf_counter()
