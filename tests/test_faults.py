@@ -602,3 +602,21 @@ def test_viz_and_a_new_run_never_land_on_a_run(run, tmp_path, capsys):
     assert "inside the checkpoints/ folder" in err
     assert (copy / "config.json").read_bytes() == config
     assert not (copy / "checkpoints" / "new").exists()
+
+
+@pytest.mark.parametrize("what", ["train", "sample"])
+def test_a_closed_stderr_never_breaks_a_run(run, tmp_path, what):
+    """`difflab train ... 2>&1 | head -1`: the progress bar's stream closes; the work goes on."""
+    out = tmp_path / ("r" if what == "train" else "s.npz")
+    if what == "train":
+        args = ["train", "--preset", "moons", "--out", str(out), *_sets("train.steps=300")]
+    else:
+        args = ["sample", str(run), "--n", "2000", "--batch-size", "100", "--out", str(out)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "difflab", *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    assert p.stdout is not None
+    p.stdout.read(10)
+    p.stdout.close()  # as `| head -c 10` does
+    assert p.wait(timeout=300) == 0
+    assert ckpt.is_finished(out) if what == "train" else out.is_file()

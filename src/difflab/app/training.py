@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from difflab import checkpoint as ckpt
 from difflab import distributed as ddp
@@ -25,7 +24,7 @@ from difflab.app.build import Built, make_batch_fn, resolve_device, with_model
 from difflab.app.config import RunConfig
 from difflab.app.report import final_report
 from difflab.app.runs import build, check_config
-from difflab.safe_io import say
+from difflab.safe_io import progress_bar, say
 from difflab.tensorboard import EventWriter
 from difflab.train import Trainer, TrainingDiverged
 
@@ -281,7 +280,7 @@ def _train_loop(
     budget = None if t.max_minutes is None else t.max_minutes * 60.0
     last: dict[str, float] = {}
     stopped_early = False
-    bar = tqdm(total=t.steps, initial=trainer.step, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=t.steps, initial=trainer.step, disable=not progress)
     try:
         while trainer.step < t.steps:
             window.add(trainer.train_step())
