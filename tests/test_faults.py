@@ -620,3 +620,35 @@ def test_a_closed_stderr_never_breaks_a_run(run, tmp_path, what):
     p.stdout.close()  # as `| head -c 10` does
     assert p.wait(timeout=300) == 0
     assert ckpt.is_finished(out) if what == "train" else out.is_file()
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda c: c["diffusion"].pop("schedule"), "diffusion.schedule"),
+        (lambda c: c.pop("diffusion"), "'diffusion' section"),
+        (lambda c: c["model"].pop("parameterization"), "model.parameterization"),
+        (lambda c: c.clear(), "no 'preset'"),
+    ],
+)
+def test_a_stored_config_missing_a_key_is_refused(run, tmp_path, capsys, edit, expected):
+    """A default would sample another model: the missing key is named instead."""
+    copy = _edited(run, tmp_path, edit)
+    for cmd in (["sample", str(copy), "--n", "4"], ["train", "--resume", str(copy)]):
+        err = _one_line_error(capsys, main(cmd))
+        assert expected in err and "config.json" in err
+    assert not list(copy.glob("samples-*"))
+
+
+def test_a_stored_config_of_the_first_format_still_loads(run, tmp_path):
+    """Keys added after the first run format (beta range, thresholding, ...) take defaults."""
+    from difflab.app.config import STORED_KEYS
+    from difflab.app.runs import read_run_config
+
+    def first_format(c):
+        for section, keys in STORED_KEYS.items():
+            c[section] = {k: v for k, v in c[section].items() if k in keys}
+
+    copy = _edited(run, tmp_path, first_format)
+    assert read_run_config(copy) == read_run_config(run)
+    assert main(["sample", str(copy), "--n", "4", "--no-progress"]) == 0
