@@ -423,6 +423,34 @@ def test_ddim_inversion_never_trusts_the_denoiser_at_t_0_and_follows_the_exact_o
     assert 1.6 < errors[0] / errors[1] < 2.5  # first order
 
 
+@pytest.mark.parametrize("s_churn,gamma", [(100.0, math.sqrt(2) - 1), (1.0, 0.2)])
+def test_edm_churn_raises_the_noise_level_by_at_most_sqrt_2(s_churn, gamma):
+    """Algorithm 2 of [Karras 2022]: gamma_i = min(S_churn / N, sqrt(2) - 1), t_hat = t (1 + gamma),
+    and noise of variance t_hat^2 - t^2 is added. At the cap t_hat = sqrt(2) t, so the added
+    noise has the std t of the current level (the sample's noise variance doubles).
+
+    Oracle: the levels at which the denoiser is called (EDM: t = sigma) and the std of the added
+    noise (4000 samples: 1.1% standard error, 5% allowed). Bugs caught: the cap missing or
+    written sqrt(2) (t_hat = 21 t or 2.41 t at S_churn / N = 20), gamma = S_churn without / N.
+    """
+    ts = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5, 0.0], dtype=F64)  # N = 5, below sigma_max
+    den = GaussianDenoiser(MEAN, COV, EDM)
+    calls = []
+
+    def recording(xt, t, cond=None):
+        calls.append((float(torch.as_tensor(t).reshape(-1)[0]), xt))
+        return den(xt, t, cond)
+
+    y0 = MEAN + 10.0 * torch.randn(4000, 2, generator=_seed(0), dtype=F64)
+    edm_sampler(recording, y0, ts, schedule=EDM, s_churn=s_churn, generator=_seed(1))
+    levels = [t for t, _ in calls][::2]  # Heun: D(y_hat; t_hat), then D(y_next; t_next)
+    expected = [(1 + gamma) * float(t) for t in ts[:-1]]
+    assert levels == pytest.approx(expected, rel=1e-9)
+    added = calls[0][1] - y0  # y_hat - y_0 = sqrt(t_hat^2 - t_0^2) z
+    noise_std = 10.0 * math.sqrt((1 + gamma) ** 2 - 1)
+    assert torch.allclose(added.std(0), torch.full((2,), noise_std, dtype=F64), rtol=0.05)
+
+
 # ---- convergence order against the exact probability-flow ODE -------------------------------
 
 ORDER_CASES = [
