@@ -144,6 +144,29 @@ def test_a_huge_learning_rate_never_leaves_a_non_finite_checkpoint(tmp_path, cap
             assert all(torch.isfinite(t).all() for t in c.tensors[group].values())
 
 
+def _non_finite(obj, where: str = "") -> list[str]:
+    """The names of the floating tensors in a nested state that hold a NaN or an inf."""
+    if isinstance(obj, torch.Tensor):
+        return [where] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in _non_finite(v, f"{where}[{k!r}]")]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in _non_finite(v, f"{where}[{i}]")]
+    return []
+
+
+def test_divergence_never_saves_a_non_finite_optimizer_state(tmp_path, capsys):
+    """lr 1e6 without clipping or warm-up, a checkpoint every step: Adam's exp_avg_sq turns
+    infinite a step before the weights do; no checkpoint holds it (weights, EMA, optimizer)."""
+    out = tmp_path / "r"
+    code = _train(out, "train.steps=50", "train.ckpt_every=1", "train.log_every=1",
+                  "train.grad_clip=0", "train.warmup_steps=0", extra=("--lr", "1e6"))  # fmt: skip
+    assert "diverged" in _one_line_error(capsys, code)
+    for step_dir in (out / "checkpoints").glob("step-*"):
+        c = ckpt.load_checkpoint(step_dir)
+        assert _non_finite(c.tensors) == [] and _non_finite(c.state) == [], step_dir
+
+
 def test_sample_and_eval_refuse_non_finite_weights(run, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -442,3 +465,190 @@ def test_undecodable_metrics_name_the_file(tmp_path):
     path.write_bytes(b"step,loss\n10,\xff\xfe\n")
     with pytest.raises(ckpt.CheckpointError, match="metrics.csv.*UTF-8"):
         MetricsLog(path, ["step", "loss"], resume_step=10)
+
+
+# ----------------------------------------------------------------------------- unfinished runs
+def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(run, tmp_path, capsys):
+    """Killed after the step-30 checkpoint but before finished.json: resume writes the report
+    (samples, figures, quality) and finished.json instead of asking for a larger --steps."""
+    import shutil
+
+    copy = tmp_path / "u"
+    shutil.copytree(run, copy)
+    (copy / "finished.json").unlink()
+    for name in ("samples.png", "loss.png"):
+        (copy / name).unlink()
+    before = ckpt.load_checkpoint(copy)
+    assert main(["train", "--resume", str(copy), "--no-progress"]) == 0, capsys.readouterr().err
+    assert ckpt.is_finished(copy)
+    assert json.loads((copy / "finished.json").read_text())["step"] == 30
+    assert (copy / "samples.png").is_file() and (copy / "loss.png").is_file()
+    after = ckpt.load_checkpoint(copy)
+    assert after.step == 30
+    assert all(torch.equal(before.tensors["ema"][k], after.tensors["ema"][k])
+               for k in before.tensors["ema"])  # fmt: skip
+    assert read_metrics(copy / "metrics.csv")["step"] == [10, 20, 30]
+
+
+def test_resume_with_every_checkpoint_corrupt_is_refused(tmp_path, capsys):
+    """Every checkpoint corrupt: resume refuses in one line naming what it skipped, instead of
+    silently training again from step 0 over the run's files."""
+    out = _two_checkpoints(tmp_path)
+    (out / "finished.json").unlink()
+    for step_dir in (out / "checkpoints").glob("step-*"):
+        f = step_dir / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-8])
+    capsys.readouterr()
+    metrics = (out / "metrics.csv").read_bytes()
+    err = _one_line_error(capsys, main(["train", "--resume", str(out), "--no-progress"]))
+    assert "no complete checkpoint" in err and "truncated" in err
+    assert (out / "metrics.csv").read_bytes() == metrics
+    assert not ckpt.is_finished(out)
+
+
+def test_resume_before_the_first_checkpoint_starts_at_step_0_and_says_so(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert _train(out, "train.steps=20", "train.ckpt_every=10") == 0
+    (out / "finished.json").unlink()
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert "no checkpoint yet" in capsys.readouterr().out
+    assert ckpt.load_checkpoint(out).step == 20
+
+
+# ----------------------------------------------------------------------------- outputs on a run
+@pytest.mark.parametrize(
+    "out, expected",
+    [
+        ("checkpoints/step-00000030/model.safetensors", "inside the checkpoints/ folder"),
+        ("config.json", "file of the run directory"),
+        ("config.npz", "config.json is a file of the run directory"),  # the timing JSON
+        ("samples.npz", "samples.png is a file of the run directory"),  # the run's own figure
+    ],
+)
+def test_sample_output_on_a_file_of_the_run_is_refused_before_sampling(
+    run, tmp_path, capsys, monkeypatch, out, expected
+):
+    import shutil
+
+    import difflab.app.sampling as sampling
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    monkeypatch.setattr(sampling, "draw_samples", lambda *a, **k: pytest.fail("sampled"))
+    args = ["sample", str(copy), "--n", "8", "--no-progress", "--out", str(copy / out)]
+    assert expected in _one_line_error(capsys, main(args))
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_sample_outputs_in_a_run_directory_are_new_files(run, tmp_path):
+    """New files beside the run's own are fine; a default name never replaces one."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    args = ["sample", str(copy), "--n", "8", "--no-progress"]
+    assert main(args) == 0 and main(args) == 0 and main([*args, "--out", str(copy)]) == 0
+    assert len(list(copy.glob("samples-*.npz"))) == 3
+    assert main([*args, "--out", str(copy / "metrics.npz")]) == 0  # beside metrics.csv
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_sample_output_in_the_data_directory_is_refused(run, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    copy = _edited(run, tmp_path, lambda c: c["data"].update(data_dir=str(data)))
+    err = _one_line_error(capsys, main(["sample", str(copy), "--n", "4", "--out",
+                                        str(data / "s.npz")]))  # fmt: skip
+    assert "data directory" in err
+    assert not list(data.iterdir())
+
+
+def test_export_never_replaces_a_run_or_a_folder_that_is_not_an_export(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    cases = [
+        (copy, "is a run directory"),
+        (copy / "checkpoints", "file of the run"),
+        (other, "not an exported folder"),
+        (tmp_path, "not an exported folder"),
+    ]
+    for out, expected in cases:
+        err = _one_line_error(capsys, main(["export", str(copy), str(out), "--overwrite"]))
+        assert expected in err
+    assert (other / "keep.txt").read_text() == "mine"
+    assert ckpt.load_checkpoint(copy).step == 30 and ckpt.is_finished(copy)
+
+
+def test_viz_and_a_new_run_never_land_on_a_run(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = (copy / "config.json").read_bytes()
+    err = _one_line_error(capsys, main(["viz", "schedules", "--out", str(copy / "config.json")]))
+    assert "file of the run directory" in err
+    err = _one_line_error(capsys, _train(copy / "checkpoints" / "new", "train.steps=10"))
+    assert "inside the checkpoints/ folder" in err
+    assert (copy / "config.json").read_bytes() == config
+    assert not (copy / "checkpoints" / "new").exists()
+
+
+@pytest.mark.parametrize("what", ["train", "sample"])
+def test_a_closed_stderr_never_breaks_a_run(run, tmp_path, what):
+    """`difflab train ... 2>&1 | head -1`: the progress bar's stream closes; the work goes on."""
+    out = tmp_path / ("r" if what == "train" else "s.npz")
+    if what == "train":
+        args = ["train", "--preset", "moons", "--out", str(out), *_sets("train.steps=300")]
+    else:
+        args = ["sample", str(run), "--n", "2000", "--batch-size", "100", "--out", str(out)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "difflab", *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    assert p.stdout is not None
+    p.stdout.read(10)
+    p.stdout.close()  # as `| head -c 10` does
+    assert p.wait(timeout=300) == 0
+    assert ckpt.is_finished(out) if what == "train" else out.is_file()
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda c: c["diffusion"].pop("schedule"), "diffusion.schedule"),
+        (lambda c: c.pop("diffusion"), "'diffusion' section"),
+        (lambda c: c["model"].pop("parameterization"), "model.parameterization"),
+        (lambda c: c.clear(), "no 'preset'"),
+    ],
+)
+def test_a_stored_config_missing_a_key_is_refused(run, tmp_path, capsys, edit, expected):
+    """A default would sample another model: the missing key is named instead."""
+    copy = _edited(run, tmp_path, edit)
+    for cmd in (["sample", str(copy), "--n", "4"], ["train", "--resume", str(copy)]):
+        err = _one_line_error(capsys, main(cmd))
+        assert expected in err and "config.json" in err
+    assert not list(copy.glob("samples-*"))
+
+
+def test_a_stored_config_of_the_first_format_still_loads(run, tmp_path):
+    """Keys added after the first run format (beta range, thresholding, ...) take defaults."""
+    from difflab.app.config import STORED_KEYS
+    from difflab.app.runs import read_run_config
+
+    def first_format(c):
+        for section, keys in STORED_KEYS.items():
+            c[section] = {k: v for k, v in c[section].items() if k in keys}
+
+    copy = _edited(run, tmp_path, first_format)
+    assert read_run_config(copy) == read_run_config(run)
+    assert main(["sample", str(copy), "--n", "4", "--no-progress"]) == 0

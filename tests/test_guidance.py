@@ -99,6 +99,39 @@ def test_cfg_with_identical_branches_is_a_no_op(scale):
     torch.testing.assert_close(out.x0, ref.x0)
 
 
+def test_cfg_takes_the_learned_variance_from_the_conditional_branch():
+    """With a learned variance [Nichol & Dhariwal 2021, Eq. 15] guidance moves eps only; the
+    variance fraction is the conditional branch's at every scale (as GLIDE samples), so at
+    scale 1 guided ancestral sampling with ``variance="learned"`` is conditional sampling.
+
+    Oracle: the conditional call itself. Bugs caught: var_frac taken from the unconditional
+    half (``chunk(2)[1]``), or extrapolated like eps (wrong at scales other than 1), or
+    dropped (the learned-variance sampler then refuses).
+    """
+    torch.manual_seed(7)
+    net = TimeMLP(dim=2, hidden=16, depth=2, out_dim=4, num_classes=3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    den = ModelDenoiser(net, SCHED, learned_variance=True)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
+    t = torch.full((6,), 400.0, dtype=F64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    cond, uncond = den(x, t, labels), den(x, t, torch.full((6,), 3))
+    assert (cond.var_frac - uncond.var_frac).abs().min() > 1e-3  # the branches differ
+    for scale in (0.0, 1.0, 3.0):
+        out = ClassifierFreeGuidance(den, scale=scale, null_label=3)(x, t, labels)
+        torch.testing.assert_close(out.var_frac, cond.var_frac)
+
+    def draw(d):
+        g = torch.Generator().manual_seed(8)
+        return sample(d, SCHED, (6, 2), sampler="ddpm", steps=10, generator=g, cond=labels,
+                      variance="learned")  # fmt: skip
+
+    guided = ClassifierFreeGuidance(den, scale=1.0, null_label=3)
+    torch.testing.assert_close(draw(guided), draw(den))
+
+
 def test_cfg_passes_other_cond_entries_to_both_branches():
     seen = []
 

@@ -86,6 +86,21 @@ def test_nll_of_a_diffusers_folder_without_data_is_one_line(pipeline_dir, capsys
     assert err.startswith("difflab: error:") and "\n" not in err
 
 
+def test_a_flow_matching_scheduler_is_refused_in_one_line(pipeline_dir, tmp_path, capsys):
+    """Read as a linear-beta eps-prediction DDPM it would sample silently wrong (exit 0)."""
+    import shutil
+
+    folder = tmp_path / "flow"
+    shutil.copytree(pipeline_dir, folder)
+    shutil.rmtree(folder / "scheduler")
+    diffusers.FlowMatchEulerDiscreteScheduler().save_pretrained(folder / "scheduler")
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(folder), "--n", "2", "--steps", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'FlowMatchEulerDiscreteScheduler' is not understood" in err and "\n" not in err
+    assert "scheduler_config.json" in err and not out.exists()
+
+
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("imgrun")

@@ -7,6 +7,7 @@ diffusers' forward output to 1e-5; samplers started from the same noise must end
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 
 import pytest
@@ -28,7 +29,11 @@ from difflab.interop import (  # noqa: E402
     state_dict_to_diffusers,
     unet_config_from_diffusers,
 )
-from difflab.interop.diffusers import DIFFUSERS_BETA_SCHEDULES  # noqa: E402
+from difflab.interop.diffusers import (  # noqa: E402
+    DIFFUSERS_BETA_SCHEDULES,
+    SCHEDULER_DEFAULTS,
+    scheduler_settings,
+)
 from difflab.nn.unet import UNet, UNetConfig, build_unet  # noqa: E402
 from difflab.parameterization import ModelDenoiser  # noqa: E402
 from difflab.samplers import SAMPLERS, ThresholdedDenoiser, ddim  # noqa: E402
@@ -322,6 +327,61 @@ def test_schedules_equal_diffusers(name: str, zero_snr: bool) -> None:
     assert torch.allclose(ours.alpha_bar[1:].float(), sched.alphas_cumprod, rtol=1e-4, atol=1e-9)
     if zero_snr:
         assert float(ours.alpha_bar[-1]) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULER_DEFAULTS))
+def test_scheduler_keys_left_out_take_that_schedulers_diffusers_defaults(name: str) -> None:
+    """A saved scheduler config may leave keys out (older diffusers versions wrote fewer keys,
+    and hand-written configs are common); diffusers then uses the defaults of that class,
+    which differ: Heun and KDPM2 default to betas 0.00085-0.012, only DDPM and DDIM clip.
+
+    Oracle: diffusers' own ``from_config`` on the same partial config. Bug caught: one set of
+    fallbacks for every class (the DDPM betas 0.0001-0.02 for a Heun config: alpha_bar_T
+    4.0e-5 where diffusers has 0.0066).
+    """
+    cls = getattr(diffusers, name)
+    signature = inspect.signature(cls.__init__).parameters
+    for key, ours in SCHEDULER_DEFAULTS[name].items():
+        if key in signature:
+            assert ours == signature[key].default, (name, key)
+    for partial in ({}, {"beta_schedule": "scaled_linear"}, {"num_train_timesteps": 500}):
+        config = {"_class_name": name, **partial}
+        theirs = cls.from_config(config)
+        ours = schedule_from_diffusers(config)
+        assert torch.allclose(ours.alpha_bar[1:].float(), theirs.alphas_cumprod, rtol=1e-4)
+        settings = scheduler_settings(config)
+        assert settings["prediction_type"] == theirs.config.prediction_type
+        assert settings["clip_sample"] == theirs.config.get("clip_sample", False)
+
+
+def test_a_folder_with_a_partial_scheduler_config_samples_as_diffusers_reads_it(tmp_path) -> None:
+    """load_diffusers on a pipeline whose scheduler_config.json holds only its class name."""
+    m = _diffusers_unet("attn-16")
+    m.save_pretrained(tmp_path / "p" / "unet")
+    (tmp_path / "p" / "scheduler").mkdir()
+    config = {"_class_name": "HeunDiscreteScheduler"}
+    (tmp_path / "p" / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    (tmp_path / "p" / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    loaded = load_diffusers(tmp_path / "p")
+    theirs = diffusers.HeunDiscreteScheduler.from_config(config)
+    assert torch.allclose(loaded.schedule.alpha_bar[1:].float(), theirs.alphas_cumprod, rtol=1e-4)
+    assert loaded.parameterization == "eps" and loaded.clip_sample is False
+
+
+@pytest.mark.parametrize(
+    "scheduler", ["FlowMatchEulerDiscreteScheduler", "EDMEulerScheduler", "ScoreSdeVeScheduler"]
+)
+def test_a_scheduler_of_another_kind_of_model_is_refused_by_name(tmp_path, scheduler) -> None:
+    """A flow-matching, EDM or VE-SDE scheduler would otherwise be read as a linear-beta
+    eps-prediction DDPM and sampled silently wrong: refuse it, naming the class and the file."""
+    m = _diffusers_unet("attn-16")
+    m.save_pretrained(tmp_path / "u")
+    getattr(diffusers, scheduler)().save_pretrained(tmp_path / "u")
+    with pytest.raises(ValueError, match=f"scheduler_config.json: scheduler '{scheduler}'") as e:
+        load_diffusers(tmp_path / "u")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=scheduler):
+        schedule_from_diffusers({"_class_name": scheduler})
 
 
 # ----------------------------------------------------------------------------------- samplers

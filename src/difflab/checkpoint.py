@@ -137,6 +137,31 @@ def _check_state(obj: Any, where: str) -> None:
     )
 
 
+def first_non_finite(obj: Any, where: str = "") -> str | None:
+    """The name (``[group][key]...``) of the first floating-point tensor in a nested state
+    (dicts, lists, tuples) that holds a NaN or an infinity, or None when all are finite.
+    Training refuses to save such a state: weights, EMA and optimizer moments alike."""
+    named: list[tuple[str, torch.Tensor]] = []
+
+    def walk(o: Any, name: str) -> None:
+        if isinstance(o, torch.Tensor):
+            if o.is_floating_point() or o.is_complex():
+                named.append((name, o))
+        elif isinstance(o, Mapping):
+            for k, v in o.items():
+                walk(v, f"{name}[{k!r}]")
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, f"{name}[{i}]")
+
+    walk(obj, where)
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all().cpu() for _, t in named])  # one host sync
+    bad = (~finite).nonzero()
+    return named[int(bad[0])][0] if len(bad) else None
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     *,
@@ -351,6 +376,13 @@ def _resolve(run_dir: Path) -> tuple[Path | None, dict[str, Any] | None, list[st
     return None, None, skipped
 
 
+def has_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds any checkpoint directory, complete or not (a run that has none
+    was stopped before its first checkpoint; one whose checkpoints all fail to verify is
+    damaged, which :func:`load_checkpoint` reports)."""
+    return bool(_candidates(_checkpoints_root(Path(run_dir))))
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint directory :func:`load_checkpoint` would load from ``run_dir``, or None:
     the newest one (``checkpoints/latest`` first) that passes verification."""
@@ -451,6 +483,8 @@ def prepare_run_dir(
 
 def _check_new_run_dir(run_dir: Path) -> None:
     """A new run may go into ``run_dir`` only if it is absent or empty (but for its lock)."""
+    if not is_run_dir(run_dir):  # an existing run gets the messages below
+        check_output(run_dir)
     if not run_dir.exists():
         return
     if not run_dir.is_dir():
@@ -467,6 +501,63 @@ def _check_new_run_dir(run_dir: Path) -> None:
 
 
 LOCK_NAME = ".lock"
+RUN_STATE_FILES = ("config.json", "finished.json", "metrics.csv", LOCK_NAME)
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a difflab run directory: ``config.json`` beside checkpoints, a lock
+    or ``finished.json`` (a diffusers folder has a config.json but none of these)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and (
+        (path / "checkpoints").is_dir()
+        or (path / "finished.json").is_file()
+        or (path / LOCK_NAME).exists()
+    )
+
+
+def check_output(
+    path: str | os.PathLike,
+    *,
+    data_dirs: tuple[str | os.PathLike, ...] = (),
+    replace_export: bool = False,
+) -> Path:
+    """Refuse (one-line ``ValueError``) an output that would land on a run or its data.
+
+    Every command that writes a file or folder calls this on each path it will write, before
+    any work: the path may not be a run directory, a file of one (``config.json``, metrics,
+    any file it already holds) or anything below its folders (``checkpoints/``, ``tb/``), nor
+    lie in one of ``data_dirs``. A new file directly in a run directory (``samples-*.npz``)
+    is fine. ``replace_export=True`` (``export --overwrite``) lets an existing folder be
+    replaced only if it is an export (it holds ``model_index.json``).
+    """
+    path = Path(path)
+    real = Path(os.path.realpath(path))
+    if is_run_dir(real):
+        raise ValueError(f"{path} is a run directory; write the output elsewhere")
+    for parent in real.parents:
+        if not is_run_dir(parent):
+            continue
+        if parent != real.parent:
+            inner = real.relative_to(parent).parts[0]
+            raise ValueError(
+                f"{path} is inside the {inner}/ folder of the run directory {parent}; "
+                "write the output elsewhere"
+            )
+        if real.name in RUN_STATE_FILES or real.exists():
+            raise ValueError(
+                f"{path} is a file of the run directory {parent}; write the output to a new "
+                "file name or elsewhere"
+            )
+    for data in data_dirs:
+        data = Path(os.path.realpath(data))
+        if real == data or data in real.parents:
+            raise ValueError(f"{path} is in the data directory {data}; write the output elsewhere")
+    if replace_export and real.exists() and not (real / "model_index.json").is_file():
+        raise ValueError(
+            f"{path} is not an exported folder (no model_index.json); --overwrite replaces only "
+            "a folder written by difflab export"
+        )
+    return path
 
 
 class RunLock:

@@ -32,9 +32,11 @@ __all__ = [
     "json_bytes",
     "one_line",
     "os_error_line",
+    "progress_bar",
     "read_json_object",
     "read_metrics",
     "say",
+    "UnbreakableStream",
     "write_file",
 ]
 
@@ -50,19 +52,57 @@ def one_line(err: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- printing
+def _silence(stream: Any) -> None:
+    """Point a broken stream's descriptor at /dev/null, so that later writes and the
+    exit-time flush cannot fail either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def say(msg: str, *, err: bool = False) -> None:
     """Print one line to stdout (or stderr). A closed pipe (``difflab train | head -1``) never
     breaks a run: printing to it stops, the work goes on."""
     stream = sys.stderr if err else sys.stdout
     try:
         print(msg, file=stream, flush=True)
-    except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
-        try:  # point the descriptor at /dev/null so that the exit-time flush cannot fail either
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError):
-            pass
+    except (OSError, ValueError):  # a closed pipe (EPIPE), or a closed stream (ValueError)
+        _silence(stream)
+
+
+class UnbreakableStream:
+    """A text stream whose writes never raise: when the stream breaks (a closed pipe, as in
+    ``difflab train 2>&1 | head -1``) it is pointed at /dev/null and the work goes on. Progress
+    bars write to ``UnbreakableStream(sys.stderr)``, as :func:`say` prints."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            _silence(self._stream)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            _silence(self._stream)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def progress_bar(**kwargs: Any) -> Any:
+    """A ``tqdm`` progress bar on stderr that a closed stderr never breaks."""
+    from tqdm import tqdm  # here: safe_io is imported by `difflab --help`
+
+    return tqdm(file=UnbreakableStream(sys.stderr), dynamic_ncols=True, **kwargs)
 
 
 # ----------------------------------------------------------------------------- atomic writes

@@ -201,14 +201,32 @@ def _finite(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must be a finite number, got {value}")
 
 
-def _output_path(args: argparse.Namespace, stem: str) -> Path:
-    """The .npz to write (an existing folder gets a new file in it), checked to be writable
-    before any sampling starts."""
-    name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.npz"
-    out = args.out if args.out is not None else args.run_dir / name
-    if out.is_dir():
-        out = out / name
+OUTPUT_SUFFIXES = (".npz", ".png", ".json", ".gif")  # what `sample` writes beside its .npz
+
+
+def _output_path(args: argparse.Namespace, stem: str, data_dirs: tuple = ()) -> Path:
+    """The .npz to write (an existing folder gets a new file in it), checked before any
+    sampling starts: writable, and neither it nor the files written beside it
+    (``OUTPUT_SUFFIXES``) on a file of a run directory or in ``data_dirs``."""
+    from difflab.checkpoint import check_output
+
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out if args.out is not None else args.run_dir
+    if out.is_dir():  # a default name never replaces an earlier output
+        name, n = base, 1
+        while any((out / f"{name}{s}").exists() for s in OUTPUT_SUFFIXES):
+            n += 1
+            name = f"{base}-{n}"
+        out = out / f"{name}.npz"
+    for suffix in OUTPUT_SUFFIXES:
+        check_output(out.with_suffix(suffix), data_dirs=data_dirs)
     return check_writable(out)
+
+
+def _data_dirs(cfg: Any) -> tuple[str, ...]:
+    """The folders a run reads its data from (outputs may not go there)."""
+    d = cfg.data.data_dir or (None if cfg.data.is_toy else f"data/{cfg.data.name}")
+    return () if d is None or d.startswith("hf:") else (d,)
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:
@@ -309,6 +327,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.eta is not None and args.eta < 0:
         raise ValueError(f"--eta must be >= 0, got {args.eta}")
     device = resolve_device(args.device)
+    if args.out is not None:  # refused before loading; the run's data folder is checked below
+        _output_path(args, "samples")
     built = load_run(args.run_dir, ema=not args.no_ema, device=device)
     cfg = built.cfg
     if built.kind.guides_sampling:
@@ -346,7 +366,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.label is None or not 0 <= args.label < k:
             raise ValueError(f"--class must be in 0..{k - 1}")
         cond = torch.full((args.n,), args.label, dtype=torch.long)
-    out = _output_path(args, "samples")
+    out = _output_path(args, "samples", _data_dirs(cfg))
     frames: list = []
     callback = (lambda info: frames.append(info["x"].float().cpu())) if args.gif else None
     start = time.perf_counter()
@@ -440,7 +460,7 @@ def _guidance_sweep(args, built, sampler: str, steps: int, classifier, options: 
         raise ValueError(
             "--guidance-sweep needs a class-conditional image run, or --classifier CLF_RUN"
         )
-    out = _output_path(args, "guidance-sweep")
+    out = _output_path(args, "guidance-sweep", _data_dirs(cfg))
     start = time.perf_counter()
     samples = guidance_sweep_samples(
         built, scales, per_class=max(1, args.n // k), seed=args.seed, sampler=sampler,
@@ -480,7 +500,7 @@ def _image_task(args, built, sampler: str, steps: int, options: dict) -> int:
                 f"'degraded' must have shape (N, {', '.join(map(str, expected))}), "
                 f"got {tuple(y.shape)}"
             )
-    out = _output_path(args, "samples")
+    out = _output_path(args, "samples", _data_dirs(built.cfg))
     start = time.perf_counter()
     res = restoration_figure(
         built, out.with_suffix(".png"), n=args.n, seed=args.seed, y=y, sampler=sampler,
@@ -540,7 +560,7 @@ def _cascade(args, built, sampler: str, steps: int, options: dict) -> int:
             raise ValueError(f"--class needs a class-conditional run, in 0..{k - 1}")
         labels = torch.full((n,), args.label, dtype=torch.long)
     cond = {k: v for k, v in (("image", low), ("class", labels)) if v is not None} or None
-    out = _output_path(args, "samples")
+    out = _output_path(args, "samples", _data_dirs(built.cfg))
     infos: list = []
 
     def keep(info: dict) -> None:  # every step of every stage, for the GIF
@@ -586,8 +606,10 @@ def cmd_viz(args: argparse.Namespace) -> int:
     import numpy as np
 
     from difflab import viz
+    from difflab.checkpoint import check_output
     from difflab.schedules import DiscreteSchedule
 
+    check_writable(check_output(args.out))
     curves = {}
     for name in ("linear", "cosine", "sigmoid", "quadratic"):
         s = DiscreteSchedule.from_name(name, args.T)
@@ -655,10 +677,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     import json
 
     from difflab.app.runs import load_run
+    from difflab.checkpoint import check_output
     from difflab.interop import ModelCardInfo, export_to_diffusers
 
     if args.out.exists() and not args.overwrite:
         raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+    check_output(args.out, replace_export=True)
     built = load_run(args.run_dir, ema=not args.no_ema)
     cfg = built.cfg
     if not built.kind.has_denoiser or cfg.data.is_toy or not hasattr(built.model, "config"):

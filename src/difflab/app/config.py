@@ -158,10 +158,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """The config stored in a run (``config.json``): complete (:data:`STORED_KEYS`), with
+        no unknown key, validated."""
         sections = {f.name: f.type for f in fields(cls)}
         unknown = set(d) - set(sections)
         if unknown:
             raise ValueError(f"unknown config sections: {', '.join(sorted(unknown))}")
+        _check_complete(d)
         kwargs: dict[str, Any] = {}
         for name, value in d.items():
             if name == "preset":
@@ -210,6 +213,38 @@ _SECTIONS = {
     "train": TrainConfig,
     "sample": SampleConfig,
 }
+
+# The keys every run's config.json has held since the first run format. A stored config that
+# lacks one is refused: a default would silently describe another model. Keys added since
+# take their defaults, which reproduce what the versions before them did.
+STORED_KEYS: dict[str, tuple[str, ...]] = {
+    "data": ("name", "data_dir", "download", "image_size", "channels", "hflip", "limit"),
+    "model": ("kind", "preset", "hidden", "depth", "dropout", "num_classes", "label_dropout",
+              "parameterization", "learned_variance"),
+    "diffusion": ("schedule", "T", "zero_terminal_snr", "sigma_min", "sigma_max", "sigma_data",
+                  "loss_type", "weighting", "t_sampling", "offset_noise", "vlb_weight"),
+    "train": ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip",
+              "ema_half_life", "bf16", "seed", "max_minutes", "log_every", "ckpt_every",
+              "sample_every", "device", "compile"),
+    "sample": ("sampler", "steps", "n", "eta"),
+}  # fmt: skip
+
+
+def _check_complete(d: dict[str, Any]) -> None:
+    """A one-line ``ValueError`` naming the first key of :data:`STORED_KEYS` missing in ``d``."""
+    if "preset" not in d:
+        raise ValueError("the config has no 'preset'; a stored config must be complete")
+    for section, keys in STORED_KEYS.items():
+        if section not in d:
+            raise ValueError(
+                f"the config has no {section!r} section; a stored config must be complete"
+            )
+        if isinstance(d[section], dict):
+            missing = [k for k in keys if k not in d[section]]
+            if missing:
+                raise ValueError(
+                    f"the config has no {section}.{missing[0]}; a stored config must be complete"
+                )
 
 
 def _above(lo: float) -> tuple[Callable[[Any], bool], str]:

@@ -81,7 +81,11 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     """The :class:`RunConfig` of a run directory, also of runs written by older versions: they
     stored ``sample.eta = 0.0`` (then DDIM's eta, unused) whatever the sampler, which for a
     sampler without an eta means "not set"."""
-    cfg = RunConfig.from_dict(ckpt.read_config(Path(run_dir)))
+    path = Path(run_dir) / "config.json"
+    try:
+        cfg = RunConfig.from_dict(ckpt.read_config(Path(run_dir)))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     if cfg.sample.eta is not None and "eta" not in SAMPLER_OPTIONS.get(cfg.sample.sampler, ()):
         return replace(cfg, sample=replace(cfg.sample, eta=None))
     return cfg

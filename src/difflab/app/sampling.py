@@ -19,6 +19,7 @@ from tqdm import tqdm
 from difflab.app.build import Built, with_model
 from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, labels_from_cond
 from difflab.inference import GraphedNetwork, channels_last, compile_network, inference_context
+from difflab.safe_io import progress_bar
 from difflab.samplers import sample
 
 __all__ = ["ImageBar", "draw_samples", "finite_samples", "guided_denoiser", "sample_with_denoiser"]
@@ -106,7 +107,7 @@ class ImageBar:
 
     def _shown(self) -> tqdm:
         if self.bar is None:
-            self.bar = tqdm(total=self.n, desc=self.desc, unit=self.unit, dynamic_ncols=True)
+            self.bar = progress_bar(total=self.n, desc=self.desc, unit=self.unit)
         return self.bar
 
     def update(self, k: int) -> None:

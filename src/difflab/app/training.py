@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from difflab import checkpoint as ckpt
 from difflab import distributed as ddp
@@ -25,7 +24,7 @@ from difflab.app.build import Built, make_batch_fn, resolve_device, with_model
 from difflab.app.config import RunConfig
 from difflab.app.report import final_report
 from difflab.app.runs import build, check_config
-from difflab.safe_io import say
+from difflab.safe_io import progress_bar, say
 from difflab.tensorboard import EventWriter
 from difflab.train import Trainer, TrainingDiverged
 
@@ -156,14 +155,18 @@ def _open_run(
     lock = ckpt.open_run_dir(run_dir, config=cfg.to_dict(), resume=resume) if main else None
     try:
         if resume:
-            if ckpt.latest_checkpoint(run_dir) is not None:
-                c = ckpt.load_checkpoint(run_dir)
+            if ckpt.has_checkpoints(run_dir):  # all corrupt: refused, never a silent step 0
+                c = _load_for_resume(run_dir)
                 if c.fallback_note():
                     log(f"warning: {c.fallback_note()}")
                 c.check_finite("model")
                 trainer.load(c.tensors, c.state)
                 log(f"resumed {run_dir} at step {trainer.step}")
-            if trainer.step >= cfg.train.steps:
+            else:
+                log(f"{run_dir} holds no checkpoint yet; training starts at step 0")
+            # an unfinished run at its step count was stopped between its last checkpoint
+            # and finished.json: it resumes to write its report; anything else needs more steps
+            if trainer.step > cfg.train.steps or (finished and trainer.step == cfg.train.steps):
                 raise ValueError(
                     f"{run_dir} is at step {trainer.step}; --steps must be larger to extend it"
                 )
@@ -176,6 +179,15 @@ def _open_run(
             lock.release()
         raise
     return lock
+
+
+def _load_for_resume(run_dir: Path) -> ckpt.Checkpoint:
+    try:
+        return ckpt.load_checkpoint(run_dir)
+    except ckpt.CheckpointError as e:
+        raise ckpt.CheckpointError(
+            f"cannot resume: {e}; nothing was changed (restore a checkpoint or train a new run)"
+        ) from None
 
 
 class _Window:
@@ -224,11 +236,6 @@ def _diverged(run_dir: Path, step: int, what: str) -> TrainingDiverged:
     )
 
 
-def _weights_finite(trainer: Trainer) -> bool:
-    tensors = [*trainer.model.parameters(), *trainer.ema.model.parameters()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
 def _train_loop(
     built: Built,
     trainer: Trainer,
@@ -253,22 +260,27 @@ def _train_loop(
     log(f"{cfg.preset}: {n_params / 1e6:.3g}M parameters on {where}, run dir {run_dir}")
     window = _Window(t.batch_size)
 
+    saved = {"step": trainer.step if resume else -1}  # a resumed step is already on disk
+
     def save() -> None:
         """A checkpoint of the current step, never of a non-finite state."""
+        if saved["step"] == trainer.step:
+            return
         if not window.loss_finite():
             raise _diverged(run_dir, trainer.step, "the loss became NaN or infinite")
-        if not _weights_finite(trainer):
-            raise _diverged(run_dir, trainer.step, "the weights became NaN or infinite")
+        tensors, state = trainer.tensors(), trainer.state()  # weights, EMA, optimizer moments
+        bad = ckpt.first_non_finite(tensors, "tensors") or ckpt.first_non_finite(state, "state")
+        if bad is not None:
+            raise _diverged(run_dir, trainer.step, f"{bad} became NaN or infinite")
         if main:
-            ckpt.save_checkpoint(
-                run_dir, step=trainer.step, tensors=trainer.tensors(), state=trainer.state()
-            )
+            ckpt.save_checkpoint(run_dir, step=trainer.step, tensors=tensors, state=state)
+        saved["step"] = trainer.step
 
     start = time.perf_counter()
     budget = None if t.max_minutes is None else t.max_minutes * 60.0
     last: dict[str, float] = {}
     stopped_early = False
-    bar = tqdm(total=t.steps, initial=trainer.step, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=t.steps, initial=trainer.step, disable=not progress)
     try:
         while trainer.step < t.steps:
             window.add(trainer.train_step())

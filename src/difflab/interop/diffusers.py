@@ -46,6 +46,7 @@ from difflab.schedules import DiscreteSchedule, Schedule, make_betas, rescale_ze
 __all__ = [
     "DIFFUSERS_BETA_SCHEDULES",
     "PREDICTION_TYPES",
+    "SCHEDULER_DEFAULTS",
     "DiffusersModel",
     "DiffusersTimeDenoiser",
     "diffusers_config_from_unet",
@@ -53,6 +54,7 @@ __all__ = [
     "load_diffusers",
     "schedule_from_diffusers",
     "scheduler_config_from_schedule",
+    "scheduler_settings",
     "state_dict_from_diffusers",
     "state_dict_to_diffusers",
     "unet_config_from_diffusers",
@@ -73,6 +75,56 @@ PREDICTION_TYPES: dict[str, Parameterization] = {
     "sample": "x0",
 }
 NULL_LABEL_KEY = "_difflab_null_label"  # diffusers ignores config keys that start with "_"
+
+# The diffusers schedulers of a discrete-time model trained on a beta schedule (DDPM's process),
+# with the value diffusers gives each key that difflab reads when a saved config leaves it out:
+# the defaults differ by class (Heun and KDPM2 default to LDM's betas 0.00085-0.012; only the
+# DDPM/DDIM family clips x0 unless told not to). Any other scheduler (flow matching, EDM,
+# consistency, VE score SDE, ...) belongs to another kind of model and is refused by name.
+_BETA_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False,
+    "clip_sample": False,
+    "variance_type": None,
+}
+_LDM_BETAS = {"beta_start": 0.00085, "beta_end": 0.012}
+SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DDPMScheduler": {**_BETA_DEFAULTS, "clip_sample": True, "variance_type": "fixed_small"},
+    "DDIMScheduler": {**_BETA_DEFAULTS, "clip_sample": True},
+    "PNDMScheduler": _BETA_DEFAULTS,
+    "DPMSolverMultistepScheduler": _BETA_DEFAULTS,
+    "DPMSolverSinglestepScheduler": _BETA_DEFAULTS,
+    "DEISMultistepScheduler": _BETA_DEFAULTS,
+    "UniPCMultistepScheduler": _BETA_DEFAULTS,
+    "EulerDiscreteScheduler": _BETA_DEFAULTS,
+    "EulerAncestralDiscreteScheduler": _BETA_DEFAULTS,
+    "LMSDiscreteScheduler": _BETA_DEFAULTS,
+    "HeunDiscreteScheduler": {**_BETA_DEFAULTS, **_LDM_BETAS},
+    "KDPM2DiscreteScheduler": {**_BETA_DEFAULTS, **_LDM_BETAS},
+    "KDPM2AncestralDiscreteScheduler": {**_BETA_DEFAULTS, **_LDM_BETAS},
+}
+
+
+def scheduler_settings(scheduler_config: dict[str, Any]) -> dict[str, Any]:
+    """A scheduler config completed with its class's diffusers defaults (``SCHEDULER_DEFAULTS``).
+
+    A config without ``_class_name`` is read as a ``DDPMScheduler``'s. A scheduler class not in
+    the table (e.g. ``FlowMatchEulerDiscreteScheduler``) is a one-line ValueError naming it.
+    """
+    name = scheduler_config.get("_class_name", "DDPMScheduler")
+    if name not in SCHEDULER_DEFAULTS:
+        raise ValueError(
+            f"scheduler {name!r} is not understood: difflab reads models trained on a beta "
+            f"schedule, with one of {', '.join(SCHEDULER_DEFAULTS)}"
+        )
+    return {**SCHEDULER_DEFAULTS[name], **scheduler_config}
+
+
 NullLabel = Literal["auto", "last", "none"]
 
 
@@ -88,18 +140,19 @@ def schedule_from_diffusers(scheduler_config: dict[str, Any]) -> DiscreteSchedul
     ``quadratic``, ``squaredcos_cap_v2`` its ``cosine`` [Nichol & Dhariwal 2021, Eq. 17]) with
     ``beta_start``/``beta_end``; ``trained_betas`` gives a custom schedule;
     ``rescale_betas_zero_snr`` is difflab's ``zero_terminal_snr`` [Lin 2024, Algorithm 1].
-    diffusers' ``alphas_cumprod[k]`` is difflab's ``alpha_bar[k + 1]``.
+    diffusers' ``alphas_cumprod[k]`` is difflab's ``alpha_bar[k + 1]``. Keys the config leaves
+    out take the defaults of its ``_class_name`` (:func:`scheduler_settings`).
     """
-    cfg = dict(scheduler_config)
-    T = int(cfg.get("num_train_timesteps", 1000))
-    zero_snr = bool(cfg.get("rescale_betas_zero_snr", False))
-    trained = cfg.get("trained_betas")
+    cfg = scheduler_settings(scheduler_config)
+    T = int(cfg["num_train_timesteps"])
+    zero_snr = bool(cfg["rescale_betas_zero_snr"])
+    trained = cfg["trained_betas"]
     if trained is not None:
         betas = torch.as_tensor(trained, dtype=_F64)
         if betas.numel() != T:
             raise ValueError(f"trained_betas has {betas.numel()} values, num_train_timesteps {T}")
         return DiscreteSchedule(rescale_zero_terminal_snr(betas) if zero_snr else betas)
-    name = cfg.get("beta_schedule", "linear")
+    name = cfg["beta_schedule"]
     if name not in DIFFUSERS_BETA_SCHEDULES:
         raise ValueError(
             f"scheduler option beta_schedule={name!r} has no difflab equivalent; "
@@ -109,8 +162,8 @@ def schedule_from_diffusers(scheduler_config: dict[str, Any]) -> DiscreteSchedul
     kwargs: dict[str, float] = {}
     if ours != "cosine":  # the cosine schedule has no beta range
         kwargs = {
-            "beta_start": float(cfg.get("beta_start", 0.0001)),
-            "beta_end": float(cfg.get("beta_end", 0.02)),
+            "beta_start": float(cfg["beta_start"]),
+            "beta_end": float(cfg["beta_end"]),
         }
     return DiscreteSchedule.from_name(ours, T, zero_terminal_snr=zero_snr, **kwargs)  # type: ignore[arg-type]
 
@@ -668,7 +721,10 @@ def load_diffusers(
         raise ValueError(f"{folder} is not a folder")
     unet_dir, sched_path = _diffusers_paths(folder)
     unet_cfg = _read_json(unet_dir / "config.json")
-    sched_cfg = _read_json(sched_path)
+    try:
+        sched_cfg = scheduler_settings(_read_json(sched_path))
+    except ValueError as err:
+        raise ValueError(f"{sched_path}: {err}") from None
     cfg = unet_config_from_diffusers(unet_cfg, null_label=null_label)
     mode = _null_mode(unet_cfg, null_label) if cfg.num_classes else "last"
     flip = bool(unet_cfg.get("flip_sin_to_cos", True))
@@ -683,7 +739,7 @@ def load_diffusers(
     unet.to(device).eval()
 
     schedule = schedule_from_diffusers(sched_cfg)
-    pred = sched_cfg.get("prediction_type", "epsilon")
+    pred = sched_cfg["prediction_type"]
     if pred not in PREDICTION_TYPES:
         raise ValueError(
             f"{sched_path}: prediction_type={pred!r} has no difflab equivalent; "
@@ -710,7 +766,7 @@ def load_diffusers(
         learned_variance=learned,
         data_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
         num_classes=cfg.num_classes,
-        clip_sample=bool(sched_cfg.get("clip_sample", True)),
+        clip_sample=bool(sched_cfg["clip_sample"]),
         unet_config=unet_cfg,
         scheduler_config=sched_cfg,
     )
