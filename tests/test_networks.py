@@ -94,6 +94,14 @@ def test_a_network_without_the_head_a_task_needs_is_refused(rescnn):
         build(apply_overrides(PRESETS["mnist"], ["model.net=gan"]), load_data=False)
 
 
+def _old_config(kind: str) -> dict:
+    """A complete stored config as earlier versions wrote it: no model.net."""
+    d = PRESETS["moons"].to_dict()
+    del d["model"]["net"]
+    d["model"]["kind"] = kind
+    return d
+
+
 def test_old_model_kinds_name_the_task_and_network():
     """Configs of earlier versions (``model.kind=unet``) load as the same run."""
     for old, (kind, net) in {"mlp": ("diffusion", "mlp"), "unet": ("diffusion", "unet"),
@@ -101,7 +109,7 @@ def test_old_model_kinds_name_the_task_and_network():
                              "autoencoder": ("autoencoder", "autoencoder"),
                              "sr": ("sr", "unet")}.items():  # fmt: skip
         assert migrate_model({"kind": old}) == {"kind": kind, "net": net}
-        cfg = RunConfig.from_dict({"model": {"kind": old}})
+        cfg = RunConfig.from_dict(_old_config(old))
         assert (cfg.model.kind, cfg.model.net) == (kind, net)
         cfg = apply_overrides(PRESETS["mnist"], [f"model.kind={old}"])
         assert (cfg.model.kind, cfg.model.net) == (kind, net)
@@ -109,8 +117,7 @@ def test_old_model_kinds_name_the_task_and_network():
         "kind": "diffusion",
         "net": "unet",
     }
-    assert kind_of(RunConfig.from_dict({"model": {"kind": "sohl-dickstein"}})).name == (
-        "sohl-dickstein")  # fmt: skip
+    assert kind_of(RunConfig.from_dict(_old_config("sohl-dickstein"))).name == "sohl-dickstein"
 
 
 def test_the_table_builds_what_the_tasks_built_before():
