@@ -23,6 +23,7 @@ from PIL import Image
 
 from difflab import checkpoint as ckpt
 from difflab.app.cli import main
+from difflab.app.frozen import weights_sha256
 from test_guidance import write_synthetic_mnist
 
 SMALL = ["data.image_size=16", "train.batch_size=16", "train.log_every=5", "train.ckpt_every=5",
@@ -72,8 +73,11 @@ def test_the_base_trains_on_box_averages_of_the_data(runs):
 def test_the_sr_run_keeps_its_base_frozen_and_resolved(runs):
     cfg = json.loads((runs["sr"] / "config.json").read_text())["model"]
     assert cfg["base"] == str(runs["base"].resolve())
-    assert json.loads(cfg["base_config"]) == json.loads((runs["base"] / "config.json").read_text())
+    stored = json.loads(cfg["frozen"])["base"]  # the one way dependencies are stored
+    assert stored["config"] == json.loads((runs["base"] / "config.json").read_text())
+    assert stored["path"] == cfg["base"] and cfg["base_config"] is None
     base_ema = ckpt.load_checkpoint(runs["base"]).tensors["ema"]
+    assert stored["sha256"] == weights_sha256(base_ema)
     sr = ckpt.load_checkpoint(runs["sr"]).tensors
     for group in ("model", "ema"):
         for k, v in base_ema.items():

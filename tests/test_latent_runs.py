@@ -101,3 +101,14 @@ def test_latent_runs_refuse_clipping_and_a_missing_autoencoder(runs, tmp_path, c
     assert not (tmp_path / "r").exists()
     assert main(["sample", str(runs["ae"])]) == 2
     assert "does not sample" in capsys.readouterr().err
+
+
+def test_the_latent_run_stores_its_autoencoder_run(runs):
+    """model.frozen: the autoencoder run's path, config and the hash of the EMA weights loaded."""
+    from difflab.app.frozen import weights_sha256
+
+    stored = json.loads(json.loads((runs["latent"] / "config.json").read_text())["model"]["frozen"])
+    ae = stored["autoencoder"]
+    assert ae["path"] == str(runs["ae"].resolve())
+    assert ae["config"] == json.loads((runs["ae"] / "config.json").read_text())
+    assert ae["sha256"] == weights_sha256(ckpt.load_checkpoint(runs["ae"]).tensors["ema"])

@@ -622,3 +622,20 @@ def open_run_dir(run_dir: str | os.PathLike, *, config: Mapping[str, Any], resum
         lock.release()
         raise
     return lock
+
+
+def check_fits(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """A one-line ``CheckpointError`` naming ``source`` unless ``weights`` has exactly the names
+    and shapes of ``module``'s state dict."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        what = (
+            f"missing {missing[0]!r} and {len(missing) - 1} more" if missing
+            else f"unexpected {unexpected[0]!r}" if unexpected
+            else f"{wrong[0]!r} has shape {tuple(weights[wrong[0]].shape)}, "
+            f"the network needs {tuple(expected[wrong[0]].shape)}"
+        )  # fmt: skip
+        raise CheckpointError(f"{source}: its weights do not fit this run's network ({what})")

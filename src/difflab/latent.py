@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from difflab.checkpoint import check_fits
 from difflab.nn.autoencoder import Autoencoder, AutoencoderConfig, build_autoencoder
 from difflab.objectives import LossOutput, diffusion_loss
 from difflab.parameterization import Denoiser, ModelDenoiser
-from difflab.safe_io import CheckpointError
 from difflab.samplers import sample
 from difflab.samplers.common import Callback
 from difflab.schedules import Schedule
@@ -79,18 +79,7 @@ def frozen_autoencoder(
             raise ValueError(f"{source}: unknown autoencoder config fields {sorted(unknown)}")
         config = AutoencoderConfig(**config)
     ae = build_autoencoder(config)
-    expected = ae.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        what = (
-            f"missing {missing[0]!r} and {len(missing) - 1} more" if missing
-            else f"unexpected {unexpected[0]!r}" if unexpected
-            else f"{wrong[0]!r} has shape {tuple(weights[wrong[0]].shape)}, "
-            f"the config needs {tuple(expected[wrong[0]].shape)}"
-        )  # fmt: skip
-        raise CheckpointError(f"{source}: weights do not fit the autoencoder config ({what})")
+    check_fits(ae, weights, source)
     ae.load_state_dict(dict(weights))
     return ae.eval().requires_grad_(False)
 

@@ -67,7 +67,8 @@ class ModelConfig:
     autoencoder: str | None = None  # latent runs: the trained autoencoder run directory
     latent_scale: float | None = None  # latent runs: 1 / std of the latents, set once from data
     base: str | None = None  # super-resolution runs: the low-resolution base run (optional)
-    base_config: str | None = None  # SR runs: the base run's config (JSON), stored with it
+    base_config: str | None = None  # SR runs of earlier versions: the base run's config (JSON)
+    frozen: str | None = None  # the runs it depends on, stored (JSON: role -> path, config, sha256)
     sr_factor: int = 2  # SR runs: output side / input side
     aug_level_max: float = 0.0  # SR runs: training levels s ~ U[0, max] (fraction of t range)
 

@@ -45,10 +45,10 @@ import torch
 from torch import Tensor, nn
 
 import difflab.app.report as report
-from difflab import checkpoint as ckpt
 from difflab.app.build import Built, build_schedule, cfg_data_shape, diffusion_denoiser
 from difflab.app.config import RunConfig
 from difflab.app.evaluate import check_digit_scoring, digit_quality
+from difflab.app.frozen import frozen_config, load_frozen_run, stored_frozen, with_frozen
 from difflab.app.sampling import (
     draw_samples,
     finite_samples,
@@ -450,7 +450,11 @@ class LatentDiffusion(DiffusionImage):
             return  # a trained run: its checkpoints hold the autoencoder
         if cfg.model.autoencoder is None:
             raise ValueError("a latent run needs model.autoencoder=AE_RUN, a trained autoencoder")
-        ae_cfg = RunConfig.from_dict(ckpt.read_config(cfg.model.autoencoder))
+        self.expect_autoencoder(cfg, frozen_config(cfg.model.autoencoder, role="model.autoencoder"))
+
+    @staticmethod
+    def expect_autoencoder(cfg: RunConfig, ae_cfg: RunConfig) -> None:
+        """The run of ``model.autoencoder`` is an autoencoder of this run's preset."""
         if ae_cfg.model.kind != "autoencoder":
             raise ValueError(f"{cfg.model.autoencoder} is not an autoencoder run")
         if ae_cfg.model.ae_preset != cfg.model.ae_preset:
@@ -476,10 +480,11 @@ class LatentDiffusion(DiffusionImage):
         cfg = built.cfg
         if cfg.model.latent_scale is not None:
             return built
-        c = ckpt.load_checkpoint(cfg.model.autoencoder)  # type: ignore[arg-type]
-        c.check_finite("ema")
         model: Any = built.model
-        model.ae.load_state_dict(c.tensors["ema"])
+        ae_run = load_frozen_run(
+            cfg.model.autoencoder, model.ae, role="model.autoencoder",  # type: ignore[arg-type]
+            expect=lambda ae_cfg: self.expect_autoencoder(cfg, ae_cfg),
+        )  # fmt: skip
         images = built.dataset.images[:2048]
         g = torch.Generator().manual_seed(0)
         batches = (built.dataset.batch(torch.arange(i, min(i + 256, len(images))), g)[0]
@@ -487,7 +492,10 @@ class LatentDiffusion(DiffusionImage):
         ae = model.ae.to(built.device)
         scale = latent_scale_factor(ae, (x.to(built.device) for x in batches))
         model.scale.fill_(scale)
-        return replace(built, cfg=replace(cfg, model=replace(cfg.model, latent_scale=scale)))
+        frozen = with_frozen(cfg.model.frozen, "autoencoder", ae_run)
+        return replace(
+            built, cfg=replace(cfg, model=replace(cfg.model, latent_scale=scale, frozen=frozen))
+        )
 
     def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
         m: Any = built.model
@@ -554,7 +562,11 @@ class SuperResolution(DiffusionImage):
 
     @staticmethod
     def base_config(cfg: RunConfig) -> RunConfig | None:
-        """The base run's config: stored in the run, or read from ``model.base`` (a new run)."""
+        """The base run's config: stored in the run (``model.frozen``, or ``model.base_config``
+        in runs of earlier versions), or read from ``model.base`` (a new run)."""
+        stored = stored_frozen(cfg.model.frozen, "base")
+        if stored is not None:
+            return stored
         if cfg.model.base_config is not None:
             try:
                 return RunConfig.from_dict(json.loads(cfg.model.base_config))
@@ -562,7 +574,7 @@ class SuperResolution(DiffusionImage):
                 raise ValueError(f"model.base_config is not a run config: {e}") from None
         if cfg.model.base is None:
             return None
-        return RunConfig.from_dict(ckpt.read_config(cfg.model.base))
+        return frozen_config(cfg.model.base, role="model.base")
 
     def conditioning(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
         return {"cond_channels": channels, "aug_level_embedding": True}
@@ -583,19 +595,21 @@ class SuperResolution(DiffusionImage):
         return diffusion_denoiser(cfg, model.unet, schedule)  # type: ignore[arg-type]
 
     def on_data(self, built: Built) -> Built:
-        """A new run on a base run: load its EMA weights, store its config and resolved path."""
+        """A new run on a base run: load its EMA weights and store it (``model.frozen``)."""
         cfg = built.cfg
-        if cfg.model.base is None or cfg.model.base_config is not None:
+        if cfg.model.base is None or self.has_stored_base(cfg):
             return built
-        c = ckpt.load_checkpoint(cfg.model.base)
-        c.check_finite("ema")
-        built.model.base.load_state_dict(c.tensors["ema"])  # type: ignore[union-attr]
-        base_cfg = self.base_config(cfg)
-        model = replace(
-            cfg.model, base=str(Path(cfg.model.base).resolve()),
-            base_config=json.dumps(base_cfg.to_dict(), sort_keys=True),  # type: ignore[union-attr]
-        )  # fmt: skip
+        base = load_frozen_run(cfg.model.base, built.model.base, role="model.base")  # type: ignore
+        frozen = with_frozen(cfg.model.frozen, "base", base)
+        model = replace(cfg.model, base=base.path, frozen=frozen)
         return replace(built, cfg=replace(cfg, model=model))
+
+    @staticmethod
+    def has_stored_base(cfg: RunConfig) -> bool:
+        """A trained run: its checkpoints hold the base network, its config the base config."""
+        return (
+            cfg.model.base_config is not None or stored_frozen(cfg.model.frozen, "base") is not None
+        )
 
     def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
         m = built.cfg.model
