@@ -87,20 +87,22 @@ DIT_PRESETS: dict[str, DiTConfig] = {
         image_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2,
         time_features=32,
     ),
-    # 28x28 MNIST, 2x2 patches: 196 tokens of width 96.
+    # 28x28 MNIST, 2x2 patches: 196 tokens of width 96. 1.06M parameters, 0.35 forward
+    # GFLOPs per image (the U-Net mnist-cpu: 0.71M, 0.095).
     "mnist-dit": DiTConfig(
         image_size=28, in_channels=1, patch_size=2, hidden_size=96, depth=6, num_heads=4,
-        time_features=128,
     ),
     # the 7x7x4 latents of the f = 4 MNIST autoencoder, one token per latent pixel: 49 tokens.
+    # 1.86M parameters, 0.12 GFLOPs per image (the U-Net mnist-latent: 0.41M, 0.027).
     "mnist-latent-dit": DiTConfig(
         image_size=7, in_channels=4, patch_size=1, hidden_size=128, depth=6, num_heads=4,
-        time_features=128,
     ),
-    # DiT-S/2 [Peebles & Xie 2023, Table 1] on 32x32 RGB: 256 tokens of width 384, 12 blocks.
+    # DiT-S/2 [Peebles & Xie 2023, Table 4] on 32x32 RGB: 256 tokens of width 384, 12 blocks;
+    # 32.5M parameters, 12.1 GFLOPs per image.
     "dit-s2-32": DiTConfig(image_size=32, in_channels=3, patch_size=2),
 }  # fmt: skip
-# mnist-dit with U-ViT's long skips (3 in-blocks, 3 out-blocks).
+# The MNIST presets keep DiT's 256 time features, so they export to diffusers unchanged.
+# mnist-dit with U-ViT's long skips (3 in-blocks, 3 out-blocks): 1.11M parameters.
 DIT_PRESETS["mnist-uvit"] = dataclasses.replace(DIT_PRESETS["mnist-dit"], long_skips=True)
 
 
