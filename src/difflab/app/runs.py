@@ -22,7 +22,7 @@ from difflab.data.toy import TOY_DATASETS
 from difflab.image_to_image import TASKS
 from difflab.objectives import LOSS_TYPES, TIME_SAMPLINGS, WEIGHTINGS
 from difflab.parameterization import PARAMETERIZATIONS
-from difflab.safe_io import say
+from difflab.safe_io import atomic_write_json, say
 from difflab.samplers import SAMPLER_OPTIONS, SAMPLERS
 from difflab.samplers.common import THRESHOLD_MODES
 from difflab.schedules import BETA_RANGE_SCHEDULES, BETA_SCHEDULES, check_choice
@@ -35,6 +35,9 @@ __all__ = [
     "load_run",
     "read_run_config",
 ]
+
+
+IMPORTED_FILE = "imported.json"  # a run made by `difflab import`: the folder it read
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -218,4 +221,6 @@ def import_diffusers_run(
         ckpt.save_checkpoint(
             run_dir, step=0, tensors={"model": weights, "ema": weights}, state=state
         )
+        # where the weights came from, for the model card of a later export
+        atomic_write_json(run_dir / IMPORTED_FILE, {"source": str(folder)})
     return run_dir
