@@ -208,8 +208,41 @@ def test_eval_keeps_its_figures_in_the_run(tmp_path, capsys):
     assert json.loads((run / "quality.json").read_text()) == printed
 
 
-def test_import_of_a_network_without_a_preset_names_the_option(pipeline_dir, tmp_path, capsys):
-    assert main(["import", str(pipeline_dir), "--out", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "differs from difflab's preset" in err and "\n" not in err
-    assert not (tmp_path / "r").exists()
+def test_import_of_a_network_no_preset_describes_keeps_its_own_config(
+    pipeline_dir, tmp_path, capsys
+):
+    """A UNet2DModel that matches no preset (16x16, channels (8, 16), 4 heads, diffusers'
+    time features and norm eps) is imported with the closest preset and its own fields in model.unet. Oracle: the run's network
+    computes what the diffusers folder's network computes (load_diffusers, itself checked
+    against diffusers' forward), and the run fine-tunes."""
+    from difflab.app.runs import load_run
+
+    _images(tmp_path / "imgs")
+    run = tmp_path / "r"
+    sets = ["data.image_size=16", "data.channels=1", "train.batch_size=8", "train.steps=1",
+            "train.log_every=1", "sample.steps=2", "sample.sampler=ddim"]  # fmt: skip
+    sets = [a for s in sets for a in ("--set", s)]
+    code = main(["import", str(pipeline_dir), "--out", str(run), "--preset", "folder",
+                 "--data-dir", str(tmp_path / "imgs"), *sets])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["preset"] == "tiny-ddpm"  # the closest preset, and what differs:
+    assert json.loads(cfg["model"]["unet"])["base_channels"] == 8
+    ours = load_run(run)
+    theirs = load_run(pipeline_dir)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10.0, 700.0], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.denoiser(x, t).x0, theirs.denoiser(x, t).x0)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert ckpt.load_checkpoint(run).step == 1
+
+
+def test_a_bad_model_unet_is_one_line(tmp_path, capsys):
+    for value, match in (("[1]", "JSON object"), ('{"depth": 2}', "depth"),
+                         ('{"channel_mult": []}', "channel_mult")):  # fmt: skip
+        code = main(["train", "--preset", "folder", "--out", str(tmp_path / "r"),
+                     "--data-dir", str(tmp_path), "--set", f"model.unet={value}"])  # fmt: skip
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "model.unet" in err and match in err and "\n" not in err, err
+        assert not (tmp_path / "r").exists()
