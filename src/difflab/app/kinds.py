@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ from difflab.nn.autoencoder import (
 )
 from difflab.nn.mlp import TimeMLP
 from difflab.nn.sohl_dickstein import SohlDicksteinModel
-from difflab.nn.unet import UNET_PRESETS, build_unet
+from difflab.nn.unet import UNET_PRESETS, UNetConfig, build_unet, validate_config
 from difflab.objectives import ImportanceTimeSampler, diffusion_loss
 from difflab.schedules import DiscreteSchedule, Schedule, check_choice
 
@@ -113,9 +113,11 @@ class RunKind:
         self.check_network(cfg)
 
     def check_network(self, cfg: RunConfig) -> None:
-        """The network's preset name (image networks are built from a U-Net preset)."""
+        """The network's preset name (image networks are built from a U-Net preset) and the
+        U-Net fields of ``model.unet``."""
         if self.data == "image":
             check_choice("model.preset", cfg.model.preset, tuple(UNET_PRESETS))
+            unet_fields(cfg)
 
     def build_model(
         self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule
@@ -256,6 +258,34 @@ class SohlDickstein(Diffusion2D):
         return x.float().cpu(), *report.thin_frames(xs, [float(t) for t in range(T, -1, -1)], 40)
 
 
+# U-Net fields a run sets from its data and model config, never from model.unet
+_UNET_APP_FIELDS = ("image_size", "in_channels", "out_channels", "num_classes", "cond_channels")
+
+
+def unet_fields(cfg: RunConfig) -> dict[str, Any]:
+    """The U-Net fields of ``model.unet``, a JSON object of ``UNetConfig`` fields that replace
+    the preset's (how a run holds a network no preset describes, e.g. an imported one); {} when
+    unset. A one-line ValueError names a value that is not such an object."""
+    text = cfg.model.unet
+    if text is None:
+        return {}
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise ValueError(f"model.unet must be a JSON object of U-Net fields, got {text!r}")
+    allowed = [f.name for f in fields(UNetConfig) if f.name not in _UNET_APP_FIELDS]
+    for key in obj:
+        check_choice("model.unet field", key, tuple(allowed))
+    c, h = cfg_data_shape(cfg)[:2]
+    try:
+        validate_config(replace(UNET_PRESETS[cfg.model.preset], in_channels=c, image_size=h, **obj))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model.unet: {str(e).splitlines()[0]}") from None
+    return obj
+
+
 class DiffusionImage(RunKind):
     name = "diffusion-image"
     model_kind = "unet"
@@ -271,7 +301,7 @@ class DiffusionImage(RunKind):
         )  # fmt: skip
         if m.dropout is not None:
             overrides["dropout"] = m.dropout
-        return build_unet(m.preset, **overrides)
+        return build_unet(m.preset, **{**unet_fields(cfg), **overrides})
 
     def unet_options(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
         return {}
