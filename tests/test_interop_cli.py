@@ -171,10 +171,78 @@ def test_import_then_fine_tune(image_run, tmp_path, capsys):
     )
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert ckpt.load_checkpoint(run).step == 2 and ckpt.is_finished(run)
+    # its model card says where the weights came from, not "trained with difflab" only
+    assert main(["export", str(run), str(tmp_path / "again")]) == 0
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert f"fine-tuned with difflab from the diffusers model {exported}" in card
+    assert "trained with difflab" not in card
 
 
-def test_import_of_a_network_without_a_preset_names_the_option(pipeline_dir, tmp_path, capsys):
-    assert main(["import", str(pipeline_dir), "--out", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "differs from difflab's preset" in err and "\n" not in err
-    assert not (tmp_path / "r").exists()
+def test_the_model_card_lists_the_runs_quality_figures(image_run, tmp_path, capsys):
+    """The figures of the last `difflab eval` (kept in the run as quality.json) come first in
+    the card's Metrics section, labelled with how they were measured, before the loss."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(image_run, run)
+    quality = {"n": 1000, "sampler": "ddim", "steps": 50, "frechet_digit_distance": 3.25}
+    (run / "quality.json").write_text(json.dumps(quality))
+    assert main(["export", str(run), str(tmp_path / "e")]) == 0, capsys.readouterr().err
+    card = (tmp_path / "e" / "README.md").read_text()
+    metrics = card.split("## Metrics")[1].split("##")[0]
+    rows = [r for r in metrics.splitlines() if r.startswith("| ") and "metric" not in r]
+    assert rows[0] == "| frechet_digit_distance (1000 samples, ddim, 50 steps) | 3.25 |"
+    assert any("loss" in r for r in rows[1:])
+
+
+def test_eval_keeps_its_figures_in_the_run(tmp_path, capsys):
+    run = tmp_path / "moons"
+    sets = ["train.steps=4", "train.batch_size=32", "train.log_every=2", "train.ckpt_every=2",
+            "model.hidden=16", "model.depth=1", "sample.n=64", "sample.steps=2"]  # fmt: skip
+    sets = [a for s in sets for a in ("--set", s)]
+    assert main(["train", "--preset", "moons", "--out", str(run), "--no-progress", *sets]) == 0
+    capsys.readouterr()
+    args = ["eval", str(run), "--n", "64", "--steps", "2", "--no-progress"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads((run / "quality.json").read_text()) == printed
+
+
+def test_import_of_a_network_no_preset_describes_keeps_its_own_config(
+    pipeline_dir, tmp_path, capsys
+):
+    """A UNet2DModel that matches no preset (16x16, channels (8, 16), 4 heads, diffusers'
+    time features and norm eps) is imported with the closest preset and its own fields in model.unet. Oracle: the run's network
+    computes what the diffusers folder's network computes (load_diffusers, itself checked
+    against diffusers' forward), and the run fine-tunes."""
+    from difflab.app.runs import load_run
+
+    _images(tmp_path / "imgs")
+    run = tmp_path / "r"
+    sets = ["data.image_size=16", "data.channels=1", "train.batch_size=8", "train.steps=1",
+            "train.log_every=1", "sample.steps=2", "sample.sampler=ddim"]  # fmt: skip
+    sets = [a for s in sets for a in ("--set", s)]
+    code = main(["import", str(pipeline_dir), "--out", str(run), "--preset", "folder",
+                 "--data-dir", str(tmp_path / "imgs"), *sets])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["preset"] == "tiny-ddpm"  # the closest preset, and what differs:
+    assert json.loads(cfg["model"]["unet"])["base_channels"] == 8
+    ours = load_run(run)
+    theirs = load_run(pipeline_dir)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10.0, 700.0], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.denoiser(x, t).x0, theirs.denoiser(x, t).x0)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert ckpt.load_checkpoint(run).step == 1
+
+
+def test_a_bad_model_unet_is_one_line(tmp_path, capsys):
+    for value, match in (("[1]", "JSON object"), ('{"depth": 2}', "depth"),
+                         ('{"channel_mult": []}', "channel_mult")):  # fmt: skip
+        code = main(["train", "--preset", "folder", "--out", str(tmp_path / "r"),
+                     "--data-dir", str(tmp_path), "--set", f"model.unet={value}"])  # fmt: skip
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "model.unet" in err and match in err and "\n" not in err, err
+        assert not (tmp_path / "r").exists()

@@ -6,6 +6,7 @@ diffusers' forward output to 1e-5; samplers started from the same noise must end
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 import json
@@ -536,23 +537,38 @@ def test_ddpm_posterior_mean_and_variance_equal_diffusers() -> None:
 # ---------------------------------------------------------------------------------- pipelines
 
 
-def test_ddim_pipeline_on_exported_model_equals_difflab_ddim(tmp_path) -> None:
+def _card_call(card: str) -> dict[str, object]:
+    """The keyword arguments of the ``pipe(...)`` call in a model card's usage snippet."""
+    (line,) = [ln for ln in card.splitlines() if ln.startswith("images = pipe(")]
+    call = ast.parse(line).body[0].value.value  # images = pipe(...).images
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+
+
+def test_the_model_cards_ddim_pipeline_call_reproduces_difflab_ddim(tmp_path) -> None:
+    """Oracle: difflab's ddim (eta 0, trailing grid, x0 clipped and eps recomputed) on the same
+    noise. The card's own call, run in diffusers with fewer images and steps, must give the
+    same images; diffusers' default (the network's eps beside the clipped x0) does not.
+    Bug caught: a card without ``use_clipped_model_output=True`` (max difference ~1 here)."""
     net = _difflab_unet(seed=2)
     schedule = DiscreteSchedule.from_name("linear", 1000)
     out = _export(net, tmp_path / "e", schedule)
+    card = (out / "README.md").read_text()
+    call = _card_call(card)
+    assert "use_clipped_model_output" in card.split("```")[2]  # the text says why
     pipe = diffusers.DDIMPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(
-        batch_size=2,
-        generator=torch.Generator().manual_seed(0),
-        eta=0.0,
-        num_inference_steps=10,
-        use_clipped_model_output=True,
-        output_type="np",
-    ).images  # (B, H, W, C) in [0, 1]
+
+    def run(**kw):
+        kw.update(batch_size=2, num_inference_steps=10, output_type="np",
+                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+        return pipe(**kw).images  # (B, H, W, C) in [0, 1]
+
+    images = run(**call)
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     den = ThresholdedDenoiser(ModelDenoiser(net, schedule), schedule, mode="clip")
     ours = ddim(den, noise, sampling_timesteps(schedule, 10, spacing="trailing"), schedule=schedule)
     ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert abs(ours - images).max() < 1e-4
+    default = run(**{k: v for k, v in call.items() if k != "use_clipped_model_output"})
+    assert abs(ours - default).max() > 0.1
     assert diffusers.DDPMPipeline.from_pretrained(out).unet.config.sample_size == 8

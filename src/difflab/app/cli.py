@@ -644,7 +644,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     say(json.dumps(res, indent=2))
+    _keep_quality(args.run_dir, res)
     return 0
+
+
+QUALITY_FILE = "quality.json"  # the last `difflab eval` of a run, for its exported model card
+
+
+def _keep_quality(run_dir: Path, res: dict[str, Any]) -> None:
+    """Keep the figures of `difflab eval` in a difflab run (not in a diffusers folder)."""
+    if (run_dir / "checkpoints").is_dir():
+        atomic_write_json(run_dir / QUALITY_FILE, res)
+
+
+def _card_metrics(run_dir: Path) -> dict[str, float]:
+    """The model card's figures: sample quality (the last `difflab eval`, the end-of-run
+    quality in finished.json) first, then the training figures of finished.json."""
+    import json
+
+    def read(name: str) -> dict[str, Any]:
+        path = run_dir / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    out: dict[str, float] = {}
+    quality = read(QUALITY_FILE)
+    how = f"{quality.get('n')} samples, {quality.get('sampler')}, {quality.get('steps')} steps"
+    for key, value in _flat(quality).items():
+        if key not in ("n", "steps") and isinstance(value, (int, float)):
+            out[f"{key} ({how})"] = float(value)
+    finished = {k: v for k, v in _flat(read("finished.json")).items()
+                if isinstance(v, (int, float))}  # fmt: skip
+    out.update({k: float(v) for k, v in finished.items() if k.startswith("quality.")})
+    out.update({k: float(v) for k, v in finished.items() if not k.startswith("quality.")})
+    return out
 
 
 def cmd_nll(args: argparse.Namespace) -> int:
@@ -676,7 +708,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A diffusers pipeline folder (EMA weights, scheduler config, model card) of a run."""
     import json
 
-    from difflab.app.runs import load_run
+    from difflab.app.runs import IMPORTED_FILE, load_run
     from difflab.checkpoint import check_output
     from difflab.interop import ModelCardInfo, export_to_diffusers
 
@@ -687,16 +719,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = built.cfg
     if not built.kind.has_denoiser or cfg.data.is_toy or not hasattr(built.model, "config"):
         raise ValueError(f"{args.run_dir}: only image diffusion runs (a U-Net) can be exported")
-    finished = args.run_dir / "finished.json"
-    info = json.loads(finished.read_text()) if finished.is_file() else {}
-    metrics = {k: float(v) for k, v in _flat(info).items() if isinstance(v, (int, float))}
+    imported = args.run_dir / IMPORTED_FILE
+    source = json.loads(imported.read_text()).get("source") if imported.is_file() else None
+    origin = None
+    if source is not None:
+        origin = (f"fine-tuned with difflab from the diffusers model {source} (see that "
+                  "model's card for its original training data and license)")  # fmt: skip
     grid = args.run_dir / "samples.png"
+    how = origin or "trained with difflab"
     card = ModelCardInfo(
         title=f"difflab {cfg.preset}",
-        description=f"A {cfg.preset} diffusion model trained with difflab on {cfg.data.name}"
+        description=f"A {cfg.preset} diffusion model {how} on {cfg.data.name}"
         f" ({'EMA' if not args.no_ema else 'raw'} weights).",
         run_config=cfg.to_dict(),
-        metrics=metrics,
+        metrics=_card_metrics(args.run_dir),
+        origin=origin,
         sample_grid=grid if grid.is_file() else None,
         command=_train_command(cfg),
         tags=["difflab", cfg.data.name],

@@ -56,6 +56,7 @@ class ModelConfig:
     hidden: int = 128  # MLP width
     depth: int = 3  # MLP residual blocks
     dropout: float | None = None  # override the preset's dropout
+    unet: str | None = None  # U-Net fields over the preset's, a JSON object (imported networks)
     num_classes: int = 0  # > 0: class-conditional (with a null class for guidance)
     label_dropout: float = 0.1  # probability of dropping the label (classifier-free guidance)
     parameterization: str = "eps"  # what the network predicts: eps | x0 | v | edm

@@ -127,6 +127,17 @@ class RunKind:
         """The network (``model.net``) builds this kind's head on its data, at its preset."""
         key, preset = self.net_preset(cfg)
         network(cfg.model.net).check(preset, self.head, self.data, preset_key=key)
+        self.net_fields(cfg)
+
+    def net_fields(self, cfg: RunConfig) -> dict[str, Any]:
+        """The network's own fields over its preset's (``model.unet``, a JSON object: how a
+        run holds a network no preset describes, e.g. an imported one); {} when unset."""
+        if cfg.model.unet is None:
+            return {}
+        net = network(cfg.model.net)
+        if net.fields is None:
+            raise ValueError(f"model.unet sets U-Net fields; model.net is {net.name!r}")
+        return net.fields(cfg.model.unet, cfg.model.preset, cfg_data_shape(cfg))
 
     def net_spec(self, cfg: RunConfig, data_shape: tuple[int, ...], sched: Schedule) -> NetSpec:
         """What this kind needs of its network (by default: a denoiser of the data)."""
@@ -134,6 +145,7 @@ class RunKind:
         return NetSpec(
             data_shape, out_channels=data_shape[0] * (2 if m.learned_variance else 1),
             num_classes=m.num_classes, dropout=m.dropout, hidden=m.hidden, depth=m.depth,
+            fields=self.net_fields(cfg),
         )  # fmt: skip
 
     def build_model(

@@ -22,7 +22,7 @@ from difflab.image_to_image import TASKS
 from difflab.objectives import LOSS_TYPES, TIME_SAMPLINGS, WEIGHTINGS
 from difflab.parameterization import PARAMETERIZATIONS
 from difflab.process_table import process_for
-from difflab.safe_io import say
+from difflab.safe_io import atomic_write_json, say
 from difflab.samplers import SAMPLER_OPTIONS, SAMPLERS
 from difflab.samplers.common import THRESHOLD_MODES
 from difflab.schedules import BETA_SCHEDULES, check_choice
@@ -35,6 +35,9 @@ __all__ = [
     "load_run",
     "read_run_config",
 ]
+
+
+IMPORTED_FILE = "imported.json"  # a run made by `difflab import`: the folder it read
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -164,21 +167,16 @@ def import_diffusers_run(
     ``difflab train --resume RUN`` fine-tunes it with the data and recipe of ``preset`` (with
     ``section.key=value`` ``overrides``).
 
-    The network must be one of difflab's U-Net presets (the DDPM layout, e.g.
-    google/ddpm-cifar10-32 is ``ddpm-cifar10``); an option without a difflab equivalent is a
-    one-line ``ValueError`` naming it.
+    Any ``UNet2DModel`` that difflab's U-Net expresses is imported: the run's ``model.preset``
+    is the closest U-Net preset (google/ddpm-cifar10-32 is ``ddpm-cifar10`` exactly) and
+    ``model.unet`` holds the fields in which the network differs from it. An option without a
+    difflab equivalent is a one-line ``ValueError`` naming it.
     """
     from difflab.app.config import apply_overrides, get_preset
     from difflab.interop import import_to_run
 
     folder, run_dir = Path(folder), Path(run_dir)
     imp = import_to_run(folder)
-    if imp.preset_overrides:
-        key, value = next(iter(imp.preset_overrides.items()))
-        raise ValueError(
-            f"{folder}: the U-Net differs from difflab's preset {imp.preset!r} in {key}={value!r}, "
-            f"which a run config cannot express; sample it directly with difflab sample {folder}"
-        )
     if imp.schedule_config.get("name") not in BETA_SCHEDULES:
         raise ValueError(
             f"{folder}: its beta schedule has no difflab name, which a run config cannot "
@@ -186,6 +184,8 @@ def import_diffusers_run(
         )
     base = apply_overrides(get_preset(preset), overrides or [])
     sections = imp.run_config_sections()
+    if imp.preset_overrides:  # the network's own config: the closest preset and what differs
+        sections["model"]["unet"] = json.dumps(imp.preset_overrides)
     cfg = replace(
         base,
         model=replace(base.model, **sections["model"]),
@@ -206,4 +206,6 @@ def import_diffusers_run(
         ckpt.save_checkpoint(
             run_dir, step=0, tensors={"model": weights, "ema": weights}, state=state
         )
+        # where the weights came from, for the model card of a later export
+        atomic_write_json(run_dir / IMPORTED_FILE, {"source": str(folder)})
     return run_dir

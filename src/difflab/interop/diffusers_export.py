@@ -43,6 +43,9 @@ __all__ = [
     "model_card",
 ]
 
+# the DDIMPipeline call of the model card: difflab's ddim with eta 0 (the exported scheduler
+# config has trailing spacing and set_alpha_to_one), the clipped x0's eps recomputed
+USAGE_CALL = "batch_size=16, num_inference_steps=50, eta=0.0, use_clipped_model_output=True"
 # fields the app layer sets from the data and ModelConfig (app.build_model), not from a preset
 _APP_FIELDS = ("in_channels", "image_size", "out_channels", "num_classes", "dropout")
 
@@ -55,7 +58,11 @@ class ModelCardInfo:
         title: heading of the card.
         description: what was trained on what (a sentence or two).
         run_config: the run's config.json contents, shown as JSON.
-        metrics: measured numbers (name -> value), e.g. {"FID (10k, ddim 50)": 4.2}.
+        metrics: measured numbers (name -> value), e.g. {"FID (10k, ddim 50)": 4.2}; the
+            sample-quality figures first, then training figures such as the final loss.
+        origin: where the weights came from when difflab did not train them from scratch,
+            e.g. "fine-tuned with difflab from the diffusers model google/ddpm-cifar10-32";
+            None: trained with difflab.
         sample_grid: a PNG file copied next to the card as ``samples.png`` and shown.
         command: the command line that trained the run.
         license: the hub's license field (an SPDX-style id such as "mit").
@@ -68,6 +75,7 @@ class ModelCardInfo:
     metrics: dict[str, float] = field(default_factory=dict)
     sample_grid: str | Path | None = None
     command: str | None = None
+    origin: str | None = None
     license: str = "mit"
     tags: list[str] = field(default_factory=list)
 
@@ -85,8 +93,8 @@ def model_card(info: ModelCardInfo, *, unet: dict[str, Any], scheduler: dict[str
     size, ch = unet["sample_size"], unet["in_channels"]
     lines += [
         f"A `UNet2DModel` ({ch} x {size} x {size} images, block_out_channels "
-        f"{unet['block_out_channels']}) trained with difflab, exported with its EMA weights and "
-        f"its noise schedule ({scheduler['num_train_timesteps']} steps, "
+        f"{unet['block_out_channels']}) {info.origin or 'trained with difflab'}, exported with "
+        f"its EMA weights and its noise schedule ({scheduler['num_train_timesteps']} steps, "
         f"{'trained_betas' if scheduler.get('trained_betas') else scheduler['beta_schedule']}, "
         f"prediction_type {scheduler['prediction_type']}).",
         "",
@@ -96,8 +104,15 @@ def model_card(info: ModelCardInfo, *, unet: dict[str, Any], scheduler: dict[str
         "from diffusers import DDIMPipeline",
         "",
         'pipe = DDIMPipeline.from_pretrained("PATH_OR_REPO")',
-        "images = pipe(batch_size=16, num_inference_steps=50, eta=0.0).images",
+        f"images = pipe({USAGE_CALL}).images",
         "```",
+        "",
+        "This call reproduces difflab's `ddim` sampler (eta 0, trailing time steps) to float "
+        "round-off. `use_clipped_model_output=True` matters: where the scheduler clips the "
+        "predicted clean image to [-1, 1] (`clip_sample`), difflab recomputes the noise "
+        "prediction from the clipped image so that the DDIM step stays on one consistent "
+        "(x0, eps) pair; diffusers' default keeps the network's noise prediction beside the "
+        "clipped image, which gives different (usually worse) images from the same noise.",
         "",
     ]
     if unet.get("num_class_embeds"):
@@ -109,10 +124,13 @@ def model_card(info: ModelCardInfo, *, unet: dict[str, Any], scheduler: dict[str
         ]
     if info.sample_grid is not None:
         lines += ["## Samples", "", "![samples](samples.png)", ""]
+    lines += ["## Metrics", ""]
     if info.metrics:
-        lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" for k, v in info.metrics.items()]
-        lines += [""]
+    else:
+        lines += ["No figures were measured for this model."]
+    lines += [""]
     if info.command:
         lines += ["## Training command", "", "```", info.command, "```", ""]
     if info.run_config is not None:

@@ -13,10 +13,11 @@ name               data     heads                       presets
 ``unet``           image    denoiser, classifier        :data:`difflab.nn.unet.UNET_PRESETS`
 ``autoencoder``    image    autoencoder                 :data:`difflab.nn.autoencoder.\
 AUTOENCODER_PRESETS`
+``dit``            image    denoiser                    :data:`difflab.nn.dit.DIT_PRESETS`
 =================  =======  ==========================  ========================================
 
-Adding a network is its module plus one line here, e.g. for a transformer whose builder takes the
-U-Net's keyword arguments: ``register(Network("dit", "image", DIT_PRESETS,
+Adding a network is its module plus one line here: the transformer, whose builder takes the
+U-Net's keyword arguments, is ``register(Network("dit", "image", DIT_PRESETS,
 image_denoiser(build_dit)))``; every image task can then train it (``tests/test_networks.py``
 shows it with a small residual CNN). An image denoiser is called as ``net(x, t, cond)`` with
 ``x`` (B, C, H, W), ``t`` (B,) and ``cond`` None, class labels (B,) or a dict of ``"class"``,
@@ -25,16 +26,20 @@ shows it with a small residual CNN). An image denoiser is called as ``net(x, t, 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from difflab._util import check_choice
 from difflab.nn.autoencoder import AUTOENCODER_PRESETS, build_autoencoder
+from difflab.nn.dit import DIT_PRESETS, build_dit
 from difflab.nn.mlp import TimeMLP
 from difflab.nn.sohl_dickstein import SohlDicksteinModel
-from difflab.nn.unet import UNET_PRESETS, build_unet
+from difflab.nn.unet import UNET_PRESETS, UNetConfig, build_unet, validate_config
 
 __all__ = ["NETWORKS", "NetSpec", "Network", "build_network", "image_denoiser", "register"]
 
@@ -57,6 +62,8 @@ class NetSpec:
         dropout: the preset's dropout when None.
         hidden, depth: the width and depth of the 2-D networks (``model.hidden``/``depth``).
         steps: the number of diffusion steps T of a network with one set of weights per step.
+        fields: the network's own fields that replace its preset's (checked by
+            :attr:`Network.fields`).
     """
 
     data_shape: tuple[int, ...]
@@ -69,6 +76,7 @@ class NetSpec:
     hidden: int = 128
     depth: int = 3
     steps: int = 0
+    fields: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,8 @@ class Network:
         presets: its named sizes (empty: it has none and ignores ``model.preset``).
         build: ``build(preset, spec) -> nn.Module``.
         heads: the :class:`NetSpec` heads it can build.
+        fields: ``fields(text, preset, data_shape) -> dict``: the fields of a JSON object that
+            replace its preset's, checked (one-line ``ValueError``); None: it has none.
     """
 
     name: str
@@ -88,6 +98,7 @@ class Network:
     presets: Mapping[str, Any]
     build: Callable[[str, NetSpec], nn.Module]
     heads: tuple[str, ...] = ("denoiser",)
+    fields: Callable[[str, str, tuple[int, ...]], dict[str, Any]] | None = None
 
     def check(self, preset: str, head: str, data: str, *, preset_key: str = "model.preset") -> None:
         """One-line ``ValueError`` unless this network builds ``head`` on ``data`` at ``preset``."""
@@ -153,7 +164,7 @@ def image_denoiser(builder: Callable[..., nn.Module]) -> Callable[[str, NetSpec]
             kwargs["aug_level_embedding"] = True
         if spec.dropout is not None:
             kwargs["dropout"] = spec.dropout
-        return builder(preset, **kwargs)
+        return builder(preset, **{**spec.fields, **kwargs})
 
     return build
 
@@ -188,7 +199,34 @@ def _autoencoder(preset: str, spec: NetSpec) -> nn.Module:
     return build_autoencoder(preset, in_channels=c, image_size=h)
 
 
+# U-Net fields a run sets from its data and model config, never from model.unet
+_UNET_APP_FIELDS = ("image_size", "in_channels", "out_channels", "num_classes", "cond_channels")
+
+
+def unet_fields(text: str, preset: str, data_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The ``UNetConfig`` fields of the JSON object ``text`` (``model.unet``) that replace the
+    preset's; a one-line ValueError names a value that is not such an object."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise ValueError(f"model.unet must be a JSON object of U-Net fields, got {text!r}")
+    allowed = [f.name for f in dataclasses.fields(UNetConfig) if f.name not in _UNET_APP_FIELDS]
+    for key in obj:
+        check_choice("model.unet field", key, tuple(allowed))
+    c, h = data_shape[:2]
+    try:
+        validate_config(
+            dataclasses.replace(UNET_PRESETS[preset], in_channels=c, image_size=h, **obj)
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model.unet: {str(e).splitlines()[0]}") from None
+    return obj
+
+
 register(Network("mlp", "2-D", {}, _mlp))
 register(Network("sohl-dickstein", "2-D", {}, _sohl_dickstein, heads=("own",)))
-register(Network("unet", "image", UNET_PRESETS, _unet, heads=("denoiser", "classifier")))
+register(Network("unet", "image", UNET_PRESETS, _unet, ("denoiser", "classifier"), unet_fields))
 register(Network("autoencoder", "image", AUTOENCODER_PRESETS, _autoencoder, ("autoencoder",)))
+register(Network("dit", "image", DIT_PRESETS, image_denoiser(build_dit)))
