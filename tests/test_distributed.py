@@ -98,3 +98,36 @@ def test_two_processes_stay_in_sync_and_resume(tmp_path):
     assert info["step"] > killed_at
     steps = ckpt.read_metrics(run / "metrics.csv")["step"]
     assert steps == sorted(set(steps))
+
+
+IMAGE_SETS = ["data.image_size=16", "model.preset=tiny", "model.ae_preset=tiny", "data.limit=40",
+              "train.batch_size=8", "train.log_every=2", "train.ckpt_every=100",
+              "train.warmup_steps=1", "sample.n=4", "sample.steps=2", "sample.sampler=ddim",
+              "sample.eta=none"]  # fmt: skip
+
+
+def _torchrun_image(preset: str, run: Path, data: Path, *sets: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "difflab", "train", "--preset", preset, "--out", str(run), "--steps", "4",
+           "--data-dir", str(data), "--no-progress", "--device", "cpu"]  # fmt: skip
+    cmd += [a for s in (*IMAGE_SETS, *sets) for a in ("--set", s)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, (preset, out.stderr[-3000:])
+    info = json.loads((run / "finished.json").read_text())
+    assert info["world_size"] == 2 and info["ranks_in_sync"] is True, preset
+
+
+@pytest.mark.slow
+def test_every_image_task_trains_data_parallel(tmp_path):
+    """A classifier, an autoencoder, a latent run on it, a base and an SR run on the base: each
+    trains in 2 gloo processes whose weights stay identical (the gradients are all-reduced)."""
+    from test_fingerprints import _write_mnist
+
+    data = _write_mnist(tmp_path / "mnist")
+    _torchrun_image("mnist-classifier", tmp_path / "clf", data)
+    _torchrun_image("mnist-ae", tmp_path / "ae", data)
+    _torchrun_image("mnist-latent", tmp_path / "latent", data,
+                    f"model.autoencoder={tmp_path / 'ae'}")  # fmt: skip
+    _torchrun_image("mnist-14", tmp_path / "base", data)
+    _torchrun_image("mnist-sr", tmp_path / "sr", data, f"model.base={tmp_path / 'base'}")

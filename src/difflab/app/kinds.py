@@ -155,6 +155,16 @@ class RunKind:
         spec = self.net_spec(cfg, data_shape, sched)
         return build_network(cfg.model.net, self.net_preset(cfg)[1], spec)
 
+    def data_parallel_built(self, built: Built, wrap: Callable[[nn.Module], nn.Module]) -> Built:
+        """The run as its loss sees it under ``torchrun``: the module the loss calls (the
+        denoiser's network, or the model itself for kinds without a denoiser) wrapped by
+        ``wrap`` (DistributedDataParallel), so that every gradient is all-reduced."""
+        if built.denoiser is None:
+            return replace(built, model=wrap(built.model))
+        denoiser = built.kind.denoiser(built.cfg, built.model, built.schedule)
+        denoiser.model = wrap(denoiser.model)
+        return replace(built, denoiser=denoiser)
+
     def denoiser(self, cfg: RunConfig, model: nn.Module, schedule: Schedule) -> Any:
         """The denoiser the samplers see (None for kinds without one)."""
         return diffusion_denoiser(cfg, model, schedule) if self.has_denoiser else None
@@ -450,7 +460,6 @@ class LatentDiffusion(DiffusionImage):
     model_kind = "latent"
     ae_net = "autoencoder"  # the network of the autoencoder runs it works on
     has_likelihood = False  # a likelihood of latents is not one of the images
-    data_parallel = False
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)
@@ -546,7 +555,6 @@ class SuperResolution(DiffusionImage):
     name = "super-resolution"
     model_kind = "sr"
     has_likelihood = False  # the likelihood is of x given the low-res image
-    data_parallel = False
     super_resolves = True
 
     def check(self, cfg: RunConfig) -> None:

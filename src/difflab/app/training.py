@@ -96,7 +96,7 @@ def train_run(
 def _make_trainer(built: Built, dist: ddp.DistInfo) -> Trainer:
     """The Trainer of a run: its loss and batches, data-parallel under torchrun."""
     extra_state: dict[str, Any] = {}
-    loss_fn = make_loss_fn(built, extra_state)
+    loss_built = built
     batch_fn = make_batch_fn(built)
     if dist.enabled:
         if not built.kind.data_parallel:
@@ -104,7 +104,11 @@ def _make_trainer(built: Built, dist: ddp.DistInfo) -> Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [built.device.index] if built.device.type == "cuda" else None
-        built.denoiser.model = DistributedDataParallel(built.model, device_ids=ids)
+        # the loss calls the wrapper (its backward all-reduces the gradients); the Trainer
+        # keeps the module itself (optimizer, EMA and checkpoints see its own names)
+        loss_built = built.kind.data_parallel_built(
+            built, lambda m: DistributedDataParallel(m, device_ids=ids)
+        )
         global_batch = batch_fn
 
         def batch_fn(step: int, g: torch.Generator) -> Any:  # this rank's rows
@@ -112,6 +116,7 @@ def _make_trainer(built: Built, dist: ddp.DistInfo) -> Trainer:
             sl = slice(dist.rank, None, dist.world_size)
             return x[sl], (None if y is None else y[sl])
 
+    loss_fn = make_loss_fn(loss_built, extra_state)
     t = built.cfg.train
     return Trainer(
         built.model,
@@ -328,8 +333,6 @@ def _finish(
     in_sync = ddp.ranks_in_sync(built.model, dist)
     if not dist.is_main:
         return {}
-    if dist.enabled:
-        built.denoiser.model = built.model  # type: ignore[union-attr]
     built.model.load_state_dict(trainer.ema.model.state_dict())  # report on the EMA
     built.model.eval()
     info = final_report(built, run_dir, log=log)
