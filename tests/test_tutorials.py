@@ -121,6 +121,8 @@ KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
         "latent_std_after": lambda v: abs(v - 1) < 0.15,
         "scale_vs_pooled_std_rel": _below(1e-6),
         "latent_sample_vs_decode_max_abs": _below(1e-6),
+        "posterior_std_over_spread": _below(0.2),
+        "amplification_at_T_ldm_uncond": lambda v: 80 < v < 90,
         "answer_var_zt_z": _z(),
     },
     "13": {
