@@ -132,6 +132,8 @@ KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
         "aug_mean_max_abs_z_s300": _z(5),
         "aug_var_max_abs_z_s300": _z(5),
         "aug_kl_vs_closed_form_max_rel": _below(1e-9),
+        "aug_pooled_var_z_s50": _z(5),
+        "aug_pooled_var_z_slip_s50": lambda v: v > 10,
         "cascade_vs_by_hand_max_abs": _below(1e-12),
         "answer_alpha_minus_sigma": _below(1e-9),
     },
