@@ -32,9 +32,10 @@
 # autoencoder keeps, and every network call costs what the smaller latent costs. This tutorial
 # builds both stages with difflab (`difflab.nn.autoencoder`, `difflab.latent`) on digits and
 # checks: the KL term of the autoencoder's loss against its closed form and a Monte Carlo
-# estimate; the reconstruction PSNR as the ceiling of any latent model; the latent scale factor
-# $1/\mathrm{std}(z)$, which gives the latents unit variance; and that `latent_sample` is
-# "sample latents, then decode".
+# estimate; the reconstruction PSNR as the practical ceiling of a latent model; the latent
+# scale factor $1/\mathrm{std}(z)$, which gives the latents unit variance; that
+# `latent_sample` is "sample latents, then decode"; and, by a Frechet distance, what the
+# samples are worth and what changes without the scale factor or with DDPM's schedule.
 #
 # Data: in fast mode (`DIFFLAB_FAST=1`) seven-segment digits of 16 x 16 pixels
 # (`_common.digit_like_images`); in full mode MNIST (28 x 28) when `--data-dir`,
