@@ -12,7 +12,14 @@ name          network output                                              paper
 ``x0``        x0_hat                                                      Ho 2020, Sec. 3.2
 ``v``         v_hat = alpha * eps - sigma * x0                            Salimans 2022, Sec. 4
 ``edm``       F, with D = c_skip * x + c_out * F(c_in * x; c_noise)      Karras 2022, Eq. 7
+``flow``      u_hat = eps - x0, the flow-matching velocity                 Lipman 2023, Eq. 23
 ============  ==========================================================  =====================
+
+The flow-matching velocity u = eps - x0 and Salimans & Ho's v = alpha eps - sigma x0 are two
+different targets (equal only up to a time-dependent mix of x0 and eps); they keep their own
+names here and everywhere. u is d x_t / dt on the linear interpolant x_t = (1 - t) x0 + t eps
+(:class:`~difflab.schedules.FlowMatchSchedule`), where x0 = x_t - t u and eps = x_t + (1 - t) u.
+On any schedule, x_t = (alpha + sigma) x0 + sigma u gives the general inversions below.
 
 With ``learned_variance=True`` the network has twice the output channels; the second half is
 the Improved-DDPM interpolation value v in [-1, 1] between log beta and log beta-tilde
@@ -42,12 +49,15 @@ __all__ = [
     "v_from_x0_eps",
     "x0_from_v",
     "eps_from_v",
+    "u_from_x0_eps",
+    "x0_from_u",
+    "eps_from_u",
     "score_from_eps",
     "eps_from_score",
     "edm_preconditioning",
 ]
 
-Parameterization = Literal["eps", "x0", "v", "edm"]
+Parameterization = Literal["eps", "x0", "v", "edm", "flow"]
 PARAMETERIZATIONS: tuple[str, ...] = get_args(Parameterization)
 
 
@@ -77,6 +87,22 @@ def x0_from_v(xt: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
 def eps_from_v(xt: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """eps = (sigma * xt + alpha * v) / (alpha^2 + sigma^2); = sigma xt + alpha v for VP."""
     return (sigma * xt + alpha * v) / (alpha**2 + sigma**2)
+
+
+def u_from_x0_eps(x0: Tensor, eps: Tensor) -> Tensor:
+    """u = eps - x0: the flow-matching velocity, d x_t / dt of x_t = (1 - t) x0 + t eps
+    [Lipman 2023, Eq. 23 with sigma_min = 0; Liu 2023 (rectified flow), Eq. 1]."""
+    return eps - x0
+
+
+def x0_from_u(xt: Tensor, u: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x0 = (xt - sigma * u) / (alpha + sigma); = xt - t u on the linear interpolant."""
+    return (xt - sigma * u) / (alpha + sigma)
+
+
+def eps_from_u(xt: Tensor, u: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps = (xt + alpha * u) / (alpha + sigma); = xt + (1 - t) u on the linear interpolant."""
+    return (xt + alpha * u) / (alpha + sigma)
 
 
 def score_from_eps(eps: Tensor, sigma: Tensor) -> Tensor:
@@ -127,6 +153,10 @@ class Prediction:
         """The v target implied by this prediction."""
         return v_from_x0_eps(self.x0, self.eps, alpha, sigma)
 
+    def u(self) -> Tensor:
+        """The flow-matching velocity implied by this prediction, eps - x0."""
+        return u_from_x0_eps(self.x0, self.eps)
+
 
 @runtime_checkable
 class Denoiser(Protocol):
@@ -138,7 +168,9 @@ class Denoiser(Protocol):
 class ModelDenoiser(nn.Module):
     """Wrap a network ``model(x, t_in, cond) -> Tensor`` as a :class:`Denoiser`.
 
-    For ``eps``/``x0``/``v`` the network is called with the schedule time ``t`` itself; for
+    For ``eps``/``x0``/``v``/``flow`` the network is called with the schedule time ``t`` itself
+    (a velocity network on a :class:`~difflab.schedules.FlowMatchSchedule` is the flow-matching
+    model: x0_hat = xt - t u_hat, eps_hat = xt + (1 - t) u_hat, finite at t = 0 and 1); for
     ``edm`` with the preconditioned input ``c_in * x / alpha`` and ``c_noise = ln(sigma)/4``.
 
     Args:
@@ -201,6 +233,9 @@ class ModelDenoiser(nn.Module):
         elif p == "v":
             x0 = x0_from_v(xt, out, alpha, sigma)
             eps = eps_from_v(xt, out, alpha, sigma)
+        elif p == "flow":
+            x0 = x0_from_u(xt, out, alpha, sigma)
+            eps = eps_from_u(xt, out, alpha, sigma)
         else:  # edm, Eq. (7) [Karras 2022]
             s = self.schedule.edm_sigma(t.detach().cpu())
             c_skip, c_out, _, _ = edm_preconditioning(s, self.sigma_data)
