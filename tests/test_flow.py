@@ -19,7 +19,7 @@ from difflab.data.toy import default_gmm
 from difflab.objectives import diffusion_loss, loss_weight, sample_flow_times
 from difflab.ode_likelihood import pf_ode_nll
 from difflab.oracles import GaussianDenoiser, GMMDenoiser
-from difflab.parameterization import ModelDenoiser
+from difflab.parameterization import ModelDenoiser, Prediction
 from difflab.samplers import SAMPLERS, ddim, edm_sampler, flow_heun, sample
 from difflab.schedules import EDMSchedule, FlowMatchSchedule, flux_shift, sampling_timesteps
 
@@ -162,7 +162,24 @@ def test_flow_heun_in_the_schedules_time_is_edms_heun_on_the_edm_schedule():
     assert torch.allclose(euler, ddim(fden, x / 80, fts, schedule=FLOW), atol=1e-12)
 
 
-@pytest.mark.parametrize("name,order", [("flow-euler", 1), ("flow-heun", 2)])
+def test_edm_heun_steps_from_pure_noise_by_the_trapezoid_rule_in_r():
+    """From t = 1 (s = inf) EDM's Heun steps in r = 1 / s, z = x / sigma, where dz/dr = D: for a
+    denoiser with D = a + b r the trapezoid rule is exact, z(r1) = z0 + a r1 + b r1^2 / 2."""
+    a, b = torch.tensor([0.3, -0.7], dtype=F64), torch.tensor([1.1, 0.4], dtype=F64)
+
+    def linear_in_r(xt, t, cond=None):
+        alpha, sigma = FLOW.alpha_sigma(t)
+        x0 = a + b * (alpha / sigma)[:, None]
+        return Prediction(x0=x0, eps=(xt - alpha[:, None] * x0) / sigma[:, None])
+
+    x = torch.randn(5, 2, generator=_seed(0), dtype=F64)
+    t1 = 0.8
+    r1 = (1 - t1) / t1
+    out = edm_sampler(linear_in_r, x, torch.tensor([1.0, t1], dtype=F64), schedule=FLOW)
+    assert torch.allclose(out, t1 * (x + a * r1 + b * r1**2 / 2), atol=1e-12)
+
+
+@pytest.mark.parametrize("name,order", [("flow-euler", 1), ("flow-heun", 2), ("heun", 2)])
 def test_flow_samplers_converge_at_their_order_to_the_exact_flow_map(name, order):
     """Exact velocity of Gaussian data; the error against x0 = m + C^(1/2) x1 falls by
     2^order per doubling of the steps (a sampler with the wrong sign of (s - t) or a
@@ -175,7 +192,7 @@ def test_flow_samplers_converge_at_their_order_to_the_exact_flow_map(name, order
         x = sample(den, FLOW, (200, 2), sampler=name, steps=steps, x_init=x1, dtype=F64)
         errs.append(float((x - exact).abs().max()))
     rates = [math.log2(a / b) for a, b in zip(errs[:-1], errs[1:])]
-    assert all(order - 0.3 < r < order + 0.5 for r in rates[1:]), (errs, rates)
+    assert all(order - 0.35 < r < order + 0.5 for r in rates[1:]), (errs, rates)
 
 
 def test_stochastic_flow_sampler_needs_the_network_at_the_noised_point():
@@ -239,6 +256,28 @@ def test_flow_samplers_reproduce_a_gaussian_mixture():
             den, den.schedule, (20_000, 2), sampler=name, steps=30, generator=_seed(5), dtype=F64
         )
         assert torch.allclose(mass(x), mass(ref), atol=0.02), (name, mass(x), mass(ref))
+
+
+def test_classifier_free_guidance_of_a_velocity_model_guides_the_velocity():
+    """The wrappers work unchanged: guiding (x0_hat, eps_hat) with scale s is guiding u_hat,
+    u_null + s (u_cond - u_null), because both are affine in u_hat at fixed (x_t, t)."""
+    from difflab.guidance import ClassifierFreeGuidance
+
+    nets = [VelocityMLP(seed=1), VelocityMLP(seed=2)]  # label 0: conditional, 1: null
+
+    def by_label(x, t, cond):
+        pick = (cond == 1)[:, None]
+        return torch.where(pick, nets[1](x, t), nets[0](x, t))
+
+    den = ModelDenoiser(by_label, FLOW, parameterization="flow")
+    guided = ClassifierFreeGuidance(den, scale=3.0, null_label=1)
+    x = torch.randn(40, 2, generator=_seed(0), dtype=F64)
+    t = torch.rand(40, generator=_seed(1), dtype=F64)
+    labels = torch.zeros(40, dtype=torch.long)
+    with torch.no_grad():
+        u_c, u_n = nets[0](x, t), nets[1](x, t)
+        u_guided = guided(x, t, labels).u()
+    assert torch.allclose(u_guided, u_n + 3.0 * (u_c - u_n), atol=1e-12)
 
 
 # ---- the loss -------------------------------------------------------------------------------
