@@ -431,10 +431,11 @@ def test_diffusers_flow_match_euler_gives_the_same_trajectory(shift):
     x1 = torch.randn(32, 2, generator=_seed(6))
     x = x1.clone()
     with torch.no_grad():
-        for timestep in sched.timesteps:
-            u = net(x, torch.full((32,), float(timestep) / 1000))
+        for timestep in sched.timesteps:  # the network sees diffusers' timestep, 1000 sigma
+            u = net(x, torch.full((32,), float(timestep)))
             x = sched.step(u, timestep, x).prev_sample
-    den = ModelDenoiser(net, ours, parameterization="flow")
+    # the same network, called by difflab with 1000 t (time_scale), as diffusers calls it
+    den = ModelDenoiser(net, ours, parameterization="flow", time_scale=1000.0)
     ts = sched.sigmas.to(F64)
     mine = sample(den, ours, (32, 2), sampler="flow-euler", steps=steps, x_init=x1)
     mine_on_theirs = SAMPLERS["flow-euler"](den, x1, ts, schedule=ours)

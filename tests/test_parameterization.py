@@ -163,3 +163,22 @@ def test_flow_velocity_inversions_are_the_interpolant_ones():
     h = 1e-6
     x_plus = (1 - (t + h)) * x0 + (t + h) * eps
     assert torch.allclose((x_plus - xt) / h, u, atol=1e-6)
+
+
+def test_time_scale_multiplies_the_network_time_only():
+    """time_scale = 1000 hands a flow network 1000 t (diffusers' timestep), in sampling and in
+    the loss alike; the conversions still use the schedule's t."""
+    seen = []
+
+    def net(x, t_in, cond=None):
+        seen.append(t_in.clone())
+        return torch.zeros_like(x)
+
+    den = ModelDenoiser(net, FlowMatchSchedule(), parameterization="flow", time_scale=1000.0)
+    t = torch.tensor([0.25, 0.5], dtype=F64)
+    xt = torch.ones(2, 2, dtype=F64)
+    pred = den(xt, t)
+    assert torch.allclose(seen[-1], 1000 * t)
+    assert torch.allclose(pred.x0, xt) and torch.allclose(pred.eps, xt)  # u = 0
+    with pytest.raises(ValueError, match="time_scale"):
+        ModelDenoiser(net, FlowMatchSchedule(), time_scale=0.0)

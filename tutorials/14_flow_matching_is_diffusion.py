@@ -392,19 +392,11 @@ else:
 
 # %%
 if answers_wanted():
-
-    class ScaledTime(torch.nn.Module):
-        """TimeMLP's sinusoidal embedding is made for times up to ~1000: feed it 1000 t."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = TimeMLP(2, hidden=64, depth=2)
-
-        def forward(self, x, t, cond=None):
-            return self.net(x, 1000 * t, cond)
-
+    # TimeMLP's sinusoidal embedding is made for times up to ~1000: time_scale hands it 1000 t
     torch.manual_seed(0)
-    model = ModelDenoiser(ScaledTime(), flow, parameterization="flow")
+    model = ModelDenoiser(
+        TimeMLP(2, hidden=64, depth=2), flow, parameterization="flow", time_scale=1000.0
+    )
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses, g = [], seeded(10)
     for _ in range(pick(200, 3000)):

@@ -28,6 +28,7 @@ the Improved-DDPM interpolation value v in [-1, 1] between log beta and log beta
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
@@ -179,6 +180,9 @@ class ModelDenoiser(nn.Module):
         parameterization: what the network outputs, one of ``PARAMETERIZATIONS``.
         learned_variance: the network also outputs the Improved-DDPM variance value.
         sigma_data: EDM's data standard deviation (``edm`` only).
+        time_scale: the network is called with ``time_scale * t`` (not under ``edm``). 1000
+            suits a flow-matching network (t in [0, 1]) with a DDPM-style sinusoidal time
+            embedding, and is diffusers' convention for its flow models (timestep = 1000 t).
     """
 
     def __init__(
@@ -189,6 +193,7 @@ class ModelDenoiser(nn.Module):
         parameterization: Parameterization = "eps",
         learned_variance: bool = False,
         sigma_data: float = 0.5,
+        time_scale: float = 1.0,
     ) -> None:
         super().__init__()
         check_choice("parameterization", parameterization, PARAMETERIZATIONS)
@@ -197,6 +202,9 @@ class ModelDenoiser(nn.Module):
         self.parameterization = parameterization
         self.learned_variance = learned_variance
         self.sigma_data = float(sigma_data)
+        if not (math.isfinite(time_scale) and time_scale > 0):
+            raise ValueError(f"time_scale must be a positive number, got {time_scale!r}")
+        self.time_scale = float(time_scale)
 
     def coefficients(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """alpha(t), sigma(t) cast to x's dtype/device and broadcast to x."""
@@ -213,7 +221,7 @@ class ModelDenoiser(nn.Module):
             _, _, c_in, c_noise = edm_preconditioning(s, self.sigma_data)
             x_in = broadcast_to(c_in, xt) * (xt / alpha)
             return self.model(x_in, c_noise.to(xt.device, xt.dtype), cond)
-        return self.model(xt, t.to(xt.device, xt.dtype), cond)
+        return self.model(xt, (self.time_scale * t).to(xt.device, xt.dtype), cond)
 
     def prediction_from_output(self, out: Tensor, xt: Tensor, t: Tensor) -> Prediction:
         """Convert a raw network output into a :class:`Prediction`."""
