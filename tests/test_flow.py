@@ -378,6 +378,19 @@ def test_flow_times_follow_their_closed_form_law(method, params, shift):
         assert float(t.mean()) == pytest.approx(0.5, abs=4 * float(t.std()) / math.sqrt(n))
 
 
+def test_time_samplings_are_checked_against_the_schedule():
+    from difflab.objectives import check_time_sampling
+
+    assert check_time_sampling(FLOW, "logit-normal") == "logit-normal"
+    for bad, sched in (("mode", EDMSchedule()), ("logit-normal", EDMSchedule())):
+        with pytest.raises(ValueError, match="flow-matching schedule"):
+            check_time_sampling(sched, bad)
+    with pytest.raises(ValueError, match="discrete"):
+        check_time_sampling(FLOW, "importance")
+    with pytest.raises(ValueError, match="choose one of"):
+        check_time_sampling(FLOW, "beta")
+
+
 def test_logit_normal_is_edm_lognormal_on_this_schedule():
     """logit(t) = log(EDM sigma) here: both draw the same times from the same normal draws."""
     a = sample_flow_times(

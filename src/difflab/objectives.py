@@ -78,6 +78,7 @@ __all__ = [
     "loss_weight",
     "sample_training_times",
     "sample_flow_times",
+    "check_time_sampling",
     "FlowTimeSampling",
     "FLOW_TIME_SAMPLINGS",
     "ImportanceTimeSampler",
@@ -235,6 +236,18 @@ def sample_flow_times(
     return schedule.shift_time(t.clamp(0, 1))
 
 
+def check_time_sampling(schedule: Schedule, t_sampling: str) -> str:
+    """Validate a time sampling for a schedule, in one line and before any work: a name of
+    ``TIME_SAMPLINGS``; ``logit-normal`` and ``mode`` need a :class:`FlowMatchSchedule`,
+    ``importance`` a :class:`DiscreteSchedule` (it draws integer steps)."""
+    check_choice("time sampling", t_sampling, TIME_SAMPLINGS)
+    if t_sampling in ("logit-normal", "mode") and not isinstance(schedule, FlowMatchSchedule):
+        raise ValueError(f"{t_sampling} time sampling needs the flow-matching schedule")
+    if t_sampling == "importance" and not isinstance(schedule, DiscreteSchedule):
+        raise ValueError("importance time sampling needs a discrete (DDPM) schedule")
+    return t_sampling
+
+
 class ImportanceTimeSampler:
     """Importance sampling of the step t for L_vlb [Nichol & Dhariwal 2021, Sec. 3.3, Eq. 18].
 
@@ -376,7 +389,7 @@ def diffusion_loss(
     from it and the loss carries the weights 1 / (T p_t); the sampler is updated with the
     unweighted per-sample losses (so pass it only to the training loss, not to evaluations).
     """
-    check_choice("time sampling", t_sampling, TIME_SAMPLINGS)
+    check_time_sampling(denoiser.schedule, t_sampling)
     check_choice("decoder", decoder, ("auto", *DECODER_TYPES))
     target = denoiser.parameterization if target is None else target
     check_choice("target", target, PARAMETERIZATIONS)
@@ -407,8 +420,6 @@ def diffusion_loss(
         method = "logit-normal" if t_sampling == "lognormal" else t_sampling
         t = sample_flow_times(schedule, batch, method=method, generator=generator, **kw)  # type: ignore[arg-type]
     else:
-        if t_sampling in ("logit-normal", "mode"):
-            raise ValueError(f"{t_sampling} time sampling needs a FlowMatchSchedule")
         t = sample_training_times(schedule, batch, method=t_sampling, generator=generator)  # type: ignore[arg-type]
     if t.shape != (batch,):
         raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
