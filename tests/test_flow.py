@@ -391,6 +391,23 @@ def test_time_samplings_are_checked_against_the_schedule():
         check_time_sampling(FLOW, "beta")
 
 
+def test_the_loss_draws_its_times_from_sample_flow_times():
+    """diffusion_loss on the flow schedule draws t first from the generator, by the given law."""
+    den = ModelDenoiser(VelocityMLP(), FLOW, parameterization="flow")
+    x0 = torch.zeros(50, 2, dtype=F64)
+    for method, kw, flow_kw in (
+        (
+            "logit-normal",
+            {"logit_mean": 0.4, "logit_std": 0.7},
+            {"flow_logit_mean": 0.4, "flow_logit_std": 0.7},
+        ),
+        ("mode", {"mode_scale": 0.5}, {"flow_mode_scale": 0.5}),
+        ("uniform", {}, {}),
+    ):
+        t = diffusion_loss(den, x0, t_sampling=method, generator=_seed(3), **flow_kw).t
+        assert torch.equal(t, sample_flow_times(FLOW, 50, method=method, generator=_seed(3), **kw))
+
+
 def test_logit_normal_is_edm_lognormal_on_this_schedule():
     """logit(t) = log(EDM sigma) here: both draw the same times from the same normal draws."""
     a = sample_flow_times(

@@ -362,6 +362,7 @@ def diffusion_loss(
     min_snr_gamma: float = 5.0,
     flow_logit_mean: float = 0.0,
     flow_logit_std: float = 1.0,
+    flow_mode_scale: float = 1.29,
     decoder: Literal["auto", "discretized", "gaussian"] = "auto",
 ) -> LossOutput:
     """The training loss of a denoiser on a batch of clean data x0 (B, ...).
@@ -381,9 +382,9 @@ def diffusion_loss(
 
     On a :class:`~difflab.schedules.FlowMatchSchedule` the times come from
     :func:`sample_flow_times` (``uniform``, ``logit-normal`` or ``lognormal`` with
-    ``flow_logit_mean/std``, ``mode``) and are shifted by the schedule; the flow-matching loss
-    is ``target="flow"`` (the denoiser's own target for ``parameterization="flow"``) with the
-    ``uniform`` weighting.
+    ``flow_logit_mean/std``, ``mode`` with ``flow_mode_scale``) and are shifted by the
+    schedule; the flow-matching loss is ``target="flow"`` (the denoiser's own target for
+    ``parameterization="flow"``) with the ``uniform`` weighting.
 
     When a ``time_sampler`` is given (required by ``t_sampling="importance"``) the steps come
     from it and the loss carries the weights 1 / (T p_t); the sampler is updated with the
@@ -416,7 +417,11 @@ def diffusion_loss(
     elif time_sampler is not None:
         t, iw = time_sampler.sample(batch, generator)
     elif isinstance(schedule, FlowMatchSchedule):
-        kw = {"logit_mean": flow_logit_mean, "logit_std": flow_logit_std}
+        kw = {
+            "logit_mean": flow_logit_mean,
+            "logit_std": flow_logit_std,
+            "mode_scale": flow_mode_scale,
+        }
         method = "logit-normal" if t_sampling == "lognormal" else t_sampling
         t = sample_flow_times(schedule, batch, method=method, generator=generator, **kw)  # type: ignore[arg-type]
     else:
