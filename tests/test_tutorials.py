@@ -143,6 +143,18 @@ KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
         "cascade_vs_by_hand_max_abs": _below(1e-12),
         "answer_alpha_minus_sigma": _below(1e-9),
     },
+    "14": {
+        "x0_eps_from_u_max_abs": _below(1e-12),
+        "flow_euler_vs_ddim_max_abs": _below(1e-12),
+        "loss_flow_vs_eps_max_rel": _below(1e-9),
+        "loss_flow_vs_x0_max_rel": _below(1e-9),
+        "dpmpp_flow_vs_vp_max_abs": _below(1e-8),
+        "straightness_point_flow": lambda v: v > 0.999,
+        "straightness_unit_gaussian_vp": lambda v: v > 0.999,
+        "shift_logsnr_max_abs": _below(1e-9),
+        "torchcfm_flip_max_abs": _below(1e-12),
+        "answer_ddim_flow_vs_vp_max_abs": _below(1e-8),
+    },
     "16": {
         "score_tweedie_vs_autograd_max_rel": _below(1e-9),
         "sde_forward_mean_max_abs_z": _z(),
