@@ -715,8 +715,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_output(args.out, replace_export=True)
     built = load_run(args.run_dir, ema=not args.no_ema)
     cfg = built.cfg
-    if not built.kind.has_denoiser or cfg.data.is_toy or not hasattr(built.model, "config"):
-        raise ValueError(f"{args.run_dir}: only image diffusion runs (a U-Net) can be exported")
+    if built.kind.no_diffusers_form:
+        raise ValueError(f"{args.run_dir} has no diffusers form: {built.kind.no_diffusers_form}")
     imported = args.run_dir / IMPORTED_FILE
     source = json.loads(imported.read_text()).get("source") if imported.is_file() else None
     origin = None

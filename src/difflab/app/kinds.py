@@ -85,6 +85,8 @@ class RunKind:
         has_likelihood: ``difflab nll`` can score it (a denoiser of the data itself).
         super_resolves: a cascade's SR stage: ``difflab sample`` runs its base run first, or
             super-resolves the low-resolution images of ``--input``.
+        no_diffusers_form: why ``difflab export`` cannot write it as a diffusers pipeline
+            (said at train time); empty for the kinds it exports.
     """
 
     name = ""
@@ -96,6 +98,7 @@ class RunKind:
     conditions_on_images = False
     has_likelihood = True
     super_resolves = False
+    no_diffusers_form = "diffusers' image pipelines sample image diffusion models (a U-Net)"
 
     def selects(self, cfg: RunConfig) -> bool:
         """Whether a config is a run of this kind (by default: its ``model.kind``)."""
@@ -288,6 +291,7 @@ def unet_fields(cfg: RunConfig) -> dict[str, Any]:
 
 class DiffusionImage(RunKind):
     name = "diffusion-image"
+    no_diffusers_form = ""
     model_kind = "unet"
 
     def build_model(
@@ -320,6 +324,9 @@ class ImageToImage(DiffusionImage):
     """Palette [Saharia 2022]: the degraded image is concatenated to x_t."""
 
     name = "image-to-image"
+    no_diffusers_form = (
+        "its U-Net also reads the degraded image, which no diffusers pipeline gives it"
+    )
     conditions_on_images = True
 
     def selects(self, cfg: RunConfig) -> bool:
@@ -466,6 +473,9 @@ class LatentDiffusion(DiffusionImage):
     to unit variance by LDM's factor, computed once from the data and kept in the config."""
 
     name = "latent-diffusion"
+    no_diffusers_form = (
+        "it samples latents that its autoencoder decodes; diffusers' DDPM pipelines have no decoder"
+    )
     model_kind = "latent"
     has_likelihood = False  # a likelihood of latents is not one of the images
     data_parallel = False
@@ -552,6 +562,9 @@ class SuperResolution(DiffusionImage):
     is stored in ``model.base_config`` and its EMA network in this run's checkpoints."""
 
     name = "super-resolution"
+    no_diffusers_form = (
+        "its U-Net also reads the low-resolution image, which no diffusers pipeline gives it"
+    )
     model_kind = "sr"
     has_likelihood = False  # the likelihood is of x given the low-res image
     data_parallel = False

@@ -258,6 +258,9 @@ def _train_loop(
     n_params = sum(p.numel() for p in built.model.parameters())
     where = f"{dist.world_size} processes" if dist.enabled else str(built.device)
     log(f"{cfg.preset}: {n_params / 1e6:.3g}M parameters on {where}, run dir {run_dir}")
+    if built.kind.no_diffusers_form and not resume:
+        why = built.kind.no_diffusers_form
+        log(f"note: difflab export cannot write this run for diffusers: {why}")
     window = _Window(t.batch_size)
 
     saved = {"step": trainer.step if resume else -1}  # a resumed step is already on disk
