@@ -744,3 +744,19 @@ def test_a_stored_config_of_the_first_format_still_loads(run, tmp_path):
     copy = _edited(run, tmp_path, first_format)
     assert read_run_config(copy) == read_run_config(run)
     assert main(["sample", str(copy), "--n", "4", "--no-progress"]) == 0
+
+
+# ----------------------------------------------------------------------------- late errors
+def test_nll_of_a_classifier_run_is_one_line(tmp_path, capsys, monkeypatch):
+    """A classifier is no model of the data: `difflab nll` refuses it before any work (it
+    ended in "'NoneType' object is not callable")."""
+    import difflab.app.evaluate as evaluate
+    import difflab.app.runs as runs
+    from difflab.app.runs import build
+
+    cfg = apply_overrides(get_preset("mnist-classifier"), ["train.device=cpu"])
+    clf = build(cfg, load_data=False)
+    monkeypatch.setattr(runs, "load_run", lambda *a, **k: clf)
+    monkeypatch.setattr(evaluate, "_held_out", lambda b, n, seed: torch.zeros(n, 1, 28, 28))
+    err = _one_line_error(capsys, main(["nll", str(tmp_path), "--n", "4", "--no-progress"]))
+    assert "classifier" in err
