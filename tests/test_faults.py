@@ -760,3 +760,16 @@ def test_nll_of_a_classifier_run_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "_held_out", lambda b, n, seed: torch.zeros(n, 1, 28, 28))
     err = _one_line_error(capsys, main(["nll", str(tmp_path), "--n", "4", "--no-progress"]))
     assert "classifier" in err
+
+
+def test_an_option_the_run_would_ignore_is_refused(run, tmp_path, capsys):
+    """`sample 2-D_RUN --input FILE` drew unconditional samples; `--set model.autoencoder=RUN`
+    on a pixel preset trained a pixel U-Net."""
+    (tmp_path / "x.npz").write_bytes(b"")
+    err = _one_line_error(capsys, main(["sample", str(run), "--n", "4",
+                                        "--input", str(tmp_path / "x.npz")]))  # fmt: skip
+    assert "--input" in err
+    out = tmp_path / "r"
+    err = _one_line_error(capsys, _train(out, "train.steps=10", f"model.autoencoder={run}"))
+    assert "model.autoencoder" in err
+    assert not out.exists()

@@ -37,6 +37,15 @@ __all__ = [
 ]
 
 
+# Settings that only one model.kind reads: set for another, they would be silently ignored.
+KIND_ONLY_FIELDS = {
+    "autoencoder": "latent",
+    "latent_scale": "latent",
+    "base": "sr",
+    "base_config": "sr",
+}
+
+
 def check_config(cfg: RunConfig) -> None:
     """Reject settings that no run can use (one-line ``ValueError``) before anything is loaded
     or written: types and ranges (:meth:`RunConfig.validate`), every name, the run kind's own
@@ -44,6 +53,12 @@ def check_config(cfg: RunConfig) -> None:
     cfg.validate()
     check_choice("data.name", cfg.data.name, TOY_DATASETS + IMAGE_DATASETS)
     kind_of(cfg).check(cfg)
+    for name, kind in KIND_ONLY_FIELDS.items():
+        if getattr(cfg.model, name) is not None and cfg.model.kind != kind:
+            raise ValueError(
+                f"model.{name} is read by model.kind={kind} runs only; this run is "
+                f"model.kind={cfg.model.kind} (set --set model.kind={kind} or drop it)"
+            )
     check_choice("model.parameterization", cfg.model.parameterization, PARAMETERIZATIONS)
     check_choice("model.image_task", cfg.model.image_task, ("none", *TASKS))
     check_choice("diffusion.schedule", cfg.diffusion.schedule, (*BETA_SCHEDULES, "edm"))
