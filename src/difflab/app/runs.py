@@ -52,9 +52,10 @@ def check_config(cfg: RunConfig) -> None:
     checks, and the device."""
     cfg.validate()
     check_choice("data.name", cfg.data.name, TOY_DATASETS + IMAGE_DATASETS)
-    kind_of(cfg).check(cfg)
+    run_kind = kind_of(cfg)
+    run_kind.check(cfg)
     for name, kind in KIND_ONLY_FIELDS.items():
-        if getattr(cfg.model, name) is not None and cfg.model.kind != kind:
+        if getattr(cfg.model, name) is not None and run_kind.model_kind != kind:
             raise ValueError(
                 f"model.{name} is read by model.kind={kind} runs only; this run is "
                 f"model.kind={cfg.model.kind} (set --set model.kind={kind} or drop it)"
