@@ -357,6 +357,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          "runs (model.kind=sr)")  # fmt: skip
     if built.kind.conditions_on_images:
         return _image_task(args, built, sampler, steps, options)
+    if args.input is not None:
+        raise ValueError(
+            f"--input is for image-to-image and super-resolution runs; {args.run_dir} is a "
+            f"{built.kind.name} run"
+        )
     cond = None
     if args.label is not None or args.guidance is not None or classifier is not None:
         k = cfg.model.num_classes if classifier is None else classifier.num_classes
