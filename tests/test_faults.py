@@ -199,28 +199,120 @@ def test_a_second_writer_of_a_run_is_refused_with_the_pid(tmp_path):
     assert first.returncode == 130
 
 
+def _same(a, b) -> bool:
+    """Nested states (dicts, lists, tensors, numbers) equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.slow
+def test_sigterm_at_every_point_of_a_step_saves_one_step_boundary(tmp_path, monkeypatch):
+    """SIGTERM delivered at each line that the training loop and the Trainer execute during
+    one step (a trace hook sends it, not timing luck): the checkpoint saved on the way out
+    holds the weights, EMA, optimizer state and step count of one step boundary, equal bit
+    for bit to the uninterrupted run's state at that step."""
+    import copy
+
+    import difflab.app.training as runner
+    import difflab.train as trainer_module
+    from difflab.app.training import train_run
+
+    monkeypatch.setattr(runner, "_finish", lambda *a, **k: {})  # the report is not at stake
+    sets = [*SMALL, "train.steps=4", "train.log_every=1", "train.warmup_steps=2"]
+    states: dict[int, tuple] = {}
+    real_save = ckpt.save_checkpoint
+
+    def recording(run_dir, *, step, tensors, state, **kw):
+        states.setdefault(step, copy.deepcopy((tensors, state)))
+        return real_save(run_dir, step=step, tensors=tensors, state=state, **kw)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", recording)
+    quiet = {"progress": False, "log": lambda s: None}
+    train_run(apply_overrides(get_preset("moons"), [*sets, "train.ckpt_every=1"]),
+              tmp_path / "ref", **quiet)  # fmt: skip
+    assert sorted(states) == [1, 2, 3, 4]
+    cfg = apply_overrides(get_preset("moons"), [*sets, "train.ckpt_every=1000"])
+    files = {runner.__file__, trainer_module.__file__}
+    real_step = trainer_module.Trainer.train_step
+
+    def run_with_signal_at(k: int) -> int:
+        """Send SIGTERM at the k-th distinct line traced in step 2 (the third step); return
+        -1, or the number of distinct lines of that step when k is beyond them."""
+        lines: list = []
+
+        def local(frame, event, arg):
+            if event == "line" and (frame.f_code.co_filename, frame.f_lineno) not in lines:
+                if len(lines) == k:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                lines.append((frame.f_code.co_filename, frame.f_lineno))
+            return local
+
+        def tracer(frame, event, arg):
+            return local if frame.f_code.co_filename in files else None
+
+        def train_step(self):  # trace from the start of step 2 to the start of step 3
+            if self.step in (2, 3):
+                sys.settrace(tracer if self.step == 2 else None)
+                loop = sys._getframe(1)
+                loop.f_trace = local if self.step == 2 else None
+                if self.step == 2:
+                    loop.f_trace_lines = True
+            return real_step(self)
+
+        monkeypatch.setattr(trainer_module.Trainer, "train_step", train_step)
+        out = tmp_path / f"k{k}"
+        try:
+            train_run(cfg, out, **quiet)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        if len(lines) <= k:
+            return len(lines)
+        c = ckpt.load_checkpoint(out)
+        tensors, state = states[c.step]
+        assert _same(c.tensors, tensors) and _same(c.state, state), (k, c.step)
+        return -1
+
+    k = 0
+    while (n := run_with_signal_at(k)) < 0:
+        k += 1
+    assert n == k > 20  # every line of the step was tried
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
-    items = ("train.steps=150", "train.ckpt_every=1000", "train.log_every=10")
-    ref = _cli("train", "--preset", "moons", "--out", str(tmp_path / "ref"), "--no-progress",
-               *_sets(*items))  # fmt: skip
+    """A real SIGTERM at whatever moment it lands: the run stops at a step boundary (see the
+    test above for every moment of a step), and resumed to S steps it equals a run of S steps.
+    The run is long enough that the signal always lands while it trains."""
+    items = ("train.ckpt_every=100000", "train.log_every=10")
     term = _cli("train", "--preset", "moons", "--out", str(tmp_path / "t"), "--no-progress",
-                *_sets(*items))  # fmt: skip
+                *_sets("train.steps=100000", *items))  # fmt: skip
     metrics = tmp_path / "t" / "metrics.csv"
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 3)
     term.send_signal(signal.SIGTERM)
     _, err = term.communicate(timeout=120)
     assert term.returncode == 130 and "interrupted" in err
     stopped = ckpt.load_checkpoint(tmp_path / "t").step  # saved on SIGTERM (no periodic ones)
-    assert 0 < stopped < 150
-    resumed = _cli("train", "--resume", str(tmp_path / "t"), "--no-progress")
+    assert stopped >= 30
+    total = stopped + 25
+    resumed = _cli("train", "--resume", str(tmp_path / "t"), "--steps", str(total),
+                   "--no-progress")  # fmt: skip
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
+    ref = _cli("train", "--preset", "moons", "--out", str(tmp_path / "ref"), "--no-progress",
+               *_sets(f"train.steps={total}", *items))  # fmt: skip
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err
-    a = ckpt.load_checkpoint(tmp_path / "ref").tensors["model"]
-    b = ckpt.load_checkpoint(tmp_path / "t").tensors["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = ckpt.load_checkpoint(tmp_path / "ref")
+    b = ckpt.load_checkpoint(tmp_path / "t")
+    assert a.step == b.step == total
+    assert _same(a.tensors, b.tensors) and _same(a.state, b.state)
 
 
 def test_two_samplers_writing_one_file_leave_a_complete_file(run, tmp_path):
@@ -652,3 +744,32 @@ def test_a_stored_config_of_the_first_format_still_loads(run, tmp_path):
     copy = _edited(run, tmp_path, first_format)
     assert read_run_config(copy) == read_run_config(run)
     assert main(["sample", str(copy), "--n", "4", "--no-progress"]) == 0
+
+
+# ----------------------------------------------------------------------------- late errors
+def test_nll_of_a_classifier_run_is_one_line(tmp_path, capsys, monkeypatch):
+    """A classifier is no model of the data: `difflab nll` refuses it before any work (it
+    ended in "'NoneType' object is not callable")."""
+    import difflab.app.evaluate as evaluate
+    import difflab.app.runs as runs
+    from difflab.app.runs import build
+
+    cfg = apply_overrides(get_preset("mnist-classifier"), ["train.device=cpu"])
+    clf = build(cfg, load_data=False)
+    monkeypatch.setattr(runs, "load_run", lambda *a, **k: clf)
+    monkeypatch.setattr(evaluate, "_held_out", lambda b, n, seed: torch.zeros(n, 1, 28, 28))
+    err = _one_line_error(capsys, main(["nll", str(tmp_path), "--n", "4", "--no-progress"]))
+    assert "classifier" in err
+
+
+def test_an_option_the_run_would_ignore_is_refused(run, tmp_path, capsys):
+    """`sample 2-D_RUN --input FILE` drew unconditional samples; `--set model.autoencoder=RUN`
+    on a pixel preset trained a pixel U-Net."""
+    (tmp_path / "x.npz").write_bytes(b"")
+    err = _one_line_error(capsys, main(["sample", str(run), "--n", "4",
+                                        "--input", str(tmp_path / "x.npz")]))  # fmt: skip
+    assert "--input" in err
+    out = tmp_path / "r"
+    err = _one_line_error(capsys, _train(out, "train.steps=10", f"model.autoencoder={run}"))
+    assert "model.autoencoder" in err
+    assert not out.exists()

@@ -195,13 +195,16 @@ def test_the_model_card_lists_the_runs_quality_figures(image_run, tmp_path, caps
     assert any("loss" in r for r in rows[1:])
 
 
-def test_eval_keeps_its_figures_in_the_run(tmp_path, capsys):
+def test_eval_keeps_its_figures_in_the_run_and_a_2d_run_says_it_has_no_diffusers_form(
+    tmp_path, capsys
+):
     run = tmp_path / "moons"
     sets = ["train.steps=4", "train.batch_size=32", "train.log_every=2", "train.ckpt_every=2",
             "model.hidden=16", "model.depth=1", "sample.n=64", "sample.steps=2"]  # fmt: skip
     sets = [a for s in sets for a in ("--set", s)]
     assert main(["train", "--preset", "moons", "--out", str(run), "--no-progress", *sets]) == 0
-    capsys.readouterr()
+    # a run that cannot be exported says so when it starts
+    assert "note: difflab export cannot write this run for diffusers" in capsys.readouterr().out
     args = ["eval", str(run), "--n", "64", "--steps", "2", "--no-progress"]
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -212,9 +215,10 @@ def test_import_of_a_network_no_preset_describes_keeps_its_own_config(
     pipeline_dir, tmp_path, capsys
 ):
     """A UNet2DModel that matches no preset (16x16, channels (8, 16), 4 heads, diffusers'
-    time features and norm eps) is imported with the closest preset and its own fields in model.unet. Oracle: the run's network
-    computes what the diffusers folder's network computes (load_diffusers, itself checked
-    against diffusers' forward), and the run fine-tunes."""
+    time features and norm eps) is imported with the closest preset and its own fields in
+    model.unet. Oracle: the run's network computes what the diffusers folder's network
+    computes (load_diffusers, itself checked against diffusers' forward), and the run
+    fine-tunes. Bug caught: the import refusing every network that is not a preset."""
     from difflab.app.runs import load_run
 
     _images(tmp_path / "imgs")

@@ -13,14 +13,17 @@ from difflab.parameterization import (
     ModelDenoiser,
     edm_preconditioning,
     eps_from_score,
+    eps_from_u,
     eps_from_v,
     eps_from_x0,
     score_from_eps,
+    u_from_x0_eps,
     v_from_x0_eps,
     x0_from_eps,
+    x0_from_u,
     x0_from_v,
 )
-from difflab.schedules import DiscreteSchedule, EDMSchedule
+from difflab.schedules import DiscreteSchedule, EDMSchedule, FlowMatchSchedule
 
 F64 = torch.float64
 
@@ -42,6 +45,9 @@ def test_round_trips(alpha, sigma, seed):
     v = v_from_x0_eps(x0, eps, alpha, sigma)
     assert torch.allclose(x0_from_v(xt, v, alpha, sigma), x0, **tol)
     assert torch.allclose(eps_from_v(xt, v, alpha, sigma), eps, **tol)
+    u = u_from_x0_eps(x0, eps)
+    assert torch.allclose(x0_from_u(xt, u, alpha, sigma), x0, **tol)
+    assert torch.allclose(eps_from_u(xt, u, alpha, sigma), eps, **tol)
     assert torch.allclose(eps_from_score(score_from_eps(eps, sigma), sigma), eps)
 
 
@@ -79,19 +85,26 @@ def _oracle_network(target, x0, eps, sched, sigma_data=0.5):
             return (x0 - c_skip[:, None] * x_ve) / c_out[:, None]
         a, s = sched.alpha_sigma(t_in.to(F64))
         a, s = a[:, None], s[:, None]
-        return {"eps": eps, "x0": x0, "v": v_from_x0_eps(x0, eps, a, s)}[target]
+        v = v_from_x0_eps(x0, eps, a, s)
+        return {"eps": eps, "x0": x0, "v": v, "flow": eps - x0}[target]
 
     return net
 
 
 @pytest.mark.parametrize("target", PARAMETERIZATIONS)
-@pytest.mark.parametrize("kind", ["vp", "ve"])
+@pytest.mark.parametrize("kind", ["vp", "ve", "flow"])
 def test_model_denoiser_recovers_x0_and_eps(target, kind):
-    sched = DiscreteSchedule.from_name("cosine", 1000) if kind == "vp" else EDMSchedule()
+    if kind == "flow" and target == "edm":
+        pytest.skip("EDM preconditioning of the flow schedule is tested with the VE one")
+    sched = {
+        "vp": DiscreteSchedule.from_name("cosine", 1000),
+        "ve": EDMSchedule(),
+        "flow": FlowMatchSchedule(),
+    }[kind]
     n = 7
     x0 = torch.randn(n, 2, dtype=F64)
     eps = torch.randn(n, 2, dtype=F64)
-    t = torch.linspace(sched.t_min + 1, sched.t_max * 0.9, n, dtype=F64)
+    t = torch.linspace(sched.t_min * 2, sched.t_max * 0.9, n, dtype=F64)
     a, s = sched.alpha_sigma(t)
     xt = a[:, None] * x0 + s[:, None] * eps
     net = _oracle_network(target, x0, eps, sched)
@@ -116,7 +129,7 @@ def test_learned_variance_split_and_eq15_fraction():
 
 
 def test_unknown_parameterization():
-    with pytest.raises(ValueError, match="choose one of: eps, x0, v, edm"):
+    with pytest.raises(ValueError, match="choose one of: eps, x0, v, edm, flow"):
         ModelDenoiser(torch.nn.Identity(), EDMSchedule(), parameterization="score")  # type: ignore
 
 
@@ -128,3 +141,44 @@ def test_v_is_angle_velocity():
     x = lambda p: math.cos(p) * x0 + math.sin(p) * eps  # noqa: E731
     numeric = (x(phi + dphi) - x(phi - dphi)) / (2 * dphi)
     assert torch.allclose(numeric, v_from_x0_eps(x0, eps, math.cos(phi), math.sin(phi)), atol=1e-8)
+
+
+def test_flow_velocity_inversions_are_the_interpolant_ones():
+    """On x_t = (1 - t) x0 + t eps: x0 = x_t - t u and eps = x_t + (1 - t) u with u = eps - x0
+    (the general (alpha + sigma) denominators are 1 there), and u is not Salimans' v."""
+    sched = FlowMatchSchedule()
+    t = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=F64)[:, None]
+    x0, eps = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    a, s = sched.alpha_sigma(t)
+    xt = a * x0 + s * eps
+    u = u_from_x0_eps(x0, eps)
+    assert torch.allclose(u, eps - x0)
+    assert torch.allclose(x0_from_u(xt, u, a, s), xt - t * u, atol=1e-12)
+    assert torch.allclose(eps_from_u(xt, u, a, s), xt + (1 - t) * u, atol=1e-12)
+    assert torch.allclose(x0_from_u(xt, u, a, s), x0, atol=1e-12)  # also at t = 0 and t = 1
+    assert torch.allclose(eps_from_u(xt, u, a, s), eps, atol=1e-12)
+    v = v_from_x0_eps(x0, eps, a, s)
+    assert not torch.allclose(v[1:3], u[1:3])
+    # the velocity is d x_t / dt of the interpolant (finite difference)
+    h = 1e-6
+    x_plus = (1 - (t + h)) * x0 + (t + h) * eps
+    assert torch.allclose((x_plus - xt) / h, u, atol=1e-6)
+
+
+def test_time_scale_multiplies_the_network_time_only():
+    """time_scale = 1000 hands a flow network 1000 t (diffusers' timestep), in sampling and in
+    the loss alike; the conversions still use the schedule's t."""
+    seen = []
+
+    def net(x, t_in, cond=None):
+        seen.append(t_in.clone())
+        return torch.zeros_like(x)
+
+    den = ModelDenoiser(net, FlowMatchSchedule(), parameterization="flow", time_scale=1000.0)
+    t = torch.tensor([0.25, 0.5], dtype=F64)
+    xt = torch.ones(2, 2, dtype=F64)
+    pred = den(xt, t)
+    assert torch.allclose(seen[-1], 1000 * t)
+    assert torch.allclose(pred.x0, xt) and torch.allclose(pred.eps, xt)  # u = 0
+    with pytest.raises(ValueError, match="time_scale"):
+        ModelDenoiser(net, FlowMatchSchedule(), time_scale=0.0)

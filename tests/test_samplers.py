@@ -32,6 +32,7 @@ from difflab.samplers import (
     ddim,
     ddim_invert,
     ddpm,
+    default_spacing,
     dpm_solver_pp,
     dpmpp_sde,
     edm_sampler,
@@ -43,11 +44,13 @@ from difflab.samplers import (
 )
 from difflab.samplers.ancestral import reverse_log_variance
 from difflab.samplers.common import THRESHOLD_MODES
-from difflab.schedules import DiscreteSchedule, EDMSchedule, sampling_timesteps
+from difflab.schedules import DiscreteSchedule, EDMSchedule, FlowMatchSchedule, sampling_timesteps
 
 F64 = torch.float64
 LINEAR = DiscreteSchedule.from_name("linear", 1000)
 EDM = EDMSchedule()
+FLOW = FlowMatchSchedule()  # grids start at pure noise, t = 1 (alpha = 0, log-SNR = -inf)
+FLOW3 = FlowMatchSchedule(shift=3.0)
 MEAN = torch.tensor([0.8, -0.5], dtype=F64)
 COV = torch.tensor([[1.0, 0.5], [0.5, 0.6]], dtype=F64)  # correlation 0.65
 
@@ -72,6 +75,8 @@ GAUSSIAN_STEPS = {
     "euler": 200,
     "heun": 40,
     "euler-ancestral": 400,
+    "flow-euler": 200,
+    "flow-heun": 40,
     "ipndm": 40,
 }
 
@@ -109,12 +114,20 @@ GAUSSIAN_CASES = [("linear", name, {}) for name in SAMPLERS] + [
     ("edm", "ipndm", {}),
     ("linear", "ipndm", {"max_order": 2}),
     ("linear", "dpm++2m-sde", {"eta": 0.5}),
+    # every sampler from pure noise on the flow-matching schedule (its default trailing grid)
+    *[("flow", name, {}) for name in SAMPLERS],
+    ("flow3", "flow-heun", {}),
+    ("flow3", "dpm++2m", {}),
+    ("flow", "flow-heun", {"s_churn": 10.0}),
+    ("flow", "heun", {"s_churn": 10.0}),
+    ("flow", "dpm++2m-sde", {"eta": 0.0}),
+    ("flow", "ddim", {"eta": 1.0}),
 ]
 
 
 @pytest.mark.parametrize("schedule,name,options", GAUSSIAN_CASES)
 def test_samplers_reproduce_gaussian_data(schedule, name, options):
-    sched = {"linear": LINEAR, "edm": EDM}[schedule]
+    sched = {"linear": LINEAR, "edm": EDM, "flow": FLOW, "flow3": FLOW3}[schedule]
     options = dict(options)
     steps = options.pop("steps", GAUSSIAN_STEPS[name])
     den = GaussianDenoiser(MEAN, COV, sched)
@@ -187,6 +200,8 @@ GMM_STEPS = {
     "euler": 60,
     "heun": 30,
     "euler-ancestral": 150,
+    "flow-euler": 60,
+    "flow-heun": 30,
     "ipndm": 30,
 }
 
@@ -697,7 +712,7 @@ def test_nfe_callback_and_shapes(name):
         dtype=F64,
     )
     assert den.calls == nfe(name, 7)
-    ts = sampling_timesteps(LINEAR, 7, spacing="trailing" if name in ("ddpm", "ddim") else "karras")
+    ts = sampling_timesteps(LINEAR, 7, spacing=default_spacing(name, LINEAR))
     assert [s["i"] for s in seen] == list(range(7))
     assert [s["t"] for s in seen] == pytest.approx(ts[:-1].tolist())
     assert [s["t_next"] for s in seen] == pytest.approx(ts[1:].tolist())

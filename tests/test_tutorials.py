@@ -4,7 +4,7 @@ The tutorials (``tutorials/[0-9]*.py``, found by glob so new ones are picked up)
 own claims; each one leaves a module-level ``RESULTS: dict[str, float]`` with the checked
 numbers, and the key ones are re-checked here against the same oracles' tolerances. The
 answers to each tutorial's "Try this" exercises run too (``DIFFLAB_ANSWERS=1``) and leave
-``answer_*`` keys. One tutorial is also executed as a notebook (jupytext + nbclient).
+``answer_*`` keys. Two tutorials are also executed as notebooks (jupytext + nbclient).
 """
 
 from __future__ import annotations
@@ -108,6 +108,12 @@ KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
         "uint8_round_trip_mismatches": _below(0.5),
         "flip_count_z": _z(),
         "train_gain_z": lambda v: v > 4,
+        "train_step_loss_rel": _below(1e-5),
+        "sd_ddim_vs_difflab_grid_max_abs": _below(1e-6),
+        "ddim_n30_gap": lambda v: v > 1e-3,
+        "pred_original_sample_max_abs": _below(1e-4),
+        "euler_vs_diffusers_max_abs": _below(1e-4),
+        "dpmpp2m_vs_diffusers_max_abs": _below(1e-4),
         "pipeline_vs_difflab_max_abs": _below(1e-4),
         "answer_imported_weights_max_abs": _below(1e-6),
     },
@@ -121,6 +127,8 @@ KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
         "latent_std_after": lambda v: abs(v - 1) < 0.15,
         "scale_vs_pooled_std_rel": _below(1e-6),
         "latent_sample_vs_decode_max_abs": _below(1e-6),
+        "posterior_std_over_spread": _below(0.2),
+        "amplification_at_T_ldm_uncond": lambda v: 80 < v < 90,
         "answer_var_zt_z": _z(),
     },
     "13": {
@@ -130,8 +138,38 @@ KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
         "aug_mean_max_abs_z_s300": _z(5),
         "aug_var_max_abs_z_s300": _z(5),
         "aug_kl_vs_closed_form_max_rel": _below(1e-9),
+        "aug_pooled_var_z_s50": _z(5),
+        "aug_pooled_var_z_slip_s50": lambda v: v > 10,
         "cascade_vs_by_hand_max_abs": _below(1e-12),
         "answer_alpha_minus_sigma": _below(1e-9),
+    },
+    "14": {
+        "x0_eps_from_u_max_abs": _below(1e-12),
+        "flow_euler_vs_ddim_max_abs": _below(1e-12),
+        "loss_flow_vs_eps_max_rel": _below(1e-9),
+        "loss_flow_vs_x0_max_rel": _below(1e-9),
+        "dpmpp_flow_vs_vp_max_abs": _below(1e-8),
+        "straightness_point_flow": lambda v: v > 0.999,
+        "straightness_unit_gaussian_vp": lambda v: v > 0.999,
+        "shift_logsnr_max_abs": _below(1e-9),
+        "torchcfm_flip_max_abs": _below(1e-12),
+        "answer_ddim_flow_vs_vp_max_abs": _below(1e-8),
+    },
+    "16": {
+        "score_tweedie_vs_autograd_max_rel": _below(1e-9),
+        "sde_forward_mean_max_abs_z": _z(),
+        "sde_forward_var_max_abs_z": _z(),
+        "reverse_sde_nll_z": _z(),
+        "pf_ode_nll_z": _z(),
+        "pf_ode_gauss_error_ratio": lambda v: 1.5 < v < 3,
+        "edm_unit_variance_max_abs_z": _z(),
+        "edm_lambda_c_out_sq_max_err": _below(1e-12),
+        "v_as_edm_max_abs": _below(1e-12),
+        "answer_eps_as_edm_max_abs": _below(1e-12),
+    },
+    "17": {
+        "inversion_gauss_min_ratio": lambda v: v > 1.5,
+        "inversion_gauss_max_ratio": lambda v: v < 3,
     },
 }
 MIN_ANSWERS = 2  # "Try this" exercises whose answers each tutorial checks
@@ -189,8 +227,8 @@ def test_tutorial_is_a_percent_notebook_listed_in_the_readme(path: Path):
     assert path.name in readme, f"tutorials/README.md does not list {path.name}"
 
 
-# executed as a notebook as well: a short tutorial with several figures
-NOTEBOOK_TUTORIALS = ["01_random_variables_and_gaussians"]
+# executed as a notebook as well: short tutorials with several figures
+NOTEBOOK_TUTORIALS = ["01_random_variables_and_gaussians", "16_scores_sdes_and_edm"]
 
 
 def _private_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:

@@ -26,8 +26,15 @@
 # | `q_sample(x0, t, schedule, eps=...)` | `DDPMScheduler.add_noise(x0, noise, k)` | 1 |
 # | `ddim(...)`, `sample(sampler="ddim")` | a loop over `DDIMScheduler.step` | 2 |
 # | `build_unet(...)` (`difflab.nn.unet.UNet`) | `UNet2DModel` | 3 |
-# | an image folder, `ImageDataset` (to [-1, 1], flips) | your own data loading | 4 |
-# | `difflab train`, `difflab export RUN OUT` | `DDIMPipeline.from_pretrained(OUT)` | 5, 6 |
+# | `diffusion_loss(..., t=, noise=)` | `add_noise`, `UNet2DModel`, `F.mse_loss` | 4 |
+# | `ddim` on an explicit grid | Stable Diffusion's `DDIMScheduler` config | 5 |
+# | `spacing="trailing"` when $N \nmid T$ | `DDIMScheduler` steps of `T // N` | 6 |
+# | sampler `callback`, `info["x0_hat"]` | `step(...).pred_original_sample` | 7 |
+# | `ddpm`, `variance="small"` / `"large"` | `variance_type="fixed_small"` / `"fixed_large"` | 8 |
+# | `euler`, `dpm++2m` (Karras grid) | `EulerDiscreteScheduler`, `DPMSolverMultistepScheduler` | 9 |
+# | `latent_scale_factor` | `AutoencoderKL.scaling_factor`, `shift_factor` | 10 |
+# | an image folder, `ImageDataset` (to [-1, 1], flips) | your own data loading | 11 |
+# | `difflab train`, `difflab export RUN OUT` | `DDIMPipeline.from_pretrained(OUT)` | 12, 13 |
 #
 # **The one convention to remember.** difflab counts time as in the papers [Ho 2020]: $t = 0$
 # is the data and $t = 1, \dots, T$ are the noisy steps, so $\bar\alpha_0 = 1$ and
@@ -36,9 +43,12 @@
 #
 # $$\text{diffusers' timestep } k \;=\; \text{difflab's time } t = k + 1 .$$
 #
-# Sections 1 to 3 each check an identity that would fail with $t = k$.
+# Sections 1 to 4 each check an identity that would fail with $t = k$. Sections 5 to 10 are
+# the settings a diffusers user meets first (Stable Diffusion's scheduler config, step counts,
+# `pred_original_sample`, variance types, the sigma-based solvers, the latent scale), each
+# reproduced number for number.
 #
-# The second half is images in practice: a folder of coloured shapes that the tutorial draws
+# The last part is images in practice: a folder of coloured shapes that the tutorial draws
 # itself, how pixels become the $[-1, 1]$ values the model sees and back, random flips, a few
 # training steps with difflab's command line, and the run exported as a diffusers pipeline
 # (with its model card) that diffusers samples to the same images as difflab.
@@ -59,6 +69,7 @@ from difflab.app.cli import main as difflab_main
 from difflab.app.runs import load_run, read_run_config
 from difflab.data.images import load_image_dataset, to_uint8, to_unit_range
 from difflab.interop import (
+    DiffusersTimeDenoiser,
     diffusers_config_from_unet,
     load_diffusers,
     schedule_from_diffusers,
@@ -67,10 +78,11 @@ from difflab.interop import (
     unet_config_from_diffusers,
 )
 from difflab.nn.unet import build_unet
+from difflab.objectives import diffusion_loss
 from difflab.oracles import GaussianDenoiser
-from difflab.parameterization import v_from_x0_eps
-from difflab.process import q_sample
-from difflab.samplers import ddim, sample
+from difflab.parameterization import ModelDenoiser, v_from_x0_eps
+from difflab.process import grid_posterior, q_sample
+from difflab.samplers import SAMPLERS, ddim, sample
 from difflab.schedules import DiscreteSchedule, sampling_timesteps
 from difflab.viz import make_grid
 
@@ -104,10 +116,15 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 # schedule ($\beta$ from $10^{-4}$ to $0.02$), read it into a difflab schedule with
 # `schedule_from_diffusers`, and noise the same $x_0$ with the same $\epsilon$ on both sides.
 # diffusers keeps $\bar\alpha$ in float32 and difflab in float64, so the two agree to float32
-# rounding. It matters most near $k = 0$: there $\bar\alpha \approx 0.9999$ is stored to
-# about $6 \cdot 10^{-8}$, which moves $\sqrt{1 - \bar\alpha} = 0.01$ by about
-# $3 \cdot 10^{-6}$; with $|\epsilon|$ up to 4 we allow $10^{-5}$. Calling `q_sample` at
-# $t = k$ instead is off by a whole step.
+# rounding. How closely? Near $k = 0$ a rounding error $\delta$ in $\bar\alpha \approx 0.9999$
+# (float32 values near 1 are $6 \cdot 10^{-8}$ apart) moves $\sqrt{1 - \bar\alpha} = 0.01$ by
+# $\delta / (2 \cdot 0.01) = 50\,\delta$, and the noise term by $50\,\delta\,|\epsilon|$ with
+# $|\epsilon|$ up to about 4. Rather than guess $\delta$, the cell reads it: for each $k$ it
+# bounds the difference by $|\Delta\sqrt{\bar\alpha}|\,\max|x_0| + |\Delta\sqrt{1 -
+# \bar\alpha}|\,\max|\epsilon|$ (the two square roots from float32 against float64), plus
+# float32 rounding of the result, and checks each $k$ against its own bound. The largest
+# bound, at $k = 0$, is $3 \cdot 10^{-6}$. Calling `q_sample` at $t = k$ instead is off by a
+# whole step.
 
 # %%
 ddpm_scheduler = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule="linear")
@@ -131,9 +148,20 @@ ours = q_sample(x0_probe.double(), (k + 1).double(), sched, eps=eps_probe.double
 wrong = q_sample(x0_probe.double(), k.double(), sched, eps=eps_probe.double())
 RESULTS["add_noise_vs_q_sample_max_abs"] = max_abs(theirs, ours)
 RESULTS["add_noise_vs_q_sample_at_k_max_abs"] = max_abs(theirs, wrong)
+# the rounding bound per k, from diffusers' stored float32 alphas_cumprod
+ab32, ab64 = ddpm_scheduler.alphas_cumprod[k].double(), sched.alpha_bar[k + 1]
+per_image_max = lambda v: v.abs().flatten(1).amax(1)  # noqa: E731
+bound = (
+    (ab32.sqrt() - ab64.sqrt()).abs() * per_image_max(x0_probe)
+    + ((1 - ab32).sqrt() - (1 - ab64).sqrt()).abs() * per_image_max(eps_probe)
+    + 3 * 2.0**-24 * per_image_max(ours)  # float32 products and sum
+)
+gap = per_image_max(theirs.double() - ours)
+RESULTS["add_noise_gap_over_bound_max"] = float((gap / bound).max())
 print(f"max |add_noise(k) - q_sample(t = k + 1)| = {RESULTS['add_noise_vs_q_sample_max_abs']:.1e}"
-      f"; with t = k: {RESULTS['add_noise_vs_q_sample_at_k_max_abs']:.2f}")  # fmt: skip
-assert RESULTS["add_noise_vs_q_sample_max_abs"] < 1e-5
+      f" (rounding bounds {', '.join(f'{b:.1e}' for b in bound.tolist())} for k = "
+      f"{k.tolist()}); t = k: {RESULTS['add_noise_vs_q_sample_at_k_max_abs']:.2f}")  # fmt: skip
+assert bool((gap <= bound).all()) and RESULTS["add_noise_vs_q_sample_max_abs"] < 1e-5
 assert RESULTS["add_noise_vs_q_sample_at_k_max_abs"] > 1e-2  # the check can fail
 
 # %% [markdown]
@@ -292,7 +320,261 @@ assert back_config == unet.config
 assert RESULTS["unet_weights_round_trip_max_abs"] < 1e-6  # the time rotation, there and back
 
 # %% [markdown]
-# ## 4. RGB images in practice: a folder of coloured shapes
+# ## 4. A training step: `add_noise`, `UNet2DModel`, MSE against `diffusion_loss`
+#
+# The training loop of the Hugging Face course, in diffusers' spelling: draw a timestep
+# $k \in \{0, \dots, T - 1\}$ and noise, `noisy = scheduler.add_noise(x0, noise, k)`, call the
+# network at $k$ and take `F.mse_loss(prediction, noise)`. difflab's `diffusion_loss` does the
+# same in one call (the $\epsilon$ target, uniform weighting) and accepts the time and the noise,
+# so both can be fed the same draws: $t = k + 1$. With the two networks of section 3 (the same
+# weights) the two losses agree to float32 rounding; feeding difflab $t = k$ does not.
+
+# %%
+x0_batch = torch.rand(8, 3, 16, 16, generator=seeded(20)) * 2 - 1
+noise_batch = torch.randn(x0_batch.shape, generator=seeded(21))
+k_batch = torch.randint(0, T, (8,), generator=seeded(22))
+with torch.no_grad():
+    noisy = ddpm_scheduler.add_noise(x0_batch, noise_batch, k_batch)
+    loss_theirs = torch.nn.functional.mse_loss(their_unet(noisy, k_batch).sample, noise_batch)
+    eps_denoiser = ModelDenoiser(unet, sched, parameterization="eps")
+    loss_ours = diffusion_loss(eps_denoiser, x0_batch, t=(k_batch + 1).double(), noise=noise_batch)
+    loss_at_k = diffusion_loss(eps_denoiser, x0_batch, t=k_batch.double(), noise=noise_batch)
+RESULTS["train_step_loss_rel"] = abs(float(loss_ours.loss) / float(loss_theirs) - 1)
+RESULTS["train_step_loss_at_k_rel"] = abs(float(loss_at_k.loss) / float(loss_theirs) - 1)
+print(f"diffusers' training loss {float(loss_theirs):.6f}, diffusion_loss "
+      f"{float(loss_ours.loss):.6f} (relative difference {RESULTS['train_step_loss_rel']:.1e}); "
+      f"at t = k: {float(loss_at_k.loss):.6f}")  # fmt: skip
+assert RESULTS["train_step_loss_rel"] < 1e-5
+assert RESULTS["train_step_loss_at_k_rel"] > 1e-4  # the check can fail
+
+# %% [markdown]
+# ## 5. Stable Diffusion's DDIM settings: `leading`, `steps_offset=1`, `set_alpha_to_one=False`
+#
+# Section 2 used the settings that make diffusers' DDIM difflab's trailing grid. Stable
+# Diffusion's scheduler config is different, and a student copying it gets another sampler:
+#
+# * `timestep_spacing="leading"` with `steps_offset=1`: the timesteps are $k = j\,(T/N) + 1$,
+#   $j = N - 1, \dots, 0$, i.e. $901, 801, \dots, 101, 1$ for $N = 10$, so difflab times
+#   $t = 902, 802, \dots, 2$: the first call is far from $t = T$ (a "leading" grid never
+#   reaches $T$ [Lin 2024]);
+# * `set_alpha_to_one=False`: the last step goes to `alphas_cumprod[0]`, that is
+#   $\bar\alpha_1$, not to $\bar\alpha_0 = 1$: the sample is left at noise level
+#   $\sqrt{1 - \bar\alpha_1} = 0.029$ (Stable Diffusion's $\beta_1 = 0.00085$).
+#
+# difflab's `ddim` runs on any grid of times, so the same sampler is `ddim` on
+# $[902, 802, \dots, 2, 1]$. The check: equal to diffusers to rounding on the exact Gaussian
+# denoiser (with diffusers' float32 $\bar\alpha$, as in section 2), and different from
+# difflab's own `leading` grid ($901, \dots, 1, 0$) and from the same grid ending at $t = 0$.
+
+
+# %%
+def float32_schedule(scheduler) -> DiscreteSchedule:
+    """A difflab schedule with a diffusers scheduler's float32 alphas_cumprod exactly."""
+    ab = torch.cat([torch.ones(1), scheduler.alphas_cumprod]).double()
+    return DiscreteSchedule(1 - ab[1:] / ab[:-1])
+
+
+def diffusers_ddim_loop(scheduler, denoiser, x: torch.Tensor) -> torch.Tensor:
+    for k in scheduler.timesteps:
+        t = torch.full((x.shape[0],), float(k) + 1, dtype=F64)
+        x = scheduler.step(denoiser(x, t).eps, k, x, eta=0.0).prev_sample
+    return x
+
+
+sd_scheduler = diffusers.DDIMScheduler(
+    num_train_timesteps=T, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+    timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+)  # fmt: skip
+sd_scheduler.set_timesteps(10)
+sd32 = float32_schedule(sd_scheduler)
+exact_sd = GaussianDenoiser(gauss_mean, gauss_cov, sd32)
+sd_grid = torch.cat([sd_scheduler.timesteps.double() + 1, torch.ones(1, dtype=F64)])
+print("Stable Diffusion's DDIM timesteps k:", sd_scheduler.timesteps.tolist())
+print("as a difflab grid t:                ", [int(t) for t in sd_grid])
+theirs_sd = diffusers_ddim_loop(sd_scheduler, exact_sd, x_T)
+ours_sd = ddim(exact_sd, x_T, sd_grid, schedule=sd32)
+to_zero = ddim(exact_sd, x_T, torch.cat([sd_grid[:-1], torch.zeros(1, dtype=F64)]), schedule=sd32)
+plain_leading = ddim(exact_sd, x_T, sampling_timesteps(sd32, 10, spacing="leading"), schedule=sd32)
+RESULTS["sd_ddim_vs_difflab_grid_max_abs"] = max_abs(theirs_sd, ours_sd)
+RESULTS["sd_ddim_vs_ending_at_0_max_abs"] = max_abs(theirs_sd, to_zero)
+RESULTS["sd_ddim_vs_difflab_leading_max_abs"] = max_abs(theirs_sd, plain_leading)
+print(f"max |diffusers - difflab ddim on {[int(t) for t in sd_grid[-3:]]}| = "
+      f"{RESULTS['sd_ddim_vs_difflab_grid_max_abs']:.1e}; the same grid ending at 0: "
+      f"{RESULTS['sd_ddim_vs_ending_at_0_max_abs']:.3f}; difflab's leading grid: "
+      f"{RESULTS['sd_ddim_vs_difflab_leading_max_abs']:.3f}; sqrt(1 - alpha_bar_1) = "
+      f"{math.sqrt(1 - float(sd32.alpha_bar[1])):.3f}")  # fmt: skip
+assert RESULTS["sd_ddim_vs_difflab_grid_max_abs"] < 1e-6
+assert RESULTS["sd_ddim_vs_ending_at_0_max_abs"] > 1e-3
+assert RESULTS["sd_ddim_vs_difflab_leading_max_abs"] > 1e-3
+
+# %% [markdown]
+# ## 6. When the number of steps does not divide $T$
+#
+# `DDIMScheduler` lists its timesteps on the chosen grid, but each `step` goes from $k$ to
+# $k - T // N$. When $N$ divides $T$ that is the next listed timestep. When it does not
+# (e.g. $N = 30$, $T // N = 33$; trailing timesteps $999, 966, 932, \dots$), the step from 966
+# lands on 933 while the next call treats the sample as being at 932: every few steps the
+# sample's noise level and the level the network is told differ by one step, so the loop is
+# not DDIM on any one grid. difflab steps from each grid time to the next [Song 2021 (DDIM),
+# Eq. 12 on a sub-sequence]. With the exact denoiser, the two agree to rounding at $N = 10$ and
+# $N = 50$ (which divide 1000) and differ at $N = 30$ and $N = 7$.
+
+# %%
+lin32 = float32_schedule(ddim_scheduler)
+gap_by_n = {}
+for n_steps in (10, 50, 30, 7):
+    ddim_scheduler.set_timesteps(n_steps)
+    theirs_n = diffusers_ddim_loop(ddim_scheduler, exact, x_T)
+    ours_n = ddim(
+        exact, x_T, sampling_timesteps(lin32, n_steps, spacing="trailing"), schedule=lin32
+    )
+    gap_by_n[n_steps] = max_abs(theirs_n, ours_n)
+    print(f"N = {n_steps:2d} (T % N = {T % n_steps:2d}): max |diffusers - difflab| = "
+          f"{gap_by_n[n_steps]:.1e}")  # fmt: skip
+RESULTS["ddim_n10_gap"], RESULTS["ddim_n30_gap"] = gap_by_n[10], gap_by_n[30]
+ddim_scheduler.set_timesteps(10)  # back to section 2's ten steps
+assert max(gap_by_n[10], gap_by_n[50]) < 1e-6 and min(gap_by_n[30], gap_by_n[7]) > 1e-3
+
+# %% [markdown]
+# ## 7. `pred_original_sample` along the loop, and difflab's callback
+#
+# Each `DDIMScheduler.step` returns, besides `prev_sample`, the $\hat x_0$ it used:
+# `pred_original_sample`, the picture a diffusers user plots to watch a sample form. difflab's
+# samplers pass the same thing to a `callback` as `info["x0_hat"]` at every step (with `t`,
+# `t_next` and the current `x`). Compared step by step on the ten-step loop of section 2, they
+# agree to $10^{-4}$: the first steps divide by $\sqrt{\bar\alpha_T} \approx 1/157$, which
+# magnifies diffusers' float32 rounding of about $10^{-7}$ a hundredfold; later steps agree to
+# $10^{-7}$.
+
+# %%
+x = x_T.clone()
+theirs_x0 = []
+for k in ddim_scheduler.timesteps:
+    out = ddim_scheduler.step(eps_model(x, k), k, x, eta=0.0)
+    theirs_x0.append(out.pred_original_sample)
+    x = out.prev_sample
+ours_x0: list[torch.Tensor] = []
+sample(
+    exact, sched32, shape_g, sampler="ddim", steps=10, spacing="trailing", generator=seeded(4),
+    dtype=F64, callback=lambda info: ours_x0.append(info["x0_hat"]),
+)  # fmt: skip
+x0_gaps = [max_abs(a, b) for a, b in zip(theirs_x0, ours_x0)]
+RESULTS["pred_original_sample_max_abs"] = max(x0_gaps)
+print("max |pred_original_sample - x0_hat| per step:", ", ".join(f"{v:.0e}" for v in x0_gaps))
+assert len(ours_x0) == len(theirs_x0) == 10 and RESULTS["pred_original_sample_max_abs"] < 1e-4
+
+# %% [markdown]
+# ## 8. `variance_type`: the variance of an ancestral step
+#
+# `DDPMScheduler(variance_type=...)` picks the variance of the noise added at each DDPM step
+# [Ho 2020, Sec. 3.2]: `"fixed_small"` is the posterior variance
+# $\tilde\beta_t = \frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t}\beta_t$ (difflab's `ddpm`
+# sampler with `variance="small"`, the default), `"fixed_large"` is $\beta_t$
+# (`variance="large"`), and `"learned_range"` reads an interpolation between their logarithms
+# from a second half of the network's output [Nichol & Dhariwal 2021] (difflab's
+# `ModelDenoiser(learned_variance=True)`, tutorial 10). Both fixed choices, at every
+# timestep, against difflab's `grid_posterior` on the full grid (diffusers' float32
+# $\bar\alpha$ again); diffusers floors the last variance, which is 0, at $10^{-20}$, so the
+# last step is left out. The tolerance: diffusers forms $\beta_t = 1 - \bar\alpha_t /
+# \bar\alpha_{t-1}$ and $1 - \bar\alpha_{t-1}$ in float32, and near $t = 1$ these small
+# numbers ($\beta_t \approx 10^{-4}$) keep only a few digits: an absolute error of about
+# $2^{-24} \approx 6 \cdot 10^{-8}$ each, so a relative error up to about $4 \cdot
+# 2^{-24} / \beta_t$ ($2 \cdot 10^{-3}$ at $t = 2$, $10^{-5}$ at $t = T$). Each timestep is
+# checked against its own bound; the variance of the neighbouring step ($t = k$) misses it.
+
+# %%
+full_grid = torch.arange(T, -1, -1, dtype=F64)
+posterior = grid_posterior(lin32, full_grid)
+for variance_type, key in (("fixed_small", "beta_tilde"), ("fixed_large", "beta_step")):
+    ddpm_v = diffusers.DDPMScheduler(num_train_timesteps=T, variance_type=variance_type)
+    ddpm_v.set_timesteps(T)
+    theirs_var = torch.tensor(
+        [float(ddpm_v._get_variance(k)) for k in ddpm_v.timesteps[:-1]], dtype=F64
+    )
+    ours_var = posterior[key][: T - 1]  # t = T .. 2; the last step (t = 1 -> 0) is left out
+    rel_bound = 4 * 2.0**-24 / posterior["beta_step"][: T - 1]
+    rel = (theirs_var / ours_var - 1).abs()
+    rel_slip = (theirs_var / posterior[key][1:T] - 1).abs()  # the variance of t - 1 instead
+    RESULTS[f"variance_{variance_type}_max_rel"] = float(rel.max())
+    RESULTS[f"variance_{variance_type}_over_bound"] = float((rel / rel_bound).max())
+    print(f"{variance_type}: max relative difference from difflab's {key} "
+          f"{RESULTS[f'variance_{variance_type}_max_rel']:.1e}, at most "
+          f"{RESULTS[f'variance_{variance_type}_over_bound']:.2f} of its bound; one step off: "
+          f"{float(rel_slip.min()):.1e} at least")  # fmt: skip
+    assert bool((rel <= rel_bound).all()) and bool((rel_slip > rel_bound).all())
+
+# %% [markdown]
+# ## 9. Euler and DPM-Solver++(2M): the same solvers, one difference in the time input
+#
+# `EulerDiscreteScheduler` and `DPMSolverMultistepScheduler` work with the noise level
+# $\sigma = \sigma_t / \alpha_t$ (EDM's, tutorial 8) and, on a Karras grid, call the network
+# at a timestep found by interpolating $\log\sigma$ between integer steps (DPM-Solver rounds
+# it). difflab calls the network at the exact time of the noise level, so on a Karras grid the
+# *network* sees slightly different times; `DiffusersTimeDenoiser` reproduces diffusers'
+# choice, and with it difflab's `euler` and `dpm++2m` give diffusers' numbers to float32
+# rounding. Euler scales its input: diffusers keeps $x / \alpha$ (variance-exploding form,
+# `init_noise_sigma` times the noise at the start, `scale_model_input` before each call),
+# difflab keeps $x$ itself, so the starting points correspond by $x = \alpha\,y$. On the
+# networks of section 3, 8 Karras steps each, with their outputs read as $v$ (tutorial 7):
+# read as $\hat\epsilon$, the networks' float32 disagreement of about $10^{-5}$ (section 3)
+# would be multiplied by $\sigma$, up to 157, in $\hat x_0$, while $\hat x_0 = \alpha_t x_t -
+# \sigma_t \hat v$ multiplies it by at most 1; so the solvers are compared, not the networks.
+
+# %%
+x_probe8 = torch.randn(2, 3, 16, 16, generator=seeded(23))
+solver_gaps = {}
+for name, scheduler, time_input in (
+    ("euler", diffusers.EulerDiscreteScheduler, "log_sigma"),
+    ("dpm++2m", diffusers.DPMSolverMultistepScheduler, "log_sigma_rounded"),
+):
+    options = dict(
+        num_train_timesteps=T, beta_schedule="linear", use_karras_sigmas=True,
+        prediction_type="v_prediction",
+    )  # fmt: skip
+    if name == "dpm++2m":
+        options.update(solver_order=2, algorithm_type="dpmsolver++", lower_order_final=True,
+                       final_sigmas_type="zero")  # fmt: skip
+    sch = scheduler(**options)
+    sch.set_timesteps(8)
+    y = x_probe8 * sch.init_noise_sigma
+    with torch.no_grad():
+        for k in sch.timesteps:
+            y = sch.step(their_unet(sch.scale_model_input(y, k), k).sample, k, y).prev_sample
+    sch32 = float32_schedule(sch)
+    den = DiffusersTimeDenoiser(unet, sch32, parameterization="v", time_input=time_input)
+    ts = sampling_timesteps(sch32, 8, spacing="karras")
+    start = x_probe8 * (sch.init_noise_sigma * float(sch32.alpha(ts[0])) if name == "euler" else 1)
+    with torch.no_grad():
+        ours_solver = SAMPLERS[name](den, start, ts, schedule=sch32)
+    solver_gaps[name] = max_abs(y, ours_solver)
+    print(f"{name}: 8 Karras steps, max |diffusers - difflab| = {solver_gaps[name]:.1e}")
+RESULTS["euler_vs_diffusers_max_abs"] = solver_gaps["euler"]
+RESULTS["dpmpp2m_vs_diffusers_max_abs"] = solver_gaps["dpm++2m"]
+assert max(solver_gaps.values()) < 1e-4
+
+# %% [markdown]
+# ## 10. Latent models: `AutoencoderKL.scaling_factor`, `shift_factor` and difflab's scale
+#
+# A latent diffusion pipeline in diffusers multiplies the autoencoder's latents before the
+# diffusion model sees them and undoes it before decoding: `latents = (z - shift_factor) *
+# scaling_factor`, and `z = latents / scaling_factor + shift_factor` (both in the
+# `AutoencoderKL` config; Stable Diffusion 1.x and 2.x use `scaling_factor = 0.18215` and no
+# shift, later models such as SD3 add a shift). difflab's latent scale (tutorial 12) is the
+# same idea without the shift: `encode_to_latents(ae, x, s)` returns $s z$ and
+# `decode_latents(ae, z, s)` decodes $\mathcal{D}(z / s)$, with $s = 1/\mathrm{std}(z)$ from
+# `latent_scale_factor` (the standard deviation about the pooled mean, so a latent with a mean
+# still has unit *variance*, not zero mean). A diffusers config with `shift_factor` $m$ and
+# `scaling_factor` $s$ corresponds to difflab's $s$ when $m = 0$; with $m \ne 0$ subtract it
+# first. The numbers of Stable Diffusion's autoencoder: $s = 0.18215$ means its raw latents
+# have a standard deviation of $1/0.18215 = 5.49$.
+
+# %%
+sd_scale = 0.18215
+RESULTS["sd_latent_std"] = 1 / sd_scale
+print(f"Stable Diffusion 1.x: scaling_factor {sd_scale} <-> latent std {1 / sd_scale:.2f}")
+
+# %% [markdown]
+# ## 11. RGB images in practice: a folder of coloured shapes
 #
 # A real data set is usually a folder of image files. We draw one: discs, squares and
 # triangles of random colour, size and position on a dark background, saved as 32 x 32 PNGs.
@@ -391,7 +673,7 @@ for ax in axes[0]:
 save(fig, "11_shapes_and_flips.png")
 
 # %% [markdown]
-# ## 5. A few training steps with difflab's command line
+# ## 12. A few training steps with difflab's command line
 #
 # `difflab train` trains a run directory from a *preset* (data, network, schedule, optimiser,
 # sampler) with `--set section.key=value` changes. The `folder` preset trains on an image folder
@@ -403,7 +685,7 @@ save(fig, "11_shapes_and_flips.png")
 # The network predicts $v = \alpha_t \epsilon - \sigma_t x_0$ [Salimans & Ho 2022]
 # (`model.parameterization=v`, tutorial 7) rather than $\epsilon$: after a few steps an
 # $\epsilon$-network's $\hat x_0 = (x_t - \sigma_t \hat\epsilon)/\alpha_t$ near $t = T$ is its
-# error amplified by $1/\alpha_T \approx 160$ (tutorial 6), which clipping turns into
+# error amplified by $1/\alpha_T \approx 157$ (tutorial 6; printed below), which clipping turns into
 # saturated pixels, while a $v$-network's $\hat x_0 = \alpha_t x_t - \sigma_t \hat v$ stays
 # bounded. diffusers calls this `prediction_type="v_prediction"`.
 #
@@ -467,7 +749,7 @@ print(f"v MSE on a fixed batch: fresh {RESULTS['train_loss_fresh']:.3f}, after "
 assert RESULTS["train_gain_z"] > 4
 
 # %% [markdown]
-# ## 6. The run as a diffusers pipeline, and the same samples from both
+# ## 13. The run as a diffusers pipeline, and the same samples from both
 #
 # `difflab export RUN OUT` writes a folder that diffusers' `DDPMPipeline` and `DDIMPipeline`
 # load: `unet/` (config and safetensors weights, the run's EMA weights), `scheduler/` (a
@@ -540,10 +822,11 @@ for ax in axes[0]:
 save(fig, "11_pipeline_vs_difflab.png")
 
 # %% [markdown]
-# In fast mode (16 steps of 8 images) the network has learned the dark
-# backgrounds and the palette but not yet the shapes, so the samples are noisy colour; full
-# mode (800 steps, about a minute and a half of CPU time) draws rough discs, squares and
-# triangles. Either way the two libraries draw *the same* images from the same noise.
+# What the reader will see: in fast mode (16 steps of 8 images) the samples are noisy colour,
+# darker where the backgrounds are; 16 steps cannot draw shapes, and nothing here claims
+# more (the check above is only that the loss fell). Full mode trains 800 steps of 32 images;
+# how far the shapes form then is left for the reader to run and look at. Either way the two
+# libraries draw *the same* images from the same noise, which is what this section asserts.
 #
 # ## Summary
 #
@@ -555,6 +838,18 @@ save(fig, "11_pipeline_vs_difflab.png")
 # * `UNet2DModel` in the DDPM layout and difflab's U-Net are one network: `difflab.interop`
 #   maps the configs and the weights both ways, folding the time shift into the weights. Compare
 #   networks only after perturbing them: a fresh difflab U-Net outputs zero.
+# * The course's training step (`add_noise`, the network at $k$, MSE to the noise) is
+#   `diffusion_loss` with $t = k + 1$ and the same noise.
+# * Stable Diffusion's DDIM config (`leading`, `steps_offset=1`, `set_alpha_to_one=False`) is
+#   DDIM on the grid $902, 802, \dots, 2, 1$: it never starts at $T$ and stops at noise level
+#   0.029; difflab runs it with `ddim` on that explicit grid. When $N$ does not divide $T$,
+#   diffusers' DDIM steps off its own grid; difflab's does not, so the two differ there.
+# * `pred_original_sample` is difflab's `callback` `x0_hat`; `variance_type` `fixed_small` /
+#   `fixed_large` are $\tilde\beta_t$ / $\beta_t$; Euler and DPM-Solver++(2M) agree once the
+#   network is told diffusers' interpolated time (`DiffusersTimeDenoiser`).
+# * `AutoencoderKL.scaling_factor` is difflab's latent scale $s = 1/\mathrm{std}(z)$ (0.18215
+#   for Stable Diffusion: latents of standard deviation 5.5); `shift_factor` subtracts a mean
+#   first, which difflab's scale does not.
 # * Images reach the model as $u/127.5 - 1 \in [-1, 1]$ in (C, H, W) order, and come back by
 #   the inverse map; left-right flips are a free augmentation for data whose mirror image is
 #   plausible.

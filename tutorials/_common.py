@@ -210,3 +210,28 @@ def load_digits(n_val: int, *, generator=None):
 def _in_ipython() -> bool:
     ipython = sys.modules.get("IPython")
     return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
+
+
+def pca_frechet(reference, k: int = 16):
+    """A Frechet distance in the top-``k`` principal components of ``reference`` images.
+
+    Returns ``distance(images) -> float``: the squared Frechet distance [Heusel 2017] between
+    Gaussians fitted to the ``k`` PCA coordinates of ``images`` (N, C, H, W) and of
+    ``reference``, the components fitted on ``reference`` itself. A cheap stand-in for FID / FDD
+    on small grey images, for comparing models on the same reference (its value has no meaning
+    across references or ``k``); N should be several times ``k``.
+    """
+    import torch
+
+    from difflab.metrics import feature_statistics, frechet_distance
+
+    flat = reference.flatten(1).double()
+    centre = flat.mean(0)
+    basis = torch.linalg.svd(flat - centre, full_matrices=False)[2][:k].T  # (D, k)
+    ref_stats = feature_statistics((flat - centre) @ basis)
+
+    def distance(images) -> float:
+        feats = (images.flatten(1).double() - centre) @ basis
+        return frechet_distance(*feature_statistics(feats), *ref_stats)
+
+    return distance

@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "Schedule": "difflab.schedules",
     "DiscreteSchedule": "difflab.schedules",
     "EDMSchedule": "difflab.schedules",
+    "FlowMatchSchedule": "difflab.schedules",
     "sampling_timesteps": "difflab.schedules",
     # the forward process
     "q_sample": "difflab.process",

@@ -11,6 +11,7 @@ target      value                           ||error||^2 relative to ||x0 error||
 ``eps``     eps                             SNR                                   Ho 2020, Eq. 14
 ``v``       alpha eps - sigma x0            SNR + 1 (variance preserving)         Salimans 2022
 ``edm``     F* = (x0 - c_skip y) / c_out    lambda(s) = (s^2 + sd^2) / (s sd)^2   Karras 2022, Eq 8
+``flow``    u = eps - x0                    (1 + sqrt(SNR))^2                     Lipman 2023
 ==========  ==============================  ====================================  ================
 
 (y = x_t / alpha, sd = sigma_data.) A *weighting* is a function of logsnr. ``uniform`` puts
@@ -23,9 +24,23 @@ for every target:
   v: min(SNR, gamma) / (SNR + 1) [Hang 2023, Eq. 8-10].
 * ``edm``      w = lambda(s) [Karras 2022, Eq. 8]; for the ``edm`` target this is weight 1 on F.
 
+Flow matching is this loss with the ``flow`` target: the error of u_hat - u = (eps_hat - eps)
+- (x0_hat - x0), where eps_hat - eps = -(alpha / sigma) (x0_hat - x0), is (alpha + sigma) /
+sigma times the x0 error, for any schedule. On the linear interpolant (alpha = 1 - t,
+sigma = t, :class:`~difflab.schedules.FlowMatchSchedule`) this reads
+
+    ||u_hat - u||^2 = ||x0_hat - x0||^2 / t^2 = ||eps_hat - eps||^2 / (1 - t)^2,
+
+so the plain flow-matching loss [Lipman 2023, Eq. 23; Esser 2024, Eq. 9-10] is the x0 loss
+with weight 1/t^2 and the eps loss with weight 1/(1 - t)^2 = (1 + sqrt(SNR))^2 / SNR, and the
+flow target with the ``snr`` weighting is exactly the eps loss (the weighting of a target is
+always defined through x0, so ``min-snr`` and ``edm`` mean the same objective here too).
+
 Times are drawn uniformly (integer steps 1..T of a :class:`DiscreteSchedule`, or U[t_min,
 t_max]), log-normally in the EDM sigma [Karras 2022, Table 1], or by :class:`ImportanceTimeSampler`
-[Nichol & Dhariwal 2021, Sec. 3.3]. A denoiser with a learned variance is trained on the hybrid
+[Nichol & Dhariwal 2021, Sec. 3.3]; on the flow-matching schedule also logit-normally or by
+SD3's mode sampling [Esser 2024, Sec. 3.1], all then moved by the schedule's time shift
+(:func:`sample_flow_times`). A denoiser with a learned variance is trained on the hybrid
 loss L_simple + lambda L_vlb [Nichol & Dhariwal 2021, Sec. 3.1], see :func:`diffusion_loss`.
 """
 
@@ -46,9 +61,10 @@ from difflab.parameterization import (
     ModelDenoiser,
     Parameterization,
     edm_preconditioning,
+    u_from_x0_eps,
 )
 from difflab.process import q_sample
-from difflab.schedules import DiscreteSchedule, Schedule
+from difflab.schedules import DiscreteSchedule, FlowMatchSchedule, Schedule
 
 __all__ = [
     "LossType",
@@ -61,6 +77,10 @@ __all__ = [
     "elementwise_loss",
     "loss_weight",
     "sample_training_times",
+    "sample_flow_times",
+    "check_time_sampling",
+    "FlowTimeSampling",
+    "FLOW_TIME_SAMPLINGS",
     "ImportanceTimeSampler",
     "diffusion_loss",
 ]
@@ -69,7 +89,7 @@ LossType = Literal["mse", "l1", "huber"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 Weighting = Literal["uniform", "snr", "min-snr", "edm"]
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
-TimeSampling = Literal["uniform", "lognormal", "importance"]
+TimeSampling = Literal["uniform", "lognormal", "importance", "logit-normal", "mode"]
 TIME_SAMPLINGS: tuple[str, ...] = get_args(TimeSampling)
 
 
@@ -136,8 +156,9 @@ def loss_weight(
         w_x0 = snr.clamp(max=gamma)  # Eq. (8) [Hang 2023]
     else:
         w_x0 = lam_edm
-    ratio = {"x0": torch.ones_like(lam), "eps": snr, "v": snr + 1, "edm": lam_edm}[target]
-    return w_x0 / ratio
+    flow = (1 + torch.exp(lam / 2)) ** 2  # ((alpha + sigma) / sigma)^2, 1 / t^2 on the interpolant
+    ratio = {"x0": torch.ones_like(lam), "eps": snr, "v": snr + 1, "edm": lam_edm, "flow": flow}
+    return w_x0 / ratio[target]
 
 
 def sample_training_times(
@@ -166,6 +187,65 @@ def sample_training_times(
         return schedule.t_min + (schedule.t_max - schedule.t_min) * u
     ln_sigma = p_mean + p_std * torch.randn(batch, generator=generator, dtype=F64)
     return schedule.t_from_edm_sigma(ln_sigma.exp()).clamp(schedule.t_min, schedule.t_max)
+
+
+FlowTimeSampling = Literal["uniform", "logit-normal", "mode", "lognormal"]
+FLOW_TIME_SAMPLINGS: tuple[str, ...] = get_args(FlowTimeSampling)
+
+
+def sample_flow_times(
+    schedule: FlowMatchSchedule,
+    batch: int,
+    *,
+    method: FlowTimeSampling = "logit-normal",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw (batch,) float64 training times of the flow-matching schedule, then shift them.
+
+    * ``uniform``       t ~ U(0, 1) [Lipman 2023; Liu 2023].
+    * ``logit-normal``  logit(t) ~ N(m, s^2) [Esser 2024, Eq. 19]; SD3's default is
+      ``rf/lognorm(0.00, 1.00)``. On this schedule logit(t) = log(EDM sigma), so EDM's
+      log-normal sigma [Karras 2022, Table 1] is the same law with (m, s) = (P_mean, P_std).
+    * ``mode``          t = 1 - u - scale (cos^2(pi u / 2) - 1 + u), u ~ U(0, 1)
+      [Esser 2024, Eq. 20]; scale in [-1, 2 / (pi - 2)] keeps it monotone (SD3: 1.29).
+    * ``lognormal``     the EDM name of the logit-normal law, with the same ``logit_mean`` and
+      ``logit_std``.
+
+    Every draw is then mapped through ``schedule.shift_time`` (SD3's shift; none at shift 1).
+    """
+    check_choice("flow time sampling", method, FLOW_TIME_SAMPLINGS)
+    if not isinstance(schedule, FlowMatchSchedule):
+        raise ValueError(f"{method} flow times need a FlowMatchSchedule, got {schedule!r}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if method == "mode" and not -1.0 <= mode_scale <= 2.0 / (math.pi - 2.0):
+        raise ValueError(f"mode_scale must lie in [-1, {2 / (math.pi - 2):.4f}], got {mode_scale}")
+    if method in ("logit-normal", "lognormal") and not logit_std > 0:
+        raise ValueError(f"logit_std must be positive, got {logit_std}")
+    if method in ("logit-normal", "lognormal"):
+        z = torch.randn(batch, generator=generator, dtype=F64)
+        t = torch.sigmoid(logit_mean + logit_std * z)  # Eq. (19) [Esser 2024]
+    else:
+        u = torch.rand(batch, generator=generator, dtype=F64)
+        if method == "mode":  # Eq. (20) [Esser 2024]
+            u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        t = u
+    return schedule.shift_time(t.clamp(0, 1))
+
+
+def check_time_sampling(schedule: Schedule, t_sampling: str) -> str:
+    """Validate a time sampling for a schedule, in one line and before any work: a name of
+    ``TIME_SAMPLINGS``; ``logit-normal`` and ``mode`` need a :class:`FlowMatchSchedule`,
+    ``importance`` a :class:`DiscreteSchedule` (it draws integer steps)."""
+    check_choice("time sampling", t_sampling, TIME_SAMPLINGS)
+    if t_sampling in ("logit-normal", "mode") and not isinstance(schedule, FlowMatchSchedule):
+        raise ValueError(f"{t_sampling} time sampling needs the flow-matching schedule")
+    if t_sampling == "importance" and not isinstance(schedule, DiscreteSchedule):
+        raise ValueError("importance time sampling needs a discrete (DDPM) schedule")
+    return t_sampling
 
 
 class ImportanceTimeSampler:
@@ -256,6 +336,8 @@ def _in_target_space(
     alpha, sigma = den.coefficients(t, xt)
     if target == "v":
         return alpha * value_eps - sigma * value_x0  # [Salimans & Ho 2022, Sec. 4]
+    if target == "flow":
+        return u_from_x0_eps(value_x0, value_eps)  # [Lipman 2023, Eq. 23]
     c_skip, c_out, _, _ = edm_preconditioning(den.schedule.edm_sigma(t), den.sigma_data)
     # F* = (x0 - c_skip y) / c_out, y = xt / alpha  [Karras 2022, Eq. 8]
     return (value_x0 - broadcast_to(c_skip, xt) * (xt / alpha)) / broadcast_to(c_out, xt)
@@ -278,6 +360,9 @@ def diffusion_loss(
     noise: Tensor | None = None,
     huber_delta: float = 1.0,
     min_snr_gamma: float = 5.0,
+    flow_logit_mean: float = 0.0,
+    flow_logit_std: float = 1.0,
+    flow_mode_scale: float = 1.29,
     decoder: Literal["auto", "discretized", "gaussian"] = "auto",
 ) -> LossOutput:
     """The training loss of a denoiser on a batch of clean data x0 (B, ...).
@@ -295,11 +380,17 @@ def diffusion_loss(
     the variance. ``decoder`` picks the t = 1 term (``auto``: discretised for (B, C, H, W)
     images, Gaussian otherwise).
 
+    On a :class:`~difflab.schedules.FlowMatchSchedule` the times come from
+    :func:`sample_flow_times` (``uniform``, ``logit-normal`` or ``lognormal`` with
+    ``flow_logit_mean/std``, ``mode`` with ``flow_mode_scale``) and are shifted by the
+    schedule; the flow-matching loss is ``target="flow"`` (the denoiser's own target for
+    ``parameterization="flow"``) with the ``uniform`` weighting.
+
     When a ``time_sampler`` is given (required by ``t_sampling="importance"``) the steps come
     from it and the loss carries the weights 1 / (T p_t); the sampler is updated with the
     unweighted per-sample losses (so pass it only to the training loss, not to evaluations).
     """
-    check_choice("time sampling", t_sampling, TIME_SAMPLINGS)
+    check_time_sampling(denoiser.schedule, t_sampling)
     check_choice("decoder", decoder, ("auto", *DECODER_TYPES))
     target = denoiser.parameterization if target is None else target
     check_choice("target", target, PARAMETERIZATIONS)
@@ -325,8 +416,16 @@ def diffusion_loss(
             iw = time_sampler.weights(t)
     elif time_sampler is not None:
         t, iw = time_sampler.sample(batch, generator)
+    elif isinstance(schedule, FlowMatchSchedule):
+        kw = {
+            "logit_mean": flow_logit_mean,
+            "logit_std": flow_logit_std,
+            "mode_scale": flow_mode_scale,
+        }
+        method = "logit-normal" if t_sampling == "lognormal" else t_sampling
+        t = sample_flow_times(schedule, batch, method=method, generator=generator, **kw)  # type: ignore[arg-type]
     else:
-        t = sample_training_times(schedule, batch, method=t_sampling, generator=generator)
+        t = sample_training_times(schedule, batch, method=t_sampling, generator=generator)  # type: ignore[arg-type]
     if t.shape != (batch,):
         raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
     if noise is None:

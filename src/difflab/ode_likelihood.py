@@ -20,7 +20,9 @@ from difflab.likelihood import gaussian_log_likelihood
 from difflab.parameterization import Denoiser
 from difflab.schedules import Schedule
 
-__all__ = ["pf_ode_nll"]
+__all__ = ["pf_ode_nll", "PURE_NOISE_EDM_SIGMA"]
+
+PURE_NOISE_EDM_SIGMA = 1e5  # where the ODE stops on a schedule whose t_max is pure noise
 
 _ODE_METHODS = ("heun", "rk4")
 _TRACE_ESTIMATORS = ("rademacher", "gaussian", "exact")
@@ -103,7 +105,10 @@ def pf_ode_nll(
         steps: solver steps between t_eps and t_max (Heun: 2, RK4: 4 denoiser calls each).
             RK4 is fourth order: on Gaussian data 32 steps are within ~1e-3 nats of the exact
             ODE solution, where Heun needs several hundred steps for the same accuracy.
-        t_eps: start time (default ``schedule.t_min``); t_max: default ``schedule.t_max``.
+        t_eps: start time (default ``schedule.t_min``); t_max: default ``schedule.t_max``, or
+            where the EDM sigma is 1e5 on a schedule that ends in pure noise (the flow-matching
+            schedule's t = 1 is infinitely far in log s; there the prior N(0, 1 + s^2) of unit-scale
+            data is off by O(|mean| / s) ~ 1e-5 nats).
     Returns:
         (B,) negative log-likelihood in nats, float64.
     """
@@ -115,8 +120,15 @@ def pf_ode_nll(
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
     t_lo = schedule.t_min if t_eps is None else float(t_eps)
     t_hi = schedule.t_max if t_max is None else float(t_max)
+    if t_max is None and math.isinf(schedule.sigma_max):  # pure noise at t_max (flow matching)
+        t_hi = float(schedule.t_from_edm_sigma(torch.tensor(PURE_NOISE_EDM_SIGMA, dtype=F64)))
     if not 0 < t_lo < t_hi <= schedule.t_max:
         raise ValueError(f"need 0 < t_eps < t_max <= {schedule.t_max}, got {t_lo}, {t_hi}")
+    if math.isinf(float(schedule.edm_sigma(t_hi))):
+        raise ValueError(
+            f"the likelihood ODE needs a finite top noise level; t_max = {t_hi:g} is pure noise "
+            "on this schedule: pass a smaller t_max (the default stops at EDM sigma 1e5)"
+        )
     s_lo, s_hi = float(schedule.edm_sigma(t_lo)), float(schedule.edm_sigma(t_hi))
     u = torch.linspace(math.log(s_lo), math.log(s_hi), steps + 1, dtype=F64)
     grid = u.exp().tolist()

@@ -12,7 +12,14 @@ name          network output                                              paper
 ``x0``        x0_hat                                                      Ho 2020, Sec. 3.2
 ``v``         v_hat = alpha * eps - sigma * x0                            Salimans 2022, Sec. 4
 ``edm``       F, with D = c_skip * x + c_out * F(c_in * x; c_noise)      Karras 2022, Eq. 7
+``flow``      u_hat = eps - x0, the flow-matching velocity                 Lipman 2023, Eq. 23
 ============  ==========================================================  =====================
+
+The flow-matching velocity u = eps - x0 and Salimans & Ho's v = alpha eps - sigma x0 are two
+different targets (equal only up to a time-dependent mix of x0 and eps); they keep their own
+names here and everywhere. u is d x_t / dt on the linear interpolant x_t = (1 - t) x0 + t eps
+(:class:`~difflab.schedules.FlowMatchSchedule`), where x0 = x_t - t u and eps = x_t + (1 - t) u.
+On any schedule, x_t = (alpha + sigma) x0 + sigma u gives the general inversions below.
 
 With ``learned_variance=True`` the network has twice the output channels; the second half is
 the Improved-DDPM interpolation value v in [-1, 1] between log beta and log beta-tilde
@@ -21,6 +28,7 @@ the Improved-DDPM interpolation value v in [-1, 1] between log beta and log beta
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
@@ -42,12 +50,15 @@ __all__ = [
     "v_from_x0_eps",
     "x0_from_v",
     "eps_from_v",
+    "u_from_x0_eps",
+    "x0_from_u",
+    "eps_from_u",
     "score_from_eps",
     "eps_from_score",
     "edm_preconditioning",
 ]
 
-Parameterization = Literal["eps", "x0", "v", "edm"]
+Parameterization = Literal["eps", "x0", "v", "edm", "flow"]
 PARAMETERIZATIONS: tuple[str, ...] = get_args(Parameterization)
 
 
@@ -77,6 +88,22 @@ def x0_from_v(xt: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
 def eps_from_v(xt: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """eps = (sigma * xt + alpha * v) / (alpha^2 + sigma^2); = sigma xt + alpha v for VP."""
     return (sigma * xt + alpha * v) / (alpha**2 + sigma**2)
+
+
+def u_from_x0_eps(x0: Tensor, eps: Tensor) -> Tensor:
+    """u = eps - x0: the flow-matching velocity, d x_t / dt of x_t = (1 - t) x0 + t eps
+    [Lipman 2023, Eq. 23 with sigma_min = 0; Liu 2023 (rectified flow), Eq. 1]."""
+    return eps - x0
+
+
+def x0_from_u(xt: Tensor, u: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x0 = (xt - sigma * u) / (alpha + sigma); = xt - t u on the linear interpolant."""
+    return (xt - sigma * u) / (alpha + sigma)
+
+
+def eps_from_u(xt: Tensor, u: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps = (xt + alpha * u) / (alpha + sigma); = xt + (1 - t) u on the linear interpolant."""
+    return (xt + alpha * u) / (alpha + sigma)
 
 
 def score_from_eps(eps: Tensor, sigma: Tensor) -> Tensor:
@@ -127,6 +154,10 @@ class Prediction:
         """The v target implied by this prediction."""
         return v_from_x0_eps(self.x0, self.eps, alpha, sigma)
 
+    def u(self) -> Tensor:
+        """The flow-matching velocity implied by this prediction, eps - x0."""
+        return u_from_x0_eps(self.x0, self.eps)
+
 
 @runtime_checkable
 class Denoiser(Protocol):
@@ -138,7 +169,9 @@ class Denoiser(Protocol):
 class ModelDenoiser(nn.Module):
     """Wrap a network ``model(x, t_in, cond) -> Tensor`` as a :class:`Denoiser`.
 
-    For ``eps``/``x0``/``v`` the network is called with the schedule time ``t`` itself; for
+    For ``eps``/``x0``/``v``/``flow`` the network is called with the schedule time ``t`` itself
+    (a velocity network on a :class:`~difflab.schedules.FlowMatchSchedule` is the flow-matching
+    model: x0_hat = xt - t u_hat, eps_hat = xt + (1 - t) u_hat, finite at t = 0 and 1); for
     ``edm`` with the preconditioned input ``c_in * x / alpha`` and ``c_noise = ln(sigma)/4``.
 
     Args:
@@ -147,6 +180,9 @@ class ModelDenoiser(nn.Module):
         parameterization: what the network outputs, one of ``PARAMETERIZATIONS``.
         learned_variance: the network also outputs the Improved-DDPM variance value.
         sigma_data: EDM's data standard deviation (``edm`` only).
+        time_scale: the network is called with ``time_scale * t`` (not under ``edm``). 1000
+            suits a flow-matching network (t in [0, 1]) with a DDPM-style sinusoidal time
+            embedding, and is diffusers' convention for its flow models (timestep = 1000 t).
     """
 
     def __init__(
@@ -157,6 +193,7 @@ class ModelDenoiser(nn.Module):
         parameterization: Parameterization = "eps",
         learned_variance: bool = False,
         sigma_data: float = 0.5,
+        time_scale: float = 1.0,
     ) -> None:
         super().__init__()
         check_choice("parameterization", parameterization, PARAMETERIZATIONS)
@@ -165,6 +202,9 @@ class ModelDenoiser(nn.Module):
         self.parameterization = parameterization
         self.learned_variance = learned_variance
         self.sigma_data = float(sigma_data)
+        if not (math.isfinite(time_scale) and time_scale > 0):
+            raise ValueError(f"time_scale must be a positive number, got {time_scale!r}")
+        self.time_scale = float(time_scale)
 
     def coefficients(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """alpha(t), sigma(t) cast to x's dtype/device and broadcast to x."""
@@ -181,7 +221,7 @@ class ModelDenoiser(nn.Module):
             _, _, c_in, c_noise = edm_preconditioning(s, self.sigma_data)
             x_in = broadcast_to(c_in, xt) * (xt / alpha)
             return self.model(x_in, c_noise.to(xt.device, xt.dtype), cond)
-        return self.model(xt, t.to(xt.device, xt.dtype), cond)
+        return self.model(xt, (self.time_scale * t).to(xt.device, xt.dtype), cond)
 
     def prediction_from_output(self, out: Tensor, xt: Tensor, t: Tensor) -> Prediction:
         """Convert a raw network output into a :class:`Prediction`."""
@@ -201,6 +241,9 @@ class ModelDenoiser(nn.Module):
         elif p == "v":
             x0 = x0_from_v(xt, out, alpha, sigma)
             eps = eps_from_v(xt, out, alpha, sigma)
+        elif p == "flow":
+            x0 = x0_from_u(xt, out, alpha, sigma)
+            eps = eps_from_u(xt, out, alpha, sigma)
         else:  # edm, Eq. (7) [Karras 2022]
             s = self.schedule.edm_sigma(t.detach().cpu())
             c_skip, c_out, _, _ = edm_preconditioning(s, self.sigma_data)

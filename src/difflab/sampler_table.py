@@ -141,6 +141,23 @@ SAMPLER_TABLE: dict[str, SamplerSpec] = {
             paper="k-diffusion euler_a; DDPM posterior steps in the EDM view",
         ),
         SamplerSpec(
+            "flow-euler",
+            "difflab.samplers.ddim:ddim",
+            (),
+            "trailing",
+            fixed=_fixed(eta=0.0),
+            paper="Lipman 2023; Liu 2023; exactly DDIM with eta = 0 (samplers/flow.py)",
+        ),
+        SamplerSpec(
+            "flow-heun",
+            "difflab.samplers.flow:flow_heun",
+            ("s_churn", "s_noise"),
+            "trailing",
+            evals_per_step=2,
+            fixed=_fixed(second_order=True),
+            paper="Heun in the schedule's time t (Karras 2022, Alg. 1-2; Esser 2024)",
+        ),
+        SamplerSpec(
             "ipndm",
             "difflab.samplers.ipndm:ipndm",
             ("max_order",),

@@ -9,7 +9,7 @@ A :class:`Schedule` answers, for any (possibly fractional) time ``t``:
                                              parameterisation of EDM [Karras 2022, Eq. 4-5];
 * ``t_from_logsnr(lam)``, ``t_from_edm_sigma(s)`` the inverses.
 
-Two concrete schedules:
+Three concrete schedules:
 
 * :class:`DiscreteSchedule` - the discrete-time DDPM view [Ho 2020]: betas ``beta_1..beta_T`` and
   ``alpha_bar_t = prod_{s<=t} (1 - beta_s)`` (Eq. 4), indexed as in the paper: ``t = 0`` is the
@@ -18,6 +18,9 @@ Two concrete schedules:
   models), so samplers may ask for any ``t`` in ``[0, T]``.
 * :class:`EDMSchedule` - the variance-exploding schedule of EDM [Karras 2022]: ``alpha = 1`` and
   ``sigma = t``.
+* :class:`FlowMatchSchedule` - the linear interpolant of flow matching and rectified flow
+  [Lipman 2023; Liu 2023; Esser 2024]: ``alpha = 1 - t``, ``sigma = t``, t in [0, 1], ``t = 1``
+  pure noise (alpha = 0, log-SNR = -inf, EDM sigma = inf), with SD3's time shift.
 
 Everything is computed in float64; callers cast at use. Step grids for samplers (uniform,
 leading, trailing, Karras rho, uniform in log-SNR) are built by :func:`sampling_timesteps`.
@@ -43,6 +46,8 @@ __all__ = [
     "Schedule",
     "DiscreteSchedule",
     "EDMSchedule",
+    "FlowMatchSchedule",
+    "flux_shift",
     "make_betas",
     "rescale_zero_terminal_snr",
     "sampling_timesteps",
@@ -334,17 +339,134 @@ class EDMSchedule(Schedule):
         return f"EDMSchedule(sigma_min={self.t_min}, sigma_max={self.t_max})"
 
 
+def flux_shift(
+    image_seq_len: int,
+    *,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """The resolution-dependent time shift of Flux: exp(mu), mu linear in the sequence length.
+
+    mu = base_shift + (max_shift - base_shift) (L - base_seq_len) / (max_seq_len - base_seq_len)
+    for an image of L latent tokens (patches); Flux's exponential shift
+    t' = e^mu / (e^mu + (1 / t - 1)) is SD3's shift with s = e^mu (see
+    :meth:`FlowMatchSchedule.shift_time`), so a Flux schedule is
+    ``FlowMatchSchedule(shift=flux_shift(L))``. The defaults are Flux's (diffusers'
+    ``calculate_shift``): mu = 0.5 at 256 tokens, 1.15 at 4096.
+    """
+    if not isinstance(image_seq_len, int) or image_seq_len < 1:
+        raise ValueError(f"image_seq_len must be a positive integer, got {image_seq_len!r}")
+    if not base_seq_len < max_seq_len:
+        raise ValueError(f"base_seq_len ({base_seq_len}) must be below max_seq_len ({max_seq_len})")
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    mu = base_shift + slope * (image_seq_len - base_seq_len)
+    return math.exp(mu)
+
+
+class FlowMatchSchedule(Schedule):
+    """The linear interpolant of flow matching [Lipman 2023, Eq. 23 with sigma_min = 0] and
+    rectified flow [Liu 2023, Eq. 1]: x_t = (1 - t) x0 + t eps, t in [0, 1].
+
+    ======================  ===================================  ==============================
+    code                    value                                note
+    ======================  ===================================  ==============================
+    ``alpha(t)``            1 - t                                0 at t = 1 (pure noise)
+    ``sigma(t)``            t
+    ``logsnr(t)``           2 log((1 - t) / t)                   -inf at t = 1, +inf at t = 0
+    ``edm_sigma(t)``        t / (1 - t)                          inf at t = 1
+    ``t_from_edm_sigma(s)`` s / (1 + s)                          1 at s = inf
+    ``shift_time(t)``       s t / (1 + (s - 1) t)                [Esser 2024, Eq. 23], s=shift
+    ======================  ===================================  ==============================
+
+    Time runs as in diffusion and in diffusers: t = 0 is data, t = 1 is noise (torchcfm and
+    rectified-flow-pytorch use the opposite direction, 1 - t). The network sees t itself
+    (diffusers feeds it 1000 t). t = 1 is a valid time: a grid may start there and every
+    sampler takes its first step from pure noise (the samplers that work in log-SNR or in EDM
+    sigma take that step in its closed form, the limit of their update).
+
+    ``shift`` is SD3's time shift [Esser 2024, Sec. 5.3.2]: it moves the sampling grids
+    (:func:`sampling_timesteps`, trailing and uniform spacing) and the training times
+    (:func:`difflab.objectives.sample_flow_times`) towards noise, t -> shift_time(t); alpha and
+    sigma at a given t do not change. It multiplies the EDM sigma by ``shift``, i.e. lowers the
+    log-SNR by 2 log(shift). Flux's resolution-dependent shift is ``shift = flux_shift(L)``.
+
+    Args:
+        shift: SD3's shift s > 0 (1: none; SD3 uses 3 at 1024 px).
+        t_min: the smallest time of a sampling grid before the final t = 0, and the default
+            start of the likelihood ODE (training uses all of (0, 1)).
+    """
+
+    variance_preserving = False
+
+    def __init__(self, *, shift: float = 1.0, t_min: float = 1e-3) -> None:
+        if not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"the time shift must be a positive number, got {shift!r}")
+        if not 0 < t_min < 1:
+            raise ValueError(f"t_min must lie in (0, 1), got {t_min!r}")
+        self.shift = float(shift)
+        self.t_min = float(t_min)
+        self.t_max = 1.0
+
+    def _t(self, t: Tensor | float) -> Tensor:
+        t = _as_f64(t)
+        if bool(((t < 0) | (t > 1)).any()):
+            raise ValueError("t must lie in [0, 1] for the flow-matching schedule")
+        return t
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return 1.0 - self._t(t)
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return self._t(t).clone()
+
+    def logsnr(self, t: Tensor | float) -> Tensor:
+        t = self._t(t)
+        return 2.0 * (torch.log1p(-t) - torch.log(t))  # log(0) = -inf at t = 1, +inf at t = 0
+
+    def t_from_logsnr(self, logsnr: Tensor | float) -> Tensor:
+        return torch.sigmoid(-_as_f64(logsnr) / 2)  # t = s / (1 + s), s = exp(-lambda / 2)
+
+    def edm_sigma(self, t: Tensor | float) -> Tensor:
+        t = self._t(t)
+        return t / (1.0 - t)  # inf at t = 1
+
+    def t_from_edm_sigma(self, edm_sigma: Tensor | float) -> Tensor:
+        s = _as_f64(edm_sigma)
+        return torch.where(torch.isinf(s), torch.ones_like(s), s / (1.0 + s))
+
+    def shift_time(self, t: Tensor | float) -> Tensor:
+        """SD3's shift t' = s t / (1 + (s - 1) t) [Esser 2024, Eq. 23 with s = sqrt(m / n)];
+        t'/(1 - t') = s t/(1 - t), so 0 and 1 stay fixed and the EDM sigma is scaled by s."""
+        t = self._t(t)
+        return self.shift * t / (self.shift * t + (1.0 - t))  # = 1 exactly at t = 1
+
+    def unshift_time(self, t: Tensor | float) -> Tensor:
+        """Inverse of :meth:`shift_time`: t = t' / (t' + s (1 - t'))."""
+        t = self._t(t)
+        return t / (t + self.shift * (1.0 - t))
+
+    def to_config(self) -> dict:
+        return {"type": "flow", "shift": self.shift, "t_min": self.t_min}
+
+    def __repr__(self) -> str:
+        return f"FlowMatchSchedule(shift={self.shift}, t_min={self.t_min})"
+
+
 def schedule_from_config(config: dict) -> Schedule:
     """Rebuild a schedule from :meth:`Schedule.to_config`."""
     kind = config.get("type")
     if kind == "edm":
         return EDMSchedule(config["sigma_min"], config["sigma_max"])
+    if kind == "flow":
+        return FlowMatchSchedule(shift=config["shift"], t_min=config["t_min"])
     if kind == "discrete":
         if config.get("name") == "custom":
             return DiscreteSchedule(torch.tensor(config["betas"], dtype=F64))
         extra = {k: v for k, v in config.items() if k not in ("type", "name", "T")}
         return DiscreteSchedule.from_name(config["name"], config["T"], **extra)
-    raise ValueError(f"unknown schedule type {kind!r}; choose one of: discrete, edm")
+    raise ValueError(f"unknown schedule type {kind!r}; choose one of: discrete, edm, flow")
 
 
 __all__.append("schedule_from_config")
@@ -376,6 +498,11 @@ def sampling_timesteps(
     * ``logsnr``    uniform in log-SNR between t_max and t_min [Lu 2022 (DPM-Solver)].
 
     ``t_start`` (default t_max) starts the grid lower, e.g. for image-to-image (SDEdit).
+
+    On a :class:`FlowMatchSchedule` the trailing and uniform grids are built in the unshifted
+    time and mapped through ``shift_time`` (their ends stay where they are): trailing is then
+    SD3's and Flux's grid shift(1, 1 - 1/N, ..., 1/N), 0. Karras and log-SNR grids need a
+    finite top level, so on that schedule they need ``t_start < 1``.
     """
     check_choice("spacing", spacing, SPACINGS)
     if not isinstance(steps, int) or steps < 1:
@@ -385,16 +512,26 @@ def sampling_timesteps(
     if not t_lo <= t_hi <= schedule.t_max:
         raise ValueError(f"t_start must lie in [{t_lo}, {schedule.t_max}], got {t_hi}")
     discrete = isinstance(schedule, DiscreteSchedule)
+    # on the flow-matching schedule the uniform-in-t grids are built in the unshifted time
+    warp = isinstance(schedule, FlowMatchSchedule) and spacing in ("trailing", "uniform")
+    u_hi, u_lo = (t_hi, t_lo)
+    if warp:
+        u_hi, u_lo = float(schedule.unshift_time(t_hi)), float(schedule.unshift_time(t_lo))
+    if spacing in ("karras", "logsnr") and math.isinf(float(schedule.edm_sigma(t_hi))):
+        raise ValueError(
+            f"{spacing} spacing needs a finite top noise level; this schedule is pure noise at "
+            f"t = {t_hi:g}: use trailing or uniform spacing, or t_start below it"
+        )
     if spacing == "trailing":
-        ts = t_hi - torch.arange(steps, dtype=F64) * (t_hi / steps)
-        ts = ts.clamp(min=t_lo)
+        ts = u_hi - torch.arange(steps, dtype=F64) * (u_hi / steps)
+        ts = ts.clamp(min=u_lo)
     elif spacing == "leading":
         if not discrete:
             raise ValueError("leading spacing is defined for discrete schedules only")
         stride = max(int(t_hi) // steps, 1)
         ts = (1 + torch.arange(steps - 1, -1, -1, dtype=F64) * stride).clamp(max=t_hi)
     elif spacing == "uniform":
-        ts = torch.linspace(t_hi, t_lo, steps, dtype=F64)
+        ts = torch.linspace(u_hi, u_lo, steps, dtype=F64)
     elif spacing == "karras":
         s_hi = float(schedule.edm_sigma(t_hi))
         s_lo = schedule.sigma_min
@@ -408,6 +545,8 @@ def sampling_timesteps(
         ts = schedule.t_from_logsnr(lam)
     if discrete and spacing in ("trailing", "uniform"):
         ts = ts.round()
+    if warp:
+        ts = schedule.shift_time(ts.clamp(0, 1))  # type: ignore[attr-defined]
     if steps == 1:
         ts = torch.tensor([t_hi], dtype=F64)
     ts = ts.clamp(t_lo, schedule.t_max)

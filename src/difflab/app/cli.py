@@ -358,6 +358,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          "runs (model.kind=sr)")  # fmt: skip
     if built.kind.conditions_on_images:
         return _image_task(args, built, sampler, steps, options)
+    if args.input is not None:
+        raise ValueError(
+            f"--input is for image-to-image and super-resolution runs; {args.run_dir} is a "
+            f"{built.kind.name} run"
+        )
     cond = None
     if args.label is not None or args.guidance is not None or classifier is not None:
         k = cfg.model.num_classes if classifier is None else classifier.num_classes
@@ -717,8 +722,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_output(args.out, replace_export=True)
     built = load_run(args.run_dir, ema=not args.no_ema)
     cfg = built.cfg
-    if not built.kind.has_denoiser or cfg.data.is_toy or not hasattr(built.model, "config"):
-        raise ValueError(f"{args.run_dir}: only image diffusion runs (a U-Net) can be exported")
+    if built.kind.no_diffusers_form:
+        raise ValueError(f"{args.run_dir} has no diffusers form: {built.kind.no_diffusers_form}")
     imported = args.run_dir / IMPORTED_FILE
     source = json.loads(imported.read_text()).get("source") if imported.is_file() else None
     origin = None

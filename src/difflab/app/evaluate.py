@@ -109,7 +109,7 @@ def evaluate_nll(
 ) -> dict[str, Any]:
     """NLL of ``n`` held-out examples by the variational bound and the PF-ODE; ``progress``:
     a bar on stderr counting examples (rate and ETA), advanced per batch."""
-    if not built.kind.has_likelihood:
+    if not built.kind.has_likelihood or built.denoiser is None:  # the bounds need a denoiser
         raise ValueError(
             f"difflab nll scores diffusion models of the data, not {built.kind.name} runs"
         )

@@ -88,6 +88,8 @@ class RunKind:
         has_likelihood: ``difflab nll`` can score it (a denoiser of the data itself).
         super_resolves: a cascade's SR stage: ``difflab sample`` runs its base run first, or
             super-resolves the low-resolution images of ``--input``.
+        no_diffusers_form: why ``difflab export`` cannot write it as a diffusers pipeline
+            (said at train time); empty for the kinds it exports.
     """
 
     name = ""
@@ -100,6 +102,7 @@ class RunKind:
     conditions_on_images = False
     has_likelihood = True
     super_resolves = False
+    no_diffusers_form = "diffusers' image pipelines sample image diffusion models (a U-Net)"
 
     def selects(self, cfg: RunConfig) -> bool:
         """Whether a config is a run of this kind (by default: its ``model.kind``)."""
@@ -296,6 +299,7 @@ class SohlDickstein(Diffusion2D):
 
 class DiffusionImage(RunKind):
     name = "diffusion-image"
+    no_diffusers_form = ""
     model_kind = "diffusion"
 
     def selects(self, cfg: RunConfig) -> bool:
@@ -323,6 +327,9 @@ class ImageToImage(DiffusionImage):
     """Palette [Saharia 2022]: the degraded image is concatenated to x_t."""
 
     name = "image-to-image"
+    no_diffusers_form = (
+        "its U-Net also reads the degraded image, which no diffusers pipeline gives it"
+    )
     conditions_on_images = True
 
     def selects(self, cfg: RunConfig) -> bool:
@@ -457,6 +464,9 @@ class LatentDiffusion(DiffusionImage):
     to unit variance by LDM's factor, computed once from the data and kept in the config."""
 
     name = "latent-diffusion"
+    no_diffusers_form = (
+        "it samples latents that its autoencoder decodes; diffusers' DDPM pipelines have no decoder"
+    )
     model_kind = "latent"
     ae_net = "autoencoder"  # the network of the autoencoder runs it works on
     has_likelihood = False  # a likelihood of latents is not one of the images
@@ -553,6 +563,9 @@ class SuperResolution(DiffusionImage):
     is stored in ``model.base_config`` and its EMA network in this run's checkpoints."""
 
     name = "super-resolution"
+    no_diffusers_form = (
+        "its U-Net also reads the low-resolution image, which no diffusers pipeline gives it"
+    )
     model_kind = "sr"
     has_likelihood = False  # the likelihood is of x given the low-res image
     super_resolves = True

@@ -38,6 +38,13 @@ __all__ = [
 
 
 IMPORTED_FILE = "imported.json"  # a run made by `difflab import`: the folder it read
+# Settings that only one model.kind reads: set for another, they would be silently ignored.
+KIND_ONLY_FIELDS = {
+    "autoencoder": "latent",
+    "latent_scale": "latent",
+    "base": "sr",
+    "base_config": "sr",
+}
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -46,7 +53,14 @@ def check_config(cfg: RunConfig) -> None:
     checks, and the device."""
     cfg.validate()
     dataset(cfg.data.name)  # a name of the data-set table
-    kind_of(cfg).check(cfg)
+    run_kind = kind_of(cfg)
+    run_kind.check(cfg)
+    for name, kind in KIND_ONLY_FIELDS.items():
+        if getattr(cfg.model, name) is not None and run_kind.model_kind != kind:
+            raise ValueError(
+                f"model.{name} is read by model.kind={kind} runs only; this run is "
+                f"model.kind={cfg.model.kind} (set --set model.kind={kind} or drop it)"
+            )
     check_choice("model.parameterization", cfg.model.parameterization, PARAMETERIZATIONS)
     check_choice("model.image_task", cfg.model.image_task, ("none", *TASKS))
     check_choice("diffusion.loss_type", cfg.diffusion.loss_type, LOSS_TYPES)

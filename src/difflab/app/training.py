@@ -82,9 +82,9 @@ def train_run(
         built.cfg, run_dir, trainer, resume=resume, extend=extend, log=log, main=dist.is_main
     )
     try:
-        with _sigterm_as_interrupt():
+        with _stop_signals() as stop:
             info = _train_loop(
-                built, trainer, run_dir, dist, resume=resume, progress=progress, log=log
+                built, trainer, run_dir, dist, stop, resume=resume, progress=progress, log=log
             )
     finally:
         if lock is not None:
@@ -246,12 +246,14 @@ def _train_loop(
     trainer: Trainer,
     run_dir: Path,
     dist: ddp.DistInfo,
+    stop: _StopRequest,
     *,
     resume: bool,
     progress: bool,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Train to ``train.steps`` or the time budget, with logs and checkpoints; then report."""
+    """Train to ``train.steps`` or the time budget, with logs and checkpoints; then report.
+    SIGTERM or Ctrl-C stops it at the next step boundary, with a checkpoint of that step."""
     cfg, t, main = built.cfg, built.cfg.train, dist.is_main
     metrics: Any = _NoLog()
     tb: Any = _NoLog()
@@ -263,6 +265,9 @@ def _train_loop(
     n_params = sum(p.numel() for p in built.model.parameters())
     where = f"{dist.world_size} processes" if dist.enabled else str(built.device)
     log(f"{cfg.preset}: {n_params / 1e6:.3g}M parameters on {where}, run dir {run_dir}")
+    if built.kind.no_diffusers_form and not resume:
+        why = built.kind.no_diffusers_form
+        log(f"note: difflab export cannot write this run for diffusers: {why}")
     window = _Window(t.batch_size)
 
     saved = {"step": trainer.step if resume else -1}  # a resumed step is already on disk
@@ -287,6 +292,7 @@ def _train_loop(
     stopped_early = False
     bar = progress_bar(total=t.steps, initial=trainer.step, disable=not progress)
     try:
+        stop.deferring = True  # from here a signal is taken at the next step boundary
         while trainer.step < t.steps:
             window.add(trainer.train_step())
             step = trainer.step
@@ -302,20 +308,21 @@ def _train_loop(
                 save()
             if main and t.sample_every and step % t.sample_every == 0 and step < t.steps:
                 _progress_samples(built, trainer, run_dir, step)
+            if stop.signum is not None:
+                break
             over = budget is not None and time.perf_counter() - start > budget
             if budget is not None and ddp.any_rank(over, dist, built.device):
                 stopped_early = True
                 log(f"time budget of {t.max_minutes} min reached at step {step}")
                 break
-        save()
-    except KeyboardInterrupt:
-        bar.close()
-        save()
-        raise
+        save()  # the model, EMA, optimizer and step of one step boundary
     finally:
+        stop.deferring = False  # a second signal, or one during the report, stops at once
         bar.close()
         metrics.close()
         tb.close()
+    if stop.signum is not None:
+        raise KeyboardInterrupt(f"signal {stop.signum}")
     info = _finish(built, trainer, run_dir, dist, log=log)
     info.update({"step": trainer.step, "train_seconds": time.perf_counter() - start, "last": last})
     if stopped_early:
@@ -341,21 +348,41 @@ def _finish(
     return info
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (what cluster schedulers send before preemption) saves and stops like Ctrl-C."""
+class _StopRequest:
+    """SIGTERM (what cluster schedulers send before preemption) and Ctrl-C while training.
 
-    def interrupt(signum: int, frame: Any) -> None:
+    While ``deferring`` (the training loop), the handler only records the first signal: the
+    loop stops at the next step boundary and saves it, so the weights, the EMA, the optimizer,
+    the step count (and with it the data order and the random state) are all of one step. A
+    signal raised in the middle of a step once saved an optimizer step without its step count.
+    A second signal, or one outside the loop, raises ``KeyboardInterrupt`` at once (the last
+    checkpoint is kept as it is).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.deferring = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.deferring and self.signum is None:
+            self.signum = signum
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[_StopRequest]:
+    """Route SIGTERM and SIGINT to a :class:`_StopRequest` (main thread only)."""
+    stop = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _silent(msg: str) -> None:

@@ -51,6 +51,7 @@ __all__ = [
     "DiffusersTimeDenoiser",
     "diffusers_config_from_unet",
     "diffusers_timestep",
+    "folded_unet_config",
     "load_diffusers",
     "schedule_from_diffusers",
     "scheduler_config_from_schedule",
@@ -75,6 +76,7 @@ PREDICTION_TYPES: dict[str, Parameterization] = {
     "sample": "x0",
 }
 NULL_LABEL_KEY = "_difflab_null_label"  # diffusers ignores config keys that start with "_"
+PATCH_SIZE_KEY = "_difflab_patch_size"  # the 2x2 (p x p) fold around a folded UNet2DModel
 
 # The diffusers schedulers of a discrete-time model trained on a beta schedule (DDPM's process),
 # with the value diffusers gives each key that difflab reads when a saved config leaves it out:
@@ -350,7 +352,10 @@ def unet_config_from_diffusers(
         validate_config(cfg)
     except ValueError as err:
         raise ValueError(f"UNet2DModel config gives an invalid difflab U-Net: {err}") from None
-    return cfg
+    patch = config.get(PATCH_SIZE_KEY, 1)
+    if not isinstance(patch, int) or patch < 1:
+        raise _unsupported(PATCH_SIZE_KEY, patch, "it must be a positive integer")
+    return _unfolded(cfg, patch)
 
 
 def _null_mode(config: dict[str, Any], null_label: NullLabel) -> str:
@@ -361,13 +366,48 @@ def _null_mode(config: dict[str, Any], null_label: NullLabel) -> str:
     return null_label
 
 
+def folded_unet_config(cfg: UNetConfig) -> UNetConfig:
+    """The U-Net inside a ``patch_size`` p > 1 U-Net: it works on images folded p x p into
+    channels (``pixel_unshuffle``), so it is the U-Net with patch_size 1, image_size / p and
+    p^2 times the input and output channels, with the very same weights (the fold is a fixed
+    permutation of pixels, and the Gaussian noise of the process is invariant under it)."""
+    p = cfg.patch_size
+    if p == 1:
+        return cfg
+    out = (cfg.out_channels or cfg.in_channels) * p * p
+    return dataclasses.replace(
+        cfg, patch_size=1, image_size=cfg.image_size // p, in_channels=cfg.in_channels * p * p,
+        out_channels=out,
+    )  # fmt: skip
+
+
+def _unfolded(cfg: UNetConfig, p: int) -> UNetConfig:
+    """Inverse of :func:`folded_unet_config` for a fold p read from a diffusers config."""
+    if p == 1:
+        return cfg
+    out = cfg.out_channels or cfg.in_channels
+    if cfg.in_channels % (p * p) or out % (p * p):
+        raise _unsupported(PATCH_SIZE_KEY, p, "the channels must be multiples of its square")
+    in_ch, out_ch = cfg.in_channels // (p * p), out // (p * p)
+    return dataclasses.replace(
+        cfg, patch_size=p, image_size=cfg.image_size * p, in_channels=in_ch,
+        out_channels=out_ch if out_ch != in_ch else None,
+    )  # fmt: skip
+
+
 def diffusers_config_from_unet(cfg: UNetConfig) -> dict[str, Any]:
     """The diffusers ``UNet2DModel`` config of a difflab U-Net (inverse of
     :func:`unet_config_from_diffusers` with ``null_label="last"``); a one-line ValueError names
-    a difflab option diffusers' ``UNet2DModel`` does not have."""
-    for name, default in (("patch_size", 1), ("cond_channels", 0)):
-        if getattr(cfg, name) != default:
-            raise ValueError(f"U-Net option {name}={getattr(cfg, name)} has no UNet2DModel form")
+    a difflab option diffusers' ``UNet2DModel`` does not have. A ``patch_size`` p > 1 U-Net is
+    written as its folded U-Net (:func:`folded_unet_config`) with the fold under
+    ``_difflab_patch_size``: the exported pipeline unfolds its samples."""
+    if cfg.patch_size > 1:
+        return {
+            **diffusers_config_from_unet(folded_unet_config(cfg)),
+            PATCH_SIZE_KEY: cfg.patch_size,
+        }
+    if cfg.cond_channels != 0:
+        raise ValueError(f"U-Net option cond_channels={cfg.cond_channels} has no UNet2DModel form")
     if cfg.time_embedding != "sinusoidal":
         raise ValueError(
             f"U-Net option time_embedding={cfg.time_embedding!r} has no diffusers form"
@@ -522,6 +562,7 @@ def state_dict_from_diffusers(
     Every diffusers tensor is used exactly once; a missing or extra tensor, or a shape that
     does not fit, is a one-line ValueError.
     """
+    cfg = folded_unet_config(cfg)  # the same weights
     out = _convert(sd, cfg, to_diffusers=False, flip_sin_to_cos=flip_sin_to_cos)
     if null_label == "none" and cfg.num_classes:
         table = out["class_embed.table.weight"]
@@ -534,6 +575,7 @@ def state_dict_to_diffusers(sd: dict[str, Tensor], cfg: UNetConfig) -> dict[str,
     """diffusers ``UNet2DModel`` weights (for :func:`diffusers_config_from_unet`'s config) from a
     difflab U-Net state dict; inverse of :func:`state_dict_from_diffusers` with
     ``null_label="last"``. Every difflab tensor is used exactly once."""
+    cfg = folded_unet_config(cfg)  # the same weights
     _check_shapes(sd, _unet_shapes(cfg))
     return _convert(sd, cfg, to_diffusers=True)
 

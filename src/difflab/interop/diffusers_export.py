@@ -23,6 +23,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from difflab.interop.diffusers import (
+    PATCH_SIZE_KEY,
     NullLabel,
     diffusers_config_from_unet,
     load_diffusers,
@@ -46,6 +47,49 @@ __all__ = [
 # the DDIMPipeline call of the model card: difflab's ddim with eta 0 (the exported scheduler
 # config has trailing spacing and set_alpha_to_one), the clipped x0's eps recomputed
 USAGE_CALL = "batch_size=16, num_inference_steps=50, eta=0.0, use_clipped_model_output=True"
+# The pipeline shipped in the folder of a U-Net with a p x p fold (patch_size > 1), whose
+# UNet2DModel works on folded images: DDIM on the folded image, unfolded at the end. Loaded with
+# DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) (model_index.json names it).
+FOLDED_PIPELINE = '''"""DDIM sampling of a difflab U-Net on images folded p x p into channels.
+
+The UNet2DModel in unet/ sees each image as its pixel_unshuffle by p (config key
+_difflab_patch_size); the fold only permutes pixels, so the diffusion process and the noise
+are the same as on the image itself. Written by difflab's export.
+"""
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+
+class FoldedDDIMPipeline(DiffusionPipeline):
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))
+
+    @torch.no_grad()
+    def __call__(self, batch_size=1, generator=None, eta=0.0, num_inference_steps=50,
+                 use_clipped_model_output=None, output_type="pil", return_dict=True,
+                 class_labels=None):
+        """class_labels: (batch_size,) labels of a class-conditional model; default: its
+        null label (unconditional samples)."""
+        cfg = self.unet.config
+        p = cfg["_difflab_patch_size"]
+        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        x = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        if cfg.num_class_embeds and class_labels is None:
+            class_labels = torch.full((batch_size,), cfg.num_class_embeds - 1, device=self.device)
+        self.scheduler.set_timesteps(num_inference_steps)
+        for k in self.progress_bar(self.scheduler.timesteps):
+            out = self.unet(x, k, class_labels=class_labels).sample
+            x = self.scheduler.step(out, k, x, eta=eta, generator=generator,
+                                    use_clipped_model_output=use_clipped_model_output).prev_sample
+        image = (F.pixel_shuffle(x, p) / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+        if output_type == "pil":
+            image = self.numpy_to_pil(image)
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
+'''
 # fields the app layer sets from the data and ModelConfig (app.build_model), not from a preset
 _APP_FIELDS = ("in_channels", "image_size", "out_channels", "num_classes", "dropout")
 
@@ -80,6 +124,30 @@ class ModelCardInfo:
     tags: list[str] = field(default_factory=list)
 
 
+def _usage(unet: dict[str, Any]) -> list[str]:
+    """The card's usage snippet: DDIMPipeline, or the shipped pipeline of a folded U-Net."""
+    p = unet.get(PATCH_SIZE_KEY, 1)
+    if p == 1:
+        load = ["from diffusers import DDIMPipeline", "",
+                'pipe = DDIMPipeline.from_pretrained("PATH_OR_REPO")']  # fmt: skip
+        note = []
+    else:
+        load = [
+            "from diffusers import DiffusionPipeline",
+            "",
+            'pipe = DiffusionPipeline.from_pretrained("PATH_OR_REPO", trust_remote_code=True)',
+        ]
+        note = [
+            f"The network works on images folded {p} x {p} into channels (difflab's "
+            f"`patch_size={p}`), which `UNet2DModel` has no option for: `unet/` holds the "
+            f"U-Net on the folded {unet['in_channels']} x {unet['sample_size']} x "
+            f"{unet['sample_size']} images, and `pipeline.py` (shipped here, hence "
+            "`trust_remote_code=True`) samples with DDIM and unfolds the result.",
+            "",
+        ]
+    return ["```python", *load, f"images = pipe({USAGE_CALL}).images", "```", "", *note]
+
+
 def model_card(info: ModelCardInfo, *, unet: dict[str, Any], scheduler: dict[str, Any]) -> str:
     """The model card text: YAML front matter (license, library, tags) and Markdown sections."""
     tags = ["diffusers", "difflab", "unconditional-image-generation", *info.tags]
@@ -100,13 +168,7 @@ def model_card(info: ModelCardInfo, *, unet: dict[str, Any], scheduler: dict[str
         "",
         "## Usage",
         "",
-        "```python",
-        "from diffusers import DDIMPipeline",
-        "",
-        'pipe = DDIMPipeline.from_pretrained("PATH_OR_REPO")',
-        f"images = pipe({USAGE_CALL}).images",
-        "```",
-        "",
+        *_usage(unet),
         "This call reproduces difflab's `ddim` sampler (eta 0, trailing time steps) to float "
         "round-off. `use_clipped_model_output=True` matters: where the scheduler clips the "
         "predicted clean image to [-1, 1] (`clip_sample`), difflab recomputes the noise "
@@ -191,10 +253,14 @@ def export_to_diffusers(
     try:
         (tmp / "unet").mkdir()
         (tmp / "scheduler").mkdir()
+        pipeline: Any = "DDPMPipeline"
+        if unet_config.patch_size > 1:  # a folded UNet2DModel: ship the pipeline that unfolds
+            pipeline = ["pipeline", "FoldedDDIMPipeline"]
+            atomic_write_text(tmp / "pipeline.py", FOLDED_PIPELINE)
         atomic_write_json(
             tmp / "model_index.json",
             {
-                "_class_name": "DDPMPipeline",
+                "_class_name": pipeline,
                 "scheduler": ["diffusers", "DDPMScheduler"],
                 "unet": ["diffusers", "UNet2DModel"],
             },

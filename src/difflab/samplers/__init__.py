@@ -21,6 +21,8 @@ name                function                                    NFE    paper
 ``euler``           :func:`edm.edm_sampler`, first order        N      Karras 2022, Alg. 2
 ``heun``            :func:`edm.edm_sampler`, second order       2N-1   Karras 2022, Algorithm 2
 ``euler-ancestral`` :func:`edm.euler_ancestral`                 N      k-diffusion ``euler_a``
+``flow-euler``      :func:`ddim.ddim` with eta = 0               N      Lipman 2023; = DDIM
+``flow-heun``       :func:`flow.flow_heun`                      2N-1   Heun in t; Esser 2024
 ``ipndm``           :func:`ipndm.ipndm`                         N      Zhang & Chen 2023
 =================== =========================================== ====== ========================
 
@@ -33,6 +35,7 @@ runs a sampler by name.
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import torch
@@ -46,6 +49,7 @@ from difflab.samplers.common import Callback, Sampler, ThresholdedDenoiser, prio
 from difflab.samplers.ddim import ddim, ddim_invert
 from difflab.samplers.dpm_solver import dpm_solver_pp, dpmpp_2s, dpmpp_sde
 from difflab.samplers.edm import edm_sampler, euler_ancestral
+from difflab.samplers.flow import flow_heun
 from difflab.samplers.ipndm import ipndm
 from difflab.schedules import DiscreteSchedule, Schedule, Spacing, sampling_timesteps
 
@@ -67,6 +71,7 @@ __all__ = [
     "dpmpp_sde",
     "edm_sampler",
     "euler_ancestral",
+    "flow_heun",
     "ipndm",
     "nfe",
     "prior_noise",
@@ -87,9 +92,13 @@ def _check_sampler(name: str) -> str:
 
 def default_spacing(sampler: str, schedule: Schedule) -> Spacing:
     """``DEFAULT_SPACING[sampler]`` for a discrete (DDPM) schedule; ``karras`` for the others,
-    where a grid uniform in sigma would leave the low-noise levels to one large last step."""
+    where a grid uniform in sigma would leave the low-noise levels to one large last step;
+    ``trailing`` for a schedule that ends in pure noise (the flow-matching schedule: its
+    shifted trailing grid is SD3's and Flux's, and Karras needs a finite top level)."""
     _check_sampler(sampler)
-    return DEFAULT_SPACING[sampler] if isinstance(schedule, DiscreteSchedule) else "karras"
+    if isinstance(schedule, DiscreteSchedule):
+        return DEFAULT_SPACING[sampler]
+    return "trailing" if math.isinf(schedule.sigma_max) else "karras"
 
 
 def nfe(sampler: str, steps: int) -> int:

@@ -27,7 +27,10 @@ code      paper                                  meaning
 ========  =====================================  =========================================
 
 The step to t = 0 (sigma = 0, lambda = inf) returns x0_hat ("denoise to zero", first order):
-the limit h -> inf of the first-order update.
+the limit h -> inf of the first-order update. A step from pure noise (alpha = 0, lambda = -inf:
+t = 1 of the flow-matching schedule) has h = inf too: the first-order update is then its limit
+x_s = (sigma_s / sigma_t) x_t + alpha_s D (DDIM), and the multistep corrections vanish
+(r = inf), so the history starts there without extrapolating across an infinite step.
 
 SDE-DPM-Solver++ [Lu 2022b, Sec. 5 and App.] solves, in the same variables, the family of
 reverse SDEs with the data's marginals dx = [f x - (1 + eta) g^2 / 2 score] dt + sqrt(eta) g dw
@@ -145,6 +148,11 @@ def dpmpp_2s(ctx: SamplerContext, x: Tensor, *, r: float = 0.5) -> Tensor:
             continue
         lam_t, lam_s = coef["lam"][i], coef["lam"][i + 1]
         h = lam_s - lam_t
+        if math.isinf(h):  # from pure noise: no midpoint in lambda; the exact first-order limit
+            x = _first_order(
+                x, d_t, coef["sigma"][i + 1] / coef["sigma"][i], coef["alpha"][i + 1], h
+            )
+            continue
         t_mid = float(schedule.t_from_logsnr(torch.tensor(2 * (lam_t + r * h), dtype=F64)))
         r_mid = (_lam(schedule, t_mid) - lam_t) / h  # r, up to the schedule's round trip
         alpha_m, sigma_m = coefficients(schedule, t_mid)
@@ -209,8 +217,9 @@ def dpmpp_sde(
         d = d0
         if _step_order(order, i, ctx.n, lower_order_final) == 2 and d_prev is not None:
             d = d0 + (d0 - d_prev) / (2 * (h_prev / h))
-        x = (sigma_s / sigma_t) * math.exp(-eta * h) * x + data_coef * d
-        noise = sigma_s * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise
+        decay = math.exp(-eta * h) if eta > 0 else 1.0  # e^{-eta h}, 1 for the ODE at h = inf
+        x = (sigma_s / sigma_t) * decay * x + data_coef * d
+        noise = sigma_s * math.sqrt(1.0 - decay**2) * s_noise
         if noise > 0:
             x = x + noise * ctx.noise(x)
         d_prev, h_prev = d0, h

@@ -6,7 +6,9 @@ noise level s = sigma / alpha = ``schedule.edm_sigma(t)`` [Karras 2022, Eq. 4 wi
     dy/ds = (y - D(y; s)) / s,                        [Karras 2022, Eq. 1 with Eq. 3]
 
 where D(y; s) = x0_hat is the denoiser called at x = alpha(t) y and t = t_from_edm_sigma(s). For
-the EDM schedule (alpha = 1, sigma = t) y is x itself. Notation:
+the EDM schedule (alpha = 1, sigma = t) y is x itself. A grid may start at pure noise
+(alpha = 0, s = inf: t = 1 of the flow-matching schedule); the first step is then taken in
+(1 / s, y / s), where the ODE stays finite (:func:`_step_from_pure_noise`). Notation:
 
 ==============  ==================  ==============================================
 code            paper (Alg. 2)      meaning
@@ -61,9 +63,12 @@ def edm_sampler(
     if s_churn < 0 or s_noise < 0:
         raise ValueError(f"s_churn and s_noise must be non-negative, got {s_churn}, {s_noise}")
     coef, schedule = ctx.coef, ctx.schedule
-    y_cur = x / coef["alpha"][0]
+    y_cur = _scaled(x, coef["alpha"][0])
     for i, t_cur, t_next in ctx.steps():
         s_cur, s_next = coef["edm_sigma"][i], coef["edm_sigma"][i + 1]
+        if math.isinf(s_cur):  # a grid that starts at pure noise (flow matching, alpha = 0)
+            y_cur = _step_from_pure_noise(ctx, x, i, second_order)
+            continue
 
         # Increase noise temporarily.
         gamma = min(s_churn / ctx.n, math.sqrt(2) - 1) if s_tmin <= s_cur <= s_tmax else 0.0
@@ -89,6 +94,36 @@ def edm_sampler(
     return coef["alpha"][-1] * y_cur
 
 
+def _scaled(x: Tensor, alpha: float) -> Tensor:
+    """y = x / alpha; at alpha = 0 (pure noise) y is infinite and x itself is kept until the
+    first step (:func:`_step_from_pure_noise`) replaces it."""
+    return x / alpha if alpha > 0 else x
+
+
+def _step_from_pure_noise(ctx: SamplerContext, x: Tensor, i: int, second_order: bool) -> Tensor:
+    """The step from s = inf (alpha = 0, e.g. t = 1 of the flow-matching schedule) to s_next.
+
+    y = x / alpha is infinite there, but in z = y / s = x / sigma and r = 1 / s = alpha / sigma
+    the probability-flow ODE is dz/dr = D(z; r) [Lu 2022b, Eq. 9: data prediction], a finite
+    field that starts at r = 0. Euler there gives y_next = D + s_next eps_hat (the limit of the
+    EDM Euler step, i.e. DDIM); with ``second_order`` Heun's correction averages D at both ends
+    (one more network evaluation, as on every Heun step except the one to s = 0). Returns
+    y_next = x_next / alpha_next.
+    """
+    coef = ctx.coef
+    t_cur, t_next = float(ctx.ts[i]), float(ctx.ts[i + 1])
+    s_next, sigma_cur = coef["edm_sigma"][i + 1], coef["sigma"][i]
+    pred = ctx.denoise_and_report(x, i, t_cur, t_next)
+    z, r_next = x / sigma_cur, (1.0 / s_next if s_next > 0 else math.inf)
+    if math.isinf(r_next):  # a one-step grid: pure noise to data
+        return pred.x0
+    y_next = s_next * (z + r_next * pred.x0)  # Euler in (r, z): = x0_hat + s_next eps_hat
+    if second_order:
+        x0_next = ctx.denoise(coef["alpha"][i + 1] * y_next, t_next).x0
+        y_next = s_next * (z + r_next * 0.5 * (pred.x0 + x0_next))
+    return y_next
+
+
 @sampler
 def euler_ancestral(
     ctx: SamplerContext, x: Tensor, *, eta: float = 1.0, s_noise: float = 1.0
@@ -108,13 +143,18 @@ def euler_ancestral(
     if not eta >= 0:
         raise ValueError(f"eta must be non-negative, got {eta}")
     coef = ctx.coef
-    y = x / coef["alpha"][0]
+    y = _scaled(x, coef["alpha"][0])
     for i, t_cur, t_next in ctx.steps():
         s_cur, s_next = coef["edm_sigma"][i], coef["edm_sigma"][i + 1]
-        x0_hat = ctx.denoise_and_report(coef["alpha"][i] * y, i, t_cur, t_next).x0
-        s_up = min(s_next, eta * math.sqrt(s_next**2 * (s_cur**2 - s_next**2) / s_cur**2))
+        ratio = s_next / s_cur  # 0 on a step from pure noise (s_cur = inf)
+        s_up = min(s_next, eta * s_next * math.sqrt(1.0 - ratio**2))
         s_down = math.sqrt(s_next**2 - s_up**2)
-        y = y + (s_down - s_cur) * (y - x0_hat) / s_cur  # Euler step to s_down
+        if math.isinf(s_cur):  # from pure noise (alpha = 0, y = x kept as is): the limit
+            pred = ctx.denoise_and_report(y, i, t_cur, t_next)
+            y = pred.x0 + s_down * pred.eps  # of the Euler step, as in _step_from_pure_noise
+        else:
+            x0_hat = ctx.denoise_and_report(coef["alpha"][i] * y, i, t_cur, t_next).x0
+            y = y + (s_down - s_cur) * (y - x0_hat) / s_cur  # Euler step to s_down
         if s_up > 0:
             y = y + s_noise * s_up * ctx.noise(y)
     return coef["alpha"][-1] * y

@@ -19,7 +19,8 @@ every step costs one network evaluation. The coefficients are those of equal ste
 unchanged on any grid: the method has order k on a grid uniform in s, and order 2 on a
 non-uniform one such as the Karras grid (the coefficients are then off by O(h) times a first
 difference of d). The step to s = 0 is the Euler step, which returns x0_hat, as in every
-difflab sampler. Notation:
+difflab sampler; a step from pure noise (s = inf, the flow-matching schedule's t = 1) is the
+limit of the Euler step, x0_hat + s_next eps_hat (DDIM), and starts no history. Notation:
 
 ==============  ===============================================
 code            meaning
@@ -32,6 +33,8 @@ code            meaning
 """
 
 from __future__ import annotations
+
+import math
 
 from torch import Tensor
 
@@ -61,10 +64,15 @@ def ipndm(ctx: SamplerContext, x: Tensor, *, max_order: int = 4) -> Tensor:
     if max_order not in ADAMS_BASHFORTH:
         raise ValueError(f"max_order must be one of: 1, 2, 3, 4, got {max_order!r}")
     coef = ctx.coef
-    y = x / coef["alpha"][0]
+    alpha_0 = coef["alpha"][0]
+    y = x / alpha_0 if alpha_0 > 0 else x  # at pure noise (alpha = 0) x is kept until step 0
     history: list[Tensor] = []  # d_i, d_{i-1}, ... (most recent first)
     for i, t_cur, t_next in ctx.steps():
         s_cur, s_next = coef["edm_sigma"][i], coef["edm_sigma"][i + 1]
+        if math.isinf(s_cur):  # from pure noise: the Euler step's limit x0_hat + s_next eps_hat
+            pred = ctx.denoise_and_report(y, i, t_cur, t_next)
+            y = pred.x0 + s_next * pred.eps
+            continue  # an infinite step is no history for the equal-step extrapolation
         x0_hat = ctx.denoise_and_report(coef["alpha"][i] * y, i, t_cur, t_next).x0
         if s_next == 0:
             y = x0_hat  # the Euler step to s = 0: denoise to zero
