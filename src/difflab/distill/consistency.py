@@ -57,11 +57,11 @@ class ConsistencyDenoiser(nn.Module):
     D's x0 is read as EDM's D = c_skip^EDM y + c_out^EDM F [Karras 2022, Eq. 7]; the raw F it
     implies is put into the consistency model's boundary-conditioned form
 
-        f = c_skip^CM(s) y + c_out^CM(s) F = c_skip^CM y + (1 - s_min / s)(D - c_skip^EDM y),
+        f = c_skip^CM(s) y + c_out^CM(s) F,   F = (D - c_skip^EDM y) / c_out^EDM,
 
-    (c_out^CM / c_out^EDM = (s - s_min) / s), so at s = s_min f = y = x / alpha exactly, for
-    any weights of D, and for s >> s_min f starts close to D: ECT's initialisation from the
-    teacher [Geng 2024, Sec. 3]. Returns ``Prediction(x0=f, eps=(x - alpha f) / sigma)``.
+    so at s = s_min (c_skip^CM = 1, c_out^CM = 0) f = y = x / alpha exactly, for any weights
+    of D; and as c_out^CM / c_out^EDM = (s - s_min) / s, f = D + O(s_min / s) for s >> s_min:
+    the wrapped teacher starts as the teacher, ECT's initialisation [Geng 2024, Sec. 3]. Returns ``Prediction(x0=f, eps=(x - alpha f) / sigma)``.
 
     Args:
         denoiser: the inner denoiser (an ``nn.Module`` to train it), e.g. a copy of the teacher.
@@ -80,9 +80,9 @@ class ConsistencyDenoiser(nn.Module):
         alpha, s = _edm_view(self.schedule, t, xt)
         y = xt / alpha
         d = self.denoiser(xt, t, cond).x0
-        c_skip_edm = edm_preconditioning(s, self.sigma_data)[0]
-        c_skip, _ = consistency_preconditioning(s, self.sigma_min, self.sigma_data)
-        f = c_skip * y + (1 - self.sigma_min / s) * (d - c_skip_edm * y)
+        c_skip_edm, c_out_edm, _, _ = edm_preconditioning(s, self.sigma_data)
+        c_skip, c_out = consistency_preconditioning(s, self.sigma_min, self.sigma_data)
+        f = c_skip * y + c_out * (d - c_skip_edm * y) / c_out_edm  # F read off D
         return Prediction(x0=f, eps=(y - f) / s)  # (x - alpha f) / sigma = (y - f) / s
 
 
