@@ -61,7 +61,8 @@ class ConsistencyDenoiser(nn.Module):
 
     so at s = s_min (c_skip^CM = 1, c_out^CM = 0) f = y = x / alpha exactly, for any weights
     of D; and as c_out^CM / c_out^EDM = (s - s_min) / s, f = D + O(s_min / s) for s >> s_min:
-    the wrapped teacher starts as the teacher, ECT's initialisation [Geng 2024, Sec. 3]. Returns ``Prediction(x0=f, eps=(x - alpha f) / sigma)``.
+    the wrapped teacher starts as the teacher, ECT's initialisation [Geng 2024, Sec. 3].
+    Returns ``Prediction(x0=f, eps=(x - alpha f) / sigma)``.
 
     Args:
         denoiser: the inner denoiser (an ``nn.Module`` to train it), e.g. a copy of the teacher.
@@ -150,7 +151,8 @@ def ect_gap(s: Tensor, stage: int, *, q: float = 2.0, k: float = 8.0, b: float =
         r = max(t (1 - q^-(stage + 1) n(t)), 0),   n(t) = 1 + k sigmoid(-b t),
 
     so the gap t - r shrinks by q each stage; at stage 0 (q = 2, k = 8, b = 1) r = 0 for
-    t <= ln 7 (the denoising loss there) and r -> t / 2 at high noise. ``s`` (B,) EDM sigmas; returns r, same shape."""
+    t <= ln 7 (the denoising loss there) and r -> t / 2 at high noise.
+    ``s`` (B,) EDM sigmas; returns r, same shape."""
     if stage < 0 or not q > 1:
         raise ValueError(f"stage must be >= 0 and q > 1, got stage {stage}, q {q}")
     n = 1 + k * torch.sigmoid(-b * s)
