@@ -133,6 +133,14 @@ KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
         "cascade_vs_by_hand_max_abs": _below(1e-12),
         "answer_alpha_minus_sigma": _below(1e-9),
     },
+    "15": {
+        "target_plug_back_max_err": _below(1e-10),
+        "pd_1_step_vs_8_step_rms": _below(0.02),
+        "teacher_1_step_vs_8_step_rms": lambda v: v > 0.2,
+        "consistency_1_step_cov_z": _z(),
+        "cd_err_at_t_max": _below(0.15),
+        "sw_ddim_2": lambda v: v > 0.3,
+    },
 }
 MIN_ANSWERS = 2  # "Try this" exercises whose answers each tutorial checks
 # tutorial number -> the optional package it compares with (installed by the dev extra)
