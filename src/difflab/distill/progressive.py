@@ -128,7 +128,7 @@ def progressive_loss(
 def progressive_round(
     student: nn.Module,
     teacher: Denoiser,
-    data: Iterator[Tensor],
+    data: Iterator[Any],
     *,
     schedule: Schedule,
     ts_teacher: Tensor,
@@ -138,14 +138,17 @@ def progressive_round(
     generator: torch.Generator | None = None,
 ) -> nn.Module:
     """Train ``student`` (a denoiser module, in place) for ``iterations`` Adam steps of
-    :func:`progressive_loss` on batches from ``data``; returns the student."""
+    :func:`progressive_loss` on batches from ``data`` (each x0 (B, ...), or a pair (x0, cond)
+    for a conditional teacher); returns the student."""
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     for _ in range(iterations):
+        batch = next(data)
+        x0, cond = batch if isinstance(batch, (tuple, list)) else (batch, None)
         loss = progressive_loss(
-            student, teacher, next(data), schedule=schedule, ts_teacher=ts_teacher,
-            weighting=weighting, generator=generator,
+            student, teacher, x0, schedule=schedule, ts_teacher=ts_teacher,
+            weighting=weighting, generator=generator, cond=cond,
         )  # fmt: skip
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,7 +158,7 @@ def progressive_round(
 
 def progressive_distillation(
     model: nn.Module,
-    data: Iterator[Tensor],
+    data: Iterator[Any],
     *,
     schedule: Schedule,
     teacher_steps: int,
@@ -167,7 +170,8 @@ def progressive_distillation(
 ) -> nn.Module:
     """Rounds of :func:`progressive_round` from ``teacher_steps`` down to ``final_steps``,
     each student initialised from the previous model [Salimans & Ho 2022, Algorithm 2]:
-    a copy of ``model`` (never modified) learns N = teacher_steps / 2, its copy N / 2, ...
+    a copy of ``model`` (whose weights are never modified; it is put in eval mode as the first
+    teacher) learns N = teacher_steps / 2, its copy N / 2, ...
     ``on_round(N, student)`` runs after each round (to record its quality). Both step counts
     are powers of two apart. Returns the last student.
     """
