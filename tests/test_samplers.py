@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from difflab.data.toy import default_gmm
 from difflab.oracles import (
+    GaussianConsistencyFunction,
     GaussianDenoiser,
     GMMDenoiser,
     gaussian_pf_ode_solution,
@@ -29,6 +30,7 @@ from difflab.samplers import (
     SAMPLER_TABLE,
     SAMPLERS,
     ThresholdedDenoiser,
+    consistency,
     ddim,
     ddim_invert,
     ddpm,
@@ -78,6 +80,7 @@ GAUSSIAN_STEPS = {
     "flow-euler": 200,
     "flow-heun": 40,
     "ipndm": 40,
+    "consistency": 2,
 }
 
 
@@ -122,7 +125,16 @@ GAUSSIAN_CASES = [("linear", name, {}) for name in SAMPLERS] + [
     ("flow", "heun", {"s_churn": 10.0}),
     ("flow", "dpm++2m-sde", {"eta": 0.0}),
     ("flow", "ddim", {"eta": 1.0}),
+    ("edm", "consistency", {"steps": 1}),
+    ("linear", "consistency", {"steps": 4}),
 ]
+
+
+def _gaussian_oracle(name, sched):
+    """The exact denoiser the sampler expects: the posterior mean, or for a consistency
+    sampler the exact consistency function (the probability-flow ODE's end point)."""
+    oracle = GaussianConsistencyFunction if SAMPLER_TABLE[name].consistency else GaussianDenoiser
+    return oracle(MEAN, COV, sched)
 
 
 @pytest.mark.parametrize("schedule,name,options", GAUSSIAN_CASES)
@@ -130,7 +142,7 @@ def test_samplers_reproduce_gaussian_data(schedule, name, options):
     sched = {"linear": LINEAR, "edm": EDM, "flow": FLOW, "flow3": FLOW3}[schedule]
     options = dict(options)
     steps = options.pop("steps", GAUSSIAN_STEPS[name])
-    den = GaussianDenoiser(MEAN, COV, sched)
+    den = _gaussian_oracle(name, sched)
     x = sample(
         den,
         sched,
@@ -203,7 +215,25 @@ GMM_STEPS = {
     "flow-euler": 60,
     "flow-heun": 30,
     "ipndm": 30,
+    "consistency": 2,
 }
+
+
+class _ODEConsistency:
+    """The consistency function of a denoiser: its probability-flow ODE solved from (xt, t)
+    to t = 0 with 40 Heun steps (times equal across the batch, as samplers call it); from the
+    least noisy level t_min, one step as in every sampler."""
+
+    def __init__(self, den, sched):
+        self.den, self.sched = den, sched
+
+    def __call__(self, xt, t, cond=None):
+        t_start = float(t[0])
+        steps = 40 if t_start > 2 * self.sched.t_min else 1
+        ts = sampling_timesteps(self.sched, steps, spacing="karras", t_start=t_start)
+        x0 = edm_sampler(self.den, xt, ts, schedule=self.sched)
+        alpha, sigma = self.sched.alpha_sigma(t)
+        return Prediction(x0=x0, eps=(xt - alpha[:, None] * x0) / sigma[:, None])
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
@@ -214,8 +244,11 @@ def test_samplers_reproduce_a_gaussian_mixture(name):
     """
     gmm, ref, ref2 = _gmm_reference()
     n = ref.shape[0]
+    den = GMMDenoiser(gmm, LINEAR)
+    if SAMPLER_TABLE[name].consistency:
+        den = _ODEConsistency(den, LINEAR)
     x = sample(
-        GMMDenoiser(gmm, LINEAR),
+        den,
         LINEAR,
         (n, 2),
         sampler=name,
@@ -729,7 +762,7 @@ def test_nfe_callback_and_shapes(name):
         den, LINEAR, (6, 3, 2, 2), sampler=name, steps=7, generator=_seed(1), x_init=x_init.float()
     )
     assert x32.dtype == torch.float32 and bool(torch.isfinite(x32).all())
-    if name not in ("ddpm", "euler-ancestral", "dpm++2m-sde"):  # the stochastic samplers
+    if name not in ("ddpm", "euler-ancestral", "dpm++2m-sde", "consistency"):  # stochastic
         assert torch.allclose(x32.double(), img, atol=1e-3, rtol=1e-3)
 
 
@@ -837,6 +870,32 @@ def test_the_sampler_decorator_gives_every_sampler_the_one_signature(name):
         fn(_Linear(), x, ts.flip(0), schedule=LINEAR)
     out = fn(_Linear(), x, ts, schedule=LINEAR, generator=_seed(1))
     assert out.shape == x.shape and not out.requires_grad
+
+
+# ---- consistency sampling ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sched", [LINEAR, EDM])
+def test_one_consistency_step_is_the_ode_end_point_of_the_prior_sample(sched):
+    """With the exact consistency function, 1 step lands where the probability-flow ODE from
+    the prior sample ends (:func:`gaussian_pf_ode_solution` from sigma_max to 0)."""
+    x_t = prior_noise(sched, (64, 2), generator=_seed(0), dtype=F64)
+    ts = sampling_timesteps(sched, 1)
+    out = consistency(GaussianConsistencyFunction(MEAN, COV, sched), x_t, ts, schedule=sched)
+    alpha = float(sched.alpha(ts[0]))
+    ref = gaussian_pf_ode_solution(x_t / alpha, sched.sigma_max, 0.0, MEAN, COV)
+    assert torch.allclose(out, ref, atol=1e-12)
+
+
+def test_consistency_sampling_of_a_posterior_mean_is_detected():
+    """Given E[x0 | x_T] instead of a consistency function, one step returns the data mean
+    plus a shrunken spread: the moment check fails (the two oracles are not interchangeable)."""
+    x = sample(
+        GaussianDenoiser(MEAN, COV, LINEAR), LINEAR, (20_000, 2), sampler="consistency",
+        steps=1, generator=_seed(0), dtype=F64,
+    )  # fmt: skip
+    with pytest.raises(AssertionError):
+        assert_moments(x, MEAN, COV)
 
 
 # ---- thresholding ---------------------------------------------------------------------------

@@ -155,6 +155,14 @@ KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
         "torchcfm_flip_max_abs": _below(1e-12),
         "answer_ddim_flow_vs_vp_max_abs": _below(1e-8),
     },
+    "15": {
+        "target_plug_back_max_err": _below(1e-10),
+        "pd_1_step_vs_8_step_rms": _below(0.02),
+        "teacher_1_step_vs_8_step_rms": lambda v: v > 0.2,
+        "consistency_1_step_cov_z": _z(),
+        "cd_err_at_t_max": _below(0.15),
+        "sw_ddim_2": lambda v: v > 0.3,
+    },
     "16": {
         "score_tweedie_vs_autograd_max_rel": _below(1e-9),
         "sde_forward_mean_max_abs_z": _z(),

@@ -43,6 +43,9 @@ _EXPORTS: dict[str, str] = {
     "sample": "difflab.samplers",
     "SAMPLERS": "difflab.samplers",
     "nfe": "difflab.samplers",
+    # few-step generation by training
+    "progressive_distillation": "difflab.distill.progressive",
+    "ConsistencyDenoiser": "difflab.distill.consistency",
     # guidance: a denoiser in, a denoiser out
     "ClassifierFreeGuidance": "difflab.guidance",
     "ClassifierGuidance": "difflab.guidance",
@@ -58,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     "sample_toy": "difflab.data.toy",
     "GaussianDenoiser": "difflab.oracles",
     "GMMDenoiser": "difflab.oracles",
+    "GaussianConsistencyFunction": "difflab.oracles",
     "gaussian_pf_ode_solution": "difflab.oracles",
     "gaussian_sde_mean": "difflab.oracles",
 }

@@ -32,7 +32,13 @@ from difflab.data.toy import GaussianMixture
 from difflab.parameterization import Prediction
 from difflab.schedules import Schedule
 
-__all__ = ["GaussianDenoiser", "GMMDenoiser", "gaussian_pf_ode_solution", "gaussian_sde_mean"]
+__all__ = [
+    "GaussianDenoiser",
+    "GaussianConsistencyFunction",
+    "GMMDenoiser",
+    "gaussian_pf_ode_solution",
+    "gaussian_sde_mean",
+]
 
 
 def _flat_f64(xt: Tensor, dim: int) -> Tensor:
@@ -118,6 +124,33 @@ class GaussianDenoiser:
 
     def __repr__(self) -> str:
         return f"GaussianDenoiser(dim={self.dim}, schedule={self.schedule!r})"
+
+
+class GaussianConsistencyFunction:
+    """The exact consistency function of Gaussian data x0 ~ N(mean, cov), as a denoiser.
+
+    Its x0 is the end point at noise level 0 of the probability-flow ODE through (xt, t)
+    [Song 2023, Eq. 3 with eps = 0], :func:`gaussian_pf_ode_solution` from y = xt / alpha at
+    s = sigma / alpha: f(xt, t) = m + sqrt(C (C + s^2 I)^-1) (xt / alpha - m), an affine map.
+    One step of a consistency sampler with it draws exactly from N(m, C); it is the oracle of
+    the consistency sampler and of consistency distillation. xt (B, ...), t (B,).
+    """
+
+    def __init__(self, mean: Tensor, cov: Tensor, schedule: Schedule) -> None:
+        self.gaussian = GaussianDenoiser(mean, cov, schedule)  # validates mean and cov
+        self.schedule = schedule
+
+    def __call__(self, xt: Tensor, t: Tensor, cond: Any = None) -> Prediction:
+        g = self.gaussian
+        x = _flat_f64(xt, g.dim)
+        alpha, sigma = _coefficients(self.schedule, t, x.shape[0])
+        s = (sigma / alpha).expand(x.shape[0])
+        y = x / alpha.to(x.device)[:, None]
+        x0 = gaussian_pf_ode_solution(y.cpu(), s, 0.0, g.mean, g.cov).to(x.device)
+        return _prediction(xt, x0, alpha, sigma)
+
+    def __repr__(self) -> str:
+        return f"GaussianConsistencyFunction(dim={self.gaussian.dim}, schedule={self.schedule!r})"
 
 
 class GMMDenoiser:

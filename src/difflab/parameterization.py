@@ -56,6 +56,7 @@ __all__ = [
     "score_from_eps",
     "eps_from_score",
     "edm_preconditioning",
+    "consistency_preconditioning",
 ]
 
 Parameterization = Literal["eps", "x0", "v", "edm", "flow"]
@@ -131,6 +132,20 @@ def edm_preconditioning(
     c_in = 1 / torch.sqrt(s2 + sd2)
     c_noise = torch.log(edm_sigma) / 4
     return c_skip, c_out, c_in, c_noise
+
+
+def consistency_preconditioning(
+    edm_sigma: Tensor, sigma_min: float, sigma_data: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """(c_skip, c_out) of a consistency model [Song 2023, Appendix C, Eq. for f_theta].
+
+    c_skip = sd^2 / ((s - s_min)^2 + sd^2), c_out = sd (s - s_min) / sqrt(sd^2 + s^2):
+    at s = s_min, c_skip = 1 and c_out = 0 exactly, so f(x, s_min) = x for any weights.
+    """
+    sd2 = sigma_data**2
+    c_skip = sd2 / ((edm_sigma - sigma_min) ** 2 + sd2)
+    c_out = sigma_data * (edm_sigma - sigma_min) / torch.sqrt(sd2 + edm_sigma**2)
+    return c_skip, c_out
 
 
 # ---- the interface samplers see ------------------------------------------------------------

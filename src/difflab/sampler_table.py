@@ -43,6 +43,9 @@ class SamplerSpec:
         fixed: keyword arguments this entry always passes (``heun`` is the EDM sampler with
             ``second_order=True``).
         paper: the algorithm's source.
+        consistency: the sampler expects a consistency function f(x_t, t) (the end point of
+            the probability-flow ODE, a distilled or tuned consistency model) as its denoiser,
+            not the posterior mean E[x0 | x_t].
     """
 
     name: str
@@ -52,6 +55,7 @@ class SamplerSpec:
     evals_per_step: int = 1
     fixed: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     paper: str = ""
+    consistency: bool = False
 
     def load(self) -> Callable[..., Any]:
         """The sampler function with the ``fixed`` options bound (imports its module)."""
@@ -163,6 +167,14 @@ SAMPLER_TABLE: dict[str, SamplerSpec] = {
             ("max_order",),
             "karras",
             paper="Zhang & Chen 2023 (DEIS), iPNDM",
+        ),
+        SamplerSpec(
+            "consistency",
+            "difflab.samplers.consistency:consistency",
+            (),
+            "trailing",
+            paper="Song 2023 (Consistency Models), Algorithm 1",
+            consistency=True,
         ),
     )
 }

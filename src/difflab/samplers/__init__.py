@@ -24,10 +24,13 @@ name                function                                    NFE    paper
 ``flow-euler``      :func:`ddim.ddim` with eta = 0               N      Lipman 2023; = DDIM
 ``flow-heun``       :func:`flow.flow_heun`                      2N-1   Heun in t; Esser 2024
 ``ipndm``           :func:`ipndm.ipndm`                         N      Zhang & Chen 2023
+``consistency``     :func:`consistency.consistency`             N      Song 2023, Algorithm 1
 =================== =========================================== ====== ========================
 
-N is the number of steps of a grid ending at t = 0 (see :func:`nfe`). ``SAMPLER_OPTIONS`` lists
-the options each sampler takes (e.g. ``eta`` of DDIM); :func:`sample` rejects the others.
+``consistency`` expects a consistency model (``SamplerSpec.consistency``), the others a
+posterior-mean denoiser. N is the number of steps of a grid ending at t = 0 (see
+:func:`nfe`). ``SAMPLER_OPTIONS`` lists the options each sampler takes (e.g. ``eta`` of
+DDIM); :func:`sample` rejects the others.
 
 :func:`sample` is the high-level entry point: it builds the time grid, draws the prior noise and
 runs a sampler by name.
@@ -46,6 +49,7 @@ from difflab.parameterization import Denoiser
 from difflab.sampler_table import SAMPLER_NAMES, SAMPLER_TABLE, SamplerSpec
 from difflab.samplers.ancestral import ddpm
 from difflab.samplers.common import Callback, Sampler, ThresholdedDenoiser, prior_noise
+from difflab.samplers.consistency import consistency
 from difflab.samplers.ddim import ddim, ddim_invert
 from difflab.samplers.dpm_solver import dpm_solver_pp, dpmpp_2s, dpmpp_sde
 from difflab.samplers.edm import edm_sampler, euler_ancestral
@@ -62,6 +66,7 @@ __all__ = [
     "Sampler",
     "SamplerSpec",
     "ThresholdedDenoiser",
+    "consistency",
     "ddim",
     "ddim_invert",
     "ddpm",
