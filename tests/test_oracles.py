@@ -8,8 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from difflab.data.toy import default_gmm
-from difflab.oracles import GaussianDenoiser, GMMDenoiser, gaussian_pf_ode_solution
-from difflab.schedules import DiscreteSchedule, EDMSchedule
+from difflab.oracles import (
+    GaussianConsistencyFunction,
+    GaussianDenoiser,
+    GMMDenoiser,
+    gaussian_pf_ode_solution,
+)
+from difflab.schedules import DiscreteSchedule, EDMSchedule, FlowMatchSchedule
 
 F64 = torch.float64
 MEAN = torch.tensor([0.8, -0.5, 0.3], dtype=F64)
@@ -179,3 +184,25 @@ def test_pf_ode_solution_transports_the_noised_law(s0, s1):
     a_mat = a_mat.T
     assert torch.allclose(a_mat @ (COV + s0**2 * eye) @ a_mat.T, COV + s1**2 * eye, atol=1e-9)
     assert torch.allclose(gaussian_pf_ode_solution(MEAN[None], s0, s1, MEAN, COV), MEAN[None])
+
+
+def test_gaussian_consistency_function_is_the_pf_ode_end_point_and_finite_at_pure_noise():
+    """f(xt, t) equals the closed-form ODE solution from (xt / alpha, sigma / alpha) to 0
+    (an independent formula), and at t = 1 of the flow schedule (alpha = 0) it is the limit
+    m + sqrt(C) xt / sigma instead of inf or nan. A missing sqrt, or alpha and sigma swapped in
+    the gain, fails the first check; dividing by alpha fails the second."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    cov = a @ a.T + 0.3 * torch.eye(3, dtype=torch.float64)
+    mean = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    sched = FlowMatchSchedule()
+    f = GaussianConsistencyFunction(mean, cov, sched)
+    x = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    t = torch.rand(64, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    alpha, sigma = sched.alpha_sigma(t)
+    want = gaussian_pf_ode_solution(x / alpha[:, None], sigma / alpha, 0.0, mean, cov)
+    torch.testing.assert_close(f(x, t).x0, want, rtol=1e-9, atol=1e-9)
+    evals, evecs = torch.linalg.eigh(cov)
+    sqrt_c = evecs @ torch.diag(evals.sqrt()) @ evecs.T
+    at_noise = f(x, torch.ones(64, dtype=torch.float64)).x0
+    torch.testing.assert_close(at_noise, mean + x @ sqrt_c.T, rtol=1e-9, atol=1e-9)

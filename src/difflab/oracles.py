@@ -134,19 +134,26 @@ class GaussianConsistencyFunction:
     s = sigma / alpha: f(xt, t) = m + sqrt(C (C + s^2 I)^-1) (xt / alpha - m), an affine map.
     One step of a consistency sampler with it draws exactly from N(m, C); it is the oracle of
     the consistency sampler and of consistency distillation. xt (B, ...), t (B,).
+
+    Multiplied out, sqrt(C (C + s^2 I)^-1) / alpha = sqrt(C) (alpha^2 C + sigma^2 I)^(-1/2), so
+    f(xt, t) = m + sqrt(C) (alpha^2 C + sigma^2 I)^(-1/2) (xt - alpha m), which stays finite at
+    alpha = 0 (pure noise, t = 1 of a flow-matching schedule): there f = m + sqrt(C) xt / sigma.
     """
 
     def __init__(self, mean: Tensor, cov: Tensor, schedule: Schedule) -> None:
         self.gaussian = GaussianDenoiser(mean, cov, schedule)  # validates mean and cov
         self.schedule = schedule
+        self.eigvals, self.eigvecs = torch.linalg.eigh(self.gaussian.cov.to(F64))
 
     def __call__(self, xt: Tensor, t: Tensor, cond: Any = None) -> Prediction:
         g = self.gaussian
         x = _flat_f64(xt, g.dim)
         alpha, sigma = _coefficients(self.schedule, t, x.shape[0])
-        s = (sigma / alpha).expand(x.shape[0])
-        y = x / alpha.to(x.device)[:, None]
-        x0 = gaussian_pf_ode_solution(y.cpu(), s, 0.0, g.mean, g.cov).to(x.device)
+        a, s = alpha[:, None], sigma[:, None]
+        lam, u = self.eigvals, self.eigvecs
+        gain = lam.sqrt() / (a**2 * lam + s**2).sqrt()  # (B or 1, D) in C's eigenbasis
+        z = (x.cpu() - a * g.mean) @ u  # xt - alpha m in the eigenbasis
+        x0 = (g.mean + (gain * z) @ u.T).to(x.device)
         return _prediction(xt, x0, alpha, sigma)
 
     def __repr__(self) -> str:
