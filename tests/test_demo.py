@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import randomise
 from PIL import Image
 
 from difflab.app.cli import main
@@ -39,6 +38,7 @@ from difflab.app.demo import (
 )
 from difflab.app.runs import build, load_run
 from difflab.app.sampling import draw_samples
+from helpers import randomise
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # no x0 clipping (sample.threshold): the trajectory's x0_hat is then the network's own
@@ -66,8 +66,9 @@ def run(tmp_path_factory) -> Path:
     _bars(root / "imgs")
     sets = [*TINY, "train.steps=2", "train.batch_size=8", "train.log_every=1",
             "train.ckpt_every=2", "train.warmup_steps=1"]  # fmt: skip
+    sets = [a for s in sets for a in ("--set", s)]
     code = main(["train", "--preset", "folder", "--out", str(root / "run"), "--data-dir",
-                 str(root / "imgs"), "--no-progress", *[a for s in sets for a in ("--set", s)]])  # fmt: skip
+                 str(root / "imgs"), "--no-progress", *sets])  # fmt: skip
     assert code == 0
     return root / "run"
 
@@ -244,8 +245,8 @@ def _client(url: str):
     return gradio_client.Client(url, verbose=False)
 
 
-def _request(client, *, sampler="ddim", steps=3, seed=0, n=4):
-    return client.predict(sampler, steps, seed, n, 0, None, None, None, api_name="/sample")
+def _request(client, *, sampler="ddim", steps=3, seed=0, n=4, eta=None):
+    return client.predict(sampler, steps, seed, n, 0, None, eta, None, api_name="/sample")
 
 
 def test_the_server_listens_on_localhost_only(server):
@@ -258,19 +259,24 @@ def test_the_server_listens_on_localhost_only(server):
             socket.create_connection((address, server.port), timeout=5).close()
 
 
-def test_client_gets_the_cli_pixels_and_bad_values_do_not_stop_the_server(
-    server, run, tmp_path
-):
+def test_client_gets_the_cli_pixels_and_bad_values_do_not_stop_the_server(server, run, tmp_path):
     from gradio_client.exceptions import AppError
 
     client = _client(server.url)
     grid, *_ = _request(client, steps=3, seed=4, n=3)
     cli = _cli_pixels(run, tmp_path, sampler="ddim", steps=3, seed=4, n=3)
     assert np.array_equal(np.asarray(Image.open(grid)), _grid_of(load_run(run), cli))
-    for kw, message in (({"steps": 0}, "steps"), ({"n": 10**6}, "8"),
-                        ({"sampler": "nope"}, "nope"), ({"steps": 10**6}, "250")):  # fmt: skip
+    # gradio's checks of the slider and dropdown bounds answer first, check_request after
+    refused = [
+        ({"steps": 0}, "minimum value 1|at least 1"),
+        ({"steps": 10**6}, "maximum value 250|at most 250"),
+        ({"n": 10**6}, "maximum value 8|at most 8"),
+        ({"sampler": "nope"}, "nope"),
+        ({"eta": -1.0}, "eta must be >= 0"),  # check_request's own message
+    ]
+    for change, message in refused:
         with pytest.raises(AppError, match=message):
-            _request(client, **kw)
+            _request(client, **change)
     assert Path(_request(client, steps=2, n=1)[0]).is_file()  # still serving
 
 

@@ -61,6 +61,7 @@ __all__ = [
 
 TRAJECTORY_IMAGES = 4  # images whose every step the slider shows (memory: steps x 3 pictures)
 INSTALL_HINT = "pip install 'difflab[demo]'"
+GUIDANCE_LABEL = "guidance scale (blank: none; 0 unconditional, 1 conditional)"
 
 
 @dataclass(frozen=True)
@@ -319,9 +320,7 @@ def run_facts(built: Built, where: str | Path) -> list[tuple[str, str]]:
     ]
     path = Path(where) / "finished.json"
     if path.is_file():
-        info = read_json_object(
-            path, missing="not found", invalid="not readable", error=ValueError
-        )
+        info = read_json_object(path, missing="not found", invalid="not readable", error=ValueError)
         rows += [(k, _fmt(v)) for k, v in _flat(info).items()]
     return rows
 
@@ -361,8 +360,9 @@ def build_app(built: Built, facts: list[tuple[str, str]], limits: DemoLimits) ->
     gr = _gradio()
     cfg, k = built.cfg, _classes(built)
     lock = threading.Lock()  # one sampling at a time, whatever the queue's settings
+    tracker = gr.Progress()  # a Progress default makes gradio show the bar
 
-    def on_sample(sampler, steps, seed, n, label, guidance, eta, image, progress=gr.Progress()):
+    def on_sample(sampler, steps, seed, n, label, guidance, eta, image, progress=tracker):
         req = DemoRequest(sampler, steps, seed, n, label, guidance, eta, image)
         try:
             req = check_request(built, req, limits)
@@ -389,16 +389,17 @@ def build_app(built: Built, facts: list[tuple[str, str]], limits: DemoLimits) ->
             with gr.Column(scale=1):
                 sampler = gr.Dropdown(list(SAMPLER_NAMES), value=cfg.sample.sampler,
                                       label="sampler", elem_id="sampler")  # fmt: skip
-                steps = gr.Slider(1, limits.max_steps, value=min(cfg.sample.steps,
-                                  limits.max_steps), step=1, label="steps", elem_id="steps")  # fmt: skip
+                first = min(cfg.sample.steps, limits.max_steps)
+                steps = gr.Slider(1, limits.max_steps, value=first, step=1, label="steps",
+                                  elem_id="steps")  # fmt: skip
                 seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id="seed")
                 max_n = limits.max_n(built)
                 n = gr.Slider(1, max_n, value=min(16, max_n), step=1,
                               label="number of images", elem_id="n")  # fmt: skip
                 label = gr.Number(0, precision=0, label=f"class (0..{k - 1})", visible=k > 0,
                                   elem_id="label")  # fmt: skip
-                guidance = gr.Number(None, label="guidance scale (blank: none; 0 unconditional, "
-                                     "1 conditional)", visible=k > 0, elem_id="guidance")  # fmt: skip
+                guidance = gr.Number(None, label=GUIDANCE_LABEL, visible=k > 0,
+                                     elem_id="guidance")  # fmt: skip
                 eta = gr.Number(None, label="eta (blank: the default)", elem_id="eta",
                                 visible=_has_eta(cfg.sample.sampler))  # fmt: skip
                 image = gr.Image(type="numpy", label="input image", visible=_takes_image(built),
