@@ -210,16 +210,12 @@ def draw_demo(
 def _predicted_noise(built: Built, x: Tensor, x0_hat: Tensor, t: float) -> Tensor | None:
     """eps_hat at time t from x_t = alpha_t x0 + sigma_t eps; None at t = 0 or for a frame
     of another stage (a cascade's base run, of another shape)."""
-    if tuple(x.shape[1:]) != tuple(built.data_shape) and not _is_latent(built):
-        return None
+    if built.kind.super_resolves and tuple(x.shape[1:]) != tuple(built.data_shape):
+        return None  # the base run's step, on the base run's schedule
     alpha, sigma = built.schedule.alpha_sigma(torch.tensor([t], dtype=torch.float64))
     if float(sigma) <= 0:
         return None
     return eps_from_x0(x.double(), x0_hat.double(), alpha, sigma).float()
-
-
-def _is_latent(built: Built) -> bool:
-    return built.kind.name == "latent-diffusion"
 
 
 def _conditioning(built: Built, req: DemoRequest) -> tuple[Any, Tensor | None]:
