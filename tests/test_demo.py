@@ -171,6 +171,29 @@ def test_class_and_guidance_reach_the_sampler(cond_built):
     assert not torch.equal(demo(label=1), expected)
 
 
+def test_an_uploaded_image_is_degraded_by_the_runs_task_and_restored():
+    """Image-to-image runs: the upload, resized to the data shape, degraded by the run's task
+    with the request's seed, is the conditioning image; none is refused."""
+    from difflab.app.demo import image_tensor
+    from difflab.image_to_image import degrade
+
+    cfg = apply_overrides(get_preset("folder"), [*TINY, "model.image_task=restore"])
+    built = build(cfg, device=torch.device("cpu"), load_data=False)
+    randomise(built.model, std=0.05)
+    limits = DemoLimits()
+    with pytest.raises(ValueError, match="needs an input image"):
+        check_request(built, DemoRequest("ddim", 2, n=2), limits)
+    upload = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    req = check_request(built, DemoRequest("ddim", 2, seed=3, n=2, image=upload), limits)
+    draw = draw_demo(built, req)
+    x0 = image_tensor(upload, 1, (16, 16))
+    assert x0.shape == (1, 1, 16, 16) and x0.min() >= -1 and x0.max() <= 1
+    y = degrade(x0.expand(2, -1, -1, -1), "restore", generator=torch.Generator().manual_seed(3))
+    expected = draw_samples(built, 2, sampler="ddim", steps=2, seed=3, cond={"image": y})
+    assert torch.equal(draw.samples, expected)
+    torch.testing.assert_close(draw.shown_input, y[:1].clamp(-1, 1))
+
+
 def test_run_facts_show_the_finished_run(run):
     facts = dict(run_facts(load_run(run), run))
     assert facts["preset"] == "folder" and facts["step"] == "2"

@@ -61,6 +61,7 @@ __all__ = [
 
 TRAJECTORY_IMAGES = 4  # images whose every step the slider shows (memory: steps x 3 pictures)
 INSTALL_HINT = "pip install 'difflab[demo]'"
+GRID_SIDE, STEP_SIDE = 384, 192  # pixels the sample grid and the step pictures are enlarged to
 GUIDANCE_LABEL = "guidance scale (blank: none; 0 unconditional, 1 conditional)"
 
 
@@ -264,6 +265,13 @@ def _plain(a: np.ndarray) -> np.ndarray:
     return a[..., 0] if a.shape[-1] == 1 else a
 
 
+def enlarged(a: np.ndarray, side: int) -> np.ndarray:
+    """``a`` repeated k times along both axes (nearest neighbour, pixels kept exactly), the
+    largest k >= 1 whose longer side stays within ``side``: browsers show small grids tiny."""
+    k = max(1, side // max(a.shape[:2]))
+    return a.repeat(k, axis=0).repeat(k, axis=1)
+
+
 def _scatter_picture(x: Tensor) -> np.ndarray:
     import matplotlib.pyplot as plt
 
@@ -277,10 +285,11 @@ def _scatter_picture(x: Tensor) -> np.ndarray:
 
 def sample_grid(built: Built, samples: Tensor) -> np.ndarray:
     """The page's sample grid: :func:`difflab.viz.make_grid` of the uint8-rounded samples (the
-    pixels ``difflab sample`` stores), or a scatter plot for 2-D runs."""
+    pixels ``difflab sample`` stores) :func:`enlarged` to ``GRID_SIDE``, or a scatter plot for
+    2-D runs."""
     if built.cfg.data.is_toy:
         return _scatter_picture(samples)
-    return _plain(viz.make_grid(to_uint8(samples).float() / 127.5 - 1.0))
+    return enlarged(_plain(viz.make_grid(to_uint8(samples).float() / 127.5 - 1.0)), GRID_SIDE)
 
 
 def frame_pictures(built: Built, draw: DemoDraw) -> list[tuple]:
@@ -336,7 +345,7 @@ def _fmt(v: Any) -> str:
 
 
 def facts_markdown(rows: list[tuple[str, str]]) -> str:
-    lines = ["| | |", "|---|---|"]
+    lines = ["| run fact | value |", "|---|---|"]
     lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows]
     return "\n".join(lines)
 
@@ -371,10 +380,11 @@ def build_app(built: Built, facts: list[tuple[str, str]], limits: DemoLimits) ->
             raise gr.Error(str(e)) from None
         pics = frame_pictures(built, draw)
         last = len(pics) - 1
-        shown = None if draw.shown_input is None else picture(built, draw.shown_input)
+        given = draw.shown_input
+        given = None if given is None else enlarged(picture(built, given), STEP_SIDE)
         return (sample_grid(built, draw.samples), pics,
                 gr.update(maximum=max(last, 1), value=max(last, 0)),
-                *_step_outputs(pics, last), shown)  # fmt: skip
+                *_step_outputs(pics, last), given)  # fmt: skip
 
     def on_step(pics, i):
         return _step_outputs(pics, int(i or 0))
@@ -394,10 +404,11 @@ def build_app(built: Built, facts: list[tuple[str, str]], limits: DemoLimits) ->
                               label="number of images", elem_id="n")  # fmt: skip
                 label = gr.Number(0, precision=0, label=f"class (0..{k - 1})", visible=k > 0,
                                   elem_id="label")  # fmt: skip
-                guidance = gr.Number(None, label=GUIDANCE_LABEL, visible=k > 0,
-                                     elem_id="guidance")  # fmt: skip
-                eta = gr.Number(None, label="eta (blank: the default)", elem_id="eta",
-                                visible=_has_eta(cfg.sample.sampler))  # fmt: skip
+                # text boxes: blank is "not set" (a number box would send 0)
+                guidance = gr.Textbox("", label=GUIDANCE_LABEL, visible=k > 0,
+                                      elem_id="guidance")  # fmt: skip
+                eta = gr.Textbox("", label="eta (blank: the sampler's default)", elem_id="eta",
+                                 visible=_has_eta(cfg.sample.sampler))  # fmt: skip
                 image = gr.Image(type="numpy", label="input image", visible=_takes_image(built),
                                  elem_id="input")  # fmt: skip
                 button = gr.Button("Sample", variant="primary", elem_id="sample")
@@ -431,10 +442,11 @@ def _has_eta(sampler: str) -> bool:
 
 
 def _step_outputs(pics: list, i: int) -> tuple:
+    """The caption and the three pictures of step i (enlarged here: the state keeps them small)."""
     if not pics:
         return "", None, None, None
     caption, *images = pics[max(0, min(i, len(pics) - 1))]
-    return (caption, *images)
+    return (caption, *(enlarged(a, STEP_SIDE) for a in images))
 
 
 def launch(
@@ -455,8 +467,9 @@ def launch(
     check_demo_run(built, where)
     app = build_app(built, run_facts(built, where), limits)
     say(f"difflab demo of {where} on http://{host}:{port or 'the first free port from 7860'}")
+    # the trajectories of the last visitors only (the state holds every step's pictures)
     app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-               ssr_mode=False, quiet=False)  # fmt: skip
+               ssr_mode=False, state_session_capacity=64)  # fmt: skip
     return app
 
 
