@@ -201,6 +201,19 @@ def test_run_facts_show_the_finished_run(run):
     assert "last.loss" in facts
 
 
+def test_the_page_samples_one_request_at_a_time(run):
+    """The sample event runs one at a time with a bounded queue; the slider event is a lookup
+    in the session's pictures (no sampling)."""
+    pytest.importorskip("gradio")
+    from difflab.app.demo import build_app
+
+    built = load_run(run)
+    app = build_app(built, run_facts(built, run), DemoLimits(queue=5))
+    fns = {f.api_name: f for f in app.fns.values()}
+    assert fns["sample"].concurrency_limit == 1 and app._queue.max_size == 5
+    assert fns["step"].queue is False
+
+
 def test_demo_without_gradio_is_one_line(run, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
     assert main(["demo", str(run)]) == 2

@@ -160,7 +160,7 @@ def check_request(built: Built, req: DemoRequest, limits: DemoLimits) -> DemoReq
     label = guidance = None
     if k > 0:
         label = _whole("class", 0 if req.label is None else req.label, 0, k - 1)
-        guidance = _number("guidance scale", req.guidance)
+        guidance = None if built.kind.super_resolves else _number("guidance scale", req.guidance)
     image = req.image if _takes_image(built) else None
     if image is not None:
         image = np.asarray(image)
@@ -405,7 +405,8 @@ def build_app(built: Built, facts: list[tuple[str, str]], limits: DemoLimits) ->
                 label = gr.Number(0, precision=0, label=f"class (0..{k - 1})", visible=k > 0,
                                   elem_id="label")  # fmt: skip
                 # text boxes: blank is "not set" (a number box would send 0)
-                guidance = gr.Textbox("", label=GUIDANCE_LABEL, visible=k > 0,
+                guided = k > 0 and not built.kind.super_resolves  # as difflab sample
+                guidance = gr.Textbox("", label=GUIDANCE_LABEL, visible=guided,
                                       elem_id="guidance")  # fmt: skip
                 eta = gr.Textbox("", label="eta (blank: the sampler's default)", elem_id="eta",
                                  visible=_has_eta(cfg.sample.sampler))  # fmt: skip
