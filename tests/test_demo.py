@@ -329,6 +329,14 @@ def test_client_gets_the_cli_pixels_and_bad_values_do_not_stop_the_server(server
     assert Path(_request(client, steps=2, n=1)[0]).is_file()  # still serving
 
 
+def _can_browse() -> bool:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return False
+    return CHROMIUM is not None and CHROMEDRIVER is not None
+
+
 def _browser():
     webdriver = pytest.importorskip("selenium.webdriver")
     if CHROMIUM is None or CHROMEDRIVER is None:
@@ -410,7 +418,8 @@ def test_a_browser_samples_and_scrubs_through_the_steps(server, run, tmp_path):
 
 def test_the_exported_folder_runs_its_own_demo(run, tmp_path):
     """``difflab export`` writes app.py and requirements.txt; ``python app.py`` in the folder
-    serves the same page on the diffusers weights, and the client gets an image there."""
+    serves the same page on the diffusers weights: the client and the browser get the pixels
+    of ``difflab sample`` on the folder."""
     pytest.importorskip("gradio")
     out = tmp_path / "export"
     assert main(["export", str(run), str(out)]) == 0
@@ -418,8 +427,14 @@ def test_the_exported_folder_runs_its_own_demo(run, tmp_path):
     server = Server(["app.py"], cwd=out)
     try:
         assert f"http://127.0.0.1:{server.port}" in server.text()
-        grid, *_ = _request(_client(server.url), steps=3, seed=2, n=2)
-        cli = _cli_pixels(out, tmp_path, sampler="ddim", steps=3, seed=2, n=2)
-        assert np.array_equal(np.asarray(Image.open(grid)), _grid_of(load_run(out), cli))
+        folder = load_run(out)
+        sampler = folder.cfg.sample.sampler  # the page's first choice
+        grid, *_ = _request(_client(server.url), sampler=sampler, steps=3, seed=2, n=2)
+        cli = _cli_pixels(out, tmp_path, sampler=sampler, steps=3, seed=2, n=2)
+        expected = _grid_of(folder, cli)
+        assert np.array_equal(np.asarray(Image.open(grid)), expected)
+        if _can_browse():  # and in the browser
+            shown, captions, _ = drive_page(server.url, steps=3, seed=2, n=2)
+            assert np.array_equal(shown, expected) and captions[0].startswith("step 3/3")
     finally:
         server.stop()
