@@ -14,6 +14,7 @@
     difflab sample DIFFUSERS_DIR --sampler dpm++2m-sde --steps 10   # a diffusers model folder
     difflab export RUN_DIR OUT_DIR         # a diffusers pipeline folder with a model card
     difflab import DIFFUSERS_DIR --out RUN_DIR                      # then train --resume
+    difflab demo RUN_DIR                   # a web page on 127.0.0.1 (pip install 'difflab[demo]')
 
 Every error is one line on stderr and a non-zero exit status.
 """
@@ -117,6 +118,18 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="a web page to sample a run (needs difflab[demo])")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR|DIFFUSERS_DIR")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 serves every network interface)")  # fmt: skip
+    p.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    p.add_argument("--share", action="store_true", help="also a public gradio.live link")
+    p.add_argument("--max-n", type=int, default=64, help="most images per request")
+    p.add_argument("--max-steps", type=int, default=250, help="most sampler steps per request")
+
+
 def _add_speed_options(p: argparse.ArgumentParser, *, compile: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     if compile:
@@ -152,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_sample(sub)
+    _add_demo(sub)
     sub.add_parser("presets", help="list the presets")
     p = sub.add_parser("eval", help="sample quality of a trained run")
     p.add_argument("run_dir", type=Path)
@@ -597,6 +611,18 @@ def _cascade(args, built, sampler: str, steps: int, options: dict) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from difflab.app.demo import DemoLimits, launch
+
+    _positive("--max-n", args.max_n)
+    _positive("--max-steps", args.max_steps)
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    limits = DemoLimits(max_images=args.max_n, max_steps=args.max_steps)
+    launch(args.run_dir, host=args.host, port=args.port, share=args.share, limits=limits)
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from difflab.app.config import PRESETS
 
@@ -713,6 +739,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A diffusers pipeline folder (EMA weights, scheduler config, model card) of a run."""
     import json
 
+    from difflab.app.demo import write_space_app
     from difflab.app.runs import IMPORTED_FILE, load_run
     from difflab.checkpoint import check_output
     from difflab.interop import ModelCardInfo, export_to_diffusers
@@ -748,7 +775,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         schedule=built.schedule, parameterization=cfg.model.parameterization,  # type: ignore
         clip_sample=cfg.sample.threshold == "clip", card=card, overwrite=args.overwrite,
     )  # fmt: skip
-    say(f"wrote {out} (load it with DDPMPipeline.from_pretrained or DDIMPipeline)")
+    write_space_app(out)  # app.py + requirements.txt: the folder runs as a Space
+    say(f"wrote {out} (load it with DDPMPipeline.from_pretrained or DDIMPipeline; "
+        f"python {out / 'app.py'} serves its demo)")  # fmt: skip
     return 0
 
 
@@ -791,6 +820,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
+    "demo": cmd_demo,
     "presets": cmd_presets,
     "viz": cmd_viz,
     "eval": cmd_eval,
