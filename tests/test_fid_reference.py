@@ -92,8 +92,9 @@ def _torch_fidelity_inception(weights: Path, tmp: Path):
         blocks.setdefault(module, {})[leaf] = value
     torch.save({}, tmp / "empty.pth")
     with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda s, d: None):
-        skeleton = FeatureExtractorInceptionV3("skeleton", ["2048"],
-                                               feature_extractor_weights_path=tmp / "empty.pth")  # fmt: skip
+        skeleton = FeatureExtractorInceptionV3(
+            "skeleton", ["2048"], feature_extractor_weights_path=tmp / "empty.pth"
+        )
     convs = [(n, m) for n, m in skeleton.named_modules() if isinstance(m, BasicConv2d)]
     assert len(convs) == len(blocks) == 94
     state = {"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}  # logits unused
@@ -106,8 +107,9 @@ def _torch_fidelity_inception(weights: Path, tmp: Path):
         state[f"{name}.bn.running_var"] = block["var"]
         state[f"{name}.bn.num_batches_tracked"] = torch.tensor(0)
     torch.save(state, tmp / "mapped.pth")
-    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                       feature_extractor_weights_path=str(tmp / "mapped.pth"))  # fmt: skip
+    return FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp / "mapped.pth")
+    )
 
 
 def test_features_equal_torch_fidelity_inception_with_these_weights(
