@@ -381,3 +381,51 @@ def test_cli_fid_errors_are_one_line(tmp_path, fake_weights, capsys, no_weights,
     assert main(["fid", str(tmp_path / "ok.npz"), str(tmp_path / "ok.npz")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--inception" in err and "offline" in err
+
+
+# ----------------------------------------------------------------------------- difflab eval
+def test_eval_metric_fid_kid_pr_against_the_test_split(tmp_path, fake_weights, extractor,
+                                                       monkeypatch, capsys):  # fmt: skip
+    import json
+
+    from test_cascade_runs import SMALL
+    from test_guidance import write_synthetic_mnist
+
+    data = write_synthetic_mnist(tmp_path / "mnist")
+    run = tmp_path / "run"
+    sets = [a for s in (*SMALL, "train.steps=2") for a in ("--set", s)]
+    assert main(["train", "--preset", "mnist", "--out", str(run), "--data-dir", str(data),
+                 "--no-progress", *sets]) == 0  # fmt: skip
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    base = ["eval", str(run), "--n", "8", "--no-progress", "--inception", str(fake_weights)]
+    assert main([*base, "--metric", "fid"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 8 and res["resize"] == "clean"
+    assert res["reference"]["data"] == "mnist-test" and res["reference"]["n"] == 40
+    assert res["weights_sha256"] == extractor.sha256
+    # the same samples, as difflab sample writes them, scored directly
+    assert main(["sample", str(run), "--n", "8", "--out", str(tmp_path / "s.npz"),
+                 "--no-progress"]) == 0  # fmt: skip
+    samples = list(fid.load_fid_input(tmp_path / "s.npz"))
+    from difflab.data.images import load_image_dataset
+
+    test = load_image_dataset("mnist", data_dir=data, train=False, image_size=16).images
+    expected = fid.fid_from_features(fid.inception_features(samples, extractor),
+                                     fid.inception_features(test, extractor))  # fmt: skip
+    assert res["fid"] == pytest.approx(expected, rel=1e-4)
+    assert main([*base, "--metric", "pr"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1
+    assert res["reference"]["n_used"] == 8
+    assert main([*base, "--metric", "kid"]) == 0
+    assert json.loads(capsys.readouterr().out)["kid"]["subset_size"] == 8
+
+
+def test_eval_metric_fid_refuses_2d_runs_before_any_work(tmp_path, capsys):
+    run = tmp_path / "moons"
+    assert main(["train", "--preset", "moons", "--out", str(run), "--no-progress",
+                 "--set", "train.steps=2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["eval", str(run), "--metric", "fid", "--n", "4"]) == 2
+    assert "scores image samples" in capsys.readouterr().err
