@@ -384,6 +384,7 @@ def test_cli_fid_errors_are_one_line(tmp_path, fake_weights, capsys, no_weights,
 
 
 # ----------------------------------------------------------------------------- difflab eval
+@pytest.mark.slow
 def test_eval_metric_fid_kid_pr_against_the_test_split(tmp_path, fake_weights, extractor,
                                                        monkeypatch, capsys):  # fmt: skip
     import json
@@ -407,6 +408,7 @@ def test_eval_metric_fid_kid_pr_against_the_test_split(tmp_path, fake_weights, e
     # the same samples, as difflab sample writes them, scored directly
     assert main(["sample", str(run), "--n", "8", "--out", str(tmp_path / "s.npz"),
                  "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
     samples = list(fid.load_fid_input(tmp_path / "s.npz"))
     from difflab.data.images import load_image_dataset
 
