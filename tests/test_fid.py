@@ -424,10 +424,20 @@ def test_eval_metric_fid_kid_pr_against_the_test_split(tmp_path, fake_weights, e
     assert json.loads(capsys.readouterr().out)["kid"]["subset_size"] == 8
 
 
-def test_eval_metric_fid_refuses_2d_runs_before_any_work(tmp_path, capsys):
-    run = tmp_path / "moons"
-    assert main(["train", "--preset", "moons", "--out", str(run), "--no-progress",
-                 "--set", "train.steps=2"]) == 0  # fmt: skip
-    capsys.readouterr()
-    assert main(["eval", str(run), "--metric", "fid", "--n", "4"]) == 2
-    assert "scores image samples" in capsys.readouterr().err
+def test_eval_metric_fid_refuses_runs_without_image_samples():
+    """2-D runs, runs without a denoiser (classifier, autoencoder) and image-to-image runs
+    are refused in one line before any weights are looked up or samples drawn."""
+    from types import SimpleNamespace as NS
+
+    from difflab.app.evaluate import check_inception_scoring
+
+    def built(toy, denoiser, images_in):
+        kind = NS(name="k", has_denoiser=denoiser, conditions_on_images=images_in)
+        return NS(cfg=NS(data=NS(is_toy=toy)), kind=kind)
+
+    check_inception_scoring(built(False, True, False), "fid")  # an image diffusion run
+    for case in ((True, True, False), (False, False, False), (False, True, True)):
+        with pytest.raises(ValueError, match="scores image samples"):
+            check_inception_scoring(built(*case), "fid")
+    with pytest.raises(ValueError, match="unknown metric"):
+        check_inception_scoring(built(False, True, False), "is")
