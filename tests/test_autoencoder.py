@@ -214,3 +214,19 @@ def test_tiny_autoencoder_learns_to_reconstruct() -> None:
     with torch.no_grad():
         mse = float((ae.decode(ae.encode(x).mode()) - x).square().mean())
     assert mse < 0.05 * float(x.var())
+
+
+def test_every_run_kind_reports_the_mean_of_per_image_psnrs() -> None:
+    """One PSNR for every kind of run (docs/METRICS.md): per image, then averaged. Two images
+    with MSE 0.01 and 0.04 give mean(10 log10(4 / mse_i)) = 23.01 dB; pooling the MSE first
+    (10 log10(4 / 0.025) = 22.04 dB) is the other definition, which this rules out."""
+    from difflab.app.report import _psnr
+
+    ref = torch.zeros(2, 1, 4, 4)
+    x = torch.stack([torch.full((1, 4, 4), 0.1), torch.full((1, 4, 4), 0.2)])
+    expected = (10 * math.log10(4 / 0.01) + 10 * math.log10(4 / 0.04)) / 2
+    assert _psnr(x, ref) == pytest.approx(expected, rel=1e-7)  # float32 pixels
+    assert _psnr(x + 5.0, ref + 1.0) == pytest.approx(
+        _psnr(torch.ones_like(x), ref + 1.0)
+    )  # clamped
+    assert math.isfinite(_psnr(ref, ref))  # a perfect image: MSE floored, no infinity

@@ -1,4 +1,5 @@
-"""Sample-quality metrics: 2-D metrics (MMD, sliced Wasserstein, exact NLL) and FID/KID.
+"""Sample-quality metrics: 2-D metrics (MMD, sliced Wasserstein, exact NLL), FID/KID and
+precision/recall.
 
 The Frechet and kernel distances work with any feature extractor: pass features (N, F) of real
 and generated images, from Inception-v3 for the published FID [Heusel 2017] / KID
@@ -21,6 +22,7 @@ __all__ = [
     "frechet_distance",
     "kernel_inception_distance",
     "mmd",
+    "precision_recall",
     "sliced_wasserstein",
 ]
 
@@ -216,3 +218,44 @@ def kernel_inception_distance(
         i2 = torch.randperm(f2.shape[0], generator=generator)[:subset_size].to(f2.device)
         values[i] = _poly_mmd2_unbiased(f1[i1], f2[i2]).cpu()
     return float(values.mean()), float(values.std(correction=0))
+
+
+def _kth_neighbour_radii(x: Tensor, k: int, block: int) -> Tensor:
+    """Distance of each row of x (N, F) to its k-th nearest other row, (N,)."""
+    radii = []
+    for start in range(0, x.shape[0], block):
+        d = torch.cdist(x[start : start + block], x)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # the row itself is at distance 0
+    return torch.cat(radii)
+
+
+def _covered(points: Tensor, centres: Tensor, radii: Tensor, block: int) -> Tensor:
+    """(P,) bool: is each point within radii[i] of some centres[i]?"""
+    out = []
+    for start in range(0, points.shape[0], block):
+        d = torch.cdist(points[start : start + block], centres)
+        out.append((d <= radii[None, :]).any(dim=1))
+    return torch.cat(out)
+
+
+def precision_recall(
+    real: Tensor, fake: Tensor, *, k: int = 3, block: int = 1024
+) -> tuple[float, float]:
+    """Improved precision and recall [Kynkaanniemi 2019, Eqs. (1)-(2)], k = 3 as in the paper.
+
+    The manifold of a set is the union of balls around its points, each with the radius of
+    its k-th nearest neighbour in the same set. precision = the fraction of ``fake`` inside
+    the manifold of ``real``; recall = the fraction of ``real`` inside the manifold of
+    ``fake``. real (N, F), fake (M, F) with N, M > k; distances in float64, in row blocks.
+    """
+    real, fake = _check_pair(real, fake)
+    if k < 1 or min(real.shape[0], fake.shape[0]) <= k:
+        raise ValueError(
+            f"need k >= 1 and more than k points in each set, got k = {k}, "
+            f"{real.shape[0]} and {fake.shape[0]} points"
+        )
+    r_real = _kth_neighbour_radii(real, k, block)
+    r_fake = _kth_neighbour_radii(fake, k, block)
+    precision = _covered(fake, real, r_real, block).double().mean()  # Eq. (1)
+    recall = _covered(real, fake, r_fake, block).double().mean()  # Eq. (2)
+    return float(precision), float(recall)

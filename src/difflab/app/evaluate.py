@@ -4,6 +4,9 @@
   same distances between two fresh data sets (and the exact NLL for mixture data).
 * Digit runs (MNIST, Fashion-MNIST): the Frechet digit distance of :mod:`difflab.evaluation`
   against the test split, next to the real-vs-real floor at the same sample size.
+* ``--metric fid|kid|pr`` (image runs): Inception FID [Heusel 2017], KID [Binkowski 2018] or
+  precision/recall [Kynkaanniemi 2019] of the samples against the data set's reference split
+  (``REFERENCE_SPLIT``), with the reference features cached (:mod:`difflab.fid`).
 * ``nll``: negative log-likelihood of held-out data by the full variational bound [Ho 2020,
   Eq. 5] and by the probability-flow ODE with Hutchinson's trace estimator [Song 2021,
   Sec. 4.3], each with its standard error; bits/dim for images, nats per point for 2-D data.
@@ -13,20 +16,42 @@ What a kind of run is scored by is its ``evaluate`` (:mod:`difflab.app.kinds`).
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from difflab.app.build import Built, build_data, cfg_data_shape
-from difflab.app.sampling import ImageBar
+from difflab.app.sampling import ImageBar, draw_samples
 from difflab.data.datasets import dataset
 from difflab.evaluation import frechet_digit_distance, load_or_train_classifier
+from difflab.fid import (
+    InceptionFeatures,
+    cached_features,
+    fid_from_features,
+    find_inception,
+    inception_features,
+)
 from difflab.inference import inference_context
 from difflab.likelihood import bits_per_dim, mean_and_stderr, vlb
+from difflab.metrics import kernel_inception_distance, precision_recall
 from difflab.ode_likelihood import pf_ode_nll
 from difflab.schedules import DiscreteSchedule
 
-__all__ = ["digit_quality", "evaluate_nll", "evaluate_quality"]
+__all__ = [
+    "INCEPTION_METRICS",
+    "REFERENCE_SPLIT",
+    "digit_quality",
+    "evaluate_nll",
+    "evaluate_quality",
+    "inception_quality",
+]
+
+INCEPTION_METRICS = ("fid", "kid", "pr")
+# the split samples are compared with, as in the literature: the 10k test images of the digit
+# sets, CIFAR-10's 50k training images; any other data set is compared with its own images
+REFERENCE_SPLIT = {"mnist": "test", "fashion-mnist": "test", "cifar10": "train"}
 
 
 def _held_out(built: Built, n: int, *, seed: int) -> torch.Tensor:
@@ -57,6 +82,80 @@ def evaluate_quality(
     sampling = {"sampler": sampler, "steps": steps, "batch_size": batch_size,
                 "progress": progress, "compile": compile}  # fmt: skip
     out.update(built.kind.quality(built, n=n, seed=seed, **sampling))
+    return out
+
+
+def check_inception_scoring(built: Built, metric: str) -> None:
+    """Raise a one-line ValueError unless the run draws images (before any work)."""
+    if metric not in INCEPTION_METRICS:
+        raise ValueError(
+            f"unknown metric {metric!r}; choose one of: {', '.join(INCEPTION_METRICS)}"
+        )
+    kind = built.kind
+    if built.cfg.data.is_toy or not kind.has_denoiser or kind.conditions_on_images:
+        raise ValueError(
+            f"--metric {metric} scores image samples of a generative run, not {kind.name} runs"
+        )
+
+
+def reference_images(built: Built) -> tuple[torch.Tensor, str]:
+    """uint8 images (N, C, H, W) of the run's reference split (all of it, ignoring
+    ``data.limit``) and a name for it, e.g. ``mnist-test``."""
+    cfg = built.cfg
+    split = REFERENCE_SPLIT.get(cfg.data.name, "train")
+    full = replace(cfg, data=replace(cfg.data, limit=None))
+    ds = build_data(full, train=split == "train")
+    return ds.images, f"{cfg.data.name}-{split}"
+
+
+def inception_quality(
+    built: Built,
+    *,
+    metric: str,
+    n: int,
+    sampler: str,
+    steps: int,
+    seed: int = 0,
+    inception: str | Path | None = None,
+    resize: str = "clean",
+    batch_size: int = 500,
+    feature_batch: int = 50,
+    progress: bool = False,
+    compile: bool = False,
+) -> dict[str, Any]:
+    """Inception FID, KID or precision/recall (k = 3) of n samples against the reference
+    split; the weights are found (or refused) and the reference features cached before any
+    sample is drawn. Reports n, the reference (name, n, cache file), resize mode and weights."""
+    check_inception_scoring(built, metric)
+    extractor = InceptionFeatures(find_inception(inception))
+    ref_images, ref_name = reference_images(built)
+    bar = ImageBar(len(ref_images), f"Inception {ref_name}", steps=0, enabled=progress)
+    with bar:
+        ref, cache = cached_features(ref_images, extractor, name=ref_name, mode=resize,  # type: ignore[arg-type]
+                                     batch_size=feature_batch, progress=bar.update)  # fmt: skip
+    x = draw_samples(built, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
+                     progress=progress, compile=compile)  # fmt: skip
+    bar = ImageBar(n, "Inception samples", steps=0, enabled=progress)
+    with bar:
+        feats = inception_features(x, extractor, mode=resize, batch_size=feature_batch,  # type: ignore[arg-type]
+                                   progress=bar.update)  # fmt: skip
+    out: dict[str, Any] = {
+        "metric": metric, "n": n, "sampler": sampler, "steps": steps,
+        "reference": {"data": ref_name, "n": len(ref), "features": str(cache)},
+        "resize": resize, "weights_sha256": extractor.sha256,
+    }  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    if metric == "fid":
+        out["fid"] = fid_from_features(feats, ref)
+    elif metric == "kid":
+        size = min(1000, n, len(ref))
+        mean, std = kernel_inception_distance(feats, ref, subset_size=size, generator=g)
+        out["kid"] = {"mean": mean, "std": std, "subset_size": size, "subsets": 100}
+    else:
+        sub = ref[torch.randperm(len(ref), generator=g)[: min(n, len(ref))]]
+        precision, recall = precision_recall(sub, feats, k=3)
+        out["precision"], out["recall"] = precision, recall
+        out["reference"]["n_used"] = len(sub)
     return out
 
 

@@ -344,11 +344,13 @@ def autoencoder_loss(
 
 
 def psnr(x: Tensor, x_rec: Tensor, *, data_range: float = 2.0) -> Tensor:
-    """Peak signal-to-noise ratio per image, 10 log10(range^2 / MSE), (B,) dB.
+    """Peak signal-to-noise ratio per image, 10 log10(range^2 / MSE), (B,) dB, the MSE of
+    each image floored at 1e-12. difflab reports its mean over images for every kind of run
+    (docs/METRICS.md).
 
     ``data_range`` is the width of the pixel range: 2 for images in [-1, 1].
     """
     if x.shape != x_rec.shape:
         raise ValueError(f"shapes differ: {tuple(x.shape)} and {tuple(x_rec.shape)}")
-    mse = (x - x_rec).double().square().flatten(1).mean(1)
+    mse = (x - x_rec).double().square().flatten(1).mean(1).clamp_min(1e-12)
     return 10 * torch.log10(data_range**2 / mse)
