@@ -773,3 +773,46 @@ def test_an_option_the_run_would_ignore_is_refused(run, tmp_path, capsys):
     err = _one_line_error(capsys, _train(out, "train.steps=10", f"model.autoencoder={run}"))
     assert "model.autoencoder" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda c: c["model"].update(hidden=10**12), "model.hidden must be in 1..4096"),
+        (lambda c: c["diffusion"].update(T=10**15), "diffusion.T must be in 1..1000000"),
+    ],
+)
+def test_a_huge_size_in_a_config_is_refused_before_allocating(
+    run, tmp_path, capsys, edit, expected
+):
+    """A hand-edited size ended in "DefaultCPUAllocator: can't allocate memory"."""
+    copy = _edited(run, tmp_path, edit)
+    assert expected in _one_line_error(capsys, main(["sample", str(copy), "--n", "4"]))
+
+
+def test_viz_refuses_a_huge_T_before_allocating(tmp_path, capsys):
+    out = tmp_path / "s.png"
+    err = _one_line_error(capsys, main(["viz", "schedules", "--T", "10000000000",
+                                        "--out", str(out)]))  # fmt: skip
+    assert "--T must be in 1..1000000" in err and not out.exists()
+
+
+def test_sample_refuses_what_cannot_fit_in_memory_or_on_the_disk(
+    run, tmp_path, capsys, monkeypatch
+):
+    """`sample --n 100000000000` ran on for hours towards 800 GB of samples."""
+    import shutil
+
+    import difflab.app.sampling as sampling
+    import difflab.safe_io as safe_io
+
+    monkeypatch.setattr(sampling, "draw_samples", lambda *a, **k: pytest.fail("sampled"))
+    out = tmp_path / "s.npz"
+    err = _one_line_error(capsys, main(["sample", str(run), "--n", "100000000000",
+                                        "--out", str(out)]))  # fmt: skip
+    assert "800 GB of memory" in err
+    free = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(safe_io.shutil, "disk_usage", lambda p: free)
+    err = _one_line_error(capsys, main(["sample", str(run), "--n", "200", "--out", str(out)]))
+    assert str(out) in err and "1.6e-06 GB" in err and "1e-06 GB free" in err
+    assert not out.exists()

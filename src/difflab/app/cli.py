@@ -28,7 +28,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from difflab.safe_io import atomic_output, atomic_write_json, check_writable, say
+from difflab.safe_io import (
+    atomic_output,
+    atomic_write_json,
+    check_free_space,
+    check_writable,
+    say,
+)
 from difflab.sampler_table import SAMPLER_NAMES  # torch-free: --help lists the samplers
 
 # The commands import the app layer (and so torch) inside their functions, so that `difflab
@@ -195,6 +201,16 @@ def _positive(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must be positive, got {value}")
 
 
+def _check_sizes(args: argparse.Namespace) -> None:
+    """--n, --steps and --batch-size in the ranges of their config fields (config.LIMITS)."""
+    from difflab.app.config import check_limit
+
+    fields = {"n": "sample.n", "steps": "sample.steps", "batch_size": "train.batch_size"}
+    for name, path in fields.items():
+        if getattr(args, name, None) is not None:
+            check_limit(path, getattr(args, name), f"--{name.replace('_', '-')}")
+
+
 def _finite(name: str, value: float | None) -> None:
     if value is not None and not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
@@ -319,8 +335,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.app.sampling import draw_samples
     from difflab.data.images import to_uint8
 
-    for name in ("n", "steps", "batch_size"):
-        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    _check_sizes(args)
     for name in ("guidance", "classifier_scale", "eta"):
         _finite(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.eta is not None and args.eta < 0:
@@ -348,6 +363,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     classifier = None if args.classifier is None else _load_classifier(args.classifier, built)
     if args.guidance is not None and cfg.model.num_classes == 0:
         raise ValueError("--guidance needs a class-conditional run (model.num_classes)")
+    _check_room(args, built)
     if args.guidance_sweep is not None:
         return _guidance_sweep(args, built, sampler, steps, classifier, options)
     if built.kind.super_resolves:
@@ -407,6 +423,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     say(f"wrote {out} and {png}" + (f" and {out.with_suffix('.gif')}" if args.gif else ""))
     say(_rate_line(x.shape[0], seconds, timing))
     return 0
+
+
+def _check_room(args: argparse.Namespace, built: Any) -> None:
+    """Refuse, before sampling, a --n whose samples cannot be held in memory or whose .npz
+    (uint8 images, float32 points, before compression) cannot fit on the output's disk."""
+    from difflab.app.sampling import check_memory
+
+    n = args.n * (len(_parse_scales(args.guidance_sweep)) if args.guidance_sweep else 1)
+    check_memory(n, built.data_shape)
+    per_sample = math.prod(built.data_shape) * (4 if built.cfg.data.is_toy else 1)
+    out = args.out if args.out is not None else args.run_dir / "samples.npz"
+    check_free_space(out / "samples.npz" if out.is_dir() else out, n * per_sample)
 
 
 def _what(sampler: str, steps: int, n: int, seconds: float) -> dict[str, Any]:
@@ -609,9 +637,11 @@ def cmd_viz(args: argparse.Namespace) -> int:
     import numpy as np
 
     from difflab import viz
+    from difflab.app.config import check_limit
     from difflab.checkpoint import check_output
     from difflab.schedules import DiscreteSchedule
 
+    check_limit("diffusion.T", args.T, "--T")
     check_writable(check_output(args.out))
     curves = {}
     for name in ("linear", "cosine", "sigmoid", "quadratic"):
@@ -634,8 +664,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from difflab.app.evaluate import evaluate_quality
     from difflab.app.runs import load_run
 
-    _positive("--n", args.n)
-    _positive("--steps", args.steps)
+    _check_sizes(args)
     built = _with_data(load_run(args.run_dir), args)
     res = evaluate_quality(
         built,
