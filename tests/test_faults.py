@@ -816,3 +816,31 @@ def test_sample_refuses_what_cannot_fit_in_memory_or_on_the_disk(
     err = _one_line_error(capsys, main(["sample", str(run), "--n", "200", "--out", str(out)]))
     assert str(out) in err and "1.6e-06 GB" in err and "1e-06 GB free" in err
     assert not out.exists()
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    """An MNIST IDX file (gzipped) holding the uint8 ``array``."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_eval_checks_its_data_before_any_sample_is_drawn(tmp_path, capsys, monkeypatch):
+    """A truncated t10k file was reported after 115 s of sampling and classifier training."""
+    import difflab.app.kinds as kinds
+    import difflab.app.runs as runs
+    from difflab.app.runs import build
+
+    data = tmp_path / "mnist"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        _idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (20, 28, 28)))
+        _idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (20,)))
+    t10k = data / "t10k-images-idx3-ubyte.gz"
+    t10k.write_bytes(gzip.compress(gzip.decompress(t10k.read_bytes())[:5000]))
+    built = build(apply_overrides(get_preset("mnist"), ["train.device=cpu"]), load_data=False)
+    monkeypatch.setattr(runs, "load_run", lambda *a, **k: built)
+    monkeypatch.setattr(kinds, "draw_samples", lambda *a, **k: pytest.fail("sampled"))
+    err = _one_line_error(capsys, main(["eval", str(tmp_path), "--data-dir", str(data),
+                                        "--n", "4", "--no-progress"]))  # fmt: skip
+    assert "t10k-images-idx3-ubyte.gz" in err and "truncated" in err
