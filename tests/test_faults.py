@@ -844,3 +844,16 @@ def test_eval_checks_its_data_before_any_sample_is_drawn(tmp_path, capsys, monke
     err = _one_line_error(capsys, main(["eval", str(tmp_path), "--data-dir", str(data),
                                         "--n", "4", "--no-progress"]))  # fmt: skip
     assert "t10k-images-idx3-ubyte.gz" in err and "truncated" in err
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "nll", "train"])
+def test_a_huge_seed_is_one_line_naming_the_range(run, tmp_path, capsys, command):
+    """It ended in "Overflow when unpacking long long"."""
+    seed = str(10**23)
+    if command == "train":
+        out = tmp_path / "r"
+        err = _one_line_error(capsys, _train(out, "train.steps=10", extra=("--seed", seed)))
+        assert "train.seed must be in 0..4294967295" in err and not out.exists()
+    else:
+        err = _one_line_error(capsys, main([command, str(run), "--n", "4", "--seed", seed]))
+        assert "--seed must be in 0..4294967295" in err

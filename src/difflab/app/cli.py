@@ -202,10 +202,12 @@ def _positive(name: str, value: float | None) -> None:
 
 
 def _check_sizes(args: argparse.Namespace) -> None:
-    """--n, --steps and --batch-size in the ranges of their config fields (config.LIMITS)."""
+    """--n, --steps, --batch-size and --seed in the ranges of their config fields
+    (config.LIMITS)."""
     from difflab.app.config import check_limit
 
-    fields = {"n": "sample.n", "steps": "sample.steps", "batch_size": "train.batch_size"}
+    fields = {"n": "sample.n", "steps": "sample.steps", "batch_size": "train.batch_size",
+              "seed": "train.seed"}  # fmt: skip
     for name, path in fields.items():
         if getattr(args, name, None) is not None:
             check_limit(path, getattr(args, name), f"--{name.replace('_', '-')}")
@@ -719,6 +721,7 @@ def cmd_nll(args: argparse.Namespace) -> int:
 
     for name in ("n", "vlb_stride", "ode_steps", "probes"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    _check_sizes(args)
     res = evaluate_nll(
         _with_data(load_run(args.run_dir), args),
         n=args.n,
