@@ -857,3 +857,34 @@ def test_a_huge_seed_is_one_line_naming_the_range(run, tmp_path, capsys, command
     else:
         err = _one_line_error(capsys, main([command, str(run), "--n", "4", "--seed", seed]))
         assert "--seed must be in 0..4294967295" in err
+
+
+def _full_disk_open(name: str):
+    """``open`` that gives /dev/full (every write fails with ENOSPC) for files named ``name``."""
+    import builtins
+
+    def fake(path, *args, **kwargs):
+        full = Path(path).name == name or Path(path).name.startswith(name)
+        return builtins.open("/dev/full" if full else path, *args, **kwargs)
+
+    return fake
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("where", [".lock", "metrics.csv", "events.out.tfevents"])
+def test_a_disk_full_from_the_start_names_the_file(tmp_path, capsys, monkeypatch, where):
+    """The first writes of a run (its lock's PID, the metrics header, the TensorBoard file)
+    failed with "No space left on device" naming no file."""
+    import difflab.safe_io as safe_io
+    import difflab.tensorboard as tensorboard
+
+    if where == ".lock":  # /dev/full cannot be truncated: fail the write itself
+
+        def full(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(ckpt.RunLock, "_write_pid", staticmethod(full))
+    module = safe_io if where == "metrics.csv" else tensorboard
+    monkeypatch.setattr(module, "open", _full_disk_open(where), raising=False)
+    err = _one_line_error(capsys, _train(tmp_path / "r", "train.steps=10"))
+    assert "No space left on device" in err and str(tmp_path / "r") in err and where in err

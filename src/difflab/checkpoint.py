@@ -23,6 +23,7 @@ to a run directory at a time: :class:`RunLock` holds ``RUN_DIR/.lock`` while it 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
 import os
@@ -585,12 +586,21 @@ class RunLock:
                     f"{self.path.parent} is in use by another difflab process (PID {pid}); "
                     "wait for it to end or stop it first"
                 ) from None
+        try:  # a disk full from the start fails here first: name the file
+            self._write_pid(f)
+        except OSError as e:
+            with contextlib.suppress(OSError):  # closing flushes the unwritten PID again
+                f.close()
+            raise OSError(e.errno, e.strerror or one_line(e), str(self.path)) from e
+        self._file = f
+        return self
+
+    @staticmethod
+    def _write_pid(f: Any) -> None:
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
-        self._file = f
-        return self
 
     def release(self) -> None:
         if self._file is not None:

@@ -309,8 +309,13 @@ class MetricsLog:
         self._file = open(self.path, "a", newline="", encoding="utf-8")
         self._writer = csv.DictWriter(self._file, fieldnames=self.fieldnames, lineterminator="\n")
         if self._file.tell() == 0:
-            self._writer.writeheader()
-            self._file.flush()
+            try:
+                self._writer.writeheader()
+                self._file.flush()
+            except OSError as e:
+                with contextlib.suppress(OSError):  # closing flushes the header again
+                    self._file.close()
+                raise _naming(e, self.path) from e
 
     def _repair(self, resume_step: int | None) -> None:
         if not self.path.exists():
