@@ -888,3 +888,25 @@ def test_a_disk_full_from_the_start_names_the_file(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(module, "open", _full_disk_open(where), raising=False)
     err = _one_line_error(capsys, _train(tmp_path / "r", "train.steps=10"))
     assert "No space left on device" in err and str(tmp_path / "r") in err and where in err
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_ctrl_c_during_sample_or_eval_says_what_it_leaves(
+    run, tmp_path, capsys, monkeypatch, command
+):
+    """It said "the last checkpoint is kept (resume with --resume)", which is about training."""
+    import difflab.app.kinds as kinds
+    import difflab.app.sampling as sampling
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling, "draw_samples", interrupted)
+    monkeypatch.setattr(kinds, "draw_samples", interrupted)
+    out = tmp_path / "s.npz"
+    args = ["--out", str(out)] if command == "sample" else []
+    assert main([command, str(run), "--n", "4", "--no-progress", *args]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("difflab: interrupted; no partial file is left") and "\n" not in err
+    assert "checkpoint" not in err
+    assert not list(tmp_path.iterdir())

@@ -830,6 +830,11 @@ COMMANDS = {
 }
 
 
+# What Ctrl-C leaves, per command (every output is renamed into place only when complete)
+NOTHING_PARTIAL = "no partial file is left (each output is written whole or not at all)"
+INTERRUPTED = {"train": "the last checkpoint is kept (resume with --resume)"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from difflab.checkpoint import CheckpointError
@@ -839,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        say("difflab: interrupted; the last checkpoint is kept (resume with --resume)", err=True)
+        say(f"difflab: interrupted; {INTERRUPTED.get(args.command, NOTHING_PARTIAL)}", err=True)
         return 130
     except (ValueError, CheckpointError, TrainingDiverged, OSError) as e:
         msg = os_error_line(e) if isinstance(e, OSError) else str(e)
