@@ -910,3 +910,25 @@ def test_ctrl_c_during_sample_or_eval_says_what_it_leaves(
     assert err.startswith("difflab: interrupted; no partial file is left") and "\n" not in err
     assert "checkpoint" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_an_unreadable_image_in_a_folder_is_one_clean_line(tmp_path, capsys, monkeypatch):
+    """It was Python's two-line UserWarning with the library's source line."""
+    from PIL import Image
+
+    import difflab.app.cli as cli
+    from difflab.data.images import load_image_dataset
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("L", (8, 8)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png")
+
+    def read(args):
+        return 0 if len(load_image_dataset("folder", data_dir=folder, channels=1)) == 1 else 1
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", read)
+    assert main(["presets"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("difflab: warning: skipping unreadable image") and "\n" not in err
+    assert str(folder / "b.png") in err and "UserWarning" not in err

@@ -24,6 +24,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -830,6 +831,12 @@ COMMANDS = {
 }
 
 
+def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """Show a warning (an unreadable image skipped) as one line on stderr, without the
+    source line and category Python prints."""
+    say(f"difflab: warning: {' '.join(str(message).split())}", err=True)
+
+
 # What Ctrl-C leaves, per command (every output is renamed into place only when complete)
 NOTHING_PARTIAL = "no partial file is left (each output is written whole or not at all)"
 INTERRUPTED = {"train": "the last checkpoint is kept (resume with --resume)"}
@@ -842,7 +849,9 @@ def main(argv: list[str] | None = None) -> int:
     from difflab.train import TrainingDiverged
 
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # a library warning is one line, not Python's two
+            warnings.showwarning = _one_line_warning
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         say(f"difflab: interrupted; {INTERRUPTED.get(args.command, NOTHING_PARTIAL)}", err=True)
         return 130
