@@ -932,3 +932,16 @@ def test_an_unreadable_image_in_a_folder_is_one_clean_line(tmp_path, capsys, mon
     err = capsys.readouterr().err.strip()
     assert err.startswith("difflab: warning: skipping unreadable image") and "\n" not in err
     assert str(folder / "b.png") in err and "UserWarning" not in err
+
+
+def test_a_run_killed_at_its_first_rename_is_started_again(tmp_path, capsys):
+    """A kill before config.json's first rename left `.lock` and `.config.json.*.tmp`, which
+    both `--resume` ("no config.json") and a rerun ("not empty") refused."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".lock").write_text("12345\n")
+    (out / ".config.json.k2j4x.tmp").write_text('{"preset": "mo')
+    err = _one_line_error(capsys, main(["train", "--resume", str(out), "--no-progress"]))
+    assert "never started" in err and f"--out {out}" in err
+    assert _train(out, "train.steps=10") == 0
+    assert ckpt.is_finished(out) and not list(out.glob(".config.json.*"))
