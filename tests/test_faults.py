@@ -945,3 +945,36 @@ def test_a_run_killed_at_its_first_rename_is_started_again(tmp_path, capsys):
     assert "never started" in err and f"--out {out}" in err
     assert _train(out, "train.steps=10") == 0
     assert ckpt.is_finished(out) and not list(out.glob(".config.json.*"))
+
+
+def test_two_exports_to_one_folder_without_overwrite_cannot_both_succeed(tmp_path, monkeypatch):
+    """Both checked that the folder was absent, then the second moved the first's aside:
+    both exited 0. Without overwrite the final rename refuses an existing folder."""
+    import dataclasses
+
+    import difflab.interop.diffusers_export as export
+    from difflab.nn.unet import UNET_PRESETS, UNet
+    from difflab.schedules import DiscreteSchedule
+
+    net = UNet(**dataclasses.asdict(UNET_PRESETS["tiny-ddpm"]))
+    schedule = DiscreteSchedule.from_name("linear", 1000)
+
+    def write(out):
+        kw = {"unet_config": net.config, "state_dict": net.state_dict(), "schedule": schedule}
+        return export.export_to_diffusers(out, **kw)
+
+    out = tmp_path / "exported"
+    real_fsync, raced = export.fsync_dir, []
+
+    def other_export_finishes_first(path):  # just before the rename into place
+        if not raced and Path(path).name.startswith(".tmp-"):
+            raced.append(True)
+            write(out)
+            (out / "first.txt").write_text("the first export")
+        real_fsync(path)
+
+    monkeypatch.setattr(export, "fsync_dir", other_export_finishes_first)
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        write(out)
+    assert (out / "first.txt").is_file() and (out / "model_index.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no temporary folder left
