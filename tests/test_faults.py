@@ -773,3 +773,208 @@ def test_an_option_the_run_would_ignore_is_refused(run, tmp_path, capsys):
     err = _one_line_error(capsys, _train(out, "train.steps=10", f"model.autoencoder={run}"))
     assert "model.autoencoder" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda c: c["model"].update(hidden=10**12), "model.hidden must be in 1..4096"),
+        (lambda c: c["diffusion"].update(T=10**15), "diffusion.T must be in 1..1000000"),
+    ],
+)
+def test_a_huge_size_in_a_config_is_refused_before_allocating(
+    run, tmp_path, capsys, edit, expected
+):
+    """A hand-edited size ended in "DefaultCPUAllocator: can't allocate memory"."""
+    copy = _edited(run, tmp_path, edit)
+    assert expected in _one_line_error(capsys, main(["sample", str(copy), "--n", "4"]))
+
+
+def test_viz_refuses_a_huge_T_before_allocating(tmp_path, capsys):
+    out = tmp_path / "s.png"
+    err = _one_line_error(capsys, main(["viz", "schedules", "--T", "10000000000",
+                                        "--out", str(out)]))  # fmt: skip
+    assert "--T must be in 1..1000000" in err and not out.exists()
+
+
+def test_sample_refuses_what_cannot_fit_in_memory_or_on_the_disk(
+    run, tmp_path, capsys, monkeypatch
+):
+    """`sample --n 100000000000` ran on for hours towards 800 GB of samples."""
+    import shutil
+
+    import difflab.app.sampling as sampling
+    import difflab.safe_io as safe_io
+
+    monkeypatch.setattr(sampling, "draw_samples", lambda *a, **k: pytest.fail("sampled"))
+    out = tmp_path / "s.npz"
+    err = _one_line_error(capsys, main(["sample", str(run), "--n", "100000000000",
+                                        "--out", str(out)]))  # fmt: skip
+    assert "800 GB of memory" in err
+    free = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(safe_io.shutil, "disk_usage", lambda p: free)
+    err = _one_line_error(capsys, main(["sample", str(run), "--n", "200", "--out", str(out)]))
+    assert str(out) in err and "1.6e-06 GB" in err and "1e-06 GB free" in err
+    assert not out.exists()
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    """An MNIST IDX file (gzipped) holding the uint8 ``array``."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_eval_checks_its_data_before_any_sample_is_drawn(tmp_path, capsys, monkeypatch):
+    """A truncated t10k file was reported after 115 s of sampling and classifier training."""
+    import difflab.app.kinds as kinds
+    import difflab.app.runs as runs
+    from difflab.app.runs import build
+
+    data = tmp_path / "mnist"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        _idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (20, 28, 28)))
+        _idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (20,)))
+    t10k = data / "t10k-images-idx3-ubyte.gz"
+    t10k.write_bytes(gzip.compress(gzip.decompress(t10k.read_bytes())[:5000]))
+    built = build(apply_overrides(get_preset("mnist"), ["train.device=cpu"]), load_data=False)
+    monkeypatch.setattr(runs, "load_run", lambda *a, **k: built)
+    monkeypatch.setattr(kinds, "draw_samples", lambda *a, **k: pytest.fail("sampled"))
+    err = _one_line_error(capsys, main(["eval", str(tmp_path), "--data-dir", str(data),
+                                        "--n", "4", "--no-progress"]))  # fmt: skip
+    assert "t10k-images-idx3-ubyte.gz" in err and "truncated" in err
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "nll", "train"])
+def test_a_huge_seed_is_one_line_naming_the_range(run, tmp_path, capsys, command):
+    """It ended in "Overflow when unpacking long long"."""
+    seed = str(10**23)
+    if command == "train":
+        out = tmp_path / "r"
+        err = _one_line_error(capsys, _train(out, "train.steps=10", extra=("--seed", seed)))
+        assert "train.seed must be in 0..4294967295" in err and not out.exists()
+    else:
+        err = _one_line_error(capsys, main([command, str(run), "--n", "4", "--seed", seed]))
+        assert "--seed must be in 0..4294967295" in err
+
+
+def _full_disk_open(name: str):
+    """``open`` that gives /dev/full (every write fails with ENOSPC) for files named ``name``."""
+    import builtins
+
+    def fake(path, *args, **kwargs):
+        full = Path(path).name == name or Path(path).name.startswith(name)
+        return builtins.open("/dev/full" if full else path, *args, **kwargs)
+
+    return fake
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("where", [".lock", "metrics.csv", "events.out.tfevents"])
+def test_a_disk_full_from_the_start_names_the_file(tmp_path, capsys, monkeypatch, where):
+    """The first writes of a run (its lock's PID, the metrics header, the TensorBoard file)
+    failed with "No space left on device" naming no file."""
+    import difflab.safe_io as safe_io
+    import difflab.tensorboard as tensorboard
+
+    if where == ".lock":  # /dev/full cannot be truncated: fail the write itself
+
+        def full(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(ckpt.RunLock, "_write_pid", staticmethod(full))
+    module = safe_io if where == "metrics.csv" else tensorboard
+    monkeypatch.setattr(module, "open", _full_disk_open(where), raising=False)
+    err = _one_line_error(capsys, _train(tmp_path / "r", "train.steps=10"))
+    assert "No space left on device" in err and str(tmp_path / "r") in err and where in err
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_ctrl_c_during_sample_or_eval_says_what_it_leaves(
+    run, tmp_path, capsys, monkeypatch, command
+):
+    """It said "the last checkpoint is kept (resume with --resume)", which is about training."""
+    import difflab.app.kinds as kinds
+    import difflab.app.sampling as sampling
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling, "draw_samples", interrupted)
+    monkeypatch.setattr(kinds, "draw_samples", interrupted)
+    out = tmp_path / "s.npz"
+    args = ["--out", str(out)] if command == "sample" else []
+    assert main([command, str(run), "--n", "4", "--no-progress", *args]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("difflab: interrupted; no partial file is left") and "\n" not in err
+    assert "checkpoint" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_unreadable_image_in_a_folder_is_one_clean_line(tmp_path, capsys, monkeypatch):
+    """It was Python's two-line UserWarning with the library's source line."""
+    from PIL import Image
+
+    import difflab.app.cli as cli
+    from difflab.data.images import load_image_dataset
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("L", (8, 8)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png")
+
+    def read(args):
+        return 0 if len(load_image_dataset("folder", data_dir=folder, channels=1)) == 1 else 1
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", read)
+    assert main(["presets"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("difflab: warning: skipping unreadable image") and "\n" not in err
+    assert str(folder / "b.png") in err and "UserWarning" not in err
+
+
+def test_a_run_killed_at_its_first_rename_is_started_again(tmp_path, capsys):
+    """A kill before config.json's first rename left `.lock` and `.config.json.*.tmp`, which
+    both `--resume` ("no config.json") and a rerun ("not empty") refused."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".lock").write_text("12345\n")
+    (out / ".config.json.k2j4x.tmp").write_text('{"preset": "mo')
+    err = _one_line_error(capsys, main(["train", "--resume", str(out), "--no-progress"]))
+    assert "never started" in err and f"--out {out}" in err
+    assert _train(out, "train.steps=10") == 0
+    assert ckpt.is_finished(out) and not list(out.glob(".config.json.*"))
+
+
+def test_two_exports_to_one_folder_without_overwrite_cannot_both_succeed(tmp_path, monkeypatch):
+    """Both checked that the folder was absent, then the second moved the first's aside:
+    both exited 0. Without overwrite the final rename refuses an existing folder."""
+    import dataclasses
+
+    import difflab.interop.diffusers_export as export
+    from difflab.nn.unet import UNET_PRESETS, UNet
+    from difflab.schedules import DiscreteSchedule
+
+    net = UNet(**dataclasses.asdict(UNET_PRESETS["tiny-ddpm"]))
+    schedule = DiscreteSchedule.from_name("linear", 1000)
+
+    def write(out):
+        kw = {"unet_config": net.config, "state_dict": net.state_dict(), "schedule": schedule}
+        return export.export_to_diffusers(out, **kw)
+
+    out = tmp_path / "exported"
+    real_fsync, raced = export.fsync_dir, []
+
+    def other_export_finishes_first(path):  # just before the rename into place
+        if not raced and Path(path).name.startswith(".tmp-"):
+            raced.append(True)
+            write(out)
+            (out / "first.txt").write_text("the first export")
+        real_fsync(path)
+
+    monkeypatch.setattr(export, "fsync_dir", other_export_finishes_first)
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        write(out)
+    assert (out / "first.txt").is_file() and (out / "model_index.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no temporary folder left

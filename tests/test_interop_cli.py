@@ -250,3 +250,30 @@ def test_a_bad_model_unet_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and "model.unet" in err and match in err and "\n" not in err, err
         assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "where, key, value",
+    [
+        ("unet", "sample_size", "w"),
+        ("unet", "layers_per_block", [1]),
+        ("unet", "norm_eps", "small"),
+        ("scheduler", "num_train_timesteps", "w"),
+    ],
+)
+def test_a_bad_value_in_a_diffusers_config_names_the_file_and_key(
+    pipeline_dir, tmp_path, capsys, where, key, value
+):
+    """It ended in "invalid literal for int() with base 10: 'w'", naming neither."""
+    import shutil
+
+    folder = tmp_path / "bad"
+    shutil.copytree(pipeline_dir, folder)
+    name = "config.json" if where == "unet" else "scheduler_config.json"
+    path = folder / where / name
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    assert main(["sample", str(folder), "--n", "2", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(path) in err and f"{key}={value!r}" in err and "\n" not in err, err

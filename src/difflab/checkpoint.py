@@ -23,6 +23,7 @@ to a run directory at a time: :class:`RunLock` holds ``RUN_DIR/.lock`` while it 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
 import os
@@ -439,6 +440,11 @@ def load_checkpoint(
 # ----------------------------------------------------------------------------- run directories
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Read ``RUN_DIR/config.json`` (a JSON object)."""
+    if is_unstarted_run_dir(run_dir):
+        raise CheckpointError(
+            f"{run_dir}: the run never started (it was stopped before its config.json was "
+            f"written); start it again with --out {run_dir}"
+        )
     return read_json_object(
         Path(run_dir) / "config.json",
         missing="not found (not a difflab run directory?)",
@@ -479,6 +485,8 @@ def prepare_run_dir(
     _check_new_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.json", payload)
+    for stale in run_dir.glob(".config.json.*.tmp"):  # of a run stopped before it started
+        stale.unlink(missing_ok=True)
 
 
 def _check_new_run_dir(run_dir: Path) -> None:
@@ -496,8 +504,23 @@ def _check_new_run_dir(run_dir: Path) -> None:
             f"{run_dir} holds an unfinished run; pass --resume to continue it "
             "or use a new --out directory"
         )
-    if any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+    if not all(_is_start_file(p.name) for p in run_dir.iterdir()):
         raise CheckpointError(f"{run_dir} is not empty; use a new or empty --out directory")
+
+
+def _is_start_file(name: str) -> bool:
+    """The lock, or a temporary copy of the first ``config.json`` of a run stopped before
+    its rename: what a run leaves before it has started."""
+    return name == LOCK_NAME or re.fullmatch(r"\.config\.json\..+\.tmp", name) is not None
+
+
+def is_unstarted_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a run's lock and nothing else but temporary copies of its first
+    ``config.json``: a run stopped before it started, which a new run may take over."""
+    path = Path(path)
+    if not (path / LOCK_NAME).is_file():
+        return False
+    return all(_is_start_file(p.name) for p in path.iterdir())
 
 
 LOCK_NAME = ".lock"
@@ -585,12 +608,21 @@ class RunLock:
                     f"{self.path.parent} is in use by another difflab process (PID {pid}); "
                     "wait for it to end or stop it first"
                 ) from None
+        try:  # a disk full from the start fails here first: name the file
+            self._write_pid(f)
+        except OSError as e:
+            with contextlib.suppress(OSError):  # closing flushes the unwritten PID again
+                f.close()
+            raise OSError(e.errno, e.strerror or one_line(e), str(self.path)) from e
+        self._file = f
+        return self
+
+    @staticmethod
+    def _write_pid(f: Any) -> None:
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
-        self._file = f
-        return self
 
     def release(self) -> None:
         if self._file is not None:

@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,8 +28,10 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_free_space",
     "check_writable",
     "fsync_dir",
+    "gigabytes",
     "json_bytes",
     "one_line",
     "os_error_line",
@@ -188,6 +191,29 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def gigabytes(nbytes: float) -> str:
+    """``nbytes`` as a short figure in GB (decimal), for messages."""
+    return f"{nbytes / 1e9:.3g} GB"
+
+
+def check_free_space(path: str | os.PathLike, nbytes: float) -> None:
+    """Refuse, before long work, an output of about ``nbytes`` that the disk holding ``path``
+    (a file to be written; its nearest existing folder is measured) has no room for.
+
+    Raises:
+        ValueError: one line naming ``path``, the size needed and the space free.
+    """
+    folder = Path(os.path.abspath(path)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise ValueError(
+            f"{path}: the output needs about {gigabytes(nbytes)}, its disk has "
+            f"{gigabytes(free)} free; draw fewer samples or write elsewhere"
+        )
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Replace ``path`` by ``data`` atomically: a reader sees the old or the new file, never a mix.
 
@@ -283,8 +309,13 @@ class MetricsLog:
         self._file = open(self.path, "a", newline="", encoding="utf-8")
         self._writer = csv.DictWriter(self._file, fieldnames=self.fieldnames, lineterminator="\n")
         if self._file.tell() == 0:
-            self._writer.writeheader()
-            self._file.flush()
+            try:
+                self._writer.writeheader()
+                self._file.flush()
+            except OSError as e:
+                with contextlib.suppress(OSError):  # closing flushes the header again
+                    self._file.close()
+                raise _naming(e, self.path) from e
 
     def _repair(self, resume_step: int | None) -> None:
         if not self.path.exists():

@@ -7,6 +7,7 @@ Event files are TFRecord files of ``Event`` protocol buffers. Each record is
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -84,9 +85,14 @@ class EventWriter:
 
     def _write(self, data: bytes) -> None:
         header = struct.pack("<Q", len(data))
-        self._f.write(header + struct.pack("<I", _masked(crc32c(header))))
-        self._f.write(data + struct.pack("<I", _masked(crc32c(data))))
-        self._f.flush()
+        try:
+            self._f.write(header + struct.pack("<I", _masked(crc32c(header))))
+            self._f.write(data + struct.pack("<I", _masked(crc32c(data))))
+            self._f.flush()
+        except OSError as e:  # a full disk: name the file (closing would flush it again)
+            with contextlib.suppress(OSError):
+                self._f.close()
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         summary = b"".join(_scalar_summary(k, float(v)) for k, v in values.items())

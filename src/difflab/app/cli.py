@@ -27,11 +27,18 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from difflab.safe_io import atomic_output, atomic_write_json, check_writable, say
+from difflab.safe_io import (
+    atomic_output,
+    atomic_write_json,
+    check_free_space,
+    check_writable,
+    say,
+)
 from difflab.sampler_table import SAMPLER_NAMES  # torch-free: --help lists the samplers
 
 # The commands import the app layer (and so torch) inside their functions, so that `difflab
@@ -229,6 +236,18 @@ def _positive(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must be positive, got {value}")
 
 
+def _check_sizes(args: argparse.Namespace) -> None:
+    """--n, --steps, --batch-size and --seed in the ranges of their config fields
+    (config.LIMITS)."""
+    from difflab.app.config import check_limit
+
+    fields = {"n": "sample.n", "steps": "sample.steps", "batch_size": "train.batch_size",
+              "seed": "train.seed"}  # fmt: skip
+    for name, path in fields.items():
+        if getattr(args, name, None) is not None:
+            check_limit(path, getattr(args, name), f"--{name.replace('_', '-')}")
+
+
 def _finite(name: str, value: float | None) -> None:
     if value is not None and not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
@@ -353,8 +372,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.app.sampling import draw_samples
     from difflab.data.images import to_uint8
 
-    for name in ("n", "steps", "batch_size"):
-        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    _check_sizes(args)
     for name in ("guidance", "classifier_scale", "eta"):
         _finite(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.eta is not None and args.eta < 0:
@@ -382,6 +400,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     classifier = None if args.classifier is None else _load_classifier(args.classifier, built)
     if args.guidance is not None and cfg.model.num_classes == 0:
         raise ValueError("--guidance needs a class-conditional run (model.num_classes)")
+    _check_room(args, built)
     if args.guidance_sweep is not None:
         return _guidance_sweep(args, built, sampler, steps, classifier, options)
     if built.kind.super_resolves:
@@ -441,6 +460,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     say(f"wrote {out} and {png}" + (f" and {out.with_suffix('.gif')}" if args.gif else ""))
     say(_rate_line(x.shape[0], seconds, timing))
     return 0
+
+
+def _check_room(args: argparse.Namespace, built: Any) -> None:
+    """Refuse, before sampling, a --n whose samples cannot be held in memory or whose .npz
+    (uint8 images, float32 points, before compression) cannot fit on the output's disk."""
+    from difflab.app.sampling import check_memory
+
+    n = args.n * (len(_parse_scales(args.guidance_sweep)) if args.guidance_sweep else 1)
+    check_memory(n, built.data_shape)
+    per_sample = math.prod(built.data_shape) * (4 if built.cfg.data.is_toy else 1)
+    out = args.out if args.out is not None else args.run_dir / "samples.npz"
+    check_free_space(out / "samples.npz" if out.is_dir() else out, n * per_sample)
 
 
 def _what(sampler: str, steps: int, n: int, seconds: float) -> dict[str, Any]:
@@ -656,9 +687,11 @@ def cmd_viz(args: argparse.Namespace) -> int:
     import numpy as np
 
     from difflab import viz
+    from difflab.app.config import check_limit
     from difflab.checkpoint import check_output
     from difflab.schedules import DiscreteSchedule
 
+    check_limit("diffusion.T", args.T, "--T")
     check_writable(check_output(args.out))
     curves = {}
     for name in ("linear", "cosine", "sigmoid", "quadratic"):
@@ -681,8 +714,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from difflab.app.evaluate import evaluate_quality
     from difflab.app.runs import load_run
 
-    _positive("--n", args.n)
-    _positive("--steps", args.steps)
+    _check_sizes(args)
     built = _with_data(load_run(args.run_dir), args)
     if args.metric != "fdd":
         from difflab.app.evaluate import inception_quality
@@ -783,6 +815,7 @@ def cmd_nll(args: argparse.Namespace) -> int:
 
     for name in ("n", "vlb_stride", "ode_steps", "probes"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    _check_sizes(args)
     res = evaluate_nll(
         _with_data(load_run(args.run_dir), args),
         n=args.n,
@@ -896,6 +929,17 @@ COMMANDS = {
 }
 
 
+def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """Show a warning (an unreadable image skipped) as one line on stderr, without the
+    source line and category Python prints."""
+    say(f"difflab: warning: {' '.join(str(message).split())}", err=True)
+
+
+# What Ctrl-C leaves, per command (every output is renamed into place only when complete)
+NOTHING_PARTIAL = "no partial file is left (each output is written whole or not at all)"
+INTERRUPTED = {"train": "the last checkpoint is kept (resume with --resume)"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from difflab.checkpoint import CheckpointError
@@ -903,9 +947,11 @@ def main(argv: list[str] | None = None) -> int:
     from difflab.train import TrainingDiverged
 
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # a library warning is one line, not Python's two
+            warnings.showwarning = _one_line_warning
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        say("difflab: interrupted; the last checkpoint is kept (resume with --resume)", err=True)
+        say(f"difflab: interrupted; {INTERRUPTED.get(args.command, NOTHING_PARTIAL)}", err=True)
         return 130
     except (ValueError, CheckpointError, TrainingDiverged, OSError) as e:
         msg = os_error_line(e) if isinstance(e, OSError) else str(e)

@@ -27,6 +27,7 @@ __all__ = [
     "PRESETS",
     "get_preset",
     "apply_overrides",
+    "check_limit",
 ]
 
 
@@ -257,23 +258,33 @@ def _at_least(lo: float) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v >= lo), f">= {lo:g}"
 
 
+def _between(lo: int, hi: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: lo <= v <= hi), f"in {lo}..{hi}"
+
+
+# Upper ends of the sizes that set an allocation (the network's widths, the schedule's arrays,
+# a batch, an image): far above any run that fits a machine, low enough to be refused in one
+# line instead of ending in an allocator error. Seeds: the range every derived seed accepts.
+MAX_SEED = 2**32 - 1
+
+
 # The range of every numeric field (None, where a field allows it, is always accepted).
 # Float fields must also be finite.
 LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "data.image_size": _above(0),
+    "data.image_size": _between(1, 4096),
     "data.channels": ((lambda v: v in (1, 3)), "1 or 3"),
     "data.limit": _above(0),
     "data.downsample": _above(0),
-    "model.hidden": _above(0),
-    "model.depth": _above(0),
+    "model.hidden": _between(1, 4096),  # an MLP weight: hidden^2
+    "model.depth": _between(1, 64),
     "model.dropout": ((lambda v: 0 <= v < 1), "in [0, 1)"),
-    "model.num_classes": _at_least(0),
+    "model.num_classes": _between(0, 100_000),
     "model.label_dropout": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
     "model.kl_weight": _at_least(0),
     "model.latent_scale": _above(0),
     "model.sr_factor": _above(0),
     "model.aug_level_max": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
-    "diffusion.T": _above(0),
+    "diffusion.T": _between(1, 1_000_000),
     "diffusion.beta_start": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "diffusion.beta_end": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "diffusion.sigma_min": _above(0),
@@ -282,18 +293,19 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "diffusion.offset_noise": _at_least(0),
     "diffusion.vlb_weight": _at_least(0),
     "train.steps": _above(0),
-    "train.batch_size": _above(0),
+    "train.batch_size": _between(1, 2**20),
     "train.lr": _above(0),
     "train.weight_decay": _at_least(0),
     "train.warmup_steps": _at_least(0),
     "train.grad_clip": _at_least(0),
     "train.ema_half_life": _at_least(0),
     "train.ema_rampup": _above(0),
+    "train.seed": _between(0, MAX_SEED),
     "train.max_minutes": _above(0),
     "train.log_every": _above(0),
     "train.ckpt_every": _above(0),
     "train.sample_every": _at_least(0),
-    "sample.steps": _above(0),
+    "sample.steps": _between(1, 1_000_000),
     "sample.n": _above(0),
     "sample.eta": _at_least(0),
     "sample.aug_level": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
@@ -315,15 +327,23 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
     raise ValueError(f"{path} must be {expected}, got {value!r}")
 
 
-def _check_limit(path: str, value: Any) -> None:
+def _check_limit(path: str, value: Any, name: str | None = None) -> None:
     if value is None or isinstance(value, (bool, str)):
         return
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{path} must be a finite number, got {value}")
+        raise ValueError(f"{name or path} must be a finite number, got {value}")
     if path in LIMITS:
         ok, what = LIMITS[path]
         if not ok(value):
-            raise ValueError(f"{path} must be {what}, got {value}")
+            raise ValueError(f"{name or path} must be {what}, got {value}")
+
+
+def check_limit(path: str, value: Any, name: str) -> Any:
+    """``value`` if it is in the range of the config field ``path`` (:data:`LIMITS`); a
+    one-line ``ValueError`` naming it ``name`` otherwise. For command-line options that mean
+    a config field (``--seed``, ``viz --T``), so a range lives in one place."""
+    _check_limit(path, value, name)
+    return value
 
 
 def _toy(name: str) -> RunConfig:

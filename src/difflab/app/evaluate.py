@@ -161,7 +161,14 @@ def inception_quality(
 
 def check_digit_scoring(built: Built) -> None:
     """Raise a one-line ValueError unless the run makes 28x28 digits that the digit
-    classifier can score (called before any sample is drawn)."""
+    classifier can score and its evaluation data (both splits) opens and reads whole (called
+    before any sample is drawn: a truncated test file is named before minutes of sampling)."""
+    _check_digit_shape(built)
+    for train in (False, True):  # what digit_quality reads: the test split, then the train split
+        build_data(built.cfg, train=train)
+
+
+def _check_digit_shape(built: Built) -> None:
     cfg = built.cfg
     if not dataset(cfg.data.name).digits:
         raise ValueError(
@@ -179,7 +186,7 @@ def check_digit_scoring(built: Built) -> None:
 def digit_quality(built: Built, x: torch.Tensor) -> dict[str, Any]:
     """The Frechet digit distance of samples ``x`` to the test split, and the real-vs-real
     floor at the same size (digit datasets only)."""
-    check_digit_scoring(built)
+    _check_digit_shape(built)
     cfg = built.cfg
     data_dir = cfg.data.data_dir or f"data/{cfg.data.name}"
     net = load_or_train_classifier(data_dir=data_dir, dataset=cfg.data.name)  # type: ignore

@@ -9,6 +9,8 @@ needs gradients), optionally compiled; a progress bar counts images.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -19,10 +21,17 @@ from tqdm import tqdm
 from difflab.app.build import Built, with_model
 from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, labels_from_cond
 from difflab.inference import GraphedNetwork, channels_last, compile_network, inference_context
-from difflab.safe_io import progress_bar
+from difflab.safe_io import gigabytes, progress_bar
 from difflab.samplers import sample
 
-__all__ = ["ImageBar", "draw_samples", "finite_samples", "guided_denoiser", "sample_with_denoiser"]
+__all__ = [
+    "ImageBar",
+    "check_memory",
+    "draw_samples",
+    "finite_samples",
+    "guided_denoiser",
+    "sample_with_denoiser",
+]
 
 
 def draw_samples(
@@ -75,6 +84,7 @@ def draw_samples(
         compile_network(built.model, built.device)  # traced at the first call, in channels_last
     if cuda_graph:
         built = with_model(built, GraphedNetwork(built.model))
+    check_memory(n, built.data_shape)
     g = torch.Generator().manual_seed(seed)
     guide = {"guidance": guidance, "classifier": classifier, "classifier_scale": classifier_scale}
     out = []
@@ -94,6 +104,21 @@ def draw_samples(
             done += b
             bar.update(b)
     return finite_samples(torch.cat(out), f"{sampler} with {steps} steps")
+
+
+def check_memory(n: int, data_shape: tuple[int, ...]) -> None:
+    """Refuse (one-line ``ValueError``), before any work, ``n`` samples whose float32 copy
+    (every batch is kept on the CPU until all are drawn) is larger than this machine's memory."""
+    nbytes = 4 * n * math.prod(data_shape)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf: nothing to compare with
+        return
+    if nbytes > memory:
+        raise ValueError(
+            f"{n} samples of shape {tuple(data_shape)} take {gigabytes(nbytes)} of memory, "
+            f"this machine has {gigabytes(memory)}; draw fewer samples per command"
+        )
 
 
 class ImageBar:

@@ -146,7 +146,7 @@ def schedule_from_diffusers(scheduler_config: dict[str, Any]) -> DiscreteSchedul
     out take the defaults of its ``_class_name`` (:func:`scheduler_settings`).
     """
     cfg = scheduler_settings(scheduler_config)
-    T = int(cfg["num_train_timesteps"])
+    T = _number(cfg, "num_train_timesteps", None, int, "scheduler")
     zero_snr = bool(cfg["rescale_betas_zero_snr"])
     trained = cfg["trained_betas"]
     if trained is not None:
@@ -235,6 +235,25 @@ _OTHER_OPTIONS = {
 }  # fmt: skip
 
 
+def _number(config: dict[str, Any], key: str, default: Any, cast: type, what: str) -> Any:
+    """``config[key]`` (or ``default``) as an int or float; a one-line ``ValueError`` naming
+    the option and its value when it is not a number of that kind (``"w"``, ``[1]``, 1.5)."""
+    value = config.get(key, default)
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (cast is int and not whole)
+    ):
+        kind = "an integer" if cast is int else "a number"
+        raise ValueError(f"{what} option {key}={value!r} must be {kind}")
+    return cast(value)
+
+
+def _unet_int(config: dict[str, Any], key: str, default: Any = None) -> int:
+    return _number(config, key, default, int, "UNet2DModel")
+
+
 def _unsupported(option: str, value: Any, why: str) -> ValueError:
     return ValueError(f"UNet2DModel option {option}={value!r} has no difflab equivalent: {why}")
 
@@ -275,7 +294,10 @@ def unet_config_from_diffusers(
         if value != wanted:
             raise _unsupported(key, value, f"difflab's U-Net implements only {wanted!r}")
 
-    channels = [int(c) for c in config.get("block_out_channels", (224, 448, 672, 896))]
+    channels = config.get("block_out_channels", (224, 448, 672, 896))
+    if not isinstance(channels, list | tuple) or not channels:
+        raise ValueError(f"UNet2DModel option block_out_channels={channels!r} must be a list")
+    channels = [_unet_int({"block_out_channels": c}, "block_out_channels") for c in channels]
     base = channels[0]
     if any(c % base for c in channels):
         raise _unsupported("block_out_channels", channels, "they must be multiples of the first")
@@ -305,8 +327,8 @@ def unet_config_from_diffusers(
         size = size[0]
     if size is None:
         raise _unsupported("sample_size", size, "difflab needs the image size")
-    size = int(size)
-    groups = int(config.get("norm_num_groups", 32))
+    size = _unet_int({"sample_size": size}, "sample_size")
+    groups = _unet_int(config, "norm_num_groups", 32)
     attn_groups = config.get("attn_norm_num_groups")
     if attn_groups is not None and attn_groups != groups:
         raise _unsupported("attn_norm_num_groups", attn_groups, "difflab uses norm_num_groups")
@@ -328,25 +350,25 @@ def unet_config_from_diffusers(
     if num_classes:
         mode = _null_mode(config, null_label)
         num_classes = num_classes - 1 if mode == "last" else num_classes
-    in_channels = int(config.get("in_channels", 3))
-    out_channels = int(config.get("out_channels", 3))
+    in_channels = _unet_int(config, "in_channels", 3)
+    out_channels = _unet_int(config, "out_channels", 3)
     cfg = UNetConfig(
         image_size=size,
         in_channels=in_channels,
         out_channels=out_channels if out_channels != in_channels else None,
         base_channels=base,
         channel_mult=tuple(c // base for c in channels),
-        num_res_blocks=int(config.get("layers_per_block", 2)),
+        num_res_blocks=_unet_int(config, "layers_per_block", 2),
         attention_resolutions=tuple(size // 2**i for i, a in enumerate(attn) if a),
         mid_attention=mid_attention,
         num_heads=_attention_heads(config, attn_channels) if attn_channels else 1,
-        dropout=float(config.get("dropout", 0.0)),
+        dropout=_number(config, "dropout", 0.0, float, "UNet2DModel"),
         num_classes=int(num_classes),
         use_scale_shift_norm=shift == "scale_shift",
         norm_groups=groups,
-        norm_eps=float(config.get("norm_eps", 1e-5)),
-        downsample_padding=int(config.get("downsample_padding", 1)),
-        time_freq_shift=int(config.get("freq_shift", 0)),
+        norm_eps=_number(config, "norm_eps", 1e-5, float, "UNet2DModel"),
+        downsample_padding=_unet_int(config, "downsample_padding", 1),
+        time_freq_shift=_unet_int(config, "freq_shift", 0),
     )
     try:
         validate_config(cfg)
@@ -767,7 +789,10 @@ def load_diffusers(
         sched_cfg = scheduler_settings(_read_json(sched_path))
     except ValueError as err:
         raise ValueError(f"{sched_path}: {err}") from None
-    cfg = unet_config_from_diffusers(unet_cfg, null_label=null_label)
+    try:
+        cfg = unet_config_from_diffusers(unet_cfg, null_label=null_label)
+    except ValueError as err:
+        raise ValueError(f"{unet_dir / 'config.json'}: {err}") from None
     mode = _null_mode(unet_cfg, null_label) if cfg.num_classes else "last"
     flip = bool(unet_cfg.get("flip_sin_to_cos", True))
     sd = state_dict_from_diffusers(
@@ -780,7 +805,10 @@ def load_diffusers(
     unet.load_state_dict(sd)
     unet.to(device).eval()
 
-    schedule = schedule_from_diffusers(sched_cfg)
+    try:
+        schedule = schedule_from_diffusers(sched_cfg)
+    except ValueError as err:
+        raise ValueError(f"{sched_path}: {err}") from None
     pred = sched_cfg["prediction_type"]
     if pred not in PREDICTION_TYPES:
         raise ValueError(

@@ -11,6 +11,7 @@ run directory holds (U-Net config, weights, schedule config).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import secrets
@@ -276,11 +277,28 @@ def export_to_diffusers(
             atomic_write_bytes(tmp / "samples.png", Path(card.sample_grid).read_bytes())
         atomic_write_text(tmp / "README.md", model_card(card, unet=unet, scheduler=scheduler))
         fsync_dir(tmp)
-        _replace_dir(tmp, out)
+        if overwrite:
+            _replace_dir(tmp, out)
+        else:
+            _rename_new_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _rename_new_dir(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out`` unless ``out`` is a non-empty folder (or a file) by then: the
+    rename itself refuses it, so of two exports to one folder only one can succeed."""
+    try:
+        os.rename(new, out)  # replaces only an empty folder, atomically
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise ValueError(
+                f"{out} exists and is not empty; choose another folder or overwrite"
+            ) from None
+        raise
+    fsync_dir(out.parent)
 
 
 def _replace_dir(new: Path, out: Path) -> None:
