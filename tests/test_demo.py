@@ -424,6 +424,8 @@ def test_the_exported_folder_runs_its_own_demo(run, tmp_path):
     out = tmp_path / "export"
     assert main(["export", str(run), str(out)]) == 0
     assert (out / "requirements.txt").read_text() == "difflab[demo]\n"
+    front = (out / "README.md").read_text().split("---")[1].splitlines()  # the Space settings
+    assert "sdk: gradio" in front and "app_file: app.py" in front
     server = Server(["app.py"], cwd=out)
     try:
         assert f"http://127.0.0.1:{server.port}" in server.text()

@@ -867,6 +867,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         sample_grid=grid if grid.is_file() else None,
         command=_train_command(cfg),
         tags=["difflab", cfg.data.name],
+        space_app="app.py",  # written below by write_space_app
     )
     out = export_to_diffusers(
         args.out, unet_config=built.model.config, state_dict=built.model.state_dict(),

@@ -112,6 +112,9 @@ class ModelCardInfo:
         command: the command line that trained the run.
         license: the hub's license field (an SPDX-style id such as "mit").
         tags: extra hub tags.
+        space_app: the Gradio script shipped beside the card (e.g. ``app.py``), named in the
+            front matter (``sdk: gradio``, ``app_file``) so the folder also runs as a Space;
+            None: no app.
     """
 
     title: str = "difflab diffusion model"
@@ -123,6 +126,7 @@ class ModelCardInfo:
     origin: str | None = None
     license: str = "mit"
     tags: list[str] = field(default_factory=list)
+    space_app: str | None = None
 
 
 def _usage(unet: dict[str, Any]) -> list[str]:
@@ -156,6 +160,8 @@ def model_card(info: ModelCardInfo, *, unet: dict[str, Any], scheduler: dict[str
         tags[2] = "class-conditional-image-generation"
     lines = ["---", f"license: {info.license}", "library_name: diffusers", "tags:"]
     lines += [f"- {t}" for t in dict.fromkeys(tags)]
+    if info.space_app is not None:  # a Hugging Face Space reads these two keys
+        lines += ["sdk: gradio", f"app_file: {info.space_app}"]
     lines += ["---", "", f"# {info.title}", ""]
     if info.description:
         lines += [info.description, ""]
