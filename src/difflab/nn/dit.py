@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from difflab.nn.layers import (
     ClassEmbedding,
     TimeEmbedding,
+    add_aug_level_embedding,
     add_class_embedding,
     aug_level_from_cond,
     check_image_batch,
@@ -326,17 +327,7 @@ class DiT(nn.Module):
         """c = embed(t) + embed(label) (+ embed(aug_level)): (B, hidden_size)."""
         labels, _ = split_cond(cond)
         c = add_class_embedding(self.time_embed(t), self.class_embed, labels)
-        level = aug_level_from_cond(cond)
-        if self.aug_embed is None:
-            if level is not None:
-                raise ValueError(
-                    "cond['aug_level'] given but the model has aug_level_embedding=False"
-                )
-            return c
-        if level is None or tuple(level.shape) != (c.shape[0],):
-            got = None if level is None else tuple(level.shape)
-            raise ValueError(f"cond['aug_level'] must have shape ({c.shape[0]},), got {got}")
-        return c + self.aug_embed(level.to(c.device))
+        return add_aug_level_embedding(c, self.aug_embed, aug_level_from_cond(cond))
 
     def forward(
         self, x: Tensor, t: Tensor, cond: Tensor | dict[str, Tensor] | None = None

@@ -230,6 +230,24 @@ def aug_level_from_cond(cond: Tensor | dict[str, Tensor] | None) -> Tensor | Non
     return cond.get("aug_level") if isinstance(cond, dict) else None
 
 
+def add_aug_level_embedding(
+    emb: Tensor, aug_embed: nn.Module | None, level: Tensor | None
+) -> Tensor:
+    """emb + aug_embed(level): the cascade's augmentation level embedded like t and added.
+
+    A model without the embedding (``aug_embed`` None) returns emb and refuses a level in one
+    line; a model with it needs one level per sample. Shapes: emb (B, dim), level (B,).
+    """
+    if aug_embed is None:
+        if level is not None:
+            raise ValueError("cond['aug_level'] given but the model has aug_level_embedding=False")
+        return emb
+    if level is None or tuple(level.shape) != (emb.shape[0],):
+        got = None if level is None else tuple(level.shape)
+        raise ValueError(f"cond['aug_level'] must have shape ({emb.shape[0]},), got {got}")
+    return emb + aug_embed(level.to(emb.device))
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map, with a residual.
 

@@ -36,6 +36,7 @@ from difflab.nn.layers import (
     ClassEmbedding,
     TimeEmbedding,
     TimeEmbeddingKind,
+    add_aug_level_embedding,
     add_class_embedding,
     aug_level_from_cond,
     check_image_batch,
@@ -312,7 +313,7 @@ class UNet(nn.Module):
         labels, image = split_cond(cond)
 
         emb = add_class_embedding(self.time_embed(t), self.class_embed, labels)
-        emb = self._add_aug_level(emb, aug_level_from_cond(cond))
+        emb = add_aug_level_embedding(emb, self.aug_embed, aug_level_from_cond(cond))
         if cfg.cond_channels:
             expected = (x.shape[0], cfg.cond_channels, *x.shape[2:])
             if image is None or tuple(image.shape) != expected:
@@ -337,19 +338,6 @@ class UNet(nn.Module):
             h = block(h, emb)
         out = self.conv_out(F.silu(self.norm_out(h)))
         return F.pixel_shuffle(out, cfg.patch_size) if cfg.patch_size > 1 else out
-
-    def _add_aug_level(self, emb: Tensor, level: Tensor | None) -> Tensor:
-        """emb + MLP(sinusoid(level)) for a model with `aug_level_embedding` (cascades)."""
-        if self.aug_embed is None:
-            if level is not None:
-                raise ValueError(
-                    "cond['aug_level'] given but the model has aug_level_embedding=False"
-                )
-            return emb
-        if level is None or tuple(level.shape) != (emb.shape[0],):
-            got = None if level is None else tuple(level.shape)
-            raise ValueError(f"cond['aug_level'] must have shape ({emb.shape[0]},), got {got}")
-        return emb + self.aug_embed(level.to(emb.device))
 
 
 def validate_config(cfg: UNetConfig) -> None:
