@@ -1,7 +1,13 @@
-"""Helpers shared by the network tests (imported as ``from helpers import ...``)."""
+"""Helpers shared by the tests (imported as ``from helpers import ...``)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+import types
+
+import pytest
 import torch
 from torch import nn
 
@@ -14,3 +20,18 @@ def randomise(module: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
     return module
+
+
+def torch_fidelity_module(name: str):
+    """A torch-fidelity submodule imported without the package's __init__ (which needs
+    torchvision); skips when torch-fidelity is absent. The package is stood in for once, by a
+    bare module on its folder, and reused by every later call (its ``__spec__`` is None, so
+    ``find_spec`` must not be asked again)."""
+    if "torch_fidelity" not in sys.modules:
+        spec = importlib.util.find_spec("torch_fidelity")
+        if spec is None:
+            pytest.skip("torch-fidelity is not installed")
+        pkg = types.ModuleType("torch_fidelity")
+        pkg.__path__ = list(spec.submodule_search_locations or [])
+        sys.modules["torch_fidelity"] = pkg
+    return importlib.import_module(f"torch_fidelity.{name}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import sys
-import types
 import urllib.error
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from difflab.metrics import (
     kernel_inception_distance,
     precision_recall,
 )
+from helpers import torch_fidelity_module
 
 
 class _Layers(nn.Module):
@@ -208,22 +208,9 @@ def test_clean_resize_matches_clean_fid():
     assert torch.equal(fid.resize_to_299(u8, "clean"), expected.permute(0, 3, 1, 2))
 
 
-def _torch_fidelity_module(name: str):
-    """A torch-fidelity submodule imported without the package's __init__ (which needs
-    torchvision); skips when torch-fidelity is absent."""
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None:
-        pytest.skip("torch-fidelity is not installed")
-    if "torch_fidelity" not in sys.modules:
-        pkg = types.ModuleType("torch_fidelity")
-        pkg.__path__ = list(spec.submodule_search_locations or [])
-        sys.modules["torch_fidelity"] = pkg
-    return importlib.import_module(f"torch_fidelity.{name}")
-
-
 @pytest.mark.parity
 def test_legacy_tensorflow_resize_matches_torch_fidelity():
-    interp = _torch_fidelity_module("interpolate_compat_tensorflow")
+    interp = torch_fidelity_module("interpolate_compat_tensorflow")
     u8 = _images(2, size=28)
     expected = interp.interpolate_bilinear_2d_like_tensorflow1x(
         u8.float(), size=(299, 299), align_corners=False

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from difflab import fid
+from helpers import torch_fidelity_module
 
 pytestmark = [pytest.mark.slow, pytest.mark.parity]
 
@@ -74,13 +75,7 @@ def test_fid_of_a_set_with_itself_is_zero(features):
 def _torch_fidelity_inception(weights: Path, tmp: Path):
     """torch-fidelity's FeatureExtractorInceptionV3 (pytorch-fid's FID Inception: same
     modules, same parameter names) with the TorchScript weights mapped onto it in order."""
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None:
-        pytest.skip("torch-fidelity is not installed")
-    if "torch_fidelity" not in sys.modules:  # its __init__ imports torchvision
-        pkg = types.ModuleType("torch_fidelity")
-        pkg.__path__ = list(spec.submodule_search_locations or [])
-        sys.modules["torch_fidelity"] = pkg
+    torch_fidelity_module("feature_extractor_inceptionv3")  # without the package __init__
     from torch_fidelity.feature_extractor_inceptionv3 import (
         BasicConv2d,
         FeatureExtractorInceptionV3,

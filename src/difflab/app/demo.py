@@ -317,7 +317,7 @@ def run_facts(built: Built, where: str | Path) -> list[tuple[str, str]]:
         ("preset", cfg.preset),
         ("run kind", built.kind.name),
         ("data", f"{cfg.data.name}, shape {tuple(built.data_shape)}"),
-        ("network", f"{cfg.model.kind} {cfg.model.preset}"),
+        ("network", f"{cfg.model.net} {cfg.model.preset}"),
         ("parameterization", cfg.model.parameterization),
         ("schedule", f"{cfg.diffusion.schedule}, T = {cfg.diffusion.T}"),
         ("classes", str(cfg.model.num_classes or "unconditional")),
