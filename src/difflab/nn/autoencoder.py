@@ -35,7 +35,13 @@ from torch import Tensor, nn
 
 from difflab._util import check_choice
 from difflab.likelihood import normal_kl
-from difflab.nn.layers import AttentionBlock, check_image_batch, group_norm, zero_
+from difflab.nn.layers import (
+    AttentionBlock,
+    check_image_batch,
+    group_norm,
+    preset_config,
+    zero_,
+)
 from difflab.nn.unet import Downsample, Upsample
 
 __all__ = [
@@ -296,18 +302,8 @@ def build_autoencoder(preset: str | AutoencoderConfig, **overrides: Any) -> Auto
 
     Example: ``build_autoencoder("mnist-f2c4", latent_channels=3)``.
     """
-    if isinstance(preset, str):
-        if preset not in AUTOENCODER_PRESETS:
-            valid = ", ".join(AUTOENCODER_PRESETS)
-            raise ValueError(f"unknown autoencoder preset {preset!r}; valid: {valid}")
-        preset = AUTOENCODER_PRESETS[preset]
-    fields = {f.name for f in dataclasses.fields(AutoencoderConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(
-            f"unknown AutoencoderConfig fields {sorted(unknown)}; valid: {sorted(fields)}"
-        )
-    return Autoencoder(**dataclasses.asdict(dataclasses.replace(preset, **overrides)))
+    config = preset_config(preset, AUTOENCODER_PRESETS, "autoencoder", **overrides)
+    return Autoencoder(**dataclasses.asdict(config))
 
 
 def autoencoder_loss(

@@ -54,6 +54,7 @@ from difflab.nn.layers import (
     add_class_embedding,
     aug_level_from_cond,
     check_image_batch,
+    preset_config,
     split_cond,
     zero_,
 )
@@ -401,12 +402,4 @@ def build_dit(preset: str | DiTConfig, **overrides: Any) -> DiT:
 
     Example: `build_dit("mnist-dit", num_classes=10, out_channels=2)`.
     """
-    if isinstance(preset, str):
-        if preset not in DIT_PRESETS:
-            raise ValueError(f"unknown DiT preset {preset!r}; valid: {', '.join(DIT_PRESETS)}")
-        preset = DIT_PRESETS[preset]
-    fields = {f.name for f in dataclasses.fields(DiTConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown DiTConfig fields {sorted(unknown)}; valid: {sorted(fields)}")
-    return DiT(**dataclasses.asdict(dataclasses.replace(preset, **overrides)))
+    return DiT(**dataclasses.asdict(preset_config(preset, DIT_PRESETS, "DiT", **overrides)))

@@ -15,8 +15,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +229,27 @@ def aug_level_from_cond(cond: Tensor | dict[str, Tensor] | None) -> Tensor | Non
     """
     split_cond(cond)  # validates the keys
     return cond.get("aug_level") if isinstance(cond, dict) else None
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def preset_config(
+    preset: str | ConfigT, presets: dict[str, ConfigT], what: str, **overrides: Any
+) -> ConfigT:
+    """The config of a network: a preset name looked up in ``presets`` (or a config as it is),
+    with ``overrides`` replacing its fields. Unknown names and fields are one-line errors;
+    ``what`` names the network in them ("U-Net", "DiT", "autoencoder")."""
+    if isinstance(preset, str):
+        if preset not in presets:
+            raise ValueError(f"unknown {what} preset {preset!r}; valid: {', '.join(presets)}")
+        preset = presets[preset]
+    fields = {f.name for f in dataclasses.fields(preset)}  # type: ignore[arg-type]
+    unknown = set(overrides) - fields
+    if unknown:
+        kind = type(preset).__name__
+        raise ValueError(f"unknown {kind} fields {sorted(unknown)}; valid: {sorted(fields)}")
+    return dataclasses.replace(preset, **overrides)  # type: ignore[type-var]
 
 
 def add_aug_level_embedding(

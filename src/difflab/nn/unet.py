@@ -41,6 +41,7 @@ from difflab.nn.layers import (
     aug_level_from_cond,
     check_image_batch,
     group_norm,
+    preset_config,
     split_cond,
     upsample_nearest2x,
     zero_,
@@ -374,15 +375,7 @@ def build_unet(preset: str | UNetConfig, **overrides: Any) -> UNet:
 
     Example: `build_unet("mnist-cpu", num_classes=10)`.
     """
-    if isinstance(preset, str):
-        if preset not in UNET_PRESETS:
-            raise ValueError(f"unknown U-Net preset {preset!r}; valid: {', '.join(UNET_PRESETS)}")
-        preset = UNET_PRESETS[preset]
-    fields = {f.name for f in dataclasses.fields(UNetConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown UNetConfig fields {sorted(unknown)}; valid: {sorted(fields)}")
-    return UNet(**dataclasses.asdict(dataclasses.replace(preset, **overrides)))
+    return UNet(**dataclasses.asdict(preset_config(preset, UNET_PRESETS, "U-Net", **overrides)))
 
 
 class BasicUNet(nn.Module):
