@@ -7,8 +7,10 @@ import importlib.util
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 
@@ -35,3 +37,14 @@ def torch_fidelity_module(name: str):
         pkg.__path__ = list(spec.submodule_search_locations or [])
         sys.modules["torch_fidelity"] = pkg
     return importlib.import_module(f"torch_fidelity.{name}")
+
+
+def write_bar_images(folder, n: int, size: int = 16) -> None:
+    """A small grey-scale image folder: ``n`` PNGs of a vertical bar at random positions."""
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(n):
+        a = np.zeros((size, size), np.uint8)
+        c = g.integers(2, size - 2)
+        a[:, c - 1 : c + 2] = 255
+        Image.fromarray(a).save(folder / f"{i}.png")

@@ -38,7 +38,7 @@ from difflab.app.demo import (
 )
 from difflab.app.runs import build, load_run
 from difflab.app.sampling import draw_samples
-from helpers import randomise
+from helpers import randomise, write_bar_images
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # no x0 clipping (sample.threshold): the trajectory's x0_hat is then the network's own
@@ -48,22 +48,11 @@ TINY = ["data.image_size=16", "data.channels=1", "model.preset=tiny-ddpm", "samp
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
-def _bars(folder: Path, n: int = 16, size: int = 16) -> None:
-    """Vertical bars at random positions: a small grey-scale image folder."""
-    folder.mkdir()
-    g = np.random.default_rng(0)
-    for i in range(n):
-        a = np.zeros((size, size), np.uint8)
-        c = g.integers(2, size - 2)
-        a[:, c - 1 : c + 2] = 255
-        Image.fromarray(a).save(folder / f"{i}.png")
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A run of the folder preset with the tiny DDPM U-Net, trained for two steps."""
     root = tmp_path_factory.mktemp("demo")
-    _bars(root / "imgs")
+    write_bar_images(root / "imgs", n=16)
     sets = [*TINY, "train.steps=2", "train.batch_size=8", "train.log_every=1",
             "train.ckpt_every=2", "train.warmup_steps=1"]  # fmt: skip
     sets = [a for s in sets for a in ("--set", s)]

@@ -106,7 +106,7 @@ IMAGE_SETS = ["data.image_size=16", "model.preset=tiny", "model.ae_preset=tiny",
               "sample.eta=none"]  # fmt: skip
 
 
-def _torchrun_image(preset: str, run: Path, data: Path, *sets: str) -> None:
+def _check_torchrun_trains(preset: str, run: Path, data: Path, *sets: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "difflab", "train", "--preset", preset, "--out", str(run), "--steps", "4",
            "--data-dir", str(data), "--no-progress", "--device", "cpu"]  # fmt: skip
@@ -125,9 +125,9 @@ def test_every_image_task_trains_data_parallel(tmp_path):
     from test_fingerprints import _write_mnist
 
     data = _write_mnist(tmp_path / "mnist")
-    _torchrun_image("mnist-classifier", tmp_path / "clf", data)
-    _torchrun_image("mnist-ae", tmp_path / "ae", data)
-    _torchrun_image("mnist-latent", tmp_path / "latent", data,
+    _check_torchrun_trains("mnist-classifier", tmp_path / "clf", data)
+    _check_torchrun_trains("mnist-ae", tmp_path / "ae", data)
+    _check_torchrun_trains("mnist-latent", tmp_path / "latent", data,
                     f"model.autoencoder={tmp_path / 'ae'}")  # fmt: skip
-    _torchrun_image("mnist-14", tmp_path / "base", data)
-    _torchrun_image("mnist-sr", tmp_path / "sr", data, f"model.base={tmp_path / 'base'}")
+    _check_torchrun_trains("mnist-14", tmp_path / "base", data)
+    _check_torchrun_trains("mnist-sr", tmp_path / "sr", data, f"model.base={tmp_path / 'base'}")

@@ -12,24 +12,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from difflab import checkpoint as ckpt
 from difflab.app.cli import main
+from helpers import write_bar_images
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def _images(folder, n: int = 24, size: int = 16) -> None:
-    """Bars at random positions: a small grey-scale image folder."""
-    folder.mkdir()
-    g = np.random.default_rng(0)
-    for i in range(n):
-        a = np.zeros((size, size), np.uint8)
-        c = g.integers(2, size - 2)
-        a[:, c - 1 : c + 2] = 255
-        Image.fromarray(a).save(folder / f"{i}.png")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +58,7 @@ def test_sample_a_diffusers_folder_like_a_run(pipeline_dir, tmp_path, capsys):
 
 
 def test_nll_of_a_diffusers_folder_on_an_image_folder(pipeline_dir, tmp_path, capsys):
-    _images(tmp_path / "imgs", n=8)
+    write_bar_images(tmp_path / "imgs", n=8)
     code = main(["nll", str(pipeline_dir), "--data", "folder", "--data-dir",
                  str(tmp_path / "imgs"), "--n", "4", "--vlb-stride", "100",
                  "--ode-steps", "4"])  # fmt: skip
@@ -104,7 +93,7 @@ def test_a_flow_matching_scheduler_is_refused_in_one_line(pipeline_dir, tmp_path
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("imgrun")
-    _images(root / "imgs")
+    write_bar_images(root / "imgs", n=24)
     run = root / "run"
     sets = ["data.image_size=16", "data.channels=1", "model.preset=tiny-ddpm", "train.steps=4",
             "train.batch_size=8", "train.log_every=2", "train.ckpt_every=2", "sample.steps=4",
@@ -221,7 +210,7 @@ def test_import_of_a_network_no_preset_describes_keeps_its_own_config(
     fine-tunes. Bug caught: the import refusing every network that is not a preset."""
     from difflab.app.runs import load_run
 
-    _images(tmp_path / "imgs")
+    write_bar_images(tmp_path / "imgs", n=24)
     run = tmp_path / "r"
     sets = ["data.image_size=16", "data.channels=1", "train.batch_size=8", "train.steps=1",
             "train.log_every=1", "sample.steps=2", "sample.sampler=ddim"]  # fmt: skip
