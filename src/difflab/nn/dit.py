@@ -54,6 +54,7 @@ from difflab.nn.layers import (
     add_class_embedding,
     aug_level_from_cond,
     check_image_batch,
+    concat_cond_image,
     preset_config,
     split_cond,
     zero_,
@@ -345,14 +346,7 @@ class DiT(nn.Module):
             raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         c = self.conditioning(t, cond)
         _, image = split_cond(cond)
-        if cfg.cond_channels:
-            expected = (x.shape[0], cfg.cond_channels, *x.shape[2:])
-            if image is None or tuple(image.shape) != expected:
-                got = None if image is None else tuple(image.shape)
-                raise ValueError(f"cond['image'] must have shape {expected}, got {got}")
-            x = torch.cat([x, image.to(x.dtype)], dim=1)
-        elif image is not None:
-            raise ValueError("cond['image'] given but the model has cond_channels=0")
+        x = concat_cond_image(x, image, cfg.cond_channels)
 
         h = self.patch_embed(patchify(x, cfg.patch_size)) + self.pos_embed
         skips: list[Tensor] = []

@@ -252,6 +252,22 @@ def preset_config(
     return dataclasses.replace(preset, **overrides)  # type: ignore[type-var]
 
 
+def concat_cond_image(x: Tensor, image: Tensor | None, cond_channels: int) -> Tensor:
+    """x with the conditioning image cond["image"] concatenated as extra input channels
+    (image-to-image, super-resolution [Saharia 2021]); a model with ``cond_channels`` = 0
+    refuses an image in one line. Shapes: x (B, C, H, W), image (B, cond_channels, H, W)
+    -> (B, C + cond_channels, H, W)."""
+    if not cond_channels:
+        if image is not None:
+            raise ValueError("cond['image'] given but the model has cond_channels=0")
+        return x
+    expected = (x.shape[0], cond_channels, *x.shape[2:])
+    if image is None or tuple(image.shape) != expected:
+        got = None if image is None else tuple(image.shape)
+        raise ValueError(f"cond['image'] must have shape {expected}, got {got}")
+    return torch.cat([x, image.to(x.dtype)], dim=1)
+
+
 def add_aug_level_embedding(
     emb: Tensor, aug_embed: nn.Module | None, level: Tensor | None
 ) -> Tensor:

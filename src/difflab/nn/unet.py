@@ -40,6 +40,7 @@ from difflab.nn.layers import (
     add_class_embedding,
     aug_level_from_cond,
     check_image_batch,
+    concat_cond_image,
     group_norm,
     preset_config,
     split_cond,
@@ -315,14 +316,7 @@ class UNet(nn.Module):
 
         emb = add_class_embedding(self.time_embed(t), self.class_embed, labels)
         emb = add_aug_level_embedding(emb, self.aug_embed, aug_level_from_cond(cond))
-        if cfg.cond_channels:
-            expected = (x.shape[0], cfg.cond_channels, *x.shape[2:])
-            if image is None or tuple(image.shape) != expected:
-                got = None if image is None else tuple(image.shape)
-                raise ValueError(f"cond['image'] must have shape {expected}, got {got}")
-            x = torch.cat([x, image.to(x.dtype)], dim=1)
-        elif image is not None:
-            raise ValueError("cond['image'] given but the model has cond_channels=0")
+        x = concat_cond_image(x, image, cfg.cond_channels)
 
         if cfg.patch_size > 1:
             x = F.pixel_unshuffle(x, cfg.patch_size)
