@@ -50,8 +50,11 @@ def _positive(text: str) -> float:
     return value
 
 
-def run_one(path: Path, *, fast: bool, timeout: float, env: dict[str, str]) -> tuple[float, str]:
-    """Run one tutorial; returns (wall seconds, "passed" or a one-line reason)."""
+def run_one(
+    path: Path, *, fast: bool, timeout: float, env: dict[str, str], log_dir: Path | None = None
+) -> tuple[float, str]:
+    """Run one tutorial; returns (wall seconds, "passed" or a one-line reason). With
+    ``log_dir``, its printed output (the figures its text quotes) goes to ``NN_name.log``."""
     run_env = dict(env, DIFFLAB_ANSWERS="1", MPLBACKEND="Agg")
     if fast:
         run_env["DIFFLAB_FAST"] = "1"
@@ -63,13 +66,26 @@ def run_one(path: Path, *, fast: bool, timeout: float, env: dict[str, str]) -> t
             [sys.executable, str(path)], cwd=path.parent, env=run_env, capture_output=True,
             text=True, timeout=timeout,
         )  # fmt: skip
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as err:
+        _write_log(log_dir, path, err.stdout, err.stderr)
         return time.perf_counter() - start, f"stopped after the {timeout:.0f} s limit"
     seconds = time.perf_counter() - start
+    _write_log(log_dir, path, proc.stdout, proc.stderr)
     if proc.returncode == 0:
         return seconds, "passed"
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     return seconds, f"failed: {lines[-1].strip() if lines else f'exit {proc.returncode}'}"
+
+
+def _write_log(log_dir: Path | None, path: Path, stdout, stderr) -> None:
+    if log_dir is None:
+        return
+    text = "".join(
+        part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
+        for part in (stdout, stderr)
+    )
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / f"{path.stem}.log").write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="real data for full mode (DIFFLAB_DATA_DIR)")  # fmt: skip
     parser.add_argument("--append", type=Path, default=None, metavar="BENCHMARKS.md")
+    parser.add_argument("--log-dir", type=Path, default=None,
+                        help="write each tutorial's printed output to DIR/NN_name.log")  # fmt: skip
+    parser.add_argument("--notes", default="", help="a line recorded under the table")
     args = parser.parse_args(argv)
     paths = args.only or TUTORIALS
     if args.data_dir is not None and not args.data_dir.is_dir():
@@ -95,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = ["| tutorial | mode | seconds | result |", "|---|---|---:|---|"]
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.name} ({mode} mode) ...", flush=True)
-        seconds, result = run_one(path, fast=args.fast, timeout=args.timeout, env=env)
+        seconds, result = run_one(
+            path, fast=args.fast, timeout=args.timeout, env=env, log_dir=args.log_dir
+        )
         print(f"    {seconds:.0f} s: {result}", flush=True)
         rows.append(f"| `{path.name}` | {mode} | {seconds:.0f} | {result.replace('|', '/')} |")
     table = "\n".join(rows)
@@ -104,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from _record import record
 
-        record(f"Tutorials in {mode} mode", table, path=args.append)
+        record(f"Tutorials in {mode} mode", table, path=args.append, notes=args.notes)
     return 0
 
 
