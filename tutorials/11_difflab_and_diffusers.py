@@ -417,20 +417,22 @@ assert RESULTS["sd_ddim_vs_difflab_leading_max_abs"] > 1e-3
 # sample's noise level and the level the network is told differ by one step, so the loop is
 # not DDIM on any one grid. difflab steps from each grid time to the next [Song 2021 (DDIM),
 # Eq. 12 on a sub-sequence]. With the exact denoiser, over a range of step counts $N$, the two
-# agree to rounding exactly when $N$ divides 1000 and differ by more than $10^{-3}$ otherwise.
+# agree to rounding ($< 10^{-6}$) exactly when $N$ divides 1000, and differ by more than
+# $10^{-4}$ otherwise: by about $10^{-2}$ typically, and least (about $8 \cdot 10^{-4}$) when
+# $T \bmod N = 1$, where a single call is one step off.
 # The figure shows, for $N = 30$, the calls at which the network is told the wrong timestep.
 
 # %%
 lin32 = float32_schedule(ddim_scheduler)
 gap_by_n = {}
-for n_steps in pick((4, 5, 7, 8, 10, 16, 20, 25, 30, 40, 50), range(2, 51)):
+for n_steps in pick((4, 5, 7, 8, 9, 10, 16, 20, 25, 30, 40, 50), range(2, 51)):
     ddim_scheduler.set_timesteps(n_steps)
     theirs_n = diffusers_ddim_loop(ddim_scheduler, exact, x_T)
     ours_n = ddim(
         exact, x_T, sampling_timesteps(lin32, n_steps, spacing="trailing"), schedule=lin32
     )
     gap_by_n[n_steps] = max_abs(theirs_n, ours_n)
-for n_steps in (10, 50, 30, 7):
+for n_steps in (10, 50, 30, 7, 9):
     print(f"N = {n_steps:2d} (T % N = {T % n_steps:2d}): max |diffusers - difflab| = "
           f"{gap_by_n[n_steps]:.1e}")  # fmt: skip
 RESULTS["ddim_n10_gap"], RESULTS["ddim_n30_gap"] = gap_by_n[10], gap_by_n[30]
@@ -438,7 +440,7 @@ divides = {n: T % n == 0 for n in gap_by_n}
 RESULTS["ddim_gap_max_when_n_divides"] = max(g for n, g in gap_by_n.items() if divides[n])
 RESULTS["ddim_gap_min_otherwise"] = min(g for n, g in gap_by_n.items() if not divides[n])
 ddim_scheduler.set_timesteps(10)  # back to section 2's ten steps
-assert RESULTS["ddim_gap_max_when_n_divides"] < 1e-6 < 1e-3 < RESULTS["ddim_gap_min_otherwise"]
+assert RESULTS["ddim_gap_max_when_n_divides"] < 1e-6 < 1e-4 < RESULTS["ddim_gap_min_otherwise"]
 
 ddim_scheduler.set_timesteps(30)
 listed = ddim_scheduler.timesteps.tolist()
