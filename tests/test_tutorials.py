@@ -234,24 +234,24 @@ RESULTS_CELL = f"import json as _j\nprint({RESULTS_MARK!r} + _j.dumps(RESULTS))"
 
 
 def _failure(path: Path, nb, err: Exception) -> str:
-    """One readable paragraph for a cell that raised: the tutorial, the cell's first line in
-    the .py file, the exception and the last lines of its traceback (ANSI colours removed)."""
+    """One readable paragraph for a cell that raised: the tutorial, the line in the .py file,
+    the exception and the last lines of its traceback (ANSI colours removed)."""
     text = path.read_text(encoding="utf-8")
     failed = [
         cell
         for cell in nb.cells
         if cell.cell_type == "code" and any(o.output_type == "error" for o in cell.outputs)
     ]
-    where = "a cell"
-    if failed:
-        offset = text.find(failed[0].source)
-        line = text.count("\n", 0, offset) + 1 if offset >= 0 else "?"
-        where = f"the cell at line {line} of {path.name}"
-        error = next(o for o in failed[0].outputs if o.output_type == "error")
-        trace = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(error.traceback))
-        tail = "\n".join(trace.strip().splitlines()[-12:])
-        return f"{path.name}: {where} raised {error.ename}: {error.evalue}\n{tail}"
-    return f"{path.name}: {where} failed: {type(err).__name__}: {err}"
+    if not failed:  # a timeout, or a dead kernel
+        return f"{path.name}: {type(err).__name__}: {str(err)[-2000:]}"
+    error = next(o for o in failed[0].outputs if o.output_type == "error")
+    trace = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(error.traceback))
+    offset = text.find(failed[0].source)
+    first = text.count("\n", 0, offset) + 1  # the cell's first line in the .py file
+    in_cell = re.findall(r"Cell In\[\d+\], line (\d+)", trace)
+    where = f"line {first + int(in_cell[0]) - 1}" if in_cell and offset >= 0 else "a cell"
+    tail = "\n".join(trace.strip().splitlines()[-12:])
+    return f"{path.name}, {where}: {error.ename}: {error.evalue}\n{tail}"
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
@@ -287,10 +287,13 @@ def test_tutorial_runs_as_a_notebook_in_fast_mode(
         timeout=600,  # per cell
         resources={"metadata": {"path": str(TUTORIAL_DIR)}},  # as Jupyter: cwd = tutorials/
     )
+    failure = None
     try:
         client.execute()
     except (CellExecutionError, CellTimeoutError) as err:
-        pytest.fail(_failure(path, nb, err), pytrace=False)
+        failure = _failure(path, nb, err)
+    if failure is not None:  # outside the except block: no chained traceback
+        pytest.fail(failure, pytrace=False)
     assert _tutorial_files() == before, f"{path.name} wrote into tutorials/ (use out_path)"
 
     *cells, last = [cell for cell in nb.cells if cell.cell_type == "code"]
