@@ -154,7 +154,9 @@ print(f"bilinear upsampling of held-out {h}x{w} images: PSNR {RESULTS['bilinear_
 # misses it most of the time. Pooling helps: the pixels' noises are independent, so the mean
 # of the $HW$ sample variances has standard error $\sigma_s^2 \sqrt{2/(n-1)} / \sqrt{HW}$, and
 # the same slip is then about 26 standard errors away at $s = 50$ (checked on the same draws).
-# At $s = 300$ one step changes $\sigma_s^2$ by only 0.07%, and no affordable $n$ sees it.
+# At $s = 300$ one step changes $\sigma_s^2$ by only 0.4%, 0.2 standard errors of one pixel's
+# variance: even pooled, fast mode's draws put the slip under 3 standard errors away, so it
+# goes unseen there (full mode's larger $n$ and image move it to about 11).
 
 # %%
 sched = DiscreteSchedule.from_name("linear", 1000)
@@ -209,7 +211,9 @@ rel_se = math.sqrt(2 / (n_mc - 1))  # one pixel's variance: its relative standar
 print(f"level s - 1 lowers sigma_s^2 by {rel_50:.1%} at s = 50 ({rel_50 / rel_se:.1f}"
       f" standard errors of one pixel's variance), by "
       f"{RESULTS['aug_slip_var_rel_change_s300']:.2%} at s = 300")  # fmt: skip
-assert 0.03 < rel_50 < 0.04 and RESULTS["aug_slip_var_rel_change_s300"] < 1e-3
+assert 0.03 < rel_50 < 0.04 and 0.003 < RESULTS["aug_slip_var_rel_change_s300"] < 0.005
+if is_fast():
+    assert abs(RESULTS["aug_pooled_var_z_slip_s300"]) < 5  # at s = 300 the slip goes unseen
 
 # %% [markdown]
 # ## 3. Why it helps: the base model's images are not the training images
