@@ -55,7 +55,8 @@ def run_one(
 ) -> tuple[float, str]:
     """Run one tutorial; returns (wall seconds, "passed" or a one-line reason). With
     ``log_dir``, its printed output (the figures its text quotes) goes to ``NN_name.log``."""
-    run_env = dict(env, DIFFLAB_ANSWERS="1", MPLBACKEND="Agg")
+    # unbuffered: a run stopped at the time limit still leaves what it printed in the log
+    run_env = dict(env, DIFFLAB_ANSWERS="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
     if fast:
         run_env["DIFFLAB_FAST"] = "1"
     else:
