@@ -847,8 +847,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_output(args.out, replace_export=True)
     built = load_run(args.run_dir, ema=not args.no_ema)
     cfg = built.cfg
-    if built.kind.no_diffusers_form:
-        raise ValueError(f"{args.run_dir} has no diffusers form: {built.kind.no_diffusers_form}")
+    why = built.kind.why_no_diffusers_form(cfg)
+    if why:
+        raise ValueError(f"{args.run_dir} has no diffusers form: {why}")
     imported = args.run_dir / IMPORTED_FILE
     source = json.loads(imported.read_text()).get("source") if imported.is_file() else None
     origin = None

@@ -265,8 +265,8 @@ def _train_loop(
     n_params = sum(p.numel() for p in built.model.parameters())
     where = f"{dist.world_size} processes" if dist.enabled else str(built.device)
     log(f"{cfg.preset}: {n_params / 1e6:.3g}M parameters on {where}, run dir {run_dir}")
-    if built.kind.no_diffusers_form and not resume:
-        why = built.kind.no_diffusers_form
+    why = built.kind.why_no_diffusers_form(cfg)
+    if why and not resume:
         log(f"note: difflab export cannot write this run for diffusers: {why}")
     window = _Window(t.batch_size)
 
