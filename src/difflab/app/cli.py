@@ -675,11 +675,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from difflab.app.config import PRESETS
+    from difflab.app.cost import cost_column
 
     for name, cfg in PRESETS.items():
         what = cfg.data.name
         model = f"{cfg.model.kind}:{cfg.model.net}"
-        say(f"{name:18s} data={what:14s} model={model:22s} steps={cfg.train.steps}")
+        steps = f"steps={cfg.train.steps}"
+        say(f"{name:18s} data={what:14s} model={model:26s} {steps:12s} {cost_column(cfg)}")
     return 0
 
 
