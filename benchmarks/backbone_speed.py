@@ -1,7 +1,7 @@
 """Training throughput of the backbones (U-Net, DiT, U-ViT): images per second of a full step.
 
 One training step = forward + backward + AdamW update of an epsilon-prediction MSE loss at random
-timesteps on a fixed random batch (`unet_speed.TrainStep`). The networks are timed in
+timesteps on a fixed random batch (`_timing.TrainStep`). The networks are timed in
 interleaved rounds (so a burst of load from other processes hits all of them alike); the table
 gives parameters, forward GFLOPs per image (`difflab.nn.cost.network_cost`: 2 per multiply-add,
 attention included), the best step time and images per second at the best and the median step.
@@ -18,8 +18,8 @@ import statistics
 from collections.abc import Callable
 
 import torch
+from _timing import TrainStep, time_interleaved
 from torch import nn
-from unet_speed import TrainStep
 
 from difflab.nn.cost import network_cost
 from difflab.nn.dit import DIT_PRESETS, build_dit
@@ -87,14 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         name: TrainStep(m, shape, args.batch_size, args.device, args.bf16)
         for name, m in models.items()
     }
-    for i, bench in enumerate(benches.values()):
-        bench.run(record=False)  # warm-up
-        print(f"warm-up {i + 1}/{len(benches)}", flush=True)
-    for r in range(args.rounds):
-        for bench in benches.values():
-            for _ in range(args.steps):
-                bench.run()
-        print(f"round {r + 1}/{args.rounds}", flush=True)
+    time_interleaved(benches, args.rounds, args.steps, log=lambda m: print(m, flush=True))
 
     lines = [
         "| network | params | fwd GFLOPs/img | best ms/step | img/s (best) | img/s (median) |",

@@ -17,13 +17,12 @@ images per second at the best and at the median step time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import TrainStep, time_interleaved
 from torch import nn
 
 from difflab.nn.unet import UNET_PRESETS, BasicUNet, build_unet
@@ -69,39 +68,6 @@ def forward_macs(model: nn.Module, shape: tuple[int, int, int]) -> int:
     return total
 
 
-class TrainStep:
-    """One model, its AdamW optimiser and a fixed random batch; `run()` times one step."""
-
-    def __init__(self, model: nn.Module, shape, batch_size: int, device, bf16: bool) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.x0 = torch.randn(batch_size, *shape, generator=gen).to(device)
-        self.eps = torch.randn(batch_size, *shape, generator=gen).to(device)
-        self.t = torch.randint(0, 1000, (batch_size,), generator=gen).float().to(device)
-        self.model = model.to(device).train()
-        self.opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
-        self.device, self.bf16 = torch.device(device), bf16
-        self.times: list[float] = []
-
-    def run(self, record: bool = True) -> None:
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
-        autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if self.bf16
-            else contextlib.nullcontext()
-        )
-        sync()
-        start = time.perf_counter()
-        xt = 0.8 * self.x0 + 0.6 * self.eps
-        with autocast:
-            loss = (self.model(xt, self.t).float() - self.eps).square().mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        sync()
-        if record:
-            self.times.append(time.perf_counter() - start)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", action="append", help="U-Net presets (default: mnist-cpu)")
@@ -136,12 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         name: TrainStep(make(), shape, args.batch_size, args.device, args.bf16)
         for name, (make, _) in makers.items()
     }
-    for bench in benches.values():
-        bench.run(record=False)  # warm-up
-    for _ in range(args.rounds):
-        for bench in benches.values():
-            for _ in range(args.steps):
-                bench.run()
+    time_interleaved(benches, args.rounds, args.steps)
 
     lines = [
         "| model | notes | params | fwd GMAC/img | best ms/step | img/s (best) | img/s (median) |",

@@ -179,6 +179,21 @@ KEY_CHECKS: dict[str, dict[str, Callable[[float], bool]]] = {
         "inversion_gauss_min_ratio": lambda v: v > 1.5,
         "inversion_gauss_max_ratio": lambda v: v < 3,
     },
+    "18": {
+        "patchify_roundtrip_max_abs": lambda v: v == 0,
+        "patch_token_max_abs": lambda v: v == 0,
+        "pos_embed_closed_form_max_abs": _below(1e-6),
+        "pos_embed_offset_identity_max_abs": _below(1e-5),
+        "attention_vs_hand_max_abs": _below(1e-12),
+        "block_identity_max_abs": lambda v: v == 0,
+        "dit_output_at_init_max_abs": lambda v: v == 0,
+        "grad_attention_norm": lambda v: v == 0,
+        "grad_modulation_norm": lambda v: v > 0,
+        "open_gates_vs_hand_max_abs": _below(1e-6),
+        "dit_held_out_ratio": _below(0.7),
+        "unet_held_out_ratio": _below(0.7),
+        "answer_uvit_extra_params": lambda v: v > 0,
+    },
 }
 MIN_ANSWERS = 2  # "Try this" exercises whose answers each tutorial checks
 # tutorial number -> the optional package it compares with (installed by the dev extra)

@@ -675,11 +675,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from difflab.app.config import PRESETS
+    from difflab.app.cost import cost_column
 
     for name, cfg in PRESETS.items():
         what = cfg.data.name
         model = f"{cfg.model.kind}:{cfg.model.net}"
-        say(f"{name:18s} data={what:14s} model={model:22s} steps={cfg.train.steps}")
+        steps = f"steps={cfg.train.steps}"
+        say(f"{name:18s} data={what:14s} model={model:26s} {steps:12s} {cost_column(cfg)}")
     return 0
 
 
@@ -847,8 +849,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_output(args.out, replace_export=True)
     built = load_run(args.run_dir, ema=not args.no_ema)
     cfg = built.cfg
-    if built.kind.no_diffusers_form:
-        raise ValueError(f"{args.run_dir} has no diffusers form: {built.kind.no_diffusers_form}")
+    why = built.kind.why_no_diffusers_form(cfg)
+    if why:
+        raise ValueError(f"{args.run_dir} has no diffusers form: {why}")
     imported = args.run_dir / IMPORTED_FILE
     source = json.loads(imported.read_text()).get("source") if imported.is_file() else None
     origin = None

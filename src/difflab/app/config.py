@@ -438,6 +438,16 @@ PRESETS["mnist-sr"] = _derive(
     model={"kind": "sr", "parameterization": "v", "aug_level_max": 0.25},
     sample={"aug_level": 0.05},
 )
+# diffusion transformers [Peebles & Xie 2023; Bao 2023]: the mnist and mnist-latent recipes
+# with a DiT (adaLN-Zero) or U-ViT (DiT with long skips) of the U-Net's parameter count (0.72M
+# and 0.76M against mnist-cpu's 0.71M; 0.40M against mnist-latent's 0.41M; difflab presets
+# prints them with their FLOPs); same data, schedule, optimiser and sampler, so the backbone is
+# the only difference (benchmarks/backbone_quality.py)
+PRESETS["mnist-dit"] = _derive("mnist", "mnist-dit", model={"net": "dit", "preset": "mnist-dit"})
+PRESETS["mnist-uvit"] = _derive("mnist", "mnist-uvit", model={"net": "dit", "preset": "mnist-uvit"})
+PRESETS["mnist-latent-dit"] = _derive(
+    "mnist-latent", "mnist-latent-dit", model={"net": "dit", "preset": "mnist-latent-dit"}
+)
 PRESETS["fashion-mnist"] = _derive("mnist", "fashion-mnist", data={"name": "fashion-mnist"})
 # the MNIST preset at DDPM's CIFAR-10 scale
 PRESETS["cifar10"] = _derive(

@@ -122,6 +122,11 @@ class RunKind:
             )
         self.check_network(cfg)
 
+    def why_no_diffusers_form(self, cfg: RunConfig) -> str:
+        """Why ``difflab export`` cannot write a run of ``cfg`` for diffusers (its task's
+        reason, else its network's); empty if it can."""
+        return self.no_diffusers_form or network(cfg.model.net).no_diffusers_form
+
     def net_preset(self, cfg: RunConfig) -> tuple[str, str]:
         """The config key of the network's preset, and its value."""
         return "model.preset", cfg.model.preset

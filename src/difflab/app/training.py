@@ -22,6 +22,7 @@ from difflab import checkpoint as ckpt
 from difflab import distributed as ddp
 from difflab.app.build import Built, make_batch_fn, resolve_device, with_model
 from difflab.app.config import RunConfig
+from difflab.app.cost import run_cost
 from difflab.app.report import final_report
 from difflab.app.runs import build, check_config
 from difflab.safe_io import progress_bar, say
@@ -262,11 +263,10 @@ def _train_loop(
             run_dir / "metrics.csv", METRIC_FIELDS, resume_step=trainer.step if resume else None
         )
         tb = _tensorboard(run_dir)
-    n_params = sum(p.numel() for p in built.model.parameters())
     where = f"{dist.world_size} processes" if dist.enabled else str(built.device)
-    log(f"{cfg.preset}: {n_params / 1e6:.3g}M parameters on {where}, run dir {run_dir}")
-    if built.kind.no_diffusers_form and not resume:
-        why = built.kind.no_diffusers_form
+    log(f"{cfg.preset}: {run_cost(cfg).describe()} on {where}, run dir {run_dir}")
+    why = built.kind.why_no_diffusers_form(cfg)
+    if why and not resume:
         log(f"note: difflab export cannot write this run for diffusers: {why}")
     window = _Window(t.batch_size)
 

@@ -90,22 +90,24 @@ DIT_PRESETS: dict[str, DiTConfig] = {
         image_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2,
         time_features=32,
     ),
-    # 28x28 MNIST, 2x2 patches: 196 tokens of width 96. 1.06M parameters, 0.35 forward
-    # GFLOPs per image (the U-Net mnist-cpu: 0.71M, 0.095).
+    # 28x28 MNIST, 2x2 patches: 196 tokens of width 96, 4 blocks. 0.72M parameters, 0.233
+    # forward GFLOPs per image: the U-Net mnist-cpu's parameters (0.71M) at 2.5x its FLOPs
+    # (0.095), so the two backbones compare at equal size.
     "mnist-dit": DiTConfig(
-        image_size=28, in_channels=1, patch_size=2, hidden_size=96, depth=6, num_heads=4,
+        image_size=28, in_channels=1, patch_size=2, hidden_size=96, depth=4, num_heads=4,
     ),
-    # the 7x7x4 latents of the f = 4 MNIST autoencoder, one token per latent pixel: 49 tokens.
-    # 1.86M parameters, 0.12 GFLOPs per image (the U-Net mnist-latent: 0.41M, 0.027).
+    # the 7x7x4 latents of the f = 4 MNIST autoencoder, one token per latent pixel: 49 tokens
+    # of width 64, 5 blocks. 0.40M parameters, 0.028 GFLOPs per image (the U-Net mnist-latent:
+    # 0.41M, 0.027).
     "mnist-latent-dit": DiTConfig(
-        image_size=7, in_channels=4, patch_size=1, hidden_size=128, depth=6, num_heads=4,
+        image_size=7, in_channels=4, patch_size=1, hidden_size=64, depth=5, num_heads=4,
     ),
     # DiT-S/2 [Peebles & Xie 2023, Table 4] on 32x32 RGB: 256 tokens of width 384, 12 blocks;
     # 32.5M parameters, 12.1 GFLOPs per image.
     "dit-s2-32": DiTConfig(image_size=32, in_channels=3, patch_size=2),
 }  # fmt: skip
 # The MNIST presets keep DiT's 256 time features, so they export to diffusers unchanged.
-# mnist-dit with U-ViT's long skips (3 in-blocks, 3 out-blocks): 1.11M parameters.
+# mnist-dit with U-ViT's long skips (2 in-blocks, 2 out-blocks): 0.76M parameters.
 DIT_PRESETS["mnist-uvit"] = dataclasses.replace(DIT_PRESETS["mnist-dit"], long_skips=True)
 
 

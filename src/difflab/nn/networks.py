@@ -91,6 +91,8 @@ class Network:
         heads: the :class:`NetSpec` heads it can build.
         fields: ``fields(text, preset, data_shape) -> dict``: the fields of a JSON object that
             replace its preset's, checked (one-line ``ValueError``); None: it has none.
+        no_diffusers_form: why ``difflab export`` cannot write a run of this network as a
+            diffusers pipeline; empty if the run's task decides alone.
     """
 
     name: str
@@ -99,6 +101,7 @@ class Network:
     build: Callable[[str, NetSpec], nn.Module]
     heads: tuple[str, ...] = ("denoiser",)
     fields: Callable[[str, str, tuple[int, ...]], dict[str, Any]] | None = None
+    no_diffusers_form: str = ""
 
     def check(self, preset: str, head: str, data: str, *, preset_key: str = "model.preset") -> None:
         """One-line ``ValueError`` unless this network builds ``head`` on ``data`` at ``preset``."""
@@ -229,4 +232,9 @@ register(Network("mlp", "2-D", {}, _mlp))
 register(Network("sohl-dickstein", "2-D", {}, _sohl_dickstein, heads=("own",)))
 register(Network("unet", "image", UNET_PRESETS, _unet, ("denoiser", "classifier"), unet_fields))
 register(Network("autoencoder", "image", AUTOENCODER_PRESETS, _autoencoder, ("autoencoder",)))
-register(Network("dit", "image", DIT_PRESETS, image_denoiser(build_dit)))
+# diffusers' DiTPipeline samples class-conditional latents of its own VAE; the weights alone map
+# to DiTTransformer2DModel (difflab.interop.diffusers_dit)
+_DIT_EXPORT = "diffusers' pipelines sample a DiT only on their own VAE's latents"
+register(
+    Network("dit", "image", DIT_PRESETS, image_denoiser(build_dit), no_diffusers_form=_DIT_EXPORT)
+)
