@@ -72,6 +72,7 @@ __all__ = [
     "Snapshot",
     "SnapshotStore",
     "gamma_to_sigma_rel",
+    "list_snapshots",
     "parse_sigma_rels",
     "posthoc_coefficients",
     "power_ema_beta",
@@ -282,15 +283,18 @@ class SnapshotStore:
         return path
 
     def snapshots(self) -> list[Snapshot]:
-        """The stored snapshots, oldest first (a one-line ``CheckpointError`` names an
-        unreadable file)."""
-        if not self.folder.is_dir():
-            return []
-        found = []
-        for p in sorted(self.folder.iterdir()):
-            if _SNAPSHOT.fullmatch(p.name):
-                found.append(_read_snapshot(p))
-        return sorted(found, key=lambda s: s.step)
+        """The stored snapshots, oldest first (:func:`list_snapshots`)."""
+        return list_snapshots(self.folder)
+
+
+def list_snapshots(folder: str | os.PathLike) -> list[Snapshot]:
+    """The snapshots in ``folder``, oldest first; none if it does not exist. A one-line
+    ``CheckpointError`` names an unreadable file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [_read_snapshot(p) for p in folder.iterdir() if _SNAPSHOT.fullmatch(p.name)]
+    return sorted(found, key=lambda s: s.step)
 
 
 def _read_snapshot(path: Path) -> Snapshot:
@@ -313,7 +317,8 @@ def reconstruct(
 
     Returns the state dict (float tensors combined in float64 and cast back; other tensors from
     the newest snapshot) and ``info``: step, gamma, number of snapshots used, residual (the
-    norm :func:`posthoc_coefficients` minimises).
+    norm :func:`posthoc_coefficients` minimises) and that residual relative to the norm of the
+    target's weights.
     """
     gamma = sigma_rel_to_gamma(sigma_rel)
     if not snapshots:
@@ -339,5 +344,6 @@ def reconstruct(
         "gamma": gamma,
         "snapshots": len({s.step for s, _ in used}),
         "residual": residual,
+        "relative_residual": residual / float(np.linalg.norm(power_ema_weights(step, gamma))),
     }
     return out, info
