@@ -3,6 +3,9 @@ channels-last, and the progress bar of a time-budgeted run."""
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 import torch
 
@@ -140,3 +143,76 @@ def test_resume_with_posthoc_profiles_is_bit_exact(tmp_path):
             assert torch.equal(pa, pb)
     # off by default: a checkpoint holds the model and its EMA only (fingerprints unchanged)
     assert set(_toy_trainer().tensors()) == {"model", "ema"}
+
+
+def test_a_time_budgeted_run_shows_its_budget_not_its_steps(tmp_path, capsys, one_thread):
+    # 0.02 min = 1.2 s of a run of a million steps: the bar must speak of the budget
+    extra = ("--minutes", "0.02", "--steps", "1000000")
+    args = ["train", "--preset", "moons", "--out", str(tmp_path / "run"), "--device", "cpu"]
+    for s in FAST:
+        args += ["--set", s]
+    assert main([*args, *extra]) == 0
+    err = capsys.readouterr().err
+    last = [line for line in err.replace("\r", "\n").splitlines() if "of 00:01" in line][-1]
+    assert "left, step " in last and "loss=" in last, last
+    assert "1000000" not in err and "1,000,000" not in err and "it/s" not in err
+
+
+def test_the_budget_bar_counts_down_to_the_budget_or_the_steps(capsys):
+    from difflab.app.progress import training_bar
+
+    start = time.perf_counter() - 30.0  # 30 s into a 10-minute budget
+    bar = training_bar(steps=10_000, initial=0, budget_s=600.0, start=start, disable=False)
+    bar.update(100)  # 100 steps in 30 s: 9,900 steps need ~49 min, the budget ends first
+    text = bar.bar.desc
+    assert re.match(r"00:3[01] of 10:00, 09:(29|30) left, step 100$", text), text
+    bar.close()
+    start = time.perf_counter() - 30.0
+    bar = training_bar(steps=200, initial=0, budget_s=600.0, start=start, disable=False)
+    bar.update(100)  # 100 steps left at 0.3 s each: 00:30 left, before the budget
+    assert re.search(r", 00:(29|30) left, step 100$", bar.bar.desc), bar.bar.desc
+    bar.close()
+    steps = training_bar(steps=50, initial=10, budget_s=None, start=start, disable=False)
+    assert steps.total == 50 and steps.n == 10  # a run without a budget counts steps
+    steps.close()
+
+
+def _unet_trainer(**options):
+    from difflab.nn.unet import build_unet
+    from difflab.objectives import diffusion_loss
+    from difflab.parameterization import ModelDenoiser
+    from difflab.schedules import DiscreteSchedule
+
+    torch.manual_seed(0)
+    model = build_unet("tiny", image_size=16, dropout=0.0)
+    den = ModelDenoiser(model, DiscreteSchedule.from_name("linear", 100))
+    return Trainer(
+        model,
+        batch_fn=lambda step, g: torch.rand(8, 1, 16, 16, generator=g) * 2 - 1,
+        loss_fn=lambda x0, g: (diffusion_loss(den, x0, generator=g).loss, {}),
+        lr=2e-3,
+        batch_size=8,
+        ema_half_life_images=50,
+        **options,
+    )
+
+
+@pytest.mark.parametrize(
+    "options", [{"adamw": "foreach"}, {"adamw": "fused"}, {"channels_last": True}]
+)
+def test_throughput_levers_train_the_same_model_to_round_off(options, one_thread):
+    # the same sums in another order: a lever that skipped a step, dropped weight decay or
+    # left the EMA in NHWC with a transposed copy would differ by far more than round-off
+    ref, lever = _unet_trainer(weight_decay=0.01), _unet_trainer(weight_decay=0.01, **options)
+    for _ in range(8):
+        loss_ref, loss = ref.train_step()["loss"], lever.train_step()["loss"]
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-6)
+    for group in ("model", "ema"):
+        a, b = ref.tensors()[group], lever.tensors()[group]
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"{group} {k}")
+    if options.get("channels_last"):
+        conv = next(p for p in lever.model.parameters() if p.dim() == 4)
+        assert conv.is_contiguous(memory_format=torch.channels_last)
+        ema_conv = next(p for p in lever.ema.model.parameters() if p.dim() == 4)
+        assert ema_conv.is_contiguous()

@@ -22,10 +22,11 @@ from difflab import checkpoint as ckpt
 from difflab import distributed as ddp
 from difflab.app.build import Built, make_batch_fn, resolve_device, with_model
 from difflab.app.config import RunConfig
+from difflab.app.progress import training_bar
 from difflab.app.report import final_report
 from difflab.app.runs import build, check_config
 from difflab.posthoc_ema import SnapshotStore, parse_sigma_rels
-from difflab.safe_io import progress_bar, say
+from difflab.safe_io import say
 from difflab.tensorboard import EventWriter
 from difflab.train import Trainer, TrainingDiverged
 
@@ -300,7 +301,9 @@ def _train_loop(
     budget = None if t.max_minutes is None else t.max_minutes * 60.0
     last: dict[str, float] = {}
     stopped_early = False
-    bar = progress_bar(total=t.steps, initial=trainer.step, disable=not progress)
+    bar = training_bar(
+        steps=t.steps, initial=trainer.step, budget_s=budget, start=start, disable=not progress
+    )
     try:
         stop.deferring = True  # from here a signal is taken at the next step boundary
         while trainer.step < t.steps:
