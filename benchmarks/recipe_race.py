@@ -21,7 +21,8 @@ run there is scored without training again, so an interrupted race continues.
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --append BENCHMARKS.md
     # a few seconds, to check that it runs:
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --minutes 0.05 \\
-        --confirm-minutes 0.1 --n 200 --top 1 --recipes baseline,v,ema-5k --run-root /tmp/race
+        --confirm-minutes 0.05 --n 100 --top 1 --recipes baseline,v,edm --run-root /tmp/race \\
+        --set sample.n=16 --set 'model.unet={"base_channels": 8}'
     # where one training step of the mnist preset spends its time (torch.profiler):
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --profile
     # paired timing of the throughput levers (100 steps each, interleaved, 3 repeats):
@@ -85,7 +86,7 @@ def parse_recipe(text: str) -> tuple[str, list[str]]:
 def train_recipe(sets: list[str], minutes: float, run_dir: Path, args: argparse.Namespace):
     """Train the recipe for ``minutes`` into ``run_dir`` (or reuse it if finished there);
     returns (steps, images per second of the budget)."""
-    cfg = apply_overrides(get_preset("mnist"), sets)
+    cfg = apply_overrides(get_preset("mnist"), [*args.set, *sets])
     cfg = replace(
         cfg,
         data=replace(cfg.data, data_dir=str(Path(args.data_dir).resolve())),
@@ -151,7 +152,7 @@ def race(args: argparse.Namespace) -> list[dict[str, Any]]:
     for stage, minutes, chosen in stages:
         for name in chosen:
             try:
-                check_config(apply_overrides(get_preset("mnist"), recipes[name]))
+                check_config(apply_overrides(get_preset("mnist"), [*args.set, *recipes[name]]))
             except ValueError as e:  # a lever this version lacks: say so, race the rest
                 print(f"skipping {name}: {e}", flush=True)
                 continue
@@ -289,7 +290,7 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--profile-rows", type=int, default=15)
     ap.add_argument("--set", action="append", default=[],
-                    help="--profile, --time-levers: overrides of mnist")  # fmt: skip
+                    help="overrides of mnist under every recipe")  # fmt: skip
     ap.add_argument("--time-levers", action="store_true",
                     help="paired timing of the throughput levers instead")  # fmt: skip
     ap.add_argument("--lever-steps", type=int, default=100)
@@ -309,7 +310,9 @@ def main() -> None:
     if args.append:
         from _record import record
 
-        notes = (f"Every recipe is the `mnist` preset with the overrides shown, seed {args.seed}, "
+        common = " ".join(f"`{s}`" for s in args.set) or "no overrides"
+        notes = (f"Every recipe is the `mnist` preset with {common} and the overrides shown, "
+                 f"seed {args.seed}, "
                  f"trained for the budget on {args.device}; FDD of {args.n} EMA samples to the "
                  "10,000 MNIST test images (lower is better), the default sampler being the "
                  "run's `sample.sampler`/`sample.steps`. The best "
