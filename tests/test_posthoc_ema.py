@@ -177,4 +177,6 @@ def test_snapshots_on_disk_stay_bounded_and_keep_the_newest(tmp_path):
     store.write(1003, ema)  # the end of a run off the interval is kept beside them
     steps = [s.step for s in store.snapshots()]
     assert steps[-1] == 1003 and len(steps) <= store.keep + 1
+    store.write(900, ema)  # resumed from a checkpoint before 1003: the later snapshot goes
+    assert max(s.step for s in store.snapshots()) == 900
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary file

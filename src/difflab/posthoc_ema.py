@@ -241,7 +241,8 @@ class SnapshotStore:
     """The post-hoc EMA snapshots of a run: ``FOLDER/step-XXXXXXXX.safetensors``.
 
     A snapshot is due at step ``t`` when ``t`` is a multiple of :meth:`interval`; writing one
-    removes those off the current interval but the newest, so at most ``keep + 1`` remain.
+    removes those off the current interval and any of a later step (left by a run killed after
+    them and resumed from an earlier checkpoint), so at most ``keep + 1`` remain.
     """
 
     def __init__(self, folder: str | os.PathLike, *, every: int, keep: int) -> None:
@@ -277,8 +278,8 @@ class SnapshotStore:
         path = self.folder / f"step-{step:08d}.safetensors"
         atomic_write_bytes(path, safetensors_bytes(tensors, metadata=meta))
         interval = self.interval(step)
-        for old in self.snapshots():
-            if old.step != step and old.step % interval != 0:
+        for old in self.snapshots():  # later ones: of a run killed and resumed from before them
+            if old.step != step and (old.step % interval != 0 or old.step > step):
                 old.path.unlink(missing_ok=True)
         return path
 
