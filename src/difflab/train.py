@@ -10,6 +10,13 @@ EMA follows EDM [Karras 2022, App. C / training code]: its decay is given as a h
 *images seen*, so it does not change with the batch size: ``beta = 0.5 ** (batch / half_life)``.
 With a ramp-up ratio r the half-life is ``min(half_life, r * images_seen)`` (EDM's
 ``ema_rampup_ratio``, 0.05 there), so that a short run is not averaged over its random start.
+Beside it the trainer can keep power-function EMA profiles (:class:`difflab.posthoc_ema.PowerEMA`)
+from which any EMA length is reconstructed after the run [Karras 2024, EDM2].
+
+Two throughput levers are options that change only the order of floating-point sums: the
+AdamW kernel (``adamw``: torch's per-parameter loop, its multi-tensor ``foreach`` or ``fused``
+kernel) and channels-last (NHWC) weights while training, which the CPU's oneDNN convolutions
+run faster; the EMA copies stay in the contiguous format.
 """
 
 from __future__ import annotations
@@ -23,8 +30,24 @@ import torch
 from torch import Tensor, nn
 
 from difflab.inference import compile_network
+from difflab.posthoc_ema import PowerEMA
 
-__all__ = ["EMA", "Trainer", "StepGenerators", "TrainingDiverged", "step_generators"]
+__all__ = [
+    "ADAMW_KERNELS",
+    "EMA",
+    "Trainer",
+    "StepGenerators",
+    "TrainingDiverged",
+    "step_generators",
+]
+
+# torch.optim.AdamW's keyword arguments for each kernel ("auto": fused on CUDA, see Trainer)
+ADAMW_KERNELS: dict[str, dict[str, bool]] = {
+    "auto": {},
+    "for-loop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
 
 
 class TrainingDiverged(RuntimeError):
@@ -116,7 +139,11 @@ class Trainer:
         seed: the run's seed.
         device: where the model lives.
         extra_state: objects with ``state_dict()/load_state_dict()`` saved with checkpoints.
-        fused_adam: use the fused AdamW kernel (CUDA only).
+        fused_adam: use the fused AdamW kernel when ``adamw`` is "auto" (on CUDA).
+        adamw: the AdamW kernel, a key of :data:`ADAMW_KERNELS`.
+        channels_last: train with the network's 4-D weights in channels-last (NHWC) format.
+        posthoc_ema: relative standard deviations of power-function EMA profiles to keep
+            (:class:`difflab.posthoc_ema.PowerEMA`, saved as tensor groups); empty: none.
         rank: this process's rank in a distributed run (0 otherwise).
         compile: ``torch.compile`` the model in place (:func:`difflab.inference.compile_network`)
             after its EMA copy is made, so the EMA and the state dicts stay plain modules.
@@ -142,6 +169,9 @@ class Trainer:
         fused_adam: bool = False,
         rank: int = 0,
         compile: bool = False,
+        adamw: str = "auto",
+        channels_last: bool = False,
+        posthoc_ema: tuple[float, ...] = (),
     ) -> None:
         self.model = model
         self.batch_fn = batch_fn
@@ -155,11 +185,17 @@ class Trainer:
         self.device = torch.device(device)
         self.extra_state = extra_state or {}
         self.rank = int(rank)
-        kwargs: dict[str, Any] = {"fused": True} if fused_adam else {}
+        if adamw not in ADAMW_KERNELS:
+            raise ValueError(f"unknown AdamW kernel {adamw!r}; choose one of: "
+                             f"{', '.join(ADAMW_KERNELS)}")  # fmt: skip
+        kwargs = {"fused": True} if adamw == "auto" and fused_adam else ADAMW_KERNELS[adamw]
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=self.lr, weight_decay=weight_decay, **kwargs
         )
         self.ema = EMA(model, half_life_images=ema_half_life_images, rampup_ratio=ema_rampup_ratio)
+        self.posthoc = PowerEMA(model, posthoc_ema) if posthoc_ema else None
+        if channels_last:  # after the EMA copies, which stay contiguous
+            model.to(memory_format=torch.channels_last)
         if compile:
             compile_network(model, self.device)
         self.step = 0
@@ -185,6 +221,8 @@ class Trainer:
         self.optimizer.step()
         seen = (self.step + 1) * self.batch_size
         self.ema.update(self.model, batch_size=self.batch_size, images_seen=seen)
+        if self.posthoc is not None:
+            self.posthoc.update(self.model, step=self.step + 1)
         self.step += 1
         out = {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
         out.update({k: v.detach() for k, v in logs.items()})
@@ -193,10 +231,11 @@ class Trainer:
     # ---- state ------------------------------------------------------------------------------
 
     def tensors(self) -> dict[str, dict[str, Tensor]]:
-        """Named tensor groups for safetensors: the model and its EMA."""
+        """Named tensor groups for safetensors: the model, its EMA (and post-hoc profiles)."""
         return {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "ema": {k: v.detach().cpu() for k, v in self.ema.model.state_dict().items()},
+            **(self.posthoc.tensors() if self.posthoc is not None else {}),
         }
 
     def state(self) -> dict[str, Any]:
@@ -211,6 +250,8 @@ class Trainer:
         """Restore from :meth:`tensors` and :meth:`state`."""
         self.model.load_state_dict(tensors["model"])
         self.ema.model.load_state_dict(tensors["ema"])
+        if self.posthoc is not None:
+            self.posthoc.load(tensors)
         self.optimizer.load_state_dict(state["optimizer"])
         for k, v in self.extra_state.items():
             v.load_state_dict(state["extra"][k])

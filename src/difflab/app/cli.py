@@ -13,6 +13,7 @@
     difflab eval RUN_DIR --metric fid --n 10000            # Inception FID (also kid, pr)
     difflab fid samples.npz real_images/                   # FID of two sets, as pytorch-fid
     difflab presets                        # list the presets
+    difflab ema RUN_DIR --length 0.08      # the EMA of any length, after training (EDM2)
     difflab sample DIFFUSERS_DIR --sampler dpm++2m-sde --steps 10   # a diffusers model folder
     difflab export RUN_DIR OUT_DIR         # a diffusers pipeline folder with a model card
     difflab import DIFFUSERS_DIR --out RUN_DIR                      # then train --resume
@@ -224,6 +225,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", help="folder holding the fine-tuning data")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p = sub.add_parser("ema", help="a run with the EMA of any length (post-hoc EMA, EDM2)")
+    p.add_argument("run_dir", type=Path, help="a run trained with train.posthoc_ema")
+    p.add_argument("--length", type=float, required=True, metavar="SIGMA_REL",
+                   help="relative standard deviation of the EMA profile, e.g. 0.08")  # fmt: skip
+    p.add_argument("--out", type=Path, help="the new run directory (default RUN_DIR-ema-LENGTH)")
     p = sub.add_parser("viz", help="plots that need no trained model")
     p.add_argument("what", choices=["schedules"])
     p.add_argument("--out", type=Path, default=Path("schedules.png"))
@@ -919,6 +925,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ema(args: argparse.Namespace) -> int:
+    from difflab.app.posthoc import write_posthoc_run
+
+    out, info = write_posthoc_run(args.run_dir, args.length, args.out)
+    say(f"wrote {out}: EMA length {info['sigma_rel']:g} (gamma {info['gamma']:.3f}) at step "
+        f"{info['step']} from {info['snapshots']} snapshots, relative residual "
+        f"{info['relative_residual']:.2g}")  # fmt: skip
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -930,6 +946,7 @@ COMMANDS = {
     "nll": cmd_nll,
     "export": cmd_export,
     "import": cmd_import,
+    "ema": cmd_ema,
 }
 
 

@@ -112,6 +112,14 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids during training (0 = only at the end)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the network
+    channels_last: bool = False  # NHWC weights and activations while training (CPU convolutions)
+    adamw: str = "auto"  # AdamW kernel: auto (fused on CUDA, for-loop elsewhere) | for-loop |
+    # foreach | fused
+    posthoc_ema: str | None = None  # EMA lengths sigma_rel kept for `difflab ema`, e.g.
+    # "0.05,0.10" (power-function profiles [Karras 2024, EDM2]); None: off
+    posthoc_ema_every: int = 500  # steps between post-hoc EMA snapshots (the interval doubles
+    # whenever more than posthoc_ema_keep would be kept)
+    posthoc_ema_keep: int = 32  # post-hoc EMA snapshots kept at most (besides the newest)
 
 
 @dataclass(frozen=True)
@@ -305,6 +313,8 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.log_every": _above(0),
     "train.ckpt_every": _above(0),
     "train.sample_every": _at_least(0),
+    "train.posthoc_ema_every": _above(0),
+    "train.posthoc_ema_keep": _between(1, 100_000),
     "sample.steps": _between(1, 1_000_000),
     "sample.n": _above(0),
     "sample.eta": _at_least(0),

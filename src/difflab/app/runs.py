@@ -21,11 +21,13 @@ from difflab.data.datasets import dataset
 from difflab.image_to_image import TASKS
 from difflab.objectives import LOSS_TYPES, TIME_SAMPLINGS, WEIGHTINGS
 from difflab.parameterization import PARAMETERIZATIONS
+from difflab.posthoc_ema import parse_sigma_rels
 from difflab.process_table import process_for
 from difflab.safe_io import atomic_write_json, say
 from difflab.samplers import SAMPLER_OPTIONS, SAMPLERS
 from difflab.samplers.common import THRESHOLD_MODES
 from difflab.schedules import BETA_SCHEDULES, check_choice
+from difflab.train import ADAMW_KERNELS
 
 __all__ = [
     "build",
@@ -70,6 +72,9 @@ def check_config(cfg: RunConfig) -> None:
         raise ValueError("diffusion.sigma_min must be below diffusion.sigma_max")
     process_for(cfg.diffusion.schedule).check(asdict(cfg.diffusion))
     resolve_device(cfg.train.device)
+    check_choice("train.adamw", cfg.train.adamw, tuple(ADAMW_KERNELS))
+    if cfg.train.posthoc_ema is not None:
+        parse_sigma_rels(cfg.train.posthoc_ema)
     if cfg.data.is_toy and cfg.data.downsample != 1:
         raise ValueError("data.downsample applies to images, not to 2-D data")
     cfg_data_shape(cfg)

@@ -23,14 +23,17 @@ from difflab import distributed as ddp
 from difflab.app.build import Built, make_batch_fn, resolve_device, with_model
 from difflab.app.config import RunConfig
 from difflab.app.cost import run_cost
+from difflab.app.progress import training_bar
 from difflab.app.report import final_report
 from difflab.app.runs import build, check_config
-from difflab.safe_io import progress_bar, say
+from difflab.posthoc_ema import SnapshotStore, parse_sigma_rels
+from difflab.safe_io import say
 from difflab.tensorboard import EventWriter
 from difflab.train import Trainer, TrainingDiverged
 
 __all__ = ["train_run", "TrainResult"]
 
+POSTHOC_DIR = "posthoc-ema"  # the post-hoc EMA snapshots in a run directory (difflab ema)
 METRIC_FIELDS = ["step", "loss", "grad_norm", "lr", "examples_per_s", "elapsed_s"]
 
 
@@ -137,6 +140,9 @@ def _make_trainer(built: Built, dist: ddp.DistInfo) -> Trainer:
         fused_adam=built.device.type == "cuda",
         rank=dist.rank,
         compile=t.compile,
+        adamw=t.adamw,
+        channels_last=t.channels_last,
+        posthoc_ema=parse_sigma_rels(t.posthoc_ema) if t.posthoc_ema is not None else (),
     )
 
 
@@ -269,6 +275,11 @@ def _train_loop(
     if why and not resume:
         log(f"note: difflab export cannot write this run for diffusers: {why}")
     window = _Window(t.batch_size)
+    snapshots = None  # the post-hoc EMA snapshots (rank 0)
+    if main and trainer.posthoc is not None:
+        snapshots = SnapshotStore(
+            run_dir / POSTHOC_DIR, every=t.posthoc_ema_every, keep=t.posthoc_ema_keep
+        )
 
     saved = {"step": trainer.step if resume else -1}  # a resumed step is already on disk
 
@@ -290,7 +301,9 @@ def _train_loop(
     budget = None if t.max_minutes is None else t.max_minutes * 60.0
     last: dict[str, float] = {}
     stopped_early = False
-    bar = progress_bar(total=t.steps, initial=trainer.step, disable=not progress)
+    bar = training_bar(
+        steps=t.steps, initial=trainer.step, budget_s=budget, start=start, disable=not progress
+    )
     try:
         stop.deferring = True  # from here a signal is taken at the next step boundary
         while trainer.step < t.steps:
@@ -306,6 +319,8 @@ def _train_loop(
                 bar.set_postfix(loss=_fmt(last["loss"]), per_s=_fmt(last["examples_per_s"]))
             if step % t.ckpt_every == 0 and step < t.steps:
                 save()
+            if snapshots is not None and snapshots.due(step):
+                _posthoc_snapshot(snapshots, trainer, run_dir)
             if main and t.sample_every and step % t.sample_every == 0 and step < t.steps:
                 _progress_samples(built, trainer, run_dir, step)
             if stop.signum is not None:
@@ -316,6 +331,8 @@ def _train_loop(
                 log(f"time budget of {t.max_minutes} min reached at step {step}")
                 break
         save()  # the model, EMA, optimizer and step of one step boundary
+        if snapshots is not None:
+            _posthoc_snapshot(snapshots, trainer, run_dir)
     finally:
         stop.deferring = False  # a second signal, or one during the report, stops at once
         bar.close()
@@ -398,6 +415,15 @@ class _NoLog:
 
     def close(self) -> None:
         pass
+
+
+def _posthoc_snapshot(snapshots: SnapshotStore, trainer: Trainer, run_dir: Path) -> None:
+    """Store the post-hoc EMA profiles of this step (never non-finite ones)."""
+    assert trainer.posthoc is not None
+    bad = ckpt.first_non_finite(trainer.posthoc.tensors(), "posthoc_ema")
+    if bad is not None:
+        raise _diverged(run_dir, trainer.step, f"{bad} became NaN or infinite")
+    snapshots.write(trainer.step, trainer.posthoc)
 
 
 def _progress_samples(built: Built, trainer: Trainer, run_dir: Path, step: int) -> None:
