@@ -68,7 +68,9 @@ def check_config(cfg: RunConfig) -> None:
     check_choice("diffusion.t_sampling", cfg.diffusion.t_sampling, TIME_SAMPLINGS)
     if cfg.diffusion.sigma_min >= cfg.diffusion.sigma_max:
         raise ValueError("diffusion.sigma_min must be below diffusion.sigma_max")
-    process_for(cfg.diffusion.schedule).check(asdict(cfg.diffusion))
+    process = process_for(cfg.diffusion.schedule)
+    process.check(asdict(cfg.diffusion))
+    process.check_model(cfg.model.parameterization, cfg.model.learned_variance)
     resolve_device(cfg.train.device)
     if cfg.data.is_toy and cfg.data.downsample != 1:
         raise ValueError("data.downsample applies to images, not to 2-D data")
