@@ -48,7 +48,14 @@ from difflab.schedules import (
     Schedule,
 )
 
-__all__ = ["PROCESSES", "Process", "SCHEDULE_NAMES", "process_for"]
+__all__ = [
+    "PROCESSES",
+    "Process",
+    "SCHEDULE_NAMES",
+    "diffusion_settings",
+    "process_for",
+    "process_of_settings",
+]
 
 Settings = Mapping[str, Any]  # the fields of a run config's ``diffusion`` section
 
@@ -70,6 +77,11 @@ class Process:
             loss needs a discrete schedule).
         time_scale: the network is called with ``time_scale * t`` (see
             :class:`~difflab.parameterization.ModelDenoiser`).
+        settings_of: ``settings_of(schedule_config) -> settings | None``: the ``diffusion``
+            settings that rebuild a schedule of ``Schedule.to_config()`` (an imported model's),
+            None when the schedule is not this process's or its settings cannot express it.
+        sampler: (sampler, steps) for a model of this process that comes without a config
+            (a diffusers folder).
     """
 
     name: str
@@ -81,6 +93,8 @@ class Process:
     parameterizations: tuple[str, ...] | None = None
     learned_variance: bool = False
     time_scale: float = 1.0
+    settings_of: Callable[[Settings], dict[str, Any] | None] = lambda c: None
+    sampler: tuple[str, int] = ("dpm++2m-sde", 10)
 
     def check_model(self, parameterization: str, learned_variance: bool) -> None:
         """One-line ``ValueError`` for a network output the process cannot use."""
@@ -138,6 +152,21 @@ def _check_discrete(d: Settings) -> None:
         raise ValueError(f"diffusion.beta_start/beta_end: {e}") from None
 
 
+def _discrete_settings(c: Settings) -> dict[str, Any] | None:
+    if c.get("type") != "discrete" or c.get("name") not in BETA_SCHEDULES:
+        return None
+    extra = set(c) - {"type", "name", "T", "zero_terminal_snr", "beta_start", "beta_end"}
+    if extra:  # e.g. a cosine offset, which the settings do not hold
+        return None
+    out = {
+        "schedule": c["name"],
+        "T": c["T"],
+        "zero_terminal_snr": bool(c.get("zero_terminal_snr")),
+    }
+    out |= {k: float(c[k]) for k in ("beta_start", "beta_end") if k in c}
+    return out
+
+
 def _edm(d: Settings) -> Schedule:
     return EDMSchedule(d["sigma_min"], d["sigma_max"])
 
@@ -184,6 +213,12 @@ def _check_flow(d: Settings) -> None:
         raise ValueError(f"diffusion.shift must be > 0, got {d['shift']}")
 
 
+def _flow_settings(c: Settings) -> dict[str, Any] | None:
+    if c.get("type") != "flow" or c.get("t_min") != FlowMatchSchedule().t_min:
+        return None
+    return {"schedule": "flow", "shift": None if c["shift"] == 1 else float(c["shift"])}
+
+
 def _flow_loss_options(d: Settings) -> dict[str, Any]:
     """The time law's parameters: SD3's logit-normal(0, 1) and mode scale 1.29 unless set."""
     defaults = {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
@@ -193,8 +228,25 @@ def _flow_loss_options(d: Settings) -> dict[str, Any]:
 PROCESSES: dict[str, Process] = {
     p.name: p
     for p in (
-        Process("ddpm", BETA_SCHEDULES, _discrete, _check_discrete, learned_variance=True),
-        Process("edm", ("edm",), _edm, _check_edm),
+        Process(
+            "ddpm",
+            BETA_SCHEDULES,
+            _discrete,
+            _check_discrete,
+            learned_variance=True,
+            settings_of=_discrete_settings,
+        ),
+        Process(
+            "edm",
+            ("edm",),
+            _edm,
+            _check_edm,
+            settings_of=lambda c: (
+                {"schedule": "edm", "sigma_min": c["sigma_min"], "sigma_max": c["sigma_max"]}
+                if c.get("type") == "edm"
+                else None
+            ),
+        ),
         # eps and edm outputs are singular where the flow schedule ends in pure noise (t = 1)
         Process(
             "flow",
@@ -204,6 +256,8 @@ PROCESSES: dict[str, Process] = {
             loss_options=_flow_loss_options,
             parameterizations=("flow", "x0", "v"),
             time_scale=1000.0,
+            settings_of=_flow_settings,
+            sampler=("flow-euler", 20),
         ),
     )
 }
@@ -218,3 +272,20 @@ def process_for(schedule: str) -> Process:
     raise ValueError(
         f"unknown diffusion.schedule {schedule!r}; choose one of: {', '.join(SCHEDULE_NAMES)}"
     )
+
+
+def diffusion_settings(schedule_config: Settings) -> dict[str, Any] | None:
+    """The ``diffusion`` settings that rebuild the schedule of ``schedule_config`` (a
+    ``Schedule.to_config()``, e.g. of an imported model) by its process; None when no process's
+    settings express it (a custom beta schedule)."""
+    for p in PROCESSES.values():
+        settings = p.settings_of(schedule_config)
+        if settings is not None:
+            return settings
+    return None
+
+
+def process_of_settings(schedule_config: Settings) -> Process | None:
+    """The process whose settings rebuild ``schedule_config`` (see :func:`diffusion_settings`)."""
+    settings = diffusion_settings(schedule_config)
+    return None if settings is None else process_for(settings["schedule"])
