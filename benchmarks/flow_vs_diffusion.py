@@ -113,8 +113,7 @@ def main() -> None:
 
     fid_col = args.fid_n > 0
     head = "| run (process) | steps trained | sampler | " + " | ".join(
-        f"FDD <= {b} NFE" + (f" | FID-{args.fid_n} <= {b} NFE" if fid_col else "")
-        for b in budgets
+        f"FDD <= {b} NFE" + (f" | FID-{args.fid_n} <= {b} NFE" if fid_col else "") for b in budgets
     )
     ncols = len(budgets) * (2 if fid_col else 1)
     lines = [head + " |", "|---|---:|---|" + "---:|" * ncols]
