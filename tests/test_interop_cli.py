@@ -75,18 +75,22 @@ def test_nll_of_a_diffusers_folder_without_data_is_one_line(pipeline_dir, capsys
     assert err.startswith("difflab: error:") and "\n" not in err
 
 
-def test_a_flow_matching_scheduler_is_refused_in_one_line(pipeline_dir, tmp_path, capsys):
-    """Read as a linear-beta eps-prediction DDPM it would sample silently wrong (exit 0)."""
+def test_a_flow_matching_scheduler_with_dynamic_shifting_is_refused_in_one_line(
+    pipeline_dir, tmp_path, capsys
+):
+    """Its shift depends on the resolution at sampling time: read with a fixed shift it would
+    sample silently wrong (exit 0)."""
     import shutil
 
     folder = tmp_path / "flow"
     shutil.copytree(pipeline_dir, folder)
     shutil.rmtree(folder / "scheduler")
-    diffusers.FlowMatchEulerDiscreteScheduler().save_pretrained(folder / "scheduler")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    sched.save_pretrained(folder / "scheduler")
     out = tmp_path / "s.npz"
     assert main(["sample", str(folder), "--n", "2", "--steps", "2", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "'FlowMatchEulerDiscreteScheduler' is not understood" in err and "\n" not in err
+    assert "use_dynamic_shifting=True has no difflab equivalent" in err and "\n" not in err
     assert "scheduler_config.json" in err and not out.exists()
 
 

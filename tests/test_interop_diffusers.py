@@ -372,12 +372,11 @@ def test_a_folder_with_a_partial_scheduler_config_samples_as_diffusers_reads_it(
     assert loaded.parameterization == "eps" and loaded.clip_sample is False
 
 
-@pytest.mark.parametrize(
-    "scheduler", ["FlowMatchEulerDiscreteScheduler", "EDMEulerScheduler", "ScoreSdeVeScheduler"]
-)
+@pytest.mark.parametrize("scheduler", ["EDMEulerScheduler", "ScoreSdeVeScheduler"])
 def test_a_scheduler_of_another_kind_of_model_is_refused_by_name(tmp_path, scheduler) -> None:
-    """A flow-matching, EDM or VE-SDE scheduler would otherwise be read as a linear-beta
-    eps-prediction DDPM and sampled silently wrong: refuse it, naming the class and the file."""
+    """An EDM or VE-SDE scheduler would otherwise be read as a linear-beta eps-prediction
+    DDPM and sampled silently wrong: refuse it, naming the class and the file (the
+    flow-matching Euler scheduler is read as a flow model: test_flow_runs.py)."""
     m = _diffusers_unet("attn-16")
     m.save_pretrained(tmp_path / "u")
     getattr(diffusers, scheduler)().save_pretrained(tmp_path / "u")

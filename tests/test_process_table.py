@@ -32,7 +32,7 @@ def test_edm_schedule_and_a_beta_range():
         build(apply_overrides(cfg, ["diffusion.schedule=edm"]), load_data=False)
     with pytest.raises(ValueError, match="unknown diffusion.schedule 'vp'; choose one of: linear"):
         build(apply_overrides(cfg, ["diffusion.schedule=vp"]), load_data=False)
-    assert SCHEDULE_NAMES == (*BETA_SCHEDULES, "edm")
+    assert SCHEDULE_NAMES == (*BETA_SCHEDULES, "edm", "flow")
 
 
 def test_a_new_process_is_one_entry(monkeypatch):

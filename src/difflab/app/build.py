@@ -150,6 +150,7 @@ def diffusion_denoiser(cfg: RunConfig, model: nn.Module, schedule: Schedule) -> 
         parameterization=cfg.model.parameterization,  # type: ignore[arg-type]
         learned_variance=cfg.model.learned_variance,
         sigma_data=cfg.diffusion.sigma_data,
+        time_scale=process_for(cfg.diffusion.schedule).time_scale,
     )
 
 

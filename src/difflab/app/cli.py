@@ -884,7 +884,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         clip_sample=cfg.sample.threshold == "clip", card=card, overwrite=args.overwrite,
     )  # fmt: skip
     write_space_app(out)  # app.py + requirements.txt: the folder runs as a Space
-    say(f"wrote {out} (load it with DDPMPipeline.from_pretrained or DDIMPipeline; "
+    say(f"wrote {out} (its README.md shows the diffusers call that loads and samples it; "
         f"python {out / 'app.py'} serves its demo)")  # fmt: skip
     return 0
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,8 @@ class RunKind:
             time_sampler = ImportanceTimeSampler(built.schedule.T)  # type: ignore[attr-defined]
             extra_state["time_sampler"] = time_sampler
         num_classes, p_drop = cfg.model.num_classes, cfg.model.label_dropout
+        # the loss options of the process's own settings (e.g. the flow-matching time law)
+        own = process_for(d.schedule).loss_options(asdict(d))
 
         def loss_fn(batch: tuple[Tensor, Tensor | None], g: torch.Generator):
             x0, labels = batch
@@ -200,7 +202,7 @@ class RunKind:
                 built, x0, cond=cond, loss_type=d.loss_type, weighting=d.weighting,
                 t_sampling="uniform" if d.t_sampling == "importance" else d.t_sampling,
                 time_sampler=time_sampler, vlb_weight=d.vlb_weight, offset_noise=d.offset_noise,
-                generator=g,
+                generator=g, **own,
             )  # fmt: skip
             return out.loss, {}
 

@@ -22,11 +22,11 @@ from difflab.image_to_image import TASKS
 from difflab.objectives import LOSS_TYPES, TIME_SAMPLINGS, WEIGHTINGS
 from difflab.parameterization import PARAMETERIZATIONS
 from difflab.posthoc_ema import parse_sigma_rels
-from difflab.process_table import process_for
+from difflab.process_table import diffusion_settings, process_for
 from difflab.safe_io import atomic_write_json, say
 from difflab.samplers import SAMPLER_OPTIONS, SAMPLERS
 from difflab.samplers.common import THRESHOLD_MODES
-from difflab.schedules import BETA_SCHEDULES, check_choice
+from difflab.schedules import check_choice
 from difflab.train import ADAMW_KERNELS
 
 __all__ = [
@@ -70,7 +70,9 @@ def check_config(cfg: RunConfig) -> None:
     check_choice("diffusion.t_sampling", cfg.diffusion.t_sampling, TIME_SAMPLINGS)
     if cfg.diffusion.sigma_min >= cfg.diffusion.sigma_max:
         raise ValueError("diffusion.sigma_min must be below diffusion.sigma_max")
-    process_for(cfg.diffusion.schedule).check(asdict(cfg.diffusion))
+    process = process_for(cfg.diffusion.schedule)
+    process.check(asdict(cfg.diffusion))
+    process.check_model(cfg.model.parameterization, cfg.model.learned_variance)
     resolve_device(cfg.train.device)
     check_choice("train.adamw", cfg.train.adamw, tuple(ADAMW_KERNELS))
     if cfg.train.posthoc_ema is not None:
@@ -158,7 +160,13 @@ def _load_diffusers(folder: Path, device: torch.device) -> Built:
 
     m = load_diffusers(folder, device=device)
     c, h, _ = m.data_shape
-    name = m.schedule.to_config().get("name")
+    # the process whose settings rebuild the schedule; a custom beta schedule is shown as
+    # linear (the Built below holds the real one)
+    settings = diffusion_settings(m.schedule.to_config()) or {
+        "schedule": "linear",
+        "T": m.schedule.T,  # type: ignore[union-attr]
+    }
+    sampler, steps = process_for(settings["schedule"]).sampler
     cfg = RunConfig(
         preset=f"diffusers:{folder.name}",
         data=DataConfig(name="folder", image_size=h, channels=c),
@@ -167,11 +175,9 @@ def _load_diffusers(folder: Path, device: torch.device) -> Built:
             num_classes=m.num_classes, parameterization=m.parameterization,
             learned_variance=m.learned_variance,
         ),
-        diffusion=DiffusionConfig(
-            schedule=name if name in BETA_SCHEDULES else "linear", T=m.schedule.T
-        ),
+        diffusion=DiffusionConfig(**settings),
         sample=SampleConfig(
-            sampler="dpm++2m-sde", steps=10, n=64, threshold="clip" if m.clip_sample else None
+            sampler=sampler, steps=steps, n=64, threshold="clip" if m.clip_sample else None
         ),
     )  # fmt: skip
     model = m.unet.to(device).eval()
@@ -196,7 +202,7 @@ def import_diffusers_run(
 
     folder, run_dir = Path(folder), Path(run_dir)
     imp = import_to_run(folder)
-    if imp.schedule_config.get("name") not in BETA_SCHEDULES:
+    if diffusion_settings(imp.schedule_config) is None:
         raise ValueError(
             f"{folder}: its beta schedule has no difflab name, which a run config cannot "
             f"express; sample it directly with difflab sample {folder}"

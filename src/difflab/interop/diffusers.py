@@ -4,7 +4,8 @@ A diffusers ``UNet2DModel`` in the DDPM layout (``DownBlock2D`` / ``AttnDownBloc
 ``UNetMidBlock2D``, positional time embedding) is the same network as difflab's
 :class:`~difflab.nn.unet.UNet`; this module translates the configs and the weights both ways
 and turns a diffusers folder into a difflab :class:`~difflab.parameterization.Denoiser` and
-:class:`~difflab.schedules.DiscreteSchedule`. diffusers itself is needed only by
+:class:`~difflab.schedules.DiscreteSchedule` (or, for a ``FlowMatchEulerDiscreteScheduler``, a
+:class:`~difflab.schedules.FlowMatchSchedule`). diffusers itself is needed only by
 :func:`load_diffusers` callers that want to compare; everything here reads JSON and
 safetensors files.
 
@@ -16,6 +17,10 @@ Two conventions differ and are mapped exactly:
   cos(wk) sin w``). The rotation (and diffusers' optional cos-first order, ``flip_sin_to_cos``)
   is folded into the first linear layer of the time MLP, so the converted difflab network
   called at ``t`` computes what the diffusers network computes at ``k = t - 1``.
+* **flow matching**: diffusers' ``FlowMatchEulerDiscreteScheduler`` has difflab's direction of
+  time (sigma = 1 is noise, x = (1 - sigma) x0 + sigma eps) and feeds the network
+  ``num_train_timesteps * sigma``: difflab's velocity denoiser with ``time_scale =
+  num_train_timesteps``; its ``shift`` is SD3's, difflab's ``FlowMatchSchedule(shift)``.
 * **class labels**: difflab's label table has a null row (label ``num_classes``) for
   classifier-free guidance [Ho & Salimans 2022]. A diffusers table of ``num_class_embeds``
   rows is read either with its last row as the null label (``null_label="last"``, what
@@ -41,10 +46,17 @@ from torch import Tensor
 from difflab.nn.unet import UNet, UNetConfig, validate_config
 from difflab.parameterization import ModelDenoiser, Parameterization
 from difflab.safe_io import read_json_object
-from difflab.schedules import DiscreteSchedule, Schedule, make_betas, rescale_zero_terminal_snr
+from difflab.schedules import (
+    DiscreteSchedule,
+    FlowMatchSchedule,
+    Schedule,
+    make_betas,
+    rescale_zero_terminal_snr,
+)
 
 __all__ = [
     "DIFFUSERS_BETA_SCHEDULES",
+    "FLOW_SCHEDULER",
     "PREDICTION_TYPES",
     "SCHEDULER_DEFAULTS",
     "DiffusersModel",
@@ -69,11 +81,13 @@ DIFFUSERS_BETA_SCHEDULES: dict[str, str] = {
     "squaredcos_cap_v2": "cosine",
     "sigmoid": "sigmoid",
 }
-# diffusers prediction_type -> difflab parameterization
+# diffusers prediction_type -> difflab parameterization ("flow": the flow schedulers' velocity,
+# which they take without a prediction_type)
 PREDICTION_TYPES: dict[str, Parameterization] = {
     "epsilon": "eps",
     "v_prediction": "v",
     "sample": "x0",
+    "flow_prediction": "flow",
 }
 NULL_LABEL_KEY = "_difflab_null_label"  # diffusers ignores config keys that start with "_"
 PATCH_SIZE_KEY = "_difflab_patch_size"  # the 2x2 (p x p) fold around a folded UNet2DModel
@@ -82,7 +96,8 @@ PATCH_SIZE_KEY = "_difflab_patch_size"  # the 2x2 (p x p) fold around a folded U
 # with the value diffusers gives each key that difflab reads when a saved config leaves it out:
 # the defaults differ by class (Heun and KDPM2 default to LDM's betas 0.00085-0.012; only the
 # DDPM/DDIM family clips x0 unless told not to). Any other scheduler (flow matching, EDM,
-# consistency, VE score SDE, ...) belongs to another kind of model and is refused by name.
+# consistency, VE score SDE, ...) belongs to another kind of model and is refused by name,
+# except diffusers' flow-matching Euler scheduler (FLOW_SCHEDULER), difflab's flow process.
 _BETA_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -110,6 +125,26 @@ SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
     "KDPM2DiscreteScheduler": {**_BETA_DEFAULTS, **_LDM_BETAS},
     "KDPM2AncestralDiscreteScheduler": {**_BETA_DEFAULTS, **_LDM_BETAS},
 }
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+# its defaults (diffusers 0.3x); the options after "shift" change its grid, which difflab's
+# samplers choose themselves, or need a resolution at sampling time (use_dynamic_shifting):
+# a model that sets one is refused by name, as a silently different schedule would be
+_FLOW_GRID_OPTIONS: dict[str, Any] = {
+    "use_dynamic_shifting": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "invert_sigmas": False,
+}
+SCHEDULER_DEFAULTS[FLOW_SCHEDULER] = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    **_FLOW_GRID_OPTIONS,
+    "prediction_type": "flow_prediction",
+    "clip_sample": False,
+    "variance_type": None,
+}
 
 
 def scheduler_settings(scheduler_config: dict[str, Any]) -> dict[str, Any]:
@@ -122,9 +157,12 @@ def scheduler_settings(scheduler_config: dict[str, Any]) -> dict[str, Any]:
     if name not in SCHEDULER_DEFAULTS:
         raise ValueError(
             f"scheduler {name!r} is not understood: difflab reads models trained on a beta "
-            f"schedule, with one of {', '.join(SCHEDULER_DEFAULTS)}"
+            f"schedule or by flow matching, with one of {', '.join(SCHEDULER_DEFAULTS)}"
         )
-    return {**SCHEDULER_DEFAULTS[name], **scheduler_config}
+    out = {**SCHEDULER_DEFAULTS[name], **scheduler_config}
+    if name == FLOW_SCHEDULER:  # it has no prediction_type option: always the velocity
+        out["prediction_type"] = "flow_prediction"
+    return out
 
 
 NullLabel = Literal["auto", "last", "none"]
@@ -135,8 +173,14 @@ NullLabel = Literal["auto", "last", "none"]
 # --------------------------------------------------------------------------------------------
 
 
-def schedule_from_diffusers(scheduler_config: dict[str, Any]) -> DiscreteSchedule:
+def schedule_from_diffusers(
+    scheduler_config: dict[str, Any],
+) -> DiscreteSchedule | FlowMatchSchedule:
     """The difflab schedule of a diffusers scheduler config (``scheduler_config.json``).
+
+    ``FlowMatchEulerDiscreteScheduler``: ``FlowMatchSchedule(shift)`` (SD3's shift [Esser 2024,
+    Eq. 23], applied the same way); its grid options (dynamic shifting, Karras sigmas, ...)
+    are refused in one line.
 
     ``beta_schedule`` maps by ``DIFFUSERS_BETA_SCHEDULES`` (``scaled_linear`` is difflab's
     ``quadratic``, ``squaredcos_cap_v2`` its ``cosine`` [Nichol & Dhariwal 2021, Eq. 17]) with
@@ -147,6 +191,18 @@ def schedule_from_diffusers(scheduler_config: dict[str, Any]) -> DiscreteSchedul
     """
     cfg = scheduler_settings(scheduler_config)
     T = _number(cfg, "num_train_timesteps", None, int, "scheduler")
+    if cfg.get("_class_name") == FLOW_SCHEDULER:
+        for key, default in _FLOW_GRID_OPTIONS.items():
+            if cfg.get(key, default) != default:
+                raise ValueError(
+                    f"scheduler option {key}={cfg[key]!r} has no difflab equivalent (difflab's "
+                    "flow schedule has one fixed shift; use_dynamic_shifting's shift is "
+                    f"exp(mu) for the sampled resolution); supported: {key}={default!r}"
+                )
+        shift = _number(cfg, "shift", None, float, "scheduler")
+        if not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"scheduler option shift={shift!r} must be a positive number")
+        return FlowMatchSchedule(shift=shift)
     zero_snr = bool(cfg["rescale_betas_zero_snr"])
     trained = cfg["trained_betas"]
     if trained is not None:
@@ -177,10 +233,28 @@ def scheduler_config_from_schedule(
     :func:`schedule_from_diffusers`); a schedule without a diffusers name is written as
     ``trained_betas``. ``set_alpha_to_one=True`` makes ``DDIMScheduler``'s last step go to
     alpha_bar = 1 (t = 0), as difflab's ``ddim`` does.
+
+    A :class:`~difflab.schedules.FlowMatchSchedule` with the ``flow`` parameterisation is a
+    ``FlowMatchEulerDiscreteScheduler`` config with its shift, for a network called with
+    1000 t (difflab's flow process: ``num_train_timesteps = 1000``).
     """
+    if isinstance(schedule, FlowMatchSchedule):
+        if prediction_type != "flow":
+            raise ValueError(
+                f"{FLOW_SCHEDULER} takes a velocity (flow) network, not {prediction_type!r}"
+            )
+        return {
+            "_class_name": FLOW_SCHEDULER,
+            "num_train_timesteps": 1000,
+            "shift": schedule.shift,
+            **_FLOW_GRID_OPTIONS,
+            "stochastic_sampling": False,
+        }
     if not isinstance(schedule, DiscreteSchedule):
-        raise ValueError("only discrete (DDPM) schedules have a diffusers scheduler config")
-    inverse_pred = {v: k for k, v in PREDICTION_TYPES.items()}
+        raise ValueError(
+            "only discrete (DDPM) and flow-matching schedules have a diffusers scheduler config"
+        )
+    inverse_pred = {v: k for k, v in PREDICTION_TYPES.items() if v != "flow"}
     if prediction_type not in inverse_pred:
         raise ValueError(f"prediction type {prediction_type!r} has no diffusers equivalent")
     out: dict[str, Any] = {
@@ -532,16 +606,18 @@ def _module_pairs(cfg: UNetConfig) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def _time_rotation(cfg: UNetConfig, flip_sin_to_cos: bool) -> Tensor:
-    """A (F, F) float64 with difflab_features(k + 1) = A @ diffusers_features(k).
+def _time_rotation(cfg: UNetConfig, flip_sin_to_cos: bool, offset: float = 1.0) -> Tensor:
+    """A (F, F) float64 with difflab_features(k + offset) = A @ diffusers_features(k).
 
     sin(w (k+1)) = sin(wk) cos w + cos(wk) sin w,  cos(w (k+1)) = cos(wk) cos w - sin(wk) sin w.
+    ``offset`` 1: a discrete model (difflab t = k + 1); 0: a flow model (both call the
+    network with 1000 t), where only the sin/cos order is mapped.
     """
     dim = cfg.time_features or cfg.base_channels
     half = dim // 2
     i = torch.arange(half, dtype=_F64)
     w = torch.exp(-math.log(10000.0) * i / max(half - cfg.time_freq_shift, 1))
-    c, s = torch.cos(w), torch.sin(w)
+    c, s = torch.cos(w * offset), torch.sin(w * offset)
     src_sin = i.long() + (half if flip_sin_to_cos else 0)  # where diffusers puts sin(w_i k)
     src_cos = i.long() + (0 if flip_sin_to_cos else half)
     rows = i.long()
@@ -571,6 +647,7 @@ def state_dict_from_diffusers(
     *,
     flip_sin_to_cos: bool = False,
     null_label: Literal["last", "none"] = "last",
+    time_offset: float = 1.0,
 ) -> dict[str, Tensor]:
     """difflab U-Net weights from a diffusers ``UNet2DModel`` state dict.
 
@@ -580,12 +657,16 @@ def state_dict_from_diffusers(
         flip_sin_to_cos: the diffusers config's ``flip_sin_to_cos``.
         null_label: ``"last"`` if the diffusers table's last row is the null label, ``"none"``
             to append a zero null row.
+        time_offset: difflab's network time minus diffusers' timestep: 1 for a discrete
+            model (t = k + 1), 0 for a flow model (1000 t = 1000 sigma).
 
     Every diffusers tensor is used exactly once; a missing or extra tensor, or a shape that
     does not fit, is a one-line ValueError.
     """
     cfg = folded_unet_config(cfg)  # the same weights
-    out = _convert(sd, cfg, to_diffusers=False, flip_sin_to_cos=flip_sin_to_cos)
+    out = _convert(
+        sd, cfg, to_diffusers=False, flip_sin_to_cos=flip_sin_to_cos, time_offset=time_offset
+    )
     if null_label == "none" and cfg.num_classes:
         table = out["class_embed.table.weight"]
         out["class_embed.table.weight"] = torch.cat([table, torch.zeros_like(table[:1])])
@@ -593,13 +674,16 @@ def state_dict_from_diffusers(
     return out
 
 
-def state_dict_to_diffusers(sd: dict[str, Tensor], cfg: UNetConfig) -> dict[str, Tensor]:
+def state_dict_to_diffusers(
+    sd: dict[str, Tensor], cfg: UNetConfig, *, time_offset: float = 1.0
+) -> dict[str, Tensor]:
     """diffusers ``UNet2DModel`` weights (for :func:`diffusers_config_from_unet`'s config) from a
     difflab U-Net state dict; inverse of :func:`state_dict_from_diffusers` with
-    ``null_label="last"``. Every difflab tensor is used exactly once."""
+    ``null_label="last"`` and the same ``time_offset``. Every difflab tensor is used exactly
+    once."""
     cfg = folded_unet_config(cfg)  # the same weights
     _check_shapes(sd, _unet_shapes(cfg))
-    return _convert(sd, cfg, to_diffusers=True)
+    return _convert(sd, cfg, to_diffusers=True, time_offset=time_offset)
 
 
 def _check_shapes(sd: dict[str, Tensor], shapes: dict[str, torch.Size]) -> None:
@@ -614,12 +698,17 @@ def _check_shapes(sd: dict[str, Tensor], shapes: dict[str, torch.Size]) -> None:
 
 
 def _convert(
-    sd: dict[str, Tensor], cfg: UNetConfig, *, to_diffusers: bool, flip_sin_to_cos: bool = False
+    sd: dict[str, Tensor],
+    cfg: UNetConfig,
+    *,
+    to_diffusers: bool,
+    flip_sin_to_cos: bool = False,
+    time_offset: float = 1.0,
 ) -> dict[str, Tensor]:
     """Weights one way or the other, module pair by module pair (:func:`_module_pairs`); every
     input tensor is used exactly once. The two directions differ only in how a kind's tensors
     are reshaped: fused qkv <-> to_q/to_k/to_v, 1x1 conv <-> linear, and the time rotation."""
-    rotation = _time_rotation(cfg, flip_sin_to_cos)
+    rotation = _time_rotation(cfg, flip_sin_to_cos, time_offset)
     rotation = rotation if to_diffusers else torch.linalg.inv(rotation)
     used: set[str] = set()
     out: dict[str, Tensor] = {}
@@ -707,7 +796,8 @@ class DiffusersModel:
         denoiser: the converted difflab U-Net wrapped as a Denoiser (eval mode).
         unet: the difflab U-Net itself (its ``config`` is the :class:`UNetConfig`).
         schedule: the difflab schedule of the scheduler config.
-        parameterization: ``eps``, ``v`` or ``x0`` (diffusers' prediction_type).
+        parameterization: ``eps``, ``v`` or ``x0`` (diffusers' prediction_type), or ``flow``
+            (a flow-matching scheduler).
         learned_variance: the scheduler's variance_type is ``learned_range``.
         data_shape: (C, H, W) of a sample.
         num_classes: real classes (0: unconditional); label ``num_classes`` is the null label.
@@ -717,7 +807,7 @@ class DiffusersModel:
 
     denoiser: ModelDenoiser
     unet: UNet
-    schedule: DiscreteSchedule
+    schedule: DiscreteSchedule | FlowMatchSchedule
     parameterization: Parameterization
     learned_variance: bool
     data_shape: tuple[int, int, int]
@@ -795,11 +885,13 @@ def load_diffusers(
         raise ValueError(f"{unet_dir / 'config.json'}: {err}") from None
     mode = _null_mode(unet_cfg, null_label) if cfg.num_classes else "last"
     flip = bool(unet_cfg.get("flip_sin_to_cos", True))
+    flow = sched_cfg.get("_class_name") == FLOW_SCHEDULER
     sd = state_dict_from_diffusers(
         _read_weights(unet_dir),
         cfg,
         flip_sin_to_cos=flip,
         null_label=mode,  # type: ignore[arg-type]
+        time_offset=0.0 if flow else 1.0,  # a flow model's time is 1000 sigma in both
     )
     unet = UNet(**dataclasses.asdict(cfg))
     unet.load_state_dict(sd)
@@ -825,8 +917,15 @@ def load_diffusers(
             f"{cfg.in_channels} with variance_type={sched_cfg.get('variance_type')!r}"
         )
     parameterization = PREDICTION_TYPES[pred]
+    if flow != (parameterization == "flow"):
+        raise ValueError(f"{sched_path}: prediction_type={pred!r} needs a flow-matching scheduler")
     denoiser = ModelDenoiser(
-        unet, schedule, parameterization=parameterization, learned_variance=learned
+        unet,
+        schedule,
+        parameterization=parameterization,
+        learned_variance=learned,
+        # the flow scheduler's network time is num_train_timesteps * sigma
+        time_scale=float(sched_cfg["num_train_timesteps"]) if flow else 1.0,
     )
     return DiffusersModel(
         denoiser=denoiser,

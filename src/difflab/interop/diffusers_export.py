@@ -4,7 +4,9 @@
 ``DDIMPipeline.from_pretrained`` load (``model_index.json``, ``unet/``, ``scheduler/``) with a
 model card ``README.md`` the Hugging Face hub shows as it is. The folder is assembled under a
 temporary name beside ``out_dir`` and renamed into place, so a crash leaves either no folder or
-a complete one. :func:`import_to_run` converts a diffusers folder into what a native difflab
+a complete one. A flow-matching run is written with diffusers' ``FlowMatchEulerDiscreteScheduler``
+and a shipped pipeline (:data:`FLOW_PIPELINE`) that drives it the way difflab's ``flow-euler``
+steps. :func:`import_to_run` converts a diffusers folder into what a native difflab
 run directory holds (U-Net config, weights, schedule config).
 """
 
@@ -24,6 +26,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from difflab.interop.diffusers import (
+    FLOW_SCHEDULER,
     PATCH_SIZE_KEY,
     NullLabel,
     diffusers_config_from_unet,
@@ -33,8 +36,9 @@ from difflab.interop.diffusers import (
 )
 from difflab.nn.unet import UNET_PRESETS, UNetConfig
 from difflab.parameterization import Parameterization
+from difflab.process_table import diffusion_settings
 from difflab.safe_io import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
-from difflab.schedules import DiscreteSchedule, Schedule
+from difflab.schedules import FlowMatchSchedule, Schedule
 
 __all__ = [
     "ImportedRun",
@@ -91,6 +95,63 @@ class FoldedDDIMPipeline(DiffusionPipeline):
             image = self.numpy_to_pil(image)
         return ImagePipelineOutput(images=image) if return_dict else (image,)
 '''
+# The call of a flow model's card: difflab's flow-euler (trailing grid, x0 clipped to [-1, 1]).
+FLOW_USAGE_CALL = "batch_size=16, num_inference_steps=20, clip_sample=True"
+# The pipeline shipped in the folder of a flow-matching model: diffusers has no unconditional
+# image pipeline for FlowMatchEulerDiscreteScheduler, and the grid must be given unshifted.
+FLOW_PIPELINE = '''"""Flow-matching Euler sampling of a difflab velocity U-Net (u = eps - x0).
+
+x_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is pure noise; the network is called with
+timestep = num_train_timesteps * sigma. FlowMatchEulerDiscreteScheduler.set_timesteps shifts
+whatever sigmas it is given, also a grid it computed already shifted from a step count (the
+shift applied twice, diffusers issue 13243): this pipeline passes the unshifted grid
+linspace(1, 1/N, N), which the scheduler shifts once into difflab's trailing grid. With
+clip_sample the predicted clean image x0 = x - sigma u is clipped to [-1, 1] and the velocity
+recomputed from it, (x - x0) / sigma (difflab's threshold "clip"). A U-Net whose config has
+_difflab_patch_size p > 1 works on images folded p x p into channels; the result is unfolded.
+Written by difflab's export.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+
+class DifflabFlowPipeline(DiffusionPipeline):
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(self, batch_size=1, generator=None, num_inference_steps=20, clip_sample=False,
+                 output_type="pil", return_dict=True, class_labels=None):
+        """class_labels: (batch_size,) labels of a class-conditional model; default: its
+        null label (unconditional samples)."""
+        cfg = self.unet.config
+        p = cfg.get("_difflab_patch_size", 1)
+        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        x = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        if cfg.num_class_embeds and class_labels is None:
+            class_labels = torch.full((batch_size,), cfg.num_class_embeds - 1, device=self.device)
+        n = num_inference_steps
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n), device=self.device)
+        sigmas = self.scheduler.sigmas
+        for i, k in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            u = self.unet(x, k, class_labels=class_labels).sample
+            if clip_sample:
+                x0 = (x - sigmas[i] * u).clamp(-1, 1)
+                u = (x - x0) / sigmas[i]
+            x = self.scheduler.step(u, k, x).prev_sample
+        if p > 1:
+            x = F.pixel_shuffle(x, p)
+        image = (x / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+        if output_type == "pil":
+            image = self.numpy_to_pil(image)
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
+'''
 # fields the app layer sets from the data and ModelConfig (app.build_model), not from a preset
 _APP_FIELDS = ("in_channels", "image_size", "out_channels", "num_classes", "dropout")
 
@@ -129,9 +190,26 @@ class ModelCardInfo:
     space_app: str | None = None
 
 
-def _usage(unet: dict[str, Any]) -> list[str]:
-    """The card's usage snippet: DDIMPipeline, or the shipped pipeline of a folded U-Net."""
+def _usage(unet: dict[str, Any], flow: bool = False) -> list[str]:
+    """The card's usage snippet: DDIMPipeline, or the shipped pipeline of a folded U-Net or
+    of a flow-matching model."""
     p = unet.get(PATCH_SIZE_KEY, 1)
+    if flow:
+        load = [
+            "from diffusers import DiffusionPipeline",
+            "",
+            'pipe = DiffusionPipeline.from_pretrained("PATH_OR_REPO", trust_remote_code=True)',
+        ]
+        fold = f" on images folded {p} x {p} into channels, unfolded at the end" if p > 1 else ""
+        note = [
+            "diffusers has no unconditional image pipeline for `FlowMatchEulerDiscreteScheduler`"
+            f"; `pipeline.py` (shipped here, hence `trust_remote_code=True`) samples{fold}. "
+            "It passes `set_timesteps` the unshifted sigmas `linspace(1, 1/N, N)`: the "
+            "scheduler shifts the sigmas it is given, so a grid shifted beforehand (or the one "
+            "it computes itself from a step count) would be shifted twice (diffusers #13243).",
+            "",
+        ]
+        return ["```python", *load, f"images = pipe({FLOW_USAGE_CALL}).images", "```", "", *note]
     if p == 1:
         load = ["from diffusers import DDIMPipeline", "",
                 'pipe = DDIMPipeline.from_pretrained("PATH_OR_REPO")']  # fmt: skip
@@ -166,24 +244,42 @@ def model_card(info: ModelCardInfo, *, unet: dict[str, Any], scheduler: dict[str
     if info.description:
         lines += [info.description, ""]
     size, ch = unet["sample_size"], unet["in_channels"]
-    lines += [
-        f"A `UNet2DModel` ({ch} x {size} x {size} images, block_out_channels "
+    what = f"A `UNet2DModel` ({ch} x {size} x {size} images, block_out_channels " + (
         f"{unet['block_out_channels']}) {info.origin or 'trained with difflab'}, exported with "
-        f"its EMA weights and its noise schedule ({scheduler['num_train_timesteps']} steps, "
-        f"{'trained_betas' if scheduler.get('trained_betas') else scheduler['beta_schedule']}, "
-        f"prediction_type {scheduler['prediction_type']}).",
-        "",
-        "## Usage",
-        "",
-        *_usage(unet),
-        "This call reproduces difflab's `ddim` sampler (eta 0, trailing time steps) to float "
-        "round-off. `use_clipped_model_output=True` matters: where the scheduler clips the "
-        "predicted clean image to [-1, 1] (`clip_sample`), difflab recomputes the noise "
-        "prediction from the clipped image so that the DDIM step stays on one consistent "
-        "(x0, eps) pair; diffusers' default keeps the network's noise prediction beside the "
-        "clipped image, which gives different (usually worse) images from the same noise.",
-        "",
-    ]
+        "its EMA weights and its "
+    )
+    flow = scheduler.get("_class_name") == FLOW_SCHEDULER
+    if flow:
+        lines += [
+            what + f"flow-matching schedule (`{FLOW_SCHEDULER}`, shift {scheduler['shift']:g}): "
+            "x = (1 - sigma) x0 + sigma noise, the network predicts the velocity noise - x0 "
+            f"at timestep {scheduler['num_train_timesteps']} sigma.",
+            "",
+            "## Usage",
+            "",
+            *_usage(unet, flow=True),
+            "This call reproduces difflab's `flow-euler` sampler (trailing time steps, x0 "
+            "clipped to [-1, 1]) to float round-off; `clip_sample=False` is `--threshold none`.",
+            "",
+        ]
+    else:
+        betas = "trained_betas" if scheduler.get("trained_betas") else scheduler["beta_schedule"]
+        lines += [
+            what + f"noise schedule ({scheduler['num_train_timesteps']} steps, {betas}, "
+            f"prediction_type {scheduler['prediction_type']}).",
+            "",
+            "## Usage",
+            "",
+            *_usage(unet),
+            "This call reproduces difflab's `ddim` sampler (eta 0, trailing time steps) to "
+            "float round-off. `use_clipped_model_output=True` matters: where the scheduler "
+            "clips the predicted clean image to [-1, 1] (`clip_sample`), difflab recomputes "
+            "the noise prediction from the clipped image so that the DDIM step stays on one "
+            "consistent (x0, eps) pair; diffusers' default keeps the network's noise "
+            "prediction beside the clipped image, which gives different (usually worse) "
+            "images from the same noise.",
+            "",
+        ]
     if unet.get("num_class_embeds"):
         null = unet["num_class_embeds"] - 1
         lines += [
@@ -225,14 +321,18 @@ def export_to_diffusers(
         out_dir: the folder to create (its parent must exist).
         unet_config: the U-Net's config (``UNet.config``).
         state_dict: the U-Net weights (the run's EMA weights for sampling).
-        schedule: the discrete (DDPM) schedule the model was trained with.
-        parameterization: ``eps``, ``v`` or ``x0`` (``edm`` has no diffusers scheduler).
-        clip_sample: the scheduler clips x0 to [-1, 1] (difflab's ``threshold="clip"``).
+        schedule: the discrete (DDPM) or flow-matching schedule the model was trained with.
+        parameterization: ``eps``, ``v`` or ``x0`` (``edm`` has no diffusers scheduler);
+            ``flow`` on a flow-matching schedule (a network called with 1000 t).
+        clip_sample: the scheduler clips x0 to [-1, 1] (difflab's ``threshold="clip"``); for
+            a flow model the card's call passes it to the shipped pipeline.
         card: model card contents; None writes a minimal card.
         overwrite: replace an existing ``out_dir``; otherwise an existing non-empty folder is an
             error.
 
-    Files: ``model_index.json`` (DDPMPipeline), ``unet/config.json``,
+    Files: ``model_index.json`` (DDPMPipeline; a flow model's names the shipped
+    ``pipeline.py``, DifflabFlowPipeline, and FlowMatchEulerDiscreteScheduler),
+    ``unet/config.json``,
     ``unet/diffusion_pytorch_model.safetensors``, ``scheduler/scheduler_config.json``,
     ``README.md`` and ``samples.png`` when ``card.sample_grid`` is given.
     """
@@ -245,7 +345,10 @@ def export_to_diffusers(
     if card.sample_grid is not None and not Path(card.sample_grid).is_file():
         raise ValueError(f"sample grid {card.sample_grid} not found")
     unet = diffusers_config_from_unet(unet_config)
-    weights = state_dict_to_diffusers(dict(state_dict), unet_config)
+    flow = isinstance(schedule, FlowMatchSchedule)  # network time 1000 t = 1000 sigma
+    weights = state_dict_to_diffusers(
+        dict(state_dict), unet_config, time_offset=0.0 if flow else 1.0
+    )
     scheduler = scheduler_config_from_schedule(
         schedule, prediction_type=parameterization, clip_sample=clip_sample
     )
@@ -261,14 +364,17 @@ def export_to_diffusers(
         (tmp / "unet").mkdir()
         (tmp / "scheduler").mkdir()
         pipeline: Any = "DDPMPipeline"
-        if unet_config.patch_size > 1:  # a folded UNet2DModel: ship the pipeline that unfolds
+        if flow:  # no diffusers pipeline: ship one
+            pipeline = ["pipeline", "DifflabFlowPipeline"]
+            atomic_write_text(tmp / "pipeline.py", FLOW_PIPELINE)
+        elif unet_config.patch_size > 1:  # a folded UNet2DModel: ship the pipeline that unfolds
             pipeline = ["pipeline", "FoldedDDIMPipeline"]
             atomic_write_text(tmp / "pipeline.py", FOLDED_PIPELINE)
         atomic_write_json(
             tmp / "model_index.json",
             {
                 "_class_name": pipeline,
-                "scheduler": ["diffusers", "DDPMScheduler"],
+                "scheduler": ["diffusers", scheduler["_class_name"]],
                 "unet": ["diffusers", "UNet2DModel"],
             },
         )
@@ -360,14 +466,8 @@ class ImportedRun:
             "learned_variance": self.learned_variance,
             "dropout": self.unet_config.dropout,
         }
-        sched = self.schedule_config
-        diffusion: dict[str, Any] = {"schedule": sched["name"]}
-        if sched["name"] != "custom":
-            diffusion["T"] = sched["T"]
-            diffusion["zero_terminal_snr"] = bool(sched.get("zero_terminal_snr", False))
-            for key in ("beta_start", "beta_end"):  # scaled_linear models use LDM's range
-                if key in sched:
-                    diffusion[key] = float(sched[key])
+        # the settings of the process table that rebuild this schedule ("custom": none do)
+        diffusion = diffusion_settings(self.schedule_config) or {"schedule": "custom"}
         return {"model": model, "diffusion": diffusion}
 
 
@@ -391,8 +491,6 @@ def import_to_run(folder: str | os.PathLike, *, null_label: NullLabel = "auto") 
     :func:`difflab.schedules.schedule_from_config`.
     """
     loaded = load_diffusers(folder, null_label=null_label)
-    if not isinstance(loaded.schedule, DiscreteSchedule):  # pragma: no cover - always discrete
-        raise ValueError(f"{folder}: only discrete schedules can be imported")
     preset, overrides = closest_preset(loaded.unet.config)
     return ImportedRun(
         unet_config=loaded.unet.config,
