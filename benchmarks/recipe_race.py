@@ -314,7 +314,7 @@ def main() -> None:
         notes = (f"Every recipe is the `mnist` preset with {common} and the overrides shown, "
                  f"seed {args.seed}, "
                  f"trained for the budget on {args.device}; FDD of {args.n} EMA samples to the "
-                 "10,000 MNIST test images (lower is better), the default sampler being the "
+                 "MNIST test images (lower is better), the default sampler being the "
                  "run's `sample.sampler`/`sample.steps`. The best "
                  f"{args.top} by FDD at the race budget are confirmed at the longer "
                  "one.")  # fmt: skip
