@@ -17,6 +17,7 @@ import torch
 from difflab import checkpoint as ckpt
 from difflab.app.cli import main
 from difflab.app.runs import load_run
+from helpers import write_bar_images
 
 TEACHER_SETS = ["train.batch_size=64", "train.log_every=10", "train.ckpt_every=20",
                 "train.warmup_steps=5", "model.hidden=32", "model.depth=2", "sample.n=100",
@@ -133,6 +134,26 @@ def test_ect_tuning_runs_and_samples(teacher, tmp_path):
     run = tmp_path / "ect"
     assert _distill(teacher, run, "consistency", "--consistency", "ect", steps=10) == 0
     assert _samples(run, tmp_path, "--steps", "2").shape == (50, 2)
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_an_image_teacher_distils_and_samples_in_1_and_2_steps(tmp_path, method):
+    write_bar_images(tmp_path / "imgs", n=16)
+    teacher = tmp_path / "teacher"
+    sets = ["data.image_size=16", "data.channels=1", "model.preset=tiny-ddpm",
+            "train.batch_size=8", "train.log_every=2", "train.ckpt_every=2", "sample.steps=4",
+            "sample.sampler=ddim", "train.warmup_steps=1", "diffusion.T=100"]  # fmt: skip
+    code = main(["train", "--preset", "folder", "--out", str(teacher), "--data-dir",
+                 str(tmp_path / "imgs"), "--steps", "2", "--no-progress", *_sets(sets)])  # fmt: skip
+    assert code == 0
+    run = tmp_path / method
+    code = main(["distill", str(teacher), "--method", method, "--out", str(run), "--steps", "4",
+                 "--batch-size", "4", "--no-progress", *_sets(STUDENT_SETS)])  # fmt: skip
+    assert code == 0
+    assert (run / "samples.png").is_file()
+    for steps in ("1", "2"):
+        x = _samples(run, tmp_path, "--steps", steps)
+        assert x.shape == (50, 1, 16, 16) and x.dtype == np.uint8
 
 
 def test_a_missing_teacher_is_one_line(tmp_path, capsys):
