@@ -143,8 +143,9 @@ def test_an_image_teacher_distils_and_samples_in_1_and_2_steps(tmp_path, method)
     sets = ["data.image_size=16", "data.channels=1", "model.preset=tiny-ddpm",
             "train.batch_size=8", "train.log_every=2", "train.ckpt_every=2", "sample.steps=4",
             "sample.sampler=ddim", "train.warmup_steps=1", "diffusion.T=100"]  # fmt: skip
-    code = main(["train", "--preset", "folder", "--out", str(teacher), "--data-dir",
-                 str(tmp_path / "imgs"), "--steps", "2", "--no-progress", *_sets(sets)])  # fmt: skip
+    data = ["--data-dir", str(tmp_path / "imgs")]
+    code = main(["train", "--preset", "folder", "--out", str(teacher), *data, "--steps", "2",
+                 "--no-progress", *_sets(sets)])  # fmt: skip
     assert code == 0
     run = tmp_path / method
     code = main(["distill", str(teacher), "--method", method, "--out", str(run), "--steps", "4",
