@@ -157,6 +157,11 @@ def test_an_image_teacher_distils_and_samples_in_1_and_2_steps(tmp_path, method)
         assert x.shape == (50, 1, 16, 16) and x.dtype == np.uint8
 
 
+def test_reflow_is_refused_in_one_line(teacher, tmp_path, capsys):
+    err = _one_line_error(capsys, _distill(teacher, tmp_path / "r", "reflow"))
+    assert "difflab.distill.reflow" in err and not (tmp_path / "r").exists()
+
+
 def test_a_missing_teacher_is_one_line(tmp_path, capsys):
     err = _one_line_error(capsys, _distill(tmp_path / "nowhere", tmp_path / "r", "consistency"))
     assert "nowhere" in err and "no such run directory" in err

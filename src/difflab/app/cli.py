@@ -70,7 +70,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_distill(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="train a few-step student of a trained run")
     p.add_argument("teacher", nargs="?", type=Path, metavar="TEACHER_RUN", help="the run to distil")
-    p.add_argument("--method", choices=["progressive", "consistency"], default="consistency")
+    p.add_argument("--method", choices=["progressive", "consistency", "reflow"],
+                   default="consistency")  # fmt: skip
     p.add_argument("--consistency", choices=["cd", "ect"], default="cd",
                    help="consistency: distillation with the teacher's Heun step (cd) or easy "
                    "consistency tuning (ect)")  # fmt: skip

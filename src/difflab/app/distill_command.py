@@ -34,6 +34,11 @@ def distill_config(
     ``model.kind=distill``, the ``distill`` section, and a fine-tuning budget (a quarter of the
     teacher's learning rate, at most 100 warm-up steps, 2000 steps, no time limit)."""
     path = teacher_dir(teacher)
+    if method == "reflow":  # a run method once flow-matching runs (diffusion.schedule=flow) exist
+        raise ValueError(
+            "--method reflow is not a run method yet: it straightens flow-matching models, which "
+            "runs do not train; use the library, difflab.distill.reflow"
+        )
     if is_diffusers_folder(path):
         raise ValueError(
             f"{teacher} is a diffusers folder; distillation needs the teacher's training data "
