@@ -81,6 +81,8 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
         "--out", type=Path, help="run directory (default runs/<teacher>-<method>-<time>)"
     )
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a distillation run")
+    p.add_argument("--preset", help="a diffusers teacher: the preset of its data and recipe, as "
+                   "difflab import (default cifar10)")  # fmt: skip
     p.add_argument("--steps", type=int, help="optimisation steps")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

@@ -6,6 +6,7 @@ distillation run (:mod:`difflab.app.distill`) made from its teacher's, trained b
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from difflab.app.config import DistillConfig, RunConfig, apply_overrides
 from difflab.app.distill import DistillTask, teacher_dir
 from difflab.app.frozen import frozen_config
 from difflab.app.kinds import kind_of
-from difflab.app.runs import is_diffusers_folder, read_run_config
+from difflab.app.runs import import_diffusers_run, is_diffusers_folder, read_run_config
 from difflab.app.training import train_run
 from difflab.data.hf import resolve_data_dir
 
@@ -38,12 +39,6 @@ def distill_config(
         raise ValueError(
             "--method reflow is not a run method yet: it straightens flow-matching models, which "
             "runs do not train; use the library, difflab.distill.reflow"
-        )
-    if is_diffusers_folder(path):
-        raise ValueError(
-            f"{teacher} is a diffusers folder; distillation needs the teacher's training data "
-            f"too: import it first (difflab import {teacher} --out RUN --preset PRESET), then "
-            "difflab distill RUN"
         )
     t = frozen_config(path, role="teacher")
     progressive = method == "progressive"
@@ -97,14 +92,37 @@ def distill_command(args: argparse.Namespace) -> int:
         if args.teacher is None:
             raise ValueError("name the teacher: difflab distill TEACHER_RUN --method "
                              "progressive|consistency --out RUN")  # fmt: skip
-        cfg = distill_config(args.teacher, method=args.method, consistency=args.consistency,
-                             student_steps=args.student_steps)  # fmt: skip
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = args.out or Path("runs") / f"{Path(args.teacher).name}-{args.method}-{stamp}"
+        if is_diffusers_folder(teacher_dir(args.teacher)):
+            return _distill_diffusers(args, run_dir, overrides)
+        cfg = distill_config(args.teacher, method=args.method, consistency=args.consistency,
+                             student_steps=args.student_steps)  # fmt: skip
+    if args.preset is not None:
+        raise ValueError("--preset is for a diffusers teacher (its data and recipe)")
+    _train(args, cfg, run_dir, overrides)
+    return 0
+
+
+def _train(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, overrides: list[str]) -> None:
     cfg = apply_overrides(cfg, overrides)
     if cfg.data.data_dir is not None:  # stored resolved: the run resumes from any folder
         cfg = replace(cfg, data=replace(cfg.data, data_dir=resolve_data_dir(cfg.data.data_dir)))
     extend = args.steps is not None or args.minutes is not None
     train_run(cfg, run_dir, resume=args.resume is not None, extend=extend,
               progress=not args.no_progress)  # fmt: skip
+
+
+def _distill_diffusers(args: argparse.Namespace, run_dir: Path, overrides: list[str]) -> int:
+    """A diffusers teacher: imported into a temporary native run (as ``difflab import`` with
+    ``--preset``, default cifar10, for its data and recipe), distilled from there; the student
+    stores the teacher, so the temporary run is removed at the end."""
+    folder = teacher_dir(args.teacher)
+    data = [o for o in overrides if o.startswith("data.")]
+    with tempfile.TemporaryDirectory(prefix=f"difflab-import-{folder.name}-") as tmp:
+        teacher = Path(tmp) / "teacher"
+        import_diffusers_run(folder, teacher, preset=args.preset or "cifar10", overrides=data)
+        cfg = distill_config(teacher, method=args.method, consistency=args.consistency,
+                             student_steps=args.student_steps)  # fmt: skip
+        _train(args, cfg, run_dir, overrides)
     return 0
