@@ -192,7 +192,11 @@ class DistillTask:
                 f"{'consistency' if self.is_consistency_model(cfg) else 'ddim'}"
             )
         if self.is_consistency_model(cfg):
-            consistency_times(cfg, build_schedule(cfg), cfg.sample.steps)
+            schedule = build_schedule(cfg)
+            for steps in (cfg.sample.steps, *_sigma_table(d.sigmas)):
+                if not str(steps).isdigit():
+                    raise ValueError(f"distill.sigmas: {steps!r} is not a step count")
+                consistency_times(cfg, schedule, int(steps))
         else:
             rounds_of(cfg)
             sampling_timesteps(build_schedule(cfg), d.teacher_steps)  # the first round's grid
