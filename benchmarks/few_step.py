@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out-dir", type=Path, default=Path("runs/few-step"))
     ap.add_argument("--n", type=int, default=10_000, help="samples per row")
-    ap.add_argument("--batch-size", type=int, default=10_000, help="samples per network call")
+    ap.add_argument("--batch-size", type=int, default=1000, help="samples per network call")
     ap.add_argument("--fid-n", type=int, default=0, help="also Inception FID at this n (0: off)")
     ap.add_argument("--set", action="append", default=[], help="difflab distill --set options")
     ap.add_argument("--append", help="append the table to this markdown file")
