@@ -55,13 +55,13 @@ METHODS = {  # a shared run of each method, 20 steps
 @pytest.fixture(scope="module")
 def runs(teacher, tmp_path_factory) -> dict[str, Path]:
     """The run of each method, made when a test first asks for it."""
-    root, made = tmp_path_factory.mktemp("students"), {}
+    root = tmp_path_factory.mktemp("students")
 
     class Runs(dict):
         def __missing__(self, name: str) -> Path:
             assert _distill(teacher, root / name, *METHODS[name]) == 0
-            self[name] = made[name] = root / name
-            return made[name]
+            self[name] = root / name
+            return self[name]
 
     return Runs()
 
