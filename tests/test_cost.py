@@ -20,13 +20,14 @@ from difflab.nn.networks import NetSpec, build_network
 def _trained_network(cfg):
     """The network a run of ``cfg`` trains, as ``build`` makes it (on the CPU)."""
     built = build(cfg, device=torch.device("cpu"), load_data=False)
-    return getattr(built.model, "unet", built.model)
+    model = built.model
+    return getattr(model, "unet", None) or getattr(model, "student", None) or model
 
 
 @pytest.mark.parametrize(
     "preset",
     ["moons", "mnist", "mnist-cond", "mnist-classifier", "mnist-ae", "mnist-restore",
-     "mnist-sr", "mnist-dit", "mnist-uvit"],
+     "mnist-sr", "mnist-dit", "mnist-uvit", "mnist-consistency"],
 )  # fmt: skip
 def test_run_cost_counts_the_parameters_of_the_network_the_run_trains(preset) -> None:
     """Catches a network built for other data (channels, size, classes, conditioning) than

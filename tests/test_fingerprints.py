@@ -124,6 +124,16 @@ def _train(
     }
 
 
+# the distillation presets: their teachers (trained before them) and their own sampler
+DISTILLED = {
+    "swissroll-distill": lambda root: [f"distill.teacher={root / 'swissroll'}"],
+    "mnist-consistency": lambda root: [
+        f"distill.teacher={root / 'mnist'}",
+        "sample.sampler=consistency",
+    ],  # fmt: skip
+}
+
+
 def compute(root: Path) -> dict[str, dict]:
     from difflab.app.config import PRESETS
 
@@ -140,6 +150,7 @@ def compute(root: Path) -> dict[str, dict]:
             if preset not in out:
                 latent = "latent" in preset
                 sets = [f"model.autoencoder={root / 'mnist-ae'}"] if latent else []
+                sets += DISTILLED.get(preset, lambda r: [])(root)
                 out[preset] = _train(preset, root, data, sets)
         # a cascade: the SR stage on a base run, whose EMA network it stores
         base = [f"model.base={root / 'mnist-14'}"]

@@ -3,6 +3,7 @@
     difflab train                          # the default preset (swiss roll, about a minute on CPU)
     difflab train --preset mnist --minutes 10 --data-dir data/mnist
     difflab train --resume runs/mnist-...  # continue a run exactly where it stopped
+    difflab distill TEACHER_RUN --method consistency --minutes 10 --out RUN  # 1-4 step student
     difflab sample RUN_DIR --sampler ddim --steps 50 --n 10000 --out samples.npz
     difflab sample COND_RUN --class 3 --guidance 2.0       # classifier-free guidance
     difflab sample COND_RUN --guidance-sweep 0,1,2,4 --n 40  # figure: class rows, scale blocks
@@ -63,6 +64,33 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="train a few-step student of a trained run")
+    p.add_argument("teacher", nargs="?", type=Path, metavar="TEACHER_RUN", help="the run to distil")
+    p.add_argument("--method", choices=["progressive", "consistency", "reflow"],
+                   default="consistency")  # fmt: skip
+    p.add_argument("--consistency", choices=["cd", "ect"], default="cd",
+                   help="consistency: distillation with the teacher's Heun step (cd) or easy "
+                   "consistency tuning (ect)")  # fmt: skip
+    p.add_argument("--student-steps", type=int, help="the student's sampling steps (default: "
+                   "1 for progressive, the last round's; 2 for consistency)")  # fmt: skip
+    p.add_argument(
+        "--out", type=Path, help="run directory (default runs/<teacher>-<method>-<time>)"
+    )
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a distillation run")
+    p.add_argument("--preset", help="a diffusers teacher: the preset of its data and recipe, as "
+                   "difflab import (default cifar10)")  # fmt: skip
+    p.add_argument("--steps", type=int, help="optimisation steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--minutes", type=float, help="wall-clock training budget")
+    p.add_argument("--data-dir", help="folder holding the dataset files")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -181,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difflab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_distill(sub)
     _add_sample(sub)
     _add_demo(sub)
     sub.add_parser("presets", help="list the presets")
@@ -366,6 +395,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg, run_dir, resume=args.resume is not None, extend=extend, progress=not args.no_progress
     )
     return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from difflab.app.distill_command import distill_command
+
+    return distill_command(args)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -937,6 +972,7 @@ def cmd_ema(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "distill": cmd_distill,
     "sample": cmd_sample,
     "demo": cmd_demo,
     "presets": cmd_presets,
@@ -958,7 +994,10 @@ def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None
 
 # What Ctrl-C leaves, per command (every output is renamed into place only when complete)
 NOTHING_PARTIAL = "no partial file is left (each output is written whole or not at all)"
-INTERRUPTED = {"train": "the last checkpoint is kept (resume with --resume)"}
+INTERRUPTED = {
+    "train": "the last checkpoint is kept (resume with --resume)",
+    "distill": "the last checkpoint is kept (resume with --resume)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

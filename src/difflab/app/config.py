@@ -23,6 +23,7 @@ __all__ = [
     "DiffusionConfig",
     "TrainConfig",
     "SampleConfig",
+    "DistillConfig",
     "RunConfig",
     "PRESETS",
     "get_preset",
@@ -137,6 +138,23 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Distillation runs (``model.kind=distill``, ``difflab distill``): a few-step student of
+    a frozen teacher run; the student's own sampling steps are ``sample.steps``."""
+
+    method: str = "progressive"  # progressive [Salimans & Ho 2022] | consistency [Song 2023]
+    teacher: str | None = None  # the teacher run directory (resolved; stored in model.frozen)
+    teacher_steps: int = 64  # progressive: the teacher's DDIM steps; rounds halve them
+    weighting: str = "truncated-snr"  # progressive: truncated-snr | snr+1
+    consistency: str = "cd"  # consistency: cd (Heun step of the teacher) | ect (tuning)
+    levels: int = 18  # cd: Karras levels N of the distillation grid
+    stages: int = 4  # ect: stages of the gap schedule (the gap halves with each)
+    huber_c: float = 0.0  # ect: pseudo-Huber constant c (0: the L2 norm)
+    # consistency: EDM sigmas of the intermediate times of multistep sampling, per step count
+    sigmas: str = '{"2": [0.821], "4": [2.5, 0.821, 0.25]}'
+
+
+@dataclass(frozen=True)
 class RunConfig:
     preset: str = "swissroll"
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,6 +162,7 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -227,6 +246,7 @@ _SECTIONS = {
     "diffusion": DiffusionConfig,
     "train": TrainConfig,
     "sample": SampleConfig,
+    "distill": DistillConfig,
 }
 
 # The keys every run's config.json has held since the first run format. A stored config that
@@ -325,6 +345,10 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sample.n": _above(0),
     "sample.eta": _at_least(0),
     "sample.aug_level": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "distill.teacher_steps": _between(2, 1_000_000),
+    "distill.levels": _between(2, 100_000),
+    "distill.stages": _between(1, 64),
+    "distill.huber_c": _at_least(0),
 }
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -463,6 +487,25 @@ PRESETS["mnist-dit"] = _derive("mnist", "mnist-dit", model={"net": "dit", "prese
 PRESETS["mnist-uvit"] = _derive("mnist", "mnist-uvit", model={"net": "dit", "preset": "mnist-uvit"})
 PRESETS["mnist-latent-dit"] = _derive(
     "mnist-latent", "mnist-latent-dit", model={"net": "dit", "preset": "mnist-latent-dit"}
+)
+# few-step students of a trained run (difflab distill TEACHER_RUN, or difflab train --preset
+# swissroll-distill --set distill.teacher=RUN): the network, data and schedule must be the
+# teacher's. Progressive distillation 64 -> 1 DDIM steps in v-prediction [Salimans & Ho 2022];
+# consistency distillation with a Heun step of the teacher, sampled in 2 steps [Song 2023]
+PRESETS["swissroll-distill"] = _derive(
+    "swissroll",
+    "swissroll-distill",
+    model={"kind": "distill", "parameterization": "v"},
+    train={"steps": 2000, "lr": 2.5e-4, "warmup_steps": 100},
+    sample={"sampler": "ddim", "steps": 1},
+)
+PRESETS["mnist-consistency"] = _derive(
+    "mnist",
+    "mnist-consistency",
+    model={"kind": "distill"},
+    train={"steps": 5000, "lr": 5e-4},
+    sample={"sampler": "consistency", "steps": 2},
+    distill={"method": "consistency"},
 )
 PRESETS["fashion-mnist"] = _derive("mnist", "fashion-mnist", data={"name": "fashion-mnist"})
 # flow matching [Lipman 2023; Liu 2023 (rectified flow); Esser 2024 (SD3)]: x_t = (1 - t) x0 +

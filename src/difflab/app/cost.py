@@ -3,10 +3,11 @@
 
 The network is the one the run trains, built by its task from the network table at the data
 shape it sees: the denoiser on the latents of a latent run (not the frozen autoencoder), the
-super-resolution network of a cascade stage (not its frozen base), the classifier, the
-autoencoder. It is built on the meta device, so nothing is allocated or computed (a network that
-computes at construction, the Sohl-Dickstein model, is built on the CPU). ``difflab presets``
-shows it for every preset, ``difflab train`` on its first line.
+super-resolution network of a cascade stage (not its frozen base), a distillation's student (not
+its frozen teacher), the classifier, the autoencoder. It is built on the meta device, so nothing
+is allocated or computed (a network that computes at construction, the Sohl-Dickstein model, is
+built on the CPU). ``difflab presets`` shows it for every preset, ``difflab train`` on its first
+line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from difflab.app.build import build_schedule, cfg_data_shape
 from difflab.app.config import RunConfig
+from difflab.app.distill import DistillModel
 from difflab.app.kinds import LatentModel, SRModel, kind_of
 from difflab.nn.cost import NetworkCost, spec_cost
 
@@ -34,6 +36,8 @@ def run_cost(cfg: RunConfig) -> NetworkCost:
         model, shape = model.unet, model.ae.latent_shape()
     elif isinstance(model, SRModel):
         model = model.unet
+    elif isinstance(model, DistillModel):  # the student (the teachers are frozen)
+        model = model.student
     return spec_cost(model, kind.net_spec(cfg, shape, schedule))
 
 

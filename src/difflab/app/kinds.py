@@ -23,6 +23,10 @@ diffusion``                                 samples are decoded [Rombach 2022]
 ``super-            kind=sr                 a cascade's super-resolution stage, conditioned on the
 resolution``                                augmented low-res image; with a frozen base run it
                                             samples the whole cascade [Ho 2021; Saharia 2021]
+``distill-2d``,     kind=distill            a few-step student of a frozen diffusion run:
+``distill-image``                           progressive or consistency distillation
+                                            (:mod:`difflab.app.distill`) [Salimans & Ho 2022;
+                                            Song 2023; Geng 2024]
 ==================  ======================  ========================================================
 
 Configs written before ``model.net`` existed name the network in ``model.kind`` (``mlp``,
@@ -47,6 +51,7 @@ from torch import Tensor, nn
 import difflab.app.report as report
 from difflab.app.build import Built, build_schedule, cfg_data_shape, diffusion_denoiser
 from difflab.app.config import RunConfig
+from difflab.app.distill import DistillTask
 from difflab.app.evaluate import check_digit_scoring, digit_quality
 from difflab.app.frozen import frozen_config, load_frozen_run, stored_frozen, with_frozen
 from difflab.app.sampling import (
@@ -103,6 +108,11 @@ class RunKind:
     has_likelihood = True
     super_resolves = False
     no_diffusers_form = "diffusers' image pipelines sample image diffusion models (a U-Net)"
+
+    def is_consistency_model(self, cfg: RunConfig) -> bool:
+        """Its denoiser is a consistency function f(x_t, t), which only the consistency
+        sampler takes (``SamplerSpec.consistency``); the others' is E[x0 | x_t]."""
+        return False
 
     def selects(self, cfg: RunConfig) -> bool:
         """Whether a config is a run of this kind (by default: its ``model.kind``)."""
@@ -723,6 +733,22 @@ class SuperResolution(DiffusionImage):
         report.super_resolution_figure(built, path, seed=seed)
 
 
+class DistillRun(DistillTask):
+    """A distillation run's teacher: a plain diffusion run (2-D or images)."""
+
+    def distillable(self, teacher: RunConfig) -> str | None:
+        kind = kind_of(teacher)
+        return None if type(kind) in (Diffusion2D, DiffusionImage) else kind.name
+
+
+class Distill2D(DistillRun, Diffusion2D):
+    name = "distill-2d"
+
+
+class DistillImage(DistillRun, DiffusionImage):
+    name = "distill-image"
+
+
 KINDS: dict[str, RunKind] = {
     k.name: k
     for k in (
@@ -734,6 +760,8 @@ KINDS: dict[str, RunKind] = {
         AutoencoderRun(),
         LatentDiffusion(),
         SuperResolution(),
+        Distill2D(),
+        DistillImage(),
     )
 }
 

@@ -98,7 +98,7 @@ def build(cfg: RunConfig, *, device: torch.device | None = None, load_data: bool
     model = kind.build_model(cfg, data_shape, schedule).to(device)
     denoiser = kind.denoiser(cfg, model, schedule)
     built = Built(cfg, kind, schedule, model, denoiser, data_shape, dataset, device)
-    return built if dataset is None else kind.on_data(built)
+    return kind.on_data(built) if load_data else built
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:

@@ -22,11 +22,13 @@ from difflab.app.build import Built, with_model
 from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, labels_from_cond
 from difflab.inference import GraphedNetwork, channels_last, compile_network, inference_context
 from difflab.safe_io import gigabytes, progress_bar
+from difflab.sampler_table import SAMPLER_TABLE
 from difflab.samplers import sample
 
 __all__ = [
     "ImageBar",
     "check_memory",
+    "check_sampler_applies",
     "draw_samples",
     "finite_samples",
     "guided_denoiser",
@@ -77,6 +79,7 @@ def draw_samples(
         raise ValueError("--cuda-graph and --compile cannot be combined; choose one")
     if cuda_graph and built.device.type != "cuda":
         raise ValueError(f"--cuda-graph needs a CUDA device; this run samples on {built.device}")
+    check_sampler_applies(built, sampler)
     options.setdefault("threshold", built.cfg.sample.threshold)
     if built.cfg.sample.eta is not None and sampler == built.cfg.sample.sampler:
         options.setdefault("eta", built.cfg.sample.eta)  # the eta of the run's own sampler
@@ -104,6 +107,24 @@ def draw_samples(
             done += b
             bar.update(b)
     return finite_samples(torch.cat(out), f"{sampler} with {steps} steps")
+
+
+def check_sampler_applies(built: Built, sampler: str) -> None:
+    """Refuse (one-line ``ValueError``) the consistency sampler for a denoiser of E[x0 | x_t],
+    and every other sampler for a consistency model (whose x0 is the ODE's end point)."""
+    spec = SAMPLER_TABLE.get(sampler)
+    if spec is None:  # an unknown name: refused by the sampler table, with the list
+        return
+    if built.kind.is_consistency_model(built.cfg) and not spec.consistency:
+        raise ValueError(
+            f"{built.cfg.preset} is a consistency model: it samples with the consistency "
+            f"sampler only (--sampler consistency), not {sampler!r}"
+        )
+    if spec.consistency and not built.kind.is_consistency_model(built.cfg):
+        raise ValueError(
+            f"the {sampler} sampler needs a consistency model (difflab distill RUN --method "
+            f"consistency); {built.cfg.preset} is a {built.kind.name} run"
+        )
 
 
 def check_memory(n: int, data_shape: tuple[int, ...]) -> None:

@@ -9,6 +9,8 @@ Every piece works on any :class:`~difflab.parameterization.Denoiser` and
 * :mod:`~difflab.distill.consistency` - consistency models [Song 2023]: the boundary-
   conditioned wrapper, consistency distillation with a Heun step of the teacher, and easy
   consistency tuning [Geng 2024 (ECT)]. They sample with the ``consistency`` sampler.
+* :mod:`~difflab.distill.reflow` - reflow [Liu 2023 (Rectified Flow)]: (noise, sample) pairs
+  from a flow-matching model's ODE, the loss on that fixed coupling, and the straightness S.
 """
 
 from difflab.distill.consistency import (
@@ -30,6 +32,7 @@ from difflab.distill.progressive import (
     progressive_loss,
     progressive_round,
 )
+from difflab.distill.reflow import reflow_loss, reflow_pairs, straightness
 
 __all__ = [
     "ConsistencyDenoiser",
@@ -47,4 +50,7 @@ __all__ = [
     "progressive_loss",
     "progressive_round",
     "pseudo_huber",
+    "reflow_loss",
+    "reflow_pairs",
+    "straightness",
 ]

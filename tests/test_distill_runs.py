@@ -1,0 +1,238 @@
+"""Distillation runs through the command line: ``difflab distill`` on a tiny trained teacher,
+sampling the student in 1 and 2 steps, bit-exact resume, the teacher stored in the run, and
+the one-line refusals (a missing teacher, a teacher of other data, a sampler that does not
+apply). The formulas themselves are tested against oracles in tests/test_distill.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from difflab import checkpoint as ckpt
+from difflab.app.cli import main
+from difflab.app.runs import load_run
+from helpers import write_bar_images
+
+TEACHER_SETS = ["train.batch_size=64", "train.log_every=10", "train.ckpt_every=20",
+                "train.warmup_steps=5", "model.hidden=32", "model.depth=2", "sample.n=100",
+                "sample.steps=8", "sample.sampler=ddim", "diffusion.T=100"]  # fmt: skip
+STUDENT_SETS = ["train.log_every=5", "train.ckpt_every=10", "sample.n=100",
+                "distill.teacher_steps=4", "distill.levels=6"]  # fmt: skip
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+def _one_line_error(capsys, code: int) -> str:
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("difflab: error:") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("distill") / "teacher"
+    args = ["train", "--preset", "moons", "--out", str(out), "--steps", "40", "--no-progress"]
+    assert main([*args, *_sets(TEACHER_SETS)]) == 0
+    return out
+
+
+METHODS = {  # a shared run of each method, 20 steps
+    "progressive": ["--method", "progressive"],
+    "consistency": ["--method", "consistency"],
+    "ect": ["--method", "consistency", "--consistency", "ect"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(teacher, tmp_path_factory) -> dict[str, Path]:
+    """The run of each method, made when a test first asks for it."""
+    root = tmp_path_factory.mktemp("students")
+
+    class Runs(dict):
+        def __missing__(self, name: str) -> Path:
+            assert _distill(teacher, root / name, *METHODS[name]) == 0
+            self[name] = root / name
+            return self[name]
+
+    return Runs()
+
+
+def _distill(teacher: Path, out: Path, *options: str, steps: int = 20) -> int:
+    return main(["distill", str(teacher), *options, "--out", str(out), "--steps", str(steps),
+                 "--no-progress", *_sets(STUDENT_SETS)])  # fmt: skip
+
+
+def _samples(run: Path, tmp_path: Path, *extra: str) -> np.ndarray:
+    out = tmp_path / f"s{len(list(tmp_path.glob('s*.npz')))}.npz"
+    assert main(["sample", str(run), "--n", "50", "--out", str(out), "--no-progress",
+                 *extra]) == 0  # fmt: skip
+    with np.load(out) as f:
+        return f["samples"]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_distil_then_sample_in_1_and_2_steps(teacher, runs, tmp_path, method):
+    run = runs[method]
+    assert ckpt.is_finished(run)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["kind"] == "distill" and cfg["distill"]["method"] == METHODS[method][1]
+    frozen = json.loads(cfg["model"]["frozen"])["teacher"]
+    assert frozen["path"] == str(teacher.resolve()) and len(frozen["sha256"]) == 64
+    for steps in ("1", "2"):
+        x = _samples(run, tmp_path, "--steps", steps)
+        assert x.shape == (50, 2) and np.isfinite(x).all()
+    info = json.loads((run / "finished.json").read_text())
+    if method == "progressive":  # 4 -> 2 -> 1 steps: two rounds, each recorded
+        assert [r["steps"] for r in info["rounds"]] == [2, 1]
+        assert all(r["train_steps"] == 10 and r["loss"] > 0 for r in info["rounds"])
+
+
+def test_the_student_starts_as_the_teacher_and_keeps_it_frozen(teacher, runs):
+    """A progressive run (v student of an eps teacher): the stored teacher equals the teacher
+    run's EMA weights after training; the student has moved away from them."""
+    t = ckpt.load_checkpoint(teacher).tensors["ema"]
+    s = ckpt.load_checkpoint(runs["progressive"]).tensors["ema"]
+    assert all(torch.equal(s[f"teacher.{k}"], v) for k, v in t.items())
+    assert any(not torch.equal(s[f"student.{k}"], v) for k, v in t.items())
+
+
+def test_sampling_works_after_the_teacher_is_deleted(teacher, tmp_path):
+    moved = tmp_path / "teacher-copy"
+    shutil.copytree(teacher, moved)
+    run = tmp_path / "c"
+    assert _distill(moved, run, "--method", "consistency", steps=10) == 0
+    before = _samples(run, tmp_path, "--steps", "1")
+    shutil.rmtree(moved)
+    assert np.array_equal(_samples(run, tmp_path, "--steps", "1"), before)
+    assert load_run(run).kind.name == "distill-2d"
+
+
+@pytest.mark.parametrize("method", ["progressive", "ect"])
+def test_an_interrupted_run_resumes_bit_exactly(teacher, runs, tmp_path, monkeypatch, method):
+    """A run killed after its step-10 checkpoint (as by kill -9: nothing saved on the way out),
+    resumed to its 20 steps, equals the uninterrupted run bit for bit: weights, EMA (with the
+    progressive round and the ECT step in the model's buffers) and optimizer state."""
+    import difflab.train as trainer_module
+
+    ref, cut = runs[method], tmp_path / "cut"
+    real_step = trainer_module.Trainer.train_step
+
+    def killed_at_10(self):
+        if self.step == 10:
+            raise KeyboardInterrupt("killed")
+        return real_step(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", killed_at_10)
+    assert _distill(teacher, cut, *METHODS[method]) == 130
+    assert ckpt.load_checkpoint(cut).step == 10 and not ckpt.is_finished(cut)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", real_step)
+    assert main(["distill", "--resume", str(cut), "--no-progress"]) == 0
+    a, b = ckpt.load_checkpoint(ref), ckpt.load_checkpoint(cut)
+    assert a.step == b.step == 20
+    for group in ("model", "ema"):
+        assert a.tensors[group].keys() == b.tensors[group].keys()
+        assert all(torch.equal(a.tensors[group][k], b.tensors[group][k]) for k in a.tensors[group])
+    moments = [(a.state["optimizer"]["state"][i], b.state["optimizer"]["state"][i])
+               for i in a.state["optimizer"]["state"]]  # fmt: skip
+    assert all(torch.equal(x[k], y[k]) for x, y in moments for k in x)
+
+
+IMAGE_SETS = ["data.image_size=16", "data.channels=1", "model.preset=tiny-ddpm",
+              "train.batch_size=8", "train.log_every=2", "train.ckpt_every=2", "sample.steps=4",
+              "sample.sampler=ddim", "train.warmup_steps=1", "diffusion.T=100"]  # fmt: skip
+STUDENT_IMAGE = ["--steps", "4", "--batch-size", "4", "--no-progress", *_sets(STUDENT_SETS)]
+
+
+@pytest.fixture(scope="module")
+def image_teacher(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("distill-images")
+    write_bar_images(root / "imgs", n=16)
+    teacher = root / "teacher"
+    data = ["--data-dir", str(root / "imgs")]
+    code = main(["train", "--preset", "folder", "--out", str(teacher), *data, "--steps", "2",
+                 "--no-progress", *_sets(IMAGE_SETS)])  # fmt: skip
+    assert code == 0
+    return teacher
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_an_image_teacher_distils_and_samples_in_1_and_2_steps(image_teacher, tmp_path, method):
+    run = tmp_path / method
+    code = main(["distill", str(image_teacher), "--method", method, "--out", str(run),
+                 *STUDENT_IMAGE])  # fmt: skip
+    assert code == 0
+    assert (run / "samples.png").is_file()
+    for steps in ("1", "2"):
+        x = _samples(run, tmp_path, "--steps", steps)
+        assert x.shape == (50, 1, 16, 16) and x.dtype == np.uint8
+
+
+def test_a_diffusers_teacher_is_imported_and_distilled(image_teacher, tmp_path):
+    """A diffusers folder (the image teacher exported) is distilled after an import into a
+    temporary run, which is gone afterwards; the stored teacher has the exported weights."""
+    exported = tmp_path / "exported"
+    assert main(["export", str(image_teacher), str(exported)]) == 0
+    run = tmp_path / "student"
+    data = ["--preset", "folder", "--data-dir", str(image_teacher.parent / "imgs"),
+            "--set", "data.image_size=16", "--set", "data.channels=1"]  # fmt: skip
+    code = main(["distill", str(exported), "--out", str(run), *data, *STUDENT_IMAGE])
+    assert code == 0
+    frozen = json.loads(json.loads((run / "config.json").read_text())["model"]["frozen"])
+    assert not Path(frozen["teacher"]["path"]).exists()
+    a = ckpt.load_checkpoint(image_teacher).tensors["ema"]
+    b = ckpt.load_checkpoint(run).tensors["ema"]
+    assert all(torch.allclose(b[f"teacher.{k}"], v, atol=1e-6) for k, v in a.items())
+    assert _samples(run, tmp_path, "--steps", "1").shape == (50, 1, 16, 16)
+
+
+def test_reflow_is_refused_in_one_line(teacher, tmp_path, capsys):
+    err = _one_line_error(capsys, _distill(teacher, tmp_path / "r", "--method", "reflow"))
+    assert "difflab.distill.reflow" in err and not (tmp_path / "r").exists()
+
+
+def test_a_missing_teacher_is_one_line(tmp_path, capsys):
+    err = _one_line_error(capsys, _distill(tmp_path / "nowhere", tmp_path / "r"))
+    assert "nowhere" in err and "no such run directory" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_teacher_of_other_data_is_refused_before_the_run_exists(teacher, tmp_path, capsys):
+    code = _distill(teacher, tmp_path / "r", "--set", "data.name=mnist")
+    err = _one_line_error(capsys, code)
+    assert "shape" in err or "data" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_teacher_that_is_not_a_diffusion_run_is_refused(tmp_path, capsys):
+    clf = tmp_path / "clf"
+    (clf / "checkpoints").mkdir(parents=True)
+    cfg = json.loads(json.dumps(_preset_dict("mnist-classifier")))
+    (clf / "config.json").write_text(json.dumps(cfg))
+    err = _one_line_error(capsys, _distill(clf, tmp_path / "r", "--method", "progressive"))
+    assert "classifier run" in err
+
+
+def _preset_dict(name: str) -> dict:
+    from difflab.app.config import get_preset
+
+    return get_preset(name).to_dict()
+
+
+def test_samplers_that_do_not_apply_are_refused_in_one_line(teacher, runs, capsys):
+    run = runs["consistency"]
+    capsys.readouterr()
+    err = _one_line_error(capsys, main(["sample", str(run), "--sampler", "ddim", "--n", "4"]))
+    assert "consistency" in err
+    err = _one_line_error(capsys, main(["sample", str(run), "--steps", "3", "--n", "4"]))
+    assert "1, 2, 4" in err
+    err = _one_line_error(capsys, main(["sample", str(teacher), "--sampler", "consistency"]))
+    assert "needs a consistency model" in err
