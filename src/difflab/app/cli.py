@@ -28,7 +28,6 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +235,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from difflab.app.config import apply_overrides, get_preset
     from difflab.app.runs import read_run_config
     from difflab.app.training import train_run
-    from difflab.data.hf import resolve_data_dir
 
     for name in ("steps", "batch_size", "lr", "minutes"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
@@ -262,7 +260,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("data.download=true")
     if args.bf16:
         overrides.append("train.bf16=true")
-    overrides += args.set
+    overrides = [_resolved_data_dir(o) for o in [*overrides, *args.set]]
     if args.resume is not None and overrides:
         # resuming continues the same run; only the budget, device and data location may change
         allowed = {
@@ -271,9 +269,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bad = [o for o in overrides if o.split("=", 1)[0] not in allowed]
         if bad:
             raise ValueError(f"--resume keeps the run's config; cannot change {bad[0]}")
-    cfg = apply_overrides(cfg, overrides)
-    if cfg.data.data_dir is not None:  # stored resolved: the run resumes from any folder
-        cfg = replace(cfg, data=replace(cfg.data, data_dir=resolve_data_dir(cfg.data.data_dir)))
+    cfg = apply_overrides(cfg, overrides)  # validated here, once
     extend = args.steps is not None or args.minutes is not None
     train_run(
         cfg, run_dir, resume=args.resume is not None, extend=extend, progress=not args.no_progress
@@ -284,6 +280,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _flag(field: str) -> str:
     """The command-line flag of a request field (``batch_size`` -> ``--batch-size``)."""
     return "--" + {"label": "class"}.get(field, field).replace("_", "-")
+
+
+def _resolved_data_dir(override: str) -> str:
+    """A ``data.data_dir=DIR`` override with DIR as a run stores it (absolute, so that the run
+    resumes from any folder; an hf: source unchanged)."""
+    from difflab.data.hf import resolve_data_dir
+
+    key, _, value = override.partition("=")
+    if key != "data.data_dir" or value.lower() in ("", "none", "null"):
+        return override
+    return f"{key}={resolve_data_dir(value)}"
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

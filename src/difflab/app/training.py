@@ -23,7 +23,7 @@ from difflab import distributed as ddp
 from difflab.app.build import Built, make_batch_fn, resolve_device, with_model
 from difflab.app.config import RunConfig
 from difflab.app.report import final_report
-from difflab.app.runs import build, check_config
+from difflab.app.runs import CheckedConfig, build, check_config
 from difflab.safe_io import progress_bar, say
 from difflab.tensorboard import EventWriter
 from difflab.train import Trainer, TrainingDiverged
@@ -50,7 +50,7 @@ def _fmt(x: float) -> str:
 
 
 def train_run(
-    cfg: RunConfig,
+    cfg: RunConfig | CheckedConfig,
     run_dir: str | Path,
     *,
     resume: bool = False,
@@ -68,15 +68,15 @@ def train_run(
     opened, before the run directory is made or locked; SIGTERM saves and stops like Ctrl-C.
     """
     run_dir = Path(run_dir)
-    check_config(cfg)  # before the run directory is made
-    device = resolve_device(cfg.train.device)
+    checked = check_config(cfg)  # once, before the run directory is made
+    device = resolve_device(checked.cfg.train.device)
     dist = ddp.init_from_env(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     if not dist.is_main:
         progress, log = False, _silent
-    torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed only
-    built = build(cfg, device=device)
+    torch.manual_seed(checked.cfg.train.seed)  # the initial weights depend on the seed only
+    built = build(checked, device=device)
     trainer = _make_trainer(built, dist)
     lock = _open_run(  # built.cfg: the kind may have set values from the data
         built.cfg, run_dir, trainer, resume=resume, extend=extend, log=log, main=dist.is_main
