@@ -43,7 +43,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -60,12 +59,12 @@ from difflab.app.sampling import (
     guided_denoiser,
     sample_with_denoiser,
 )
-from difflab.cascade import SRStage, Stage, cascade_sample, sr_loss, super_resolve
+from difflab.cascade import SRStage, Stage, cascade_sample, sr_training_cond, super_resolve
 from difflab.classifier import classifier_loss
 from difflab.data.datasets import dataset
-from difflab.data.images import read_images, to_uint8, to_unit_range
+from difflab.data.images import read_images, read_npz, to_uint8, to_unit_range
 from difflab.image_to_image import cond_channels, degrade
-from difflab.latent import latent_diffusion_loss, latent_sample, latent_scale_factor
+from difflab.latent import encode_to_latents, latent_sample, latent_scale_factor
 from difflab.nn.autoencoder import REC_LOSSES, autoencoder_loss
 from difflab.nn.networks import NetSpec, build_network, network
 from difflab.objectives import ImportanceTimeSampler
@@ -197,7 +196,6 @@ class RunKind:
                 cond = torch.where(
                     drop.to(labels.device), torch.full_like(labels, num_classes), labels
                 )
-            cond = self.training_cond(cfg, x0, cond, g)
             out = self.objective(
                 built, x0, cond=cond, loss_type=d.loss_type, weighting=d.weighting,
                 t_sampling="uniform" if d.t_sampling == "importance" else d.t_sampling,
@@ -208,17 +206,25 @@ class RunKind:
 
         return loss_fn
 
-    def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
-        """The loss of the run's process on a batch of data x0 (:mod:`difflab.process_table`)."""
-        return process_for(built.cfg.diffusion.schedule).loss(built.denoiser, x0, **options)
+    def objective(
+        self, built: Built, x0: Tensor, *, cond: Any, generator: torch.Generator, **options: Any
+    ) -> Any:
+        """The loss of the run's process (:mod:`difflab.process_table`) on a batch of data x0
+        with conditioning ``cond``, as :meth:`training_input` gives them to it."""
+        x, cond = self.training_input(built, x0, cond, generator)
+        loss = process_for(built.cfg.diffusion.schedule).loss
+        return loss(built.denoiser, x, cond=cond, generator=generator, **options)
 
     def on_data(self, built: Built) -> Built:
         """Finish building once the training data is open (e.g. statistics of the data)."""
         return built
 
-    def training_cond(self, cfg: RunConfig, x0: Tensor, cond: Any, g: torch.Generator) -> Any:
-        """The conditioning of a training batch (class labels or None by default)."""
-        return cond
+    def training_input(
+        self, built: Built, x0: Tensor, cond: Any, g: torch.Generator
+    ) -> tuple[Tensor, Any]:
+        """What the process's loss is given for a training batch: the data it diffuses and
+        the conditioning (by default x0 itself and the class labels or None)."""
+        return x0, cond
 
     def draw(self, built: Built, b: int, **kw: Any) -> Tensor:
         """One batch of b samples (see :func:`difflab.app.sampling.draw_samples`)."""
@@ -416,19 +422,18 @@ class ImageToImage(DiffusionImage):
     def conditioning(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
         return {"cond_channels": cond_channels(cfg.model.image_task, channels)}  # type: ignore
 
-    def training_cond(self, cfg: RunConfig, x0: Tensor, cond: Any, g: torch.Generator) -> Any:
-        image = degrade(x0, cfg.model.image_task, generator=g)  # type: ignore[arg-type]
-        return {"image": image} if cond is None else {"class": cond, "image": image}
+    def training_input(
+        self, built: Built, x0: Tensor, cond: Any, g: torch.Generator
+    ) -> tuple[Tensor, Any]:
+        image = degrade(x0, built.cfg.model.image_task, generator=g)  # type: ignore[arg-type]
+        return x0, {"image": image} if cond is None else {"class": cond, "image": image}
 
     def read_inputs(self, built: Built, req: SampleRequest) -> SampleRequest:
         """Degraded images to restore: a tensor, or an .npz whose ``degraded`` array holds
         them (uint8 or floats in [-1, 1]); default: degraded evaluation images."""
         y = req.inputs
         if isinstance(y, (str, Path)):
-            with np.load(y) as data:
-                if "degraded" not in data:
-                    raise ValueError(f"{y} has no 'degraded' array")
-                y = torch.from_numpy(data["degraded"])
+            y = torch.from_numpy(read_npz(y, [("degraded",)], "'degraded' array")["degraded"])
         if y is None:
             return req
         y = to_unit_range(y) if y.dtype == torch.uint8 else y.float()
@@ -648,9 +653,12 @@ class LatentDiffusion(DiffusionImage):
             built, cfg=replace(cfg, model=replace(cfg.model, latent_scale=scale, frozen=frozen))
         )
 
-    def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
+    def training_input(
+        self, built: Built, x0: Tensor, cond: Any, g: torch.Generator
+    ) -> tuple[Tensor, Any]:
+        """The scaled latents of x0: a posterior sample of the frozen encoder (drawn first)."""
         m: Any = built.model
-        return latent_diffusion_loss(built.denoiser, m.ae, x0, float(m.scale), **options)
+        return encode_to_latents(m.ae, x0, float(m.scale), g), cond
 
     def draw(
         self, built: Built, b: int, *, generator: torch.Generator, cond: Any,
@@ -764,12 +772,15 @@ class SuperResolution(DiffusionImage):
             cfg.model.base_config is not None or stored_frozen(cfg.model.frozen, "base") is not None
         )
 
-    def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
+    def training_input(
+        self, built: Built, x0: Tensor, cond: Any, g: torch.Generator
+    ) -> tuple[Tensor, Any]:
+        """x0 and its augmented low-resolution image (:func:`difflab.cascade.sr_training_cond`,
+        drawn before the process's time and noise), with the labels."""
         m = built.cfg.model
-        labels = options.pop("cond")
-        return sr_loss(
-            built.denoiser, x0, max_aug_level=m.aug_level_max * built.schedule.t_max,  # type: ignore
-            factor=m.sr_factor, labels=labels, **options,
+        return x0, sr_training_cond(
+            x0, schedule=built.schedule, max_aug_level=m.aug_level_max * built.schedule.t_max,
+            factor=m.sr_factor, labels=cond, generator=g,
         )  # fmt: skip
 
     def base_stage(
