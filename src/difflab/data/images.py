@@ -550,7 +550,9 @@ def read_images(path: str | Path, *, channels: int) -> Tensor:
     [0, 255] or floats in [-1, 1], shaped (N, C, H, W) or (N, H, W)."""
     path = Path(path)
     if path.suffix.lower() == ".npz" and path.is_file():
-        ((key, array),) = read_npz(path, [("images",), ("samples",)], "'images' or 'samples' array")
+        ((key, array),) = read_npz(
+            path, [("images",), ("samples",)], "'images' or 'samples' array"
+        ).items()
         x = torch.from_numpy(array[:, None] if array.ndim == 3 else array)
         if x.ndim != 4:
             raise ValueError(f"{path}: '{key}' must be (N, C, H, W), got {tuple(array.shape)}")
