@@ -187,3 +187,45 @@ def test_eval_and_nll(trained_run, capsys):
     out = capsys.readouterr().out
     assert out.startswith("vlb: ") and "ode: " in out and "nats" in out
     _one_line_error(capsys, main(["nll", str(trained_run), "--n", "0"]))
+
+
+def _count_config_work(monkeypatch) -> dict:
+    """Counts of the config's validations (of a config not yet valid), run-kind look-ups and
+    schedule builds, wherever they are called from."""
+    import difflab.app.build as build
+    import difflab.app.kinds as kinds
+    import difflab.app.runs as runs
+
+    counts = {"validate": 0, "kind_of": 0, "build_schedule": 0}
+    real_validate = RunConfig.validate
+
+    def validate(self):
+        counts["validate"] += not self.__dict__.get("_valid")
+        return real_validate(self)
+
+    monkeypatch.setattr(RunConfig, "validate", validate)
+    wrapped = [("kind_of", kinds.kind_of, (kinds, runs)),
+               ("build_schedule", build.build_schedule, (build, kinds, runs))]  # fmt: skip
+    for name, real, modules in wrapped:
+
+        def counted(*args, _name=name, _real=real, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+
+        for module in modules:
+            monkeypatch.setattr(module, name, counted)
+    return counts
+
+
+def test_a_config_is_checked_once_per_command(tmp_path, monkeypatch):
+    """One `train` validated its config three times and looked up its kind and built its
+    schedule up to three times; now the config is checked once where it is made (presets and
+    --set, or a run's config.json) and the layers below take the checked config."""
+    counts = _count_config_work(monkeypatch)
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "moons", "--out", str(run), "--no-progress", *FAST]) == 0
+    assert counts == {"validate": 1, "kind_of": 1, "build_schedule": 1}
+    counts.update(validate=0, kind_of=0, build_schedule=0)
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(run), "--n", "8", "--steps", "2", "--out", str(out)]) == 0
+    assert counts == {"validate": 1, "kind_of": 1, "build_schedule": 1}

@@ -7,6 +7,7 @@ import os
 import pickle
 import struct
 import tarfile
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -17,8 +18,8 @@ from difflab.data import download as download_mod
 from difflab.data.download import RemoteFile, download, sha256_file
 from difflab.data.images import (
     IMAGE_DATASETS,
-    IMAGE_SOURCES,
     ImageDataset,
+    ImageDatasetName,
     load_image_dataset,
     read_cifar_batch,
     read_idx,
@@ -428,7 +429,7 @@ def test_load_image_dataset_option_errors(tmp_path):
     with pytest.raises(ValueError, match="channels"):
         load_image_dataset("folder", data_dir=tmp_path, channels=2)
     assert IMAGE_DATASETS == ("mnist", "fashion-mnist", "cifar10", "folder", "hf")
-    assert tuple(IMAGE_SOURCES) == IMAGE_DATASETS  # the Literal and the table agree
+    assert get_args(ImageDatasetName) == IMAGE_DATASETS  # the Literal and the table agree
     with pytest.raises(ValueError, match="image_column='img' applies to hf data, not 'folder'"):
         load_image_dataset("folder", data_dir=tmp_path, image_column="img")
 

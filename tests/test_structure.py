@@ -105,34 +105,80 @@ def _pairs():
             if KINDS[k].head in net.heads and KINDS[k].data == net.data]  # fmt: skip
 
 
-def test_every_allowed_task_and_network_pair_takes_a_loss_step():
-    """Each kind's first preset, with each network it allows at that network's smallest
-    preset, builds and takes one optimisation step on random data."""
-    import torch
-
+def _tiny_built(kind: str, net: str):
+    """A run of ``kind`` (its first preset) with network ``net`` at its smallest preset."""
     from difflab.app.config import PRESETS, apply_overrides
     from difflab.app.kinds import kind_of
     from difflab.app.runs import build
     from difflab.nn.networks import NETWORKS
+
+    preset = next(p for p in PRESETS.values() if kind_of(p).name == kind)
+    presets = list(NETWORKS[net].presets)
+    sets = [f"model.net={net}", "model.ae_preset=tiny", "model.hidden=8",
+            "train.device=cpu", "diffusion.T=20", "distill.teacher_steps=4"]  # fmt: skip
+    if presets and kind != "autoencoder":  # the autoencoder's preset is model.ae_preset
+        sets.append(f"model.preset={'tiny' if 'tiny' in presets else presets[0]}")
+    if not preset.data.is_toy:
+        sets.append("data.image_size=16")
+    if kind == "latent-diffusion":
+        sets.append("model.latent_scale=1.0")  # as a trained latent run
+    return build(apply_overrides(preset, sets), load_data=False)
+
+
+def _loss_step(built):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, *built.data_shape, generator=g) * 2 - 1
+    loss, _ = built.kind.loss_fn(built, {})((x0, torch.arange(4) % 2), g)
+    return loss
+
+
+def test_every_allowed_task_and_network_pair_takes_a_loss_step():
+    """Each kind's first preset, with each network it allows at that network's smallest
+    preset, builds and takes one optimisation step on random data."""
+    import torch
 
     pairs = _pairs()
     assert {k for k, _ in pairs} >= {"diffusion-2d", "diffusion-image", "classifier",
                                      "autoencoder", "latent-diffusion", "super-resolution",
                                      "image-to-image", "sohl-dickstein"}  # fmt: skip
     for kind, net in pairs:
-        preset = next(p for p in PRESETS.values() if kind_of(p).name == kind)
-        presets = list(NETWORKS[net].presets)
-        sets = [f"model.net={net}", "model.ae_preset=tiny", "model.hidden=8",
-                "train.device=cpu", "diffusion.T=20", "distill.teacher_steps=4"]  # fmt: skip
-        if presets and kind != "autoencoder":  # the autoencoder's preset is model.ae_preset
-            sets.append(f"model.preset={'tiny' if 'tiny' in presets else presets[0]}")
-        if not preset.data.is_toy:
-            sets.append("data.image_size=16")
-        if kind == "latent-diffusion":
-            sets.append("model.latent_scale=1.0")  # as a trained latent run
-        built = build(apply_overrides(preset, sets), load_data=False)
-        g = torch.Generator().manual_seed(0)
-        x0 = torch.rand(4, *built.data_shape, generator=g) * 2 - 1
-        loss, _ = built.kind.loss_fn(built, {})((x0, torch.arange(4) % 2), g)
+        loss = _loss_step(_tiny_built(kind, net))
         loss.backward()
         assert torch.isfinite(loss), (kind, net)
+
+
+def test_every_denoising_task_trains_with_its_process_loss(monkeypatch):
+    """The loss of every task with a denoiser is its process's (``Process.loss``), given what
+    the task diffuses: the latents for a latent run, the images with their low-resolution or
+    degraded conditioning for SR and image-to-image runs. A task that called a loss of its own
+    (latent and SR runs called ``diffusion_loss`` through their own objectives) would train
+    on the DDPM loss whatever process the config chose, and fails here."""
+    import dataclasses
+
+    import difflab.app.kinds as kinds
+    from difflab.process_table import process_for
+
+    seen = []
+
+    def recording(denoiser, x, **options):
+        seen.append((tuple(x.shape[1:]), options["cond"]))
+        return process_for("linear").loss(denoiser, x, **options)
+
+    monkeypatch.setattr(
+        kinds, "process_for", lambda name: dataclasses.replace(process_for(name), loss=recording)
+    )
+    expected = {"latent-diffusion": "latents", "super-resolution": "image",
+                "image-to-image": "image"}  # fmt: skip
+    for kind in ("diffusion-2d", "diffusion-image", *expected):
+        seen.clear()
+        built = _tiny_built(kind, "mlp" if kind == "diffusion-2d" else "unet")
+        _loss_step(built)
+        assert len(seen) == 1, kind
+        shape, cond = seen[0]
+        if expected.get(kind) == "latents":
+            assert shape == tuple(built.model.ae.latent_shape()), kind
+        else:
+            assert shape == tuple(built.data_shape), kind
+        assert (expected.get(kind) == "image") == (isinstance(cond, dict) and "image" in cond)

@@ -332,3 +332,12 @@ def test_toy_errors():
     with pytest.raises(ValueError, match="'8gaussians', 'gmm'"):
         toy_density("moons")
     assert sample_toy("gmm", 0).shape == (0, 2)
+
+
+def test_the_toy_name_type_lists_the_toy_sources():
+    """ToyName (for type checkers) names exactly the entries of TOY_SOURCES, in order."""
+    from typing import get_args
+
+    from difflab.data.toy import TOY_SOURCES, ToyName
+
+    assert get_args(ToyName) == TOY_DATASETS == tuple(TOY_SOURCES)

@@ -64,6 +64,9 @@ _EXPORTS: dict[str, str] = {
     "GaussianConsistencyFunction": "difflab.oracles",
     "gaussian_pf_ode_solution": "difflab.oracles",
     "gaussian_sde_mean": "difflab.oracles",
+    # trained runs (and diffusers folders): sample and evaluate them from Python
+    "load_run": "difflab.app.api",
+    "Run": "difflab.app.api",
 }
 
 __all__ = list(_EXPORTS)

@@ -48,6 +48,7 @@ __all__ = [
     "augment_low_res",
     "sr_cond",
     "sr_loss",
+    "sr_training_cond",
     "Stage",
     "SRStage",
     "StageCallback",
@@ -146,31 +147,41 @@ def sr_cond(
     return cond
 
 
-def sr_loss(
-    denoiser: ModelDenoiser,
+def sr_training_cond(
     x0: Tensor,
     *,
     max_aug_level: float,
     factor: int = 2,
-    upsample: UpsampleMode = "bilinear",
-    labels: Tensor | None = None,
     generator: torch.Generator | None = None,
-    **loss_options: Any,
-) -> LossOutput:
-    """The training loss of an SR stage on high-resolution images x0 (B, C, H, W).
-
-    y = downsample_images(x0, factor); s ~ U[0, max_aug_level]; the diffusion loss of x0 with
-    ``cond = sr_cond(y, s, ...)`` on the denoiser's own schedule. Draws from ``generator``, in
-    order: s, the augmentation noise, then the time and noise of
-    :func:`difflab.objectives.diffusion_loss` (which gets ``**loss_options``).
-    """
+    **options: Any,
+) -> dict[str, Tensor]:
+    """The conditioning of an SR stage's training batch of high-resolution images x0 (B, C, H,
+    W): y = downsample_images(x0, factor), s ~ U[0, max_aug_level], then :func:`sr_cond` of
+    (y, s) with ``options`` (``schedule``, ``upsample``, ``labels``). Draws from
+    ``generator``, in order: s, then the augmentation noise."""
     y_low = downsample_images(x0, factor)
     level = sample_aug_levels(x0.shape[0], max_aug_level, generator=generator)
-    cond = sr_cond(
-        y_low, level, schedule=denoiser.schedule, factor=factor, upsample=upsample,
-        labels=labels, generator=generator,
-    )  # fmt: skip
-    return diffusion_loss(denoiser, x0, cond=cond, generator=generator, **loss_options)
+    return sr_cond(y_low, level, factor=factor, generator=generator, **options)
+
+
+def sr_loss(
+    denoiser: ModelDenoiser,
+    x0: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    **options: Any,
+) -> LossOutput:
+    """The training loss of an SR stage on high-resolution images x0 (B, C, H, W): the
+    diffusion loss of x0 with ``cond = sr_training_cond(x0, ...)`` on the denoiser's own
+    schedule. ``options``: those of :func:`sr_training_cond` (``max_aug_level``, required;
+    ``factor``, ``upsample``, ``labels``), the rest go to
+    :func:`difflab.objectives.diffusion_loss`. Draws from ``generator``, in order: s, the
+    augmentation noise, then the time and noise of the diffusion loss.
+    """
+    aug = {k: options.pop(k) for k in ("max_aug_level", "factor", "upsample", "labels")
+           if k in options}  # fmt: skip
+    cond = sr_training_cond(x0, schedule=denoiser.schedule, generator=generator, **aug)
+    return diffusion_loss(denoiser, x0, cond=cond, generator=generator, **options)
 
 
 @dataclass

@@ -38,7 +38,6 @@ import importlib.util
 import os
 import shutil
 import urllib.request
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, get_args
@@ -49,7 +48,7 @@ from PIL import Image
 from torch import Tensor
 
 from difflab._util import F64, check_choice
-from difflab.data.images import IMAGE_EXTENSIONS, to_uint8
+from difflab.data.images import IMAGE_EXTENSIONS, read_npz, to_uint8
 from difflab.metrics import feature_statistics, frechet_distance
 from difflab.safe_io import atomic_output
 
@@ -392,17 +391,11 @@ def load_fid_input(path: str | Path) -> list[Tensor] | tuple[Tensor, Tensor]:
         return out
     if path.suffix.lower() != ".npz" or not path.is_file():
         raise ValueError(f"{path} is neither a folder of images nor an .npz file")
-    try:
-        with np.load(path) as data:
-            if "mu" in data and "sigma" in data:
-                mu, sigma = (torch.from_numpy(data[k]).to(F64) for k in ("mu", "sigma"))
-                return mu, sigma
-            key = next((k for k in ("images", "samples") if k in data), None)
-            if key is None:
-                raise ValueError(f"{path} has no 'images', 'samples' or 'mu'/'sigma' arrays")
-            array = data[key]
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"{path}: not a readable .npz ({err})") from None
+    arrays = read_npz(path, [("mu", "sigma"), ("images",), ("samples",)],
+                      "'images', 'samples' or 'mu'/'sigma' arrays")  # fmt: skip
+    if "mu" in arrays:
+        return tuple(torch.from_numpy(arrays[k]).to(F64) for k in ("mu", "sigma"))  # type: ignore
+    ((key, array),) = arrays.items()
     x = torch.from_numpy(array[:, None] if array.ndim == 3 else array)
     try:
         return list(uint8_images(x))

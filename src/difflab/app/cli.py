@@ -30,14 +30,11 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from difflab.safe_io import (
-    atomic_output,
     atomic_write_json,
-    check_free_space,
     check_writable,
     say,
 )
@@ -191,20 +188,6 @@ def _add_inception_options(p: argparse.ArgumentParser) -> None:
                    help="resize to 299 as clean-fid (clean) or the TF graph does")  # fmt: skip
 
 
-def _with_data(built: Any, args: argparse.Namespace) -> Any:
-    """The run with the evaluation data of --data / --data-dir."""
-    from difflab.data.datasets import dataset
-
-    if args.data is None and args.data_dir is None:
-        return built
-    d = built.cfg.data
-    name = args.data or d.name
-    fixed = dataset(name).shape is not None  # its own size, not the run's data.image_size
-    size = {"image_size": None, "channels": None} if fixed else {}
-    data = replace(d, name=name, data_dir=args.data_dir or d.data_dir, **size)
-    return replace(built, cfg=replace(built.cfg, data=data))
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difflab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -283,76 +266,10 @@ def _check_sizes(args: argparse.Namespace) -> None:
             check_limit(path, getattr(args, name), f"--{name.replace('_', '-')}")
 
 
-def _finite(name: str, value: float | None) -> None:
-    if value is not None and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-
-
-OUTPUT_SUFFIXES = (".npz", ".png", ".json", ".gif")  # what `sample` writes beside its .npz
-
-
-def _output_path(args: argparse.Namespace, stem: str, data_dirs: tuple = ()) -> Path:
-    """The .npz to write (an existing folder gets a new file in it), checked before any
-    sampling starts: writable, and neither it nor the files written beside it
-    (``OUTPUT_SUFFIXES``) on a file of a run directory or in ``data_dirs``."""
-    from difflab.checkpoint import check_output
-
-    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = args.out if args.out is not None else args.run_dir
-    if out.is_dir():  # a default name never replaces an earlier output
-        name, n = base, 1
-        while any((out / f"{name}{s}").exists() for s in OUTPUT_SUFFIXES):
-            n += 1
-            name = f"{base}-{n}"
-        out = out / f"{name}.npz"
-    for suffix in OUTPUT_SUFFIXES:
-        check_output(out.with_suffix(suffix), data_dirs=data_dirs)
-    return check_writable(out)
-
-
-def _data_dirs(cfg: Any) -> tuple[str, ...]:
-    """The folders a run reads its data from (outputs may not go there)."""
-    d = cfg.data.data_dir or (None if cfg.data.is_toy else f"data/{cfg.data.name}")
-    return () if d is None or d.startswith("hf:") else (d,)
-
-
-def _save_npz(path: Path, **arrays: Any) -> None:
-    """np.savez_compressed to a temporary name, renamed over ``path`` when complete."""
-    import numpy as np
-
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-
-
-def _save_timing(out: Path, args: argparse.Namespace, built: Any, **what: Any) -> Path:
-    """The sample command's timing and settings, as JSON beside its output ``out``."""
-    import torch
-
-    seconds = what.pop("seconds")
-    info = {
-        "run_dir": str(args.run_dir),
-        **what,
-        "seconds": round(seconds, 6),
-        "images_per_s": round(what["n"] / seconds, 3) if seconds > 0 else None,
-        "device": str(built.device),
-        "threads": torch.get_num_threads(),
-        "batch_size": args.batch_size,
-        "compile": args.compile,
-        "bf16": args.bf16,
-        "cuda_graph": args.cuda_graph,
-        "torch": torch.__version__,
-    }
-    path = out.with_suffix(".json")
-    atomic_write_json(path, info)
-    return path
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from difflab.app.config import apply_overrides, get_preset
     from difflab.app.runs import read_run_config
     from difflab.app.training import train_run
-    from difflab.data.hf import resolve_data_dir
 
     for name in ("steps", "batch_size", "lr", "minutes"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
@@ -378,7 +295,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("data.download=true")
     if args.bf16:
         overrides.append("train.bf16=true")
-    overrides += args.set
+    overrides = [_resolved_data_dir(o) for o in [*overrides, *args.set]]
     if args.resume is not None and overrides:
         # resuming continues the same run; only the budget, device and data location may change
         allowed = {
@@ -387,9 +304,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bad = [o for o in overrides if o.split("=", 1)[0] not in allowed]
         if bad:
             raise ValueError(f"--resume keeps the run's config; cannot change {bad[0]}")
-    cfg = apply_overrides(cfg, overrides)
-    if cfg.data.data_dir is not None:  # stored resolved: the run resumes from any folder
-        cfg = replace(cfg, data=replace(cfg.data, data_dir=resolve_data_dir(cfg.data.data_dir)))
+    cfg = apply_overrides(cfg, overrides)  # validated here, once
     extend = args.steps is not None or args.minutes is not None
     train_run(
         cfg, run_dir, resume=args.resume is not None, extend=extend, progress=not args.no_progress
@@ -403,303 +318,63 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return distill_command(args)
 
 
+def _flag(field: str) -> str:
+    """The command-line flag of a request field (``batch_size`` -> ``--batch-size``)."""
+    return "--" + {"label": "class"}.get(field, field).replace("_", "-")
+
+
+def _resolved_data_dir(override: str) -> str:
+    """A ``data.data_dir=DIR`` override with DIR as a run stores it (absolute, so that the run
+    resumes from any folder; an hf: source unchanged)."""
+    from difflab.data.hf import resolve_data_dir
+
+    key, _, value = override.partition("=")
+    if key != "data.data_dir" or value.lower() in ("", "none", "null"):
+        return override
+    return f"{key}={resolve_data_dir(value)}"
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from difflab import viz
+    from difflab.app.api import load_run
     from difflab.app.build import resolve_device
-    from difflab.app.report import grid_scale
-    from difflab.app.runs import load_run
-    from difflab.app.sampling import draw_samples
-    from difflab.data.images import to_uint8
+    from difflab.app.outputs import check_room, data_dirs, output_path
+    from difflab.app.sampling import SampleRequest
 
-    _check_sizes(args)
-    for name in ("guidance", "classifier_scale", "eta"):
-        _finite(f"--{name.replace('_', '-')}", getattr(args, name))
-    if args.eta is not None and args.eta < 0:
-        raise ValueError(f"--eta must be >= 0, got {args.eta}")
+    req = SampleRequest(
+        n=args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
+        batch_size=args.batch_size, label=args.label, guidance=args.guidance,
+        guidance_sweep=None if args.guidance_sweep is None else _parse_scales(args.guidance_sweep),
+        classifier=args.classifier, classifier_scale=args.classifier_scale, inputs=args.input,
+        base_sampler=args.base_sampler, base_steps=args.base_steps, aug_level=args.aug_level,
+        eta=args.eta, threshold=args.threshold, gif=args.gif, progress=not args.no_progress,
+        compile=args.compile, bf16=args.bf16, cuda_graph=args.cuda_graph,
+    ).check(_flag)  # fmt: skip
     device = resolve_device(args.device)
     if args.out is not None:  # refused before loading; the run's data folder is checked below
-        _output_path(args, "samples")
-    built = load_run(args.run_dir, ema=not args.no_ema, device=device)
-    cfg = built.cfg
-    if built.kind.guides_sampling:
-        raise ValueError(
-            f"{args.run_dir} is a classifier run; pass it to a diffusion run with --classifier"
-        )
-    sampler = args.sampler or cfg.sample.sampler
-    steps = args.steps or cfg.sample.steps
-    options: dict = {} if args.eta is None else {"eta": args.eta}
-    if args.threshold is not None:
-        options["threshold"] = None if args.threshold == "none" else args.threshold
-    options.update(
-        progress=not args.no_progress,
-        compile=args.compile,
-        bf16=args.bf16,
-        cuda_graph=args.cuda_graph,
-    )
-    classifier = None if args.classifier is None else _load_classifier(args.classifier, built)
-    if args.guidance is not None and cfg.model.num_classes == 0:
-        raise ValueError("--guidance needs a class-conditional run (model.num_classes)")
-    _check_room(args, built)
-    if args.guidance_sweep is not None:
-        return _guidance_sweep(args, built, sampler, steps, classifier, options)
-    if built.kind.super_resolves:
-        return _cascade(args, built, sampler, steps, options)
-    if any(v is not None for v in (args.base_sampler, args.base_steps, args.aug_level)):
-        raise ValueError("--base-sampler, --base-steps and --aug-level are for super-resolution "
-                         "runs (model.kind=sr)")  # fmt: skip
-    if built.kind.conditions_on_images:
-        return _image_task(args, built, sampler, steps, options)
-    if args.input is not None:
-        raise ValueError(
-            f"--input is for image-to-image and super-resolution runs; {args.run_dir} is a "
-            f"{built.kind.name} run"
-        )
-    cond = None
-    if args.label is not None or args.guidance is not None or classifier is not None:
-        k = cfg.model.num_classes if classifier is None else classifier.num_classes
-        if k == 0:
-            raise ValueError("--class/--guidance need a class-conditional run (model.num_classes)")
-        if args.label is None or not 0 <= args.label < k:
-            raise ValueError(f"--class must be in 0..{k - 1}")
-        cond = torch.full((args.n,), args.label, dtype=torch.long)
-    out = _output_path(args, "samples", _data_dirs(cfg))
-    frames: list = []
-    callback = (lambda info: frames.append(info["x"].float().cpu())) if args.gif else None
-    start = time.perf_counter()
-    x = draw_samples(
-        built,
-        args.n,
-        sampler=sampler,
-        steps=steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        cond=cond,
-        guidance=args.guidance,
-        classifier=classifier,
-        classifier_scale=args.classifier_scale,
-        callback=callback,
-        **options,
-    )
-    seconds = time.perf_counter() - start
-    png = out.with_suffix(".png")
-    if cfg.data.is_toy:
-        _save_npz(out, samples=x.numpy())
-        viz.scatter(x, png, title=f"{sampler}, {steps} steps")
-    else:
-        _save_npz(out, samples=to_uint8(x).numpy())
-        viz.save_image_grid(x[:256], png, scale=grid_scale(x))
-    if args.gif and frames:
-        frames.append(x[: frames[0].shape[0]])
-        gif = out.with_suffix(".gif")
-        if cfg.data.is_toy:
-            viz.scatter_trajectory_gif(frames, gif)
-        else:
-            viz.image_trajectory_gif([f[:64] for f in frames], gif, scale=grid_scale(x))
-    timing = _save_timing(out, args, built, **_what(sampler, steps, x.shape[0], seconds))
-    say(f"wrote {out} and {png}" + (f" and {out.with_suffix('.gif')}" if args.gif else ""))
-    say(_rate_line(x.shape[0], seconds, timing))
+        output_path(args.out, args.run_dir)
+    run = load_run(args.run_dir, ema=not args.no_ema, device=device)
+    req = run.prepare(req)
+    stem = "samples" if req.guidance_sweep is None else "guidance-sweep"
+    out = output_path(args.out, args.run_dir, stem, data_dirs(run.built))
+    check_room(run.built, req.n * len(req.guidance_sweep or (0,)), out)
+    drawn = run.sample_set(req)
+    paths = run.write(out, drawn, req)
+    for note in drawn.notes:
+        say(note)
+    say(f"wrote {' and '.join(map(str, paths[:-1]))}")
+    rate = drawn.n / max(drawn.seconds, 1e-9)
+    say(f"{drawn.n} samples in {drawn.seconds:.1f} s ({rate:.1f} images/s); timing in {paths[-1]}")
     return 0
 
 
-def _check_room(args: argparse.Namespace, built: Any) -> None:
-    """Refuse, before sampling, a --n whose samples cannot be held in memory or whose .npz
-    (uint8 images, float32 points, before compression) cannot fit on the output's disk."""
-    from difflab.app.sampling import check_memory
-
-    n = args.n * (len(_parse_scales(args.guidance_sweep)) if args.guidance_sweep else 1)
-    check_memory(n, built.data_shape)
-    per_sample = math.prod(built.data_shape) * (4 if built.cfg.data.is_toy else 1)
-    out = args.out if args.out is not None else args.run_dir / "samples.npz"
-    check_free_space(out / "samples.npz" if out.is_dir() else out, n * per_sample)
-
-
-def _what(sampler: str, steps: int, n: int, seconds: float) -> dict[str, Any]:
-    from difflab.samplers import nfe
-
-    return {"sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps), "n": n,
-            "seconds": seconds}  # fmt: skip
-
-
-def _rate_line(n: int, seconds: float, timing: Path) -> str:
-    rate = n / max(seconds, 1e-9)
-    return f"{n} samples in {seconds:.1f} s ({rate:.1f} images/s); timing in {timing}"
-
-
-def _load_classifier(run_dir: Path, built):
-    """The noise-aware classifier of a classifier run, checked against the diffusion run."""
-    from difflab.app.runs import load_run
-
-    clf = load_run(run_dir, device=built.device)
-    if not clf.kind.guides_sampling:
-        raise ValueError(f"{run_dir} is not a classifier run (model.kind={clf.cfg.model.kind})")
-    if clf.schedule.to_config() != built.schedule.to_config():
-        raise ValueError(
-            f"{run_dir} was trained with another noise schedule than the diffusion run"
-        )
-    if tuple(clf.data_shape) != tuple(built.data_shape):
-        raise ValueError(
-            f"{run_dir} classifies images of shape {tuple(clf.data_shape)}, the diffusion run "
-            f"makes {tuple(built.data_shape)}"
-        )
-    return clf.model
-
-
-def _parse_scales(text: str) -> list[float]:
+def _parse_scales(text: str) -> tuple[float, ...]:
     try:
-        scales = [float(v) for v in text.split(",") if v.strip()]
+        scales = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise ValueError(f"--guidance-sweep expects numbers like 0,1,2,4, got {text!r}") from None
     if not scales:
         raise ValueError("--guidance-sweep needs at least one scale")
     return scales
-
-
-def _guidance_sweep(args, built, sampler: str, steps: int, classifier, options: dict) -> int:
-    """Samples of every class at every scale, with the same noise for every scale."""
-    import numpy as np
-
-    from difflab.app.report import guidance_sweep_figure, guidance_sweep_samples
-    from difflab.data.images import to_uint8
-
-    scales = _parse_scales(args.guidance_sweep)
-    cfg = built.cfg
-    k = cfg.model.num_classes if classifier is None else classifier.num_classes
-    if k == 0 or cfg.data.is_toy or built.kind.conditions_on_images:
-        raise ValueError(
-            "--guidance-sweep needs a class-conditional image run, or --classifier CLF_RUN"
-        )
-    out = _output_path(args, "guidance-sweep", _data_dirs(cfg))
-    start = time.perf_counter()
-    samples = guidance_sweep_samples(
-        built, scales, per_class=max(1, args.n // k), seed=args.seed, sampler=sampler,
-        steps=steps, classifier=classifier, guidance=args.guidance,
-        batch_size=args.batch_size, **options,
-    )  # fmt: skip
-    seconds = time.perf_counter() - start
-    labels = np.repeat(np.arange(k), samples.shape[2])
-    _save_npz(out, samples=to_uint8(samples).numpy(), scales=np.array(scales), labels=labels)
-    what = "classifier scale" if classifier is not None else "guidance scale"
-    guidance_sweep_figure(samples, scales, out.with_suffix(".png"), label=what)
-    n = labels.size * len(scales)
-    timing = _save_timing(out, args, built, **_what(sampler, steps, n, seconds), scales=scales)
-    say(f"wrote {out} and {out.with_suffix('.png')}")
-    say(_rate_line(n, seconds, timing))
-    return 0
-
-
-def _image_task(args, built, sampler: str, steps: int, options: dict) -> int:
-    """Restore degraded test images, or the conditioning images of --input."""
-    import numpy as np
-    import torch
-
-    from difflab.app.report import restoration_figure
-    from difflab.data.images import to_uint8, to_unit_range
-
-    y = None
-    if args.input is not None:
-        with np.load(args.input) as data:
-            if "degraded" not in data:
-                raise ValueError(f"{args.input} has no 'degraded' array")
-            y = torch.from_numpy(data["degraded"])
-        y = to_unit_range(y) if y.dtype == torch.uint8 else y.float()
-        expected = built.model.config.cond_channels, *built.data_shape[1:]
-        if y.ndim != 4 or tuple(y.shape[1:]) != tuple(expected):
-            raise ValueError(
-                f"'degraded' must have shape (N, {', '.join(map(str, expected))}), "
-                f"got {tuple(y.shape)}"
-            )
-    out = _output_path(args, "samples", _data_dirs(built.cfg))
-    start = time.perf_counter()
-    res = restoration_figure(
-        built, out.with_suffix(".png"), n=args.n, seed=args.seed, y=y, sampler=sampler,
-        steps=steps, batch_size=args.batch_size, **options,
-    )  # fmt: skip
-    seconds = time.perf_counter() - start
-    arrays = {"samples": to_uint8(res["samples"]).numpy(), "degraded": res["degraded"].numpy()}
-    if res["originals"] is not None:
-        arrays["originals"] = to_uint8(res["originals"]).numpy()
-        say(f"PSNR restored {res['psnr']:.2f} dB, degraded {res['psnr_degraded']:.2f} dB")
-    _save_npz(out, **arrays)
-    n = res["samples"].shape[0]
-    timing = _save_timing(out, args, built, **_what(sampler, steps, n, seconds))
-    say(f"wrote {out} and {out.with_suffix('.png')}")
-    say(_rate_line(n, seconds, timing))
-    return 0
-
-
-def _cascade(args, built, sampler: str, steps: int, options: dict) -> int:
-    """A super-resolution run: the whole cascade (base -> upsample -> augment -> SR), or the
-    SR stage alone on the low-resolution images of --input. Input is checked before work."""
-    import torch
-
-    from difflab import viz
-    from difflab.app.report import cascade_gif, grid_scale
-    from difflab.app.sampling import draw_samples
-    from difflab.data.images import read_images, to_uint8
-    from difflab.schedules import check_choice
-
-    _positive("--base-steps", args.base_steps)
-    _finite("--aug-level", args.aug_level)
-    if args.aug_level is not None and not 0 <= args.aug_level <= 1:
-        raise ValueError(f"--aug-level must be in [0, 1] (a fraction of t), got {args.aug_level}")
-    if args.guidance is not None or args.classifier is not None:
-        raise ValueError("super-resolution runs sample without guidance (--guidance, --classifier)")
-    if args.base_sampler is not None:
-        check_choice("--base-sampler", args.base_sampler, SAMPLER_NAMES)
-    c, h, w = built.data_shape
-    f = built.cfg.model.sr_factor
-    low = None
-    if args.input is not None:
-        if args.base_sampler is not None or args.base_steps is not None:
-            raise ValueError("--input super-resolves given images: no base stage to set")
-        low = read_images(args.input, channels=c)
-        if tuple(low.shape[1:]) != (c, h // f, w // f):
-            raise ValueError(
-                f"{args.input}: images of shape {tuple(low.shape[1:])}, this run super-resolves "
-                f"{(c, h // f, w // f)} to {(c, h, w)}"
-            )
-    else:
-        built.kind.base_stage(built, args.base_sampler, args.base_steps)  # refuses a missing base
-    n = args.n if low is None else low.shape[0]
-    labels = None
-    if args.label is not None:
-        k = built.cfg.model.num_classes
-        if k == 0 or not 0 <= args.label < k:
-            raise ValueError(f"--class needs a class-conditional run, in 0..{k - 1}")
-        labels = torch.full((n,), args.label, dtype=torch.long)
-    cond = {k: v for k, v in (("image", low), ("class", labels)) if v is not None} or None
-    out = _output_path(args, "samples", _data_dirs(built.cfg))
-    infos: list = []
-
-    def keep(info: dict) -> None:  # every step of every stage, for the GIF
-        infos.append({key: info[key].float().cpu() for key in ("x", "x0_hat")})
-
-    start = time.perf_counter()
-    x = draw_samples(
-        built, n, sampler=sampler, steps=steps, seed=args.seed, batch_size=args.batch_size,
-        cond=cond, callback=keep if args.gif else None, base_sampler=args.base_sampler,
-        base_steps=args.base_steps, aug_level=args.aug_level, **options,
-    )  # fmt: skip
-    seconds = time.perf_counter() - start
-    png = out.with_suffix(".png")
-    arrays = {"samples": to_uint8(x).numpy()}
-    if low is not None:
-        arrays["low_res"] = to_uint8(low).numpy()
-    _save_npz(out, **arrays)
-    viz.save_image_grid(x[:256], png, scale=grid_scale(x))
-    if args.gif:
-        cascade_gif(infos, x, out.with_suffix(".gif"), low_res=low)
-    what = _what(sampler, steps, n, seconds)
-    what["aug_level"] = built.cfg.sample.aug_level if args.aug_level is None else args.aug_level
-    if low is None:
-        base = built.kind.base_stage(built, args.base_sampler, args.base_steps)
-        what.update(base_sampler=base.sampler, base_steps=base.steps)
-    timing = _save_timing(out, args, built, **what)
-    say(f"wrote {out} and {png}" + (f" and {out.with_suffix('.gif')}" if args.gif else ""))
-    say(_rate_line(n, seconds, timing))
-    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -754,33 +429,18 @@ def cmd_viz(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from difflab.app.evaluate import evaluate_quality
-    from difflab.app.runs import load_run
+    from difflab.app.api import load_run
 
     _check_sizes(args)
-    built = _with_data(load_run(args.run_dir), args)
-    if args.metric != "fdd":
-        from difflab.app.evaluate import inception_quality
-
-        res = inception_quality(
-            built, metric=args.metric, n=args.n, seed=args.seed,
-            sampler=args.sampler or built.cfg.sample.sampler,
-            steps=args.steps or built.cfg.sample.steps, inception=args.inception,
-            resize=args.resize, progress=not args.no_progress, compile=args.compile,
-        )  # fmt: skip
-        say(json.dumps(res, indent=2))
-        return 0
-    res = evaluate_quality(
-        built,
-        n=args.n,
-        sampler=args.sampler or built.cfg.sample.sampler,
-        steps=args.steps or built.cfg.sample.steps,
-        seed=args.seed,
-        progress=not args.no_progress,
+    run = load_run(args.run_dir).with_data(args.data, args.data_dir)
+    res = run.evaluate(
+        args.n, metric=args.metric, sampler=args.sampler, steps=args.steps, seed=args.seed,
+        inception=args.inception, resize=args.resize, progress=not args.no_progress,
         compile=args.compile,
-    )
+    )  # fmt: skip
     say(json.dumps(res, indent=2))
-    _keep_quality(args.run_dir, res)
+    if args.metric == "fdd":
+        _keep_quality(args.run_dir, res)
     return 0
 
 
@@ -853,21 +513,15 @@ def cmd_fid(args: argparse.Namespace) -> int:
 def cmd_nll(args: argparse.Namespace) -> int:
     import json
 
-    from difflab.app.evaluate import evaluate_nll
-    from difflab.app.runs import load_run
+    from difflab.app.api import load_run
 
     for name in ("n", "vlb_stride", "ode_steps", "probes"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     _check_sizes(args)
-    res = evaluate_nll(
-        _with_data(load_run(args.run_dir), args),
-        n=args.n,
-        seed=args.seed,
-        vlb_stride=args.vlb_stride,
-        ode_steps=args.ode_steps,
-        n_probes=args.probes,
-        progress=not args.no_progress,
-    )
+    res = load_run(args.run_dir).with_data(args.data, args.data_dir).nll(
+        args.n, seed=args.seed, vlb_stride=args.vlb_stride, ode_steps=args.ode_steps,
+        n_probes=args.probes, progress=not args.no_progress,
+    )  # fmt: skip
     for key in ("vlb", "ode"):
         if key in res:
             r = res[key]

@@ -169,7 +169,11 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every field's type and range (:data:`LIMITS`); a one-line ``ValueError`` names
-        the first bad field. Returns the config with JSON ints in float fields made floats."""
+        the first bad field. Returns the config with JSON ints in float fields made floats,
+        marked valid: validating it again returns it at once (a frozen config cannot change;
+        ``replace`` makes a new, unmarked one)."""
+        if self.__dict__.get("_valid"):
+            return self
         if not isinstance(self.preset, str):
             raise ValueError(f"preset must be a string, got {self.preset!r}")
         checked = {}
@@ -185,7 +189,9 @@ class RunConfig:
                 _check_limit(path, value)
                 values[f.name] = value
             checked[name] = section_cls(**values)
-        return replace(self, **checked)
+        valid = replace(self, **checked)
+        object.__setattr__(valid, "_valid", True)  # not a field: equality and JSON ignore it
+        return valid
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -6,7 +6,8 @@
   against the test split, next to the real-vs-real floor at the same sample size.
 * ``--metric fid|kid|pr`` (image runs): Inception FID [Heusel 2017], KID [Binkowski 2018] or
   precision/recall [Kynkaanniemi 2019] of the samples against the data set's reference split
-  (``REFERENCE_SPLIT``), with the reference features cached (:mod:`difflab.fid`).
+  (its ``reference_split`` in :data:`difflab.data.datasets.DATASETS`), with the reference
+  features cached (:mod:`difflab.fid`).
 * ``nll``: negative log-likelihood of held-out data by the full variational bound [Ho 2020,
   Eq. 5] and by the probability-flow ODE with Hutchinson's trace estimator [Song 2021,
   Sec. 4.3], each with its standard error; bits/dim for images, nats per point for 2-D data.
@@ -41,7 +42,6 @@ from difflab.schedules import DiscreteSchedule
 
 __all__ = [
     "INCEPTION_METRICS",
-    "REFERENCE_SPLIT",
     "digit_quality",
     "evaluate_nll",
     "evaluate_quality",
@@ -49,9 +49,6 @@ __all__ = [
 ]
 
 INCEPTION_METRICS = ("fid", "kid", "pr")
-# the split samples are compared with, as in the literature: the 10k test images of the digit
-# sets, CIFAR-10's 50k training images; any other data set is compared with its own images
-REFERENCE_SPLIT = {"mnist": "test", "fashion-mnist": "test", "cifar10": "train"}
 
 
 def _held_out(built: Built, n: int, *, seed: int) -> torch.Tensor:
@@ -65,22 +62,11 @@ def _held_out(built: Built, n: int, *, seed: int) -> torch.Tensor:
     return x
 
 
-def evaluate_quality(
-    built: Built,
-    *,
-    n: int,
-    sampler: str,
-    steps: int,
-    seed: int = 0,
-    batch_size: int = 500,
-    progress: bool = False,
-    compile: bool = False,
-) -> dict[str, Any]:
-    """Quality metrics of ``n`` samples (see the module docstring); ``progress`` and
-    ``compile`` as in :func:`~difflab.app.sampling.draw_samples`."""
-    out: dict[str, Any] = {"n": n, "sampler": sampler, "steps": steps}
-    sampling = {"sampler": sampler, "steps": steps, "batch_size": batch_size,
-                "progress": progress, "compile": compile}  # fmt: skip
+def evaluate_quality(built: Built, *, n: int, seed: int = 0, **sampling: Any) -> dict[str, Any]:
+    """Quality metrics of ``n`` samples (see the module docstring) drawn with ``sampling``, the
+    options of :func:`~difflab.app.sampling.draw_samples` (``sampler`` and ``steps``, and e.g.
+    ``batch_size``, ``progress``, ``compile``)."""
+    out: dict[str, Any] = {"n": n, "sampler": sampling["sampler"], "steps": sampling["steps"]}
     out.update(built.kind.quality(built, n=n, seed=seed, **sampling))
     return out
 
@@ -102,7 +88,7 @@ def reference_images(built: Built) -> tuple[torch.Tensor, str]:
     """uint8 images (N, C, H, W) of the run's reference split (all of it, ignoring
     ``data.limit``) and a name for it, e.g. ``mnist-test``."""
     cfg = built.cfg
-    split = REFERENCE_SPLIT.get(cfg.data.name, "train")
+    split = dataset(cfg.data.name).reference_split
     full = replace(cfg, data=replace(cfg.data, limit=None))
     ds = build_data(full, train=split == "train")
     return ds.images, f"{cfg.data.name}-{split}"

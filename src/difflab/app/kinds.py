@@ -40,8 +40,10 @@ rest of the app layer asks ``built.kind`` and never branches on kind names
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,21 +56,25 @@ from difflab.app.config import RunConfig
 from difflab.app.distill import DistillTask
 from difflab.app.evaluate import check_digit_scoring, digit_quality
 from difflab.app.frozen import frozen_config, load_frozen_run, stored_frozen, with_frozen
+from difflab.app.outputs import SampleSet, draw_info, image_set, points_set, sweep_set
 from difflab.app.sampling import (
+    SampleRequest,
     draw_samples,
     finite_samples,
     guided_denoiser,
     sample_with_denoiser,
 )
-from difflab.cascade import SRStage, Stage, cascade_sample, sr_loss, super_resolve
+from difflab.cascade import SRStage, Stage, cascade_sample, sr_training_cond, super_resolve
 from difflab.classifier import classifier_loss
 from difflab.data.datasets import dataset
+from difflab.data.images import read_images, read_npz, to_uint8, to_unit_range
 from difflab.image_to_image import cond_channels, degrade
-from difflab.latent import latent_diffusion_loss, latent_sample, latent_scale_factor
+from difflab.latent import encode_to_latents, latent_sample, latent_scale_factor
 from difflab.nn.autoencoder import REC_LOSSES, autoencoder_loss
 from difflab.nn.networks import NetSpec, build_network, network
 from difflab.objectives import ImportanceTimeSampler
 from difflab.process_table import process_for
+from difflab.sampler_table import SAMPLER_NAMES
 from difflab.schedules import DiscreteSchedule, Schedule, check_choice
 
 __all__ = ["KINDS", "RunKind", "kind_of"]
@@ -207,7 +213,6 @@ class RunKind:
                 cond = torch.where(
                     drop.to(labels.device), torch.full_like(labels, num_classes), labels
                 )
-            cond = self.training_cond(cfg, x0, cond, g)
             out = self.objective(
                 built, x0, cond=cond, loss_type=d.loss_type, weighting=d.weighting,
                 t_sampling="uniform" if d.t_sampling == "importance" else d.t_sampling,
@@ -218,21 +223,97 @@ class RunKind:
 
         return loss_fn
 
-    def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
-        """The loss of the run's process on a batch of data x0 (:mod:`difflab.process_table`)."""
-        return process_for(built.cfg.diffusion.schedule).loss(built.denoiser, x0, **options)
+    def objective(
+        self, built: Built, x0: Tensor, *, cond: Any, generator: torch.Generator, **options: Any
+    ) -> Any:
+        """The loss of the run's process (:mod:`difflab.process_table`) on a batch of data x0
+        with conditioning ``cond``, as :meth:`training_input` gives them to it."""
+        x, cond = self.training_input(built, x0, cond, generator)
+        loss = process_for(built.cfg.diffusion.schedule).loss
+        return loss(built.denoiser, x, cond=cond, generator=generator, **options)
 
     def on_data(self, built: Built) -> Built:
         """Finish building once the training data is open (e.g. statistics of the data)."""
         return built
 
-    def training_cond(self, cfg: RunConfig, x0: Tensor, cond: Any, g: torch.Generator) -> Any:
-        """The conditioning of a training batch (class labels or None by default)."""
-        return cond
+    def training_input(
+        self, built: Built, x0: Tensor, cond: Any, g: torch.Generator
+    ) -> tuple[Tensor, Any]:
+        """What the process's loss is given for a training batch: the data it diffuses and
+        the conditioning (by default x0 itself and the class labels or None)."""
+        return x0, cond
 
     def draw(self, built: Built, b: int, **kw: Any) -> Tensor:
         """One batch of b samples (see :func:`difflab.app.sampling.draw_samples`)."""
         return sample_with_denoiser(built, b, **kw)
+
+    def prepare(self, built: Built, req: SampleRequest) -> SampleRequest:
+        """Check a sampling request before any work (one-line ``ValueError``) and return it
+        as :meth:`sample_set` reads it. By default: samples from noise, optionally of a class
+        (``label``), with classifier-free or classifier guidance, or a guidance sweep."""
+        num_classes = built.cfg.model.num_classes
+        if req.guidance is not None and num_classes == 0:
+            raise ValueError("--guidance needs a class-conditional run (model.num_classes)")
+        k = num_classes if req.classifier is None else int(req.classifier.num_classes)
+        if req.guidance_sweep is not None:
+            if k == 0 or self.data != "image" or self.conditions_on_images:
+                raise ValueError(
+                    "--guidance-sweep needs a class-conditional image run, or --classifier CLF_RUN"
+                )
+            return req
+        if any(v is not None for v in (req.base_sampler, req.base_steps, req.aug_level)):
+            raise ValueError("--base-sampler, --base-steps and --aug-level are for "
+                             "super-resolution runs (model.kind=sr)")  # fmt: skip
+        req = self.read_inputs(built, req)
+        if req.label is not None or req.guidance is not None or req.classifier is not None:
+            if k == 0:
+                raise ValueError(
+                    "--class/--guidance need a class-conditional run (model.num_classes)"
+                )
+            if req.label is None or not 0 <= req.label < k:
+                raise ValueError(f"--class must be in 0..{k - 1}")
+        return req
+
+    def read_inputs(self, built: Built, req: SampleRequest) -> SampleRequest:
+        """The request with its conditioning images (``inputs``) read and checked; a run
+        that samples from noise alone refuses them."""
+        if req.inputs is not None:
+            raise ValueError(
+                "--input is for image-to-image and super-resolution runs; this "
+                f"{built.cfg.preset} run is a {self.name} run"
+            )
+        return req
+
+    def sample_set(self, built: Built, req: SampleRequest) -> SampleSet:
+        """Draw a prepared request (:meth:`prepare`): the samples and their files."""
+        if req.guidance_sweep is not None:
+            return self.guidance_sweep(built, req)
+        cond = None if req.label is None else torch.full((req.n,), req.label, dtype=torch.long)
+        frames: list[Tensor] = []
+        x = draw_samples(
+            built, req.n, cond=cond, guidance=req.guidance, classifier=req.classifier,
+            classifier_scale=req.classifier_scale,
+            callback=(lambda info: frames.append(info["x"].float().cpu())) if req.gif else None,
+            **req.draw_options(),
+        )  # fmt: skip
+        return self.samples_files(x, draw_info(req, x.shape[0]), frames)
+
+    def samples_files(self, x: Tensor, info: dict[str, Any], frames: list[Tensor]) -> SampleSet:
+        """Samples and trajectory frames as the files of a draw (by default: images)."""
+        return image_set(x, info, frames)
+
+    def guidance_sweep(self, built: Built, req: SampleRequest) -> SampleSet:
+        """Every class at every scale of ``req.guidance_sweep``, the same noise for each."""
+        clf = req.classifier
+        k = built.cfg.model.num_classes if clf is None else int(clf.num_classes)
+        opts = req.draw_options()
+        samples = report.guidance_sweep_samples(
+            built, list(req.guidance_sweep or ()), per_class=max(1, req.n // k),
+            seed=opts.pop("seed"), classifier=clf, guidance=req.guidance, **opts,
+        )  # fmt: skip
+        what = "classifier scale" if clf is not None else "guidance scale"
+        info = draw_info(req, math.prod(samples.shape[:3]))
+        return sweep_set(samples, tuple(req.guidance_sweep or ()), info, label=what)
 
     def trajectory(self, built: Built, n: int, *, seed: int):
         """Samples and snapshots of the reverse process, for figures and GIFs."""
@@ -273,6 +354,9 @@ class Diffusion2D(RunKind):
 
     def progress_figure(self, built: Built, path: Path, *, seed: int) -> None:
         report.scatter_figure(built, path, n=built.cfg.sample.n, seed=seed)
+
+    def samples_files(self, x: Tensor, info: dict[str, Any], frames: list[Tensor]) -> SampleSet:
+        return points_set(x, info, frames)
 
     def score(self, built: Built, x: Tensor, *, seed: int) -> dict[str, Any]:
         return report.toy_quality(built, x, seed=seed)
@@ -355,9 +439,42 @@ class ImageToImage(DiffusionImage):
     def conditioning(self, cfg: RunConfig, channels: int) -> dict[str, Any]:
         return {"cond_channels": cond_channels(cfg.model.image_task, channels)}  # type: ignore
 
-    def training_cond(self, cfg: RunConfig, x0: Tensor, cond: Any, g: torch.Generator) -> Any:
-        image = degrade(x0, cfg.model.image_task, generator=g)  # type: ignore[arg-type]
-        return {"image": image} if cond is None else {"class": cond, "image": image}
+    def training_input(
+        self, built: Built, x0: Tensor, cond: Any, g: torch.Generator
+    ) -> tuple[Tensor, Any]:
+        image = degrade(x0, built.cfg.model.image_task, generator=g)  # type: ignore[arg-type]
+        return x0, {"image": image} if cond is None else {"class": cond, "image": image}
+
+    def read_inputs(self, built: Built, req: SampleRequest) -> SampleRequest:
+        """Degraded images to restore: a tensor, or an .npz whose ``degraded`` array holds
+        them (uint8 or floats in [-1, 1]); default: degraded evaluation images."""
+        y = req.inputs
+        if isinstance(y, (str, Path)):
+            y = torch.from_numpy(read_npz(y, [("degraded",)], "'degraded' array")["degraded"])
+        if y is None:
+            return req
+        y = to_unit_range(y) if y.dtype == torch.uint8 else y.float()
+        c = cond_channels(built.cfg.model.image_task, built.data_shape[0])  # type: ignore
+        expected = (c, *built.data_shape[1:])
+        if y.ndim != 4 or tuple(y.shape[1:]) != expected:
+            raise ValueError(
+                f"'degraded' must have shape (N, {', '.join(map(str, expected))}), "
+                f"got {tuple(y.shape)}"
+            )
+        return replace(req, inputs=y)
+
+    def sample_set(self, built: Built, req: SampleRequest) -> SampleSet:
+        """Restore the degraded images of ``req.inputs``, or degraded evaluation images."""
+        res = report.restore(built, n=req.n, y=req.inputs, **req.draw_options())  # type: ignore
+        x, x0 = res["samples"], res["originals"]
+        arrays = {"samples": to_uint8(x).numpy(), "degraded": res["degraded"].numpy()}
+        notes = []
+        if x0 is not None:
+            arrays["originals"] = to_uint8(x0).numpy()
+            notes.append(f"PSNR restored {res['psnr']:.2f} dB, degraded "
+                         f"{res['psnr_degraded']:.2f} dB")  # fmt: skip
+        figure = partial(report.restoration_grid, built, res)
+        return SampleSet(x, arrays, figure, None, draw_info(req, x.shape[0]), notes)
 
     def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
         out = report.restoration_figure(built, run_dir / "samples.png", seed=built.cfg.train.seed)
@@ -404,6 +521,10 @@ class Classifier(RunKind):
             f"{built.cfg.preset} is a classifier run; pass it to a diffusion run with --classifier"
         )
 
+    def prepare(self, built: Built, req: SampleRequest) -> SampleRequest:
+        self.draw(built, req.n)  # refuses
+        return req
+
     def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
         return {"noisy_accuracy": report.classifier_accuracy(built, log=log)}
 
@@ -448,6 +569,10 @@ class AutoencoderRun(RunKind):
             "an autoencoder run does not sample; train a latent run on it: difflab train "
             "--preset mnist-latent --set model.autoencoder=AE_RUN"
         )
+
+    def prepare(self, built: Built, req: SampleRequest) -> SampleRequest:
+        self.draw(built, req.n)  # refuses
+        return req
 
     def report(self, built: Built, run_dir: Path, *, log: Callable[[str], None]) -> dict:
         out = report.reconstruction_figure(built, run_dir / "samples.png")
@@ -545,9 +670,12 @@ class LatentDiffusion(DiffusionImage):
             built, cfg=replace(cfg, model=replace(cfg.model, latent_scale=scale, frozen=frozen))
         )
 
-    def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
+    def training_input(
+        self, built: Built, x0: Tensor, cond: Any, g: torch.Generator
+    ) -> tuple[Tensor, Any]:
+        """The scaled latents of x0: a posterior sample of the frozen encoder (drawn first)."""
         m: Any = built.model
-        return latent_diffusion_loss(built.denoiser, m.ae, x0, float(m.scale), **options)
+        return encode_to_latents(m.ae, x0, float(m.scale), g), cond
 
     def draw(
         self, built: Built, b: int, *, generator: torch.Generator, cond: Any,
@@ -661,12 +789,15 @@ class SuperResolution(DiffusionImage):
             cfg.model.base_config is not None or stored_frozen(cfg.model.frozen, "base") is not None
         )
 
-    def objective(self, built: Built, x0: Tensor, **options: Any) -> Any:
+    def training_input(
+        self, built: Built, x0: Tensor, cond: Any, g: torch.Generator
+    ) -> tuple[Tensor, Any]:
+        """x0 and its augmented low-resolution image (:func:`difflab.cascade.sr_training_cond`,
+        drawn before the process's time and noise), with the labels."""
         m = built.cfg.model
-        labels = options.pop("cond")
-        return sr_loss(
-            built.denoiser, x0, max_aug_level=m.aug_level_max * built.schedule.t_max,  # type: ignore
-            factor=m.sr_factor, labels=labels, **options,
+        return x0, sr_training_cond(
+            x0, schedule=built.schedule, max_aug_level=m.aug_level_max * built.schedule.t_max,
+            factor=m.sr_factor, labels=cond, generator=g,
         )  # fmt: skip
 
     def base_stage(
@@ -691,6 +822,68 @@ class SuperResolution(DiffusionImage):
             diffusion_denoiser(base_cfg, net, schedule), schedule, sampler, steps or s.steps,
             options,
         )  # fmt: skip
+
+    def prepare(self, built: Built, req: SampleRequest) -> SampleRequest:
+        """The whole cascade (base, then SR), or the SR stage alone on ``req.inputs``."""
+        if req.guidance is not None or req.classifier is not None or req.guidance_sweep:
+            raise ValueError(
+                "super-resolution runs sample without guidance (--guidance, --classifier)"
+            )
+        if req.base_sampler is not None:
+            check_choice("--base-sampler", req.base_sampler, SAMPLER_NAMES)
+        if req.inputs is not None and (req.base_sampler or req.base_steps):
+            raise ValueError("--input super-resolves given images: no base stage to set")
+        req = self.read_inputs(built, req)
+        if req.inputs is None:
+            self.base_stage(built, req.base_sampler, req.base_steps)  # refuses a missing base
+        k = built.cfg.model.num_classes
+        if req.label is not None and (k == 0 or not 0 <= req.label < k):
+            raise ValueError(f"--class needs a class-conditional run, in 0..{k - 1}")
+        return req
+
+    def read_inputs(self, built: Built, req: SampleRequest) -> SampleRequest:
+        """Low-resolution images (N, C, H / f, W / f): a tensor in [-1, 1], an image file, a
+        folder of them, or an .npz ``images`` array."""
+        low = req.inputs
+        if low is None:
+            return req
+        c, h, w = built.data_shape
+        f = built.cfg.model.sr_factor
+        if not isinstance(low, Tensor):
+            low = read_images(low, channels=c)
+        if tuple(low.shape[1:]) != (c, h // f, w // f):
+            raise ValueError(
+                f"{req.inputs if not isinstance(req.inputs, Tensor) else 'inputs'}: images of "
+                f"shape {tuple(low.shape[1:])}, this run super-resolves {(c, h // f, w // f)} "
+                f"to {(c, h, w)}"
+            )
+        return replace(req, inputs=low)
+
+    def sample_set(self, built: Built, req: SampleRequest) -> SampleSet:
+        low = req.inputs
+        n = req.n if low is None else low.shape[0]
+        labels = None if req.label is None else torch.full((n,), req.label, dtype=torch.long)
+        cond = {k: v for k, v in (("image", low), ("class", labels)) if v is not None} or None
+        infos: list[dict[str, Tensor]] = []
+
+        def keep(info: dict) -> None:  # every step of every stage, for the GIF
+            infos.append({key: info[key].float().cpu() for key in ("x", "x0_hat")})
+
+        x = draw_samples(
+            built, n, cond=cond, callback=keep if req.gif else None,
+            base_sampler=req.base_sampler, base_steps=req.base_steps, aug_level=req.aug_level,
+            **req.draw_options(),
+        )  # fmt: skip
+        info = draw_info(req, n)
+        info["aug_level"] = built.cfg.sample.aug_level if req.aug_level is None else req.aug_level
+        if low is None:
+            base = self.base_stage(built, req.base_sampler, req.base_steps)
+            info.update(base_sampler=base.sampler, base_steps=base.steps)
+        arrays = {} if low is None else {"low_res": to_uint8(low).numpy()}
+        out = image_set(x, info, **arrays)
+        if req.gif:
+            out.gif = partial(report.cascade_gif, infos, x, low_res=low)
+        return out
 
     def draw(
         self, built: Built, b: int, *, generator: torch.Generator, cond: Any,

@@ -49,6 +49,8 @@ __all__ = [
     "points_report",
     "reconstruction_figure",
     "restoration_figure",
+    "restoration_grid",
+    "restore",
     "scatter_figure",
     "super_resolution_figure",
     "cascade_gif",
@@ -231,9 +233,16 @@ def _psnr(x: Tensor, ref: Tensor) -> float:
     return float(psnr(x.clamp(-1, 1), ref).mean())
 
 
-def restoration_figure(
+def restoration_figure(built: Built, path: Path, **options: Any) -> dict[str, Any]:
+    """:func:`restore` evaluation images (``options`` as there) and save the grid of the
+    first 16 with rows degraded / restored / original (:func:`restoration_grid`)."""
+    res = restore(built, **options)
+    restoration_grid(built, res, path)
+    return res
+
+
+def restore(
     built: Built,
-    path: Path,
     *,
     n: int = 16,
     seed: int = 0,
@@ -245,32 +254,41 @@ def restoration_figure(
     """Restore n degraded evaluation images (or the given conditioning images ``y``).
 
     The degradation uses a generator seeded with ``seed``; sampling uses the run's sampler and
-    steps unless given (``**options`` go to :func:`~difflab.app.sampling.draw_samples`). Saves a
-    grid of the first 16 with rows degraded / restored / original (no original row for given ``y``);
-    returns {"samples", "degraded", "originals", "psnr", "psnr_degraded"} (PSNRs NaN without
-    originals).
+    steps unless given (``**options`` go to :func:`~difflab.app.sampling.draw_samples`).
+    Returns {"samples", "degraded", "originals", "psnr", "psnr_degraded"} (originals None and
+    PSNRs NaN for given ``y``).
     """
     cfg = built.cfg
-    task, channels = cfg.model.image_task, built.data_shape[0]
     x0 = None
     if y is None:
         x0, _ = evaluation_images(built, n)
-        y = degrade(x0, task, generator=torch.Generator().manual_seed(seed))  # type: ignore
+        y = degrade(x0, cfg.model.image_task, generator=torch.Generator().manual_seed(seed))  # type: ignore
     x = draw_samples(
         built, y.shape[0], sampler=sampler or cfg.sample.sampler, steps=steps or cfg.sample.steps,
         seed=seed, cond={"image": y}, **options,
     )  # fmt: skip
-    shown = preview(y, task, channels)  # type: ignore[arg-type]
-    rows = [shown[:16], x[:16]] + ([] if x0 is None else [x0[:16]])
-    viz.save_image_grid(torch.cat(rows), path, nrow=rows[0].shape[0], scale=2)
     nan = float("nan")
     return {
         "samples": x,
         "degraded": y,
         "originals": x0,
         "psnr": nan if x0 is None else _psnr(x, x0),
-        "psnr_degraded": nan if x0 is None else _psnr(shown, x0),
+        "psnr_degraded": nan if x0 is None else _psnr(_preview(built, y), x0),
     }
+
+
+def _preview(built: Built, y: Tensor) -> Tensor:
+    """Degraded images ``y`` as images of the data's channels (a colourisation's grey)."""
+    return preview(y, built.cfg.model.image_task, built.data_shape[0])  # type: ignore[arg-type]
+
+
+def restoration_grid(built: Built, res: dict[str, Any], path: Path) -> None:
+    """A grid of the first 16 of :func:`restore`'s result: rows degraded / restored /
+    original (no original row for given images)."""
+    x0 = res["originals"]
+    rows = [_preview(built, res["degraded"])[:16], res["samples"][:16]]
+    rows += [] if x0 is None else [x0[:16]]
+    viz.save_image_grid(torch.cat(rows), path, nrow=rows[0].shape[0], scale=2)
 
 
 def reconstruction_figure(built: Built, path: Path | None, *, n: int = 16) -> dict[str, Any]:

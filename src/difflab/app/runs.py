@@ -8,7 +8,7 @@ A run flows one way: CLI -> config (:mod:`difflab.app.config`, validated here) -
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ import torch
 from difflab import checkpoint as ckpt
 from difflab.app.build import Built, build_data, build_schedule, cfg_data_shape, resolve_device
 from difflab.app.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig
-from difflab.app.kinds import KINDS, kind_of
+from difflab.app.kinds import KINDS, RunKind, kind_of
 from difflab.data.datasets import dataset
 from difflab.image_to_image import TASKS
 from difflab.objectives import LOSS_TYPES, TIME_SAMPLINGS, WEIGHTINGS
@@ -26,10 +26,11 @@ from difflab.process_table import diffusion_settings, process_for
 from difflab.safe_io import atomic_write_json, say
 from difflab.samplers import SAMPLER_OPTIONS, SAMPLERS
 from difflab.samplers.common import THRESHOLD_MODES
-from difflab.schedules import check_choice
+from difflab.schedules import Schedule, check_choice
 from difflab.train import ADAMW_KERNELS
 
 __all__ = [
+    "CheckedConfig",
     "build",
     "check_config",
     "import_diffusers_run",
@@ -49,11 +50,24 @@ KIND_ONLY_FIELDS = {
 }
 
 
-def check_config(cfg: RunConfig) -> None:
+@dataclass(frozen=True)
+class CheckedConfig:
+    """A config checked once (:func:`check_config`), with what the check found: the run kind
+    that it selects and its process's schedule. The layers below take it as it is."""
+
+    cfg: RunConfig
+    kind: RunKind
+    schedule: Schedule
+
+
+def check_config(cfg: RunConfig | CheckedConfig) -> CheckedConfig:
     """Reject settings that no run can use (one-line ``ValueError``) before anything is loaded
-    or written: types and ranges (:meth:`RunConfig.validate`), every name, the run kind's own
-    checks, and the device."""
-    cfg.validate()
+    or written: types and ranges (:meth:`RunConfig.validate`, once per config), every name, the
+    run kind's own checks, the process's settings and the device. A checked config is returned
+    as it is."""
+    if isinstance(cfg, CheckedConfig):
+        return cfg
+    cfg = cfg.validate()
     dataset(cfg.data.name)  # a name of the data-set table
     run_kind = kind_of(cfg)
     run_kind.check(cfg)
@@ -73,6 +87,7 @@ def check_config(cfg: RunConfig) -> None:
     process = process_for(cfg.diffusion.schedule)
     process.check(asdict(cfg.diffusion))
     process.check_model(cfg.model.parameterization, cfg.model.learned_variance)
+    schedule = build_schedule(cfg)
     resolve_device(cfg.train.device)
     check_choice("train.adamw", cfg.train.adamw, tuple(ADAMW_KERNELS))
     if cfg.train.posthoc_ema is not None:
@@ -85,14 +100,17 @@ def check_config(cfg: RunConfig) -> None:
     check_choice("sample.sampler", cfg.sample.sampler, tuple(SAMPLERS))
     if cfg.sample.eta is not None and "eta" not in SAMPLER_OPTIONS[cfg.sample.sampler]:
         raise ValueError(f"sample.eta is set but sampler {cfg.sample.sampler!r} has no eta")
+    return CheckedConfig(cfg, run_kind, schedule)
 
 
-def build(cfg: RunConfig, *, device: torch.device | None = None, load_data: bool = True) -> Built:
-    """Schedule, data, model and denoiser for ``cfg`` (the model is on ``device``)."""
-    check_config(cfg)
-    kind = kind_of(cfg)
+def build(
+    cfg: RunConfig | CheckedConfig, *, device: torch.device | None = None, load_data: bool = True
+) -> Built:
+    """Schedule, data, model and denoiser for ``cfg`` (the model is on ``device``); a config
+    not yet checked is checked first (:func:`check_config`)."""
+    checked = check_config(cfg)
+    cfg, kind, schedule = checked.cfg, checked.kind, checked.schedule
     device = device or resolve_device(cfg.train.device)
-    schedule = build_schedule(cfg)
     dataset = build_data(cfg) if load_data and not cfg.data.is_toy else None
     data_shape = cfg_data_shape(cfg) if dataset is None else tuple(dataset.images.shape[1:])
     model = kind.build_model(cfg, data_shape, schedule).to(device)
@@ -216,13 +234,13 @@ def import_diffusers_run(
         model=replace(base.model, **sections["model"]),
         diffusion=replace(base.diffusion, **sections["diffusion"]),
     )
-    check_config(cfg)
+    checked = check_config(cfg)
     if tuple(cfg_data_shape(cfg)) != tuple(imp.data_shape):
         raise ValueError(
             f"{folder} makes images of shape {tuple(imp.data_shape)}, the data of preset "
             f"{preset!r} has shape {tuple(cfg_data_shape(cfg))}; choose another --preset"
         )
-    built = build(cfg, device=torch.device("cpu"), load_data=False)
+    built = build(checked, device=torch.device("cpu"), load_data=False)
     built.model.load_state_dict(imp.state_dict)  # the shapes are the preset's
     state = {"step": 0, "optimizer": torch.optim.AdamW(built.model.parameters()).state_dict(),
              "extra": {}}  # fmt: skip

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ from difflab.samplers import sample
 
 __all__ = [
     "ImageBar",
+    "SampleRequest",
     "check_memory",
     "check_sampler_applies",
     "draw_samples",
@@ -34,6 +37,94 @@ __all__ = [
     "guided_denoiser",
     "sample_with_denoiser",
 ]
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What to draw from a run: the options of ``difflab sample`` and of
+    :meth:`difflab.app.api.Run.sample`. Each task (:meth:`difflab.app.kinds.RunKind.prepare`)
+    checks the options it reads and refuses the others.
+
+    Attributes:
+        n: number of samples (image-to-image and super-resolution ``inputs``: one per image).
+        sampler, steps: default the run's ``sample.sampler`` and ``sample.steps``.
+        seed: the seed of every random draw; the same seed gives the same samples.
+        batch_size: samples per batch.
+        label: a class label for every sample (class-conditional runs, classifier guidance).
+        guidance: classifier-free guidance scale s (0 unconditional, 1 conditional).
+        guidance_sweep: scales of a sweep: every class at every scale, the same noise for all
+            (with ``classifier``, the classifier scale is swept).
+        classifier: a classifier run (its directory, or a loaded run) for classifier guidance
+            at ``classifier_scale`` towards ``label``.
+        inputs: conditioning images: the degraded images of an image-to-image run ((N, C, H,
+            W), or an .npz with a ``degraded`` array), or the low-resolution images a
+            super-resolution run super-resolves (a tensor, an image file, a folder of them or
+            an .npz ``images`` array).
+        base_sampler, base_steps: a cascade's base stage (default: the base run's).
+        aug_level: a cascade's augmentation level of the low-resolution input, a fraction of
+            the schedule's t range in [0, 1] (default: the run's ``sample.aug_level``).
+        eta, threshold: the sampler's eta and x0 thresholding (``"none"``, ``"clip"``,
+            ``"dynamic"``); default the run's ``sample.eta`` and ``sample.threshold``.
+        gif: keep the denoising trajectory (for a GIF).
+        progress, compile, bf16, cuda_graph: as in :func:`draw_samples`.
+    """
+
+    n: int = 16
+    sampler: str | None = None
+    steps: int | None = None
+    seed: int = 0
+    batch_size: int = 500
+    label: int | None = None
+    guidance: float | None = None
+    guidance_sweep: tuple[float, ...] | None = None
+    classifier: Any = None
+    classifier_scale: float = 1.0
+    inputs: Tensor | Path | None = None
+    base_sampler: str | None = None
+    base_steps: int | None = None
+    aug_level: float | None = None
+    eta: float | None = None
+    threshold: str | None = None
+    gif: bool = False
+    progress: bool = False
+    compile: bool = False
+    bf16: bool = False
+    cuda_graph: bool = False
+
+    def check(self, name: Callable[[str], str] = str) -> SampleRequest:
+        """Refuse (one-line ``ValueError``) values no run can use, naming an option as
+        ``name(field)`` (the CLI names them as its flags); returns the request."""
+        from difflab.app.config import check_limit  # the ranges of the config fields
+
+        limits = {"n": "sample.n", "steps": "sample.steps", "batch_size": "train.batch_size",
+                  "seed": "train.seed", "base_steps": "sample.steps"}  # fmt: skip
+        for key, path in limits.items():
+            if getattr(self, key) is not None:
+                check_limit(path, getattr(self, key), name(key))
+        for key in ("guidance", "classifier_scale", "eta", "aug_level"):
+            value = getattr(self, key)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name(key)} must be a finite number, got {value}")
+        if self.eta is not None and self.eta < 0:
+            raise ValueError(f"{name('eta')} must be >= 0, got {self.eta}")
+        if self.aug_level is not None and not 0 <= self.aug_level <= 1:
+            raise ValueError(
+                f"{name('aug_level')} must be in [0, 1] (a fraction of t), got {self.aug_level}"
+            )
+        if self.guidance_sweep is not None and not self.guidance_sweep:
+            raise ValueError(f"{name('guidance_sweep')} needs at least one scale")
+        return self
+
+    def draw_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`draw_samples` that the request sets."""
+        options: dict[str, Any] = {"sampler": self.sampler, "steps": self.steps,
+                                   "seed": self.seed, "batch_size": self.batch_size}  # fmt: skip
+        if self.eta is not None:
+            options["eta"] = self.eta
+        if self.threshold is not None:
+            options["threshold"] = None if self.threshold == "none" else self.threshold
+        speed = ("progress", "compile", "bf16", "cuda_graph")
+        return options | {key: getattr(self, key) for key in speed}
 
 
 def draw_samples(

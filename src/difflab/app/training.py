@@ -25,7 +25,7 @@ from difflab.app.config import RunConfig
 from difflab.app.cost import run_cost
 from difflab.app.progress import training_bar
 from difflab.app.report import final_report
-from difflab.app.runs import build, check_config
+from difflab.app.runs import CheckedConfig, build, check_config
 from difflab.posthoc_ema import SnapshotStore, parse_sigma_rels
 from difflab.safe_io import say
 from difflab.tensorboard import EventWriter
@@ -54,7 +54,7 @@ def _fmt(x: float) -> str:
 
 
 def train_run(
-    cfg: RunConfig,
+    cfg: RunConfig | CheckedConfig,
     run_dir: str | Path,
     *,
     resume: bool = False,
@@ -72,15 +72,15 @@ def train_run(
     opened, before the run directory is made or locked; SIGTERM saves and stops like Ctrl-C.
     """
     run_dir = Path(run_dir)
-    check_config(cfg)  # before the run directory is made
-    device = resolve_device(cfg.train.device)
+    checked = check_config(cfg)  # once, before the run directory is made
+    device = resolve_device(checked.cfg.train.device)
     dist = ddp.init_from_env(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     if not dist.is_main:
         progress, log = False, _silent
-    torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed only
-    built = build(cfg, device=device)
+    torch.manual_seed(checked.cfg.train.seed)  # the initial weights depend on the seed only
+    built = build(checked, device=device)
     trainer = _make_trainer(built, dist)
     lock = _open_run(  # built.cfg: the kind may have set values from the data
         built.cfg, run_dir, trainer, resume=resume, extend=extend, log=log, main=dist.is_main

@@ -36,6 +36,8 @@ class DataSet:
         source: image sets: the reader (:class:`difflab.data.images.ImageSource`).
         remote_files: the files ``--download`` fetches, SHA-256 checked.
         digits: the digit classifier of :mod:`difflab.evaluation` scores its samples (FDD).
+        reference_split: image sets: the split that samples are compared with by FID, KID and
+            precision/recall (``"train"`` or ``"test"``).
     """
 
     name: str
@@ -45,6 +47,7 @@ class DataSet:
     source: ImageSource | None = None
     remote_files: tuple[RemoteFile, ...] = ()
     digits: bool = False
+    reference_split: str = "train"
 
     @property
     def is_2d(self) -> bool:
@@ -65,6 +68,7 @@ DATASETS: dict[str, DataSet] = {
             source=src,
             remote_files=REMOTE_FILES.get(name, ()),
             digits=src.digits,
+            reference_split=src.reference_split,
         )  # fmt: skip
         for name, src in IMAGE_SOURCES.items()
     },

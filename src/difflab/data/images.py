@@ -60,10 +60,11 @@ __all__ = [
     "to_uint8",
     "to_unit_range",
     "read_images",
+    "read_npz",
 ]
 
+# the names of IMAGE_SOURCES, for type checkers (tests/test_images_data.py keeps the two equal)
 ImageDatasetName = Literal["mnist", "fashion-mnist", "cifar10", "folder", "hf"]
-IMAGE_DATASETS: tuple[str, ...] = get_args(ImageDatasetName)
 OnError = Literal["skip", "raise"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -466,6 +467,8 @@ class ImageSource:
     image_column: bool = False  # reads columns: the image_column option applies
     shape: tuple[int, int, int] | None = None  # (C, H, W) of its images; None: data.image_size
     digits: bool = False  # the digit classifier (difflab.evaluation) scores samples of it
+    # the split samples are compared with (FID, KID, precision/recall), as in the literature
+    reference_split: str = "train"
 
 
 def _read_digits(name: str, req: LoadRequest) -> SourceImages:
@@ -509,16 +512,35 @@ def _read_hf(req: LoadRequest) -> SourceImages:
 
 
 IMAGE_SOURCES: dict[str, ImageSource] = {
-    "mnist": ImageSource(
-        partial(_read_digits, "mnist"), hflip=False, shape=(1, 28, 28), digits=True
-    ),
-    "fashion-mnist": ImageSource(
-        partial(_read_digits, "fashion-mnist"), hflip=False, shape=(1, 28, 28), digits=True
-    ),
+    # the digit sets: scored on their 10k test images; CIFAR-10 on its 50k training images
+    **{
+        name: ImageSource(
+            partial(_read_digits, name),
+            hflip=False,
+            shape=(1, 28, 28),
+            digits=True,
+            reference_split="test",
+        )  # fmt: skip
+        for name in ("mnist", "fashion-mnist")
+    },
     "cifar10": ImageSource(_read_cifar10, hflip=True, shape=(3, 32, 32)),
     "folder": ImageSource(_read_image_folder, hflip=True),
     "hf": ImageSource(_read_hf, hflip=True, image_column=True),
 }
+IMAGE_DATASETS: tuple[str, ...] = tuple(IMAGE_SOURCES)
+
+
+def read_npz(path: str | Path, choices: list[tuple[str, ...]], what: str) -> dict[str, np.ndarray]:
+    """The arrays of the first key tuple of ``choices`` that the .npz ``path`` holds whole; a
+    one-line ``ValueError`` for an unreadable file or one without them (``what`` names them)."""
+    try:
+        with np.load(path) as data:
+            for keys in choices:
+                if all(k in data for k in keys):
+                    return {k: data[k] for k in keys}
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npz ({err})") from None
+    raise ValueError(f"{path} has no {what}")
 
 
 def read_images(path: str | Path, *, channels: int) -> Tensor:
@@ -528,14 +550,9 @@ def read_images(path: str | Path, *, channels: int) -> Tensor:
     [0, 255] or floats in [-1, 1], shaped (N, C, H, W) or (N, H, W)."""
     path = Path(path)
     if path.suffix.lower() == ".npz" and path.is_file():
-        try:
-            with np.load(path) as data:
-                key = next((k for k in ("images", "samples") if k in data), None)
-                if key is None:
-                    raise ValueError(f"{path} has no 'images' or 'samples' array")
-                array = data[key]
-        except (OSError, zipfile.BadZipFile, EOFError) as err:
-            raise ValueError(f"{path}: not a readable .npz ({err})") from err
+        ((key, array),) = read_npz(
+            path, [("images",), ("samples",)], "'images' or 'samples' array"
+        ).items()
         x = torch.from_numpy(array[:, None] if array.ndim == 3 else array)
         if x.ndim != 4:
             raise ValueError(f"{path}: '{key}' must be (N, C, H, W), got {tuple(array.shape)}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -42,8 +42,8 @@ __all__ = [
     "toy_density",
 ]
 
+# the names of TOY_SOURCES, for type checkers (tests/test_toy_data.py keeps the two equal)
 ToyName = Literal["swissroll", "moons", "8gaussians", "checkerboard", "gmm"]
-TOY_DATASETS: tuple[str, ...] = get_args(ToyName)
 
 ScalarOrBatch = float | Tensor
 
@@ -287,7 +287,7 @@ def sample_toy(name: ToyName, n: int, *, generator: torch.Generator | None = Non
     return TOY_SOURCES[name](n, generator).to(torch.float32)
 
 
-# name -> sample(n, generator) -> (n, 2): the toy data sets (TOY_DATASETS lists the same names)
+# name -> sample(n, generator) -> (n, 2): the toy data sets
 TOY_SOURCES: dict[str, Callable[[int, torch.Generator | None], Tensor]] = {
     "swissroll": _swissroll,
     "moons": _moons,
@@ -295,3 +295,4 @@ TOY_SOURCES: dict[str, Callable[[int, torch.Generator | None], Tensor]] = {
     "checkerboard": _checkerboard,
     "gmm": lambda n, g: toy_density("gmm").sample(n, g),
 }
+TOY_DATASETS: tuple[str, ...] = tuple(TOY_SOURCES)
