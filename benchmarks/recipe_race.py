@@ -21,7 +21,7 @@ run there is scored without training again, so an interrupted race continues.
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --append BENCHMARKS.md
     # a few seconds, to check that it runs:
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --minutes 0.05 \\
-        --confirm-minutes 0.05 --n 100 --top 1 --recipes baseline,v,edm --run-root /tmp/race \\
+        --confirm-minutes 0.05 --n 100 --top 1 --recipes baseline,v,edm --run-root runs/race \\
         --set sample.n=16 --set 'model.unet={"base_channels": 8}'
     # where one training step of the mnist preset spends its time (torch.profiler):
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --profile
