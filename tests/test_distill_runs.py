@@ -194,9 +194,87 @@ def test_a_diffusers_teacher_is_imported_and_distilled(image_teacher, tmp_path):
     assert _samples(run, tmp_path, "--steps", "1").shape == (50, 1, 16, 16)
 
 
-def test_reflow_is_refused_in_one_line(teacher, tmp_path, capsys):
+def test_reflow_of_a_diffusion_teacher_is_refused_in_one_line(teacher, tmp_path, capsys):
     err = _one_line_error(capsys, _distill(teacher, tmp_path / "r", "--method", "reflow"))
-    assert "difflab.distill.reflow" in err and not (tmp_path / "r").exists()
+    assert "flow-matching" in err and "'linear'" in err and not (tmp_path / "r").exists()
+
+
+FLOW_TEACHER_SETS = ["train.batch_size=64", "train.log_every=10", "train.ckpt_every=20",
+                     "train.warmup_steps=5", "model.hidden=32", "model.depth=2", "sample.n=100",
+                     "sample.steps=8"]  # fmt: skip
+REFLOW = ["--method", "reflow", "--set", "distill.reflow_pairs=96", "--set",
+          "distill.reflow_steps=4"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def flow_teacher(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reflow") / "teacher"
+    args = ["train", "--preset", "swissroll-fm", "--out", str(out), "--steps", "40",
+            "--no-progress"]  # fmt: skip
+    assert main([*args, *_sets(FLOW_TEACHER_SETS)]) == 0
+    return out
+
+
+def test_reflow_trains_on_the_teachers_ode_pairs_and_samples_in_one_step(flow_teacher, tmp_path):
+    """The stored pairs are (noise, the teacher's 4-step flow-heun ODE solution from it): the
+    oracle is difflab.distill.reflow.reflow_pairs on the teacher run itself; the report gives
+    the straightness of both flows; the student samples with one Euler step by default."""
+    from difflab.distill.reflow import reflow_pairs
+
+    run = tmp_path / "reflow"
+    assert _distill(flow_teacher, run, *REFLOW) == 0
+    tensors = ckpt.load_checkpoint(run).tensors["model"]
+    noise, x0 = tensors["pair_noise"], tensors["pair_x0"]
+    assert noise.shape == x0.shape == (96, 2)
+    assert abs(float(noise.mean())) < 0.3 and abs(float(noise.std()) - 1) < 0.2
+    t = load_run(flow_teacher)
+    _, expect = reflow_pairs(t.denoiser, t.schedule, noise, steps=4, sampler="flow-heun")
+    assert torch.allclose(x0, expect, atol=1e-5)
+    _, fewer = reflow_pairs(t.denoiser, t.schedule, noise, steps=2, sampler="flow-heun")
+    assert not torch.allclose(x0, fewer, atol=1e-3)  # the step count is the configured one
+    report = json.loads((run / "finished.json").read_text())
+    s = report.get("straightness") or report["report"]["straightness"]
+    assert s["teacher"] > 0 and s["student"] > 0
+    built = load_run(run)
+    assert (built.cfg.sample.sampler, built.cfg.sample.steps) == ("flow-euler", 1)
+    assert _samples(run, tmp_path).shape == (50, 2)
+    assert _samples(run, tmp_path, "--steps", "2").shape == (50, 2)
+
+
+@pytest.mark.slow
+def test_a_reflow_run_killed_by_sigkill_resumes_bit_exactly(flow_teacher, tmp_path):
+    """A real kill -9 of a ``difflab distill`` process at an arbitrary moment after its first
+    checkpoint; ``--resume`` then ends with the uninterrupted run's weights, EMA and pairs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def distill(out: Path) -> subprocess.Popen:
+        args = [sys.executable, "-m", "difflab", "distill", str(flow_teacher), *REFLOW, "--out",
+                str(out), "--steps", "120", "--no-progress", *_sets(STUDENT_SETS)]  # fmt: skip
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert distill(ref).wait(timeout=400) == 0
+    killed = distill(cut)
+    deadline = time.time() + 300
+    while ckpt.latest_checkpoint(cut) is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not ckpt.is_finished(cut) and ckpt.load_checkpoint(cut).step < 120
+    args = [sys.executable, "-m", "difflab", "distill", "--resume", str(cut), "--no-progress"]
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = ckpt.load_checkpoint(ref), ckpt.load_checkpoint(cut)
+    assert a.step == b.step == 120
+    for group in ("model", "ema"):
+        assert a.tensors[group].keys() == b.tensors[group].keys()
+        assert all(torch.equal(a.tensors[group][k], b.tensors[group][k]) for k in a.tensors[group])
 
 
 def test_a_missing_teacher_is_one_line(tmp_path, capsys):

@@ -72,9 +72,13 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
                    default="consistency")  # fmt: skip
     p.add_argument("--consistency", choices=["cd", "ect"], default="cd",
                    help="consistency: distillation with the teacher's Heun step (cd) or easy "
-                   "consistency tuning (ect)")  # fmt: skip
-    p.add_argument("--student-steps", type=int, help="the student's sampling steps (default: "
-                   "1 for progressive, the last round's; 2 for consistency)")  # fmt: skip
+                   "consistency tuning (ect); reflow needs a flow-matching teacher")  # fmt: skip
+    p.add_argument(
+        "--student-steps",
+        type=int,
+        help="the student's sampling steps (default: 1 "
+        "for progressive, the last round's; 2 for consistency; 1 for reflow)",
+    )
     p.add_argument(
         "--out", type=Path, help="run directory (default runs/<teacher>-<method>-<time>)"
     )

@@ -142,7 +142,8 @@ class DistillConfig:
     """Distillation runs (``model.kind=distill``, ``difflab distill``): a few-step student of
     a frozen teacher run; the student's own sampling steps are ``sample.steps``."""
 
-    method: str = "progressive"  # progressive [Salimans & Ho 2022] | consistency [Song 2023]
+    # progressive [Salimans & Ho 2022] | consistency [Song 2023] | reflow [Liu 2023]
+    method: str = "progressive"
     teacher: str | None = None  # the teacher run directory (resolved; stored in model.frozen)
     teacher_steps: int = 64  # progressive: the teacher's DDIM steps; rounds halve them
     weighting: str = "truncated-snr"  # progressive: truncated-snr | snr+1
@@ -152,6 +153,8 @@ class DistillConfig:
     huber_c: float = 0.0  # ect: pseudo-Huber constant c (0: the L2 norm)
     # consistency: EDM sigmas of the intermediate times of multistep sampling, per step count
     sigmas: str = '{"2": [0.821], "4": [2.5, 0.821, 0.25]}'
+    reflow_pairs: int = 4096  # reflow: (noise, sample) pairs of the teacher's ODE, drawn once
+    reflow_steps: int = 20  # reflow: flow-heun steps of the teacher's ODE for each pair
 
 
 @dataclass(frozen=True)
@@ -355,6 +358,8 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "distill.levels": _between(2, 100_000),
     "distill.stages": _between(1, 64),
     "distill.huber_c": _at_least(0),
+    "distill.reflow_pairs": _between(1, 10_000_000),
+    "distill.reflow_steps": _between(1, 10_000),
 }
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

@@ -1,5 +1,6 @@
 """Distillation runs: a few-step student of a frozen teacher run, trained by the training loop
-of every run (``difflab distill TEACHER_RUN --method progressive|consistency --out RUN``).
+of every run (``difflab distill TEACHER_RUN --method progressive|consistency|reflow --out
+RUN``).
 
 A distillation run's config is its teacher's (data, network, schedule) with
 ``model.kind=distill`` and a ``distill`` section; the teacher is a frozen dependency
@@ -19,10 +20,15 @@ method             what the student learns, and how it samples
                    PF-ODE [Song 2023, Algorithm 2]; ``ect`` tunes it with ECT's shrinking gap
                    and pseudo-Huber loss [Geng 2024]; samples with ``consistency`` in 1 step or
                    at the intermediate EDM sigmas of ``distill.sigmas``
+``reflow``         a flow-matching teacher only: ``distill.reflow_pairs`` (noise, sample) pairs
+                   of the teacher's ODE (``distill.reflow_steps`` Heun steps) are drawn once
+                   and kept in the run; the student fits the straight line between each pair
+                   [Liu 2023, Algorithm 1], so its flow is straighter (the report gives the
+                   straightness S of both); samples with the flow samplers in few steps
 =================  ===========================================================================
 
-The round (progressive) and the step that sets ECT's stage are kept in the model's buffers, so
-they are in every checkpoint and a resumed run continues bit-exactly.
+The round (progressive), the step that sets ECT's stage and the reflow pairs are kept in the
+model's buffers, so they are in every checkpoint and a resumed run continues bit-exactly.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from difflab.distill.consistency import (
     karras_levels,
 )
 from difflab.distill.progressive import DISTILL_WEIGHTINGS, progressive_grids, progressive_loss
+from difflab.distill.reflow import reflow_loss, reflow_pairs, straightness
 from difflab.sampler_table import SAMPLER_TABLE
 from difflab.samplers import SAMPLERS
 from difflab.samplers.common import ThresholdedDenoiser, prior_noise
@@ -70,11 +77,12 @@ __all__ = [
     "teacher_dir",
 ]
 
-DISTILL_METHODS = ("progressive", "consistency")
+DISTILL_METHODS = ("progressive", "consistency", "reflow")
 CONSISTENCY_MODES = ("cd", "ect")
 STUDENT_PARAMETERIZATIONS = ("x0", "v")  # progressive: the paper's (eps fails at high noise)
 TEACHER = "teacher"  # its role in model.frozen
 REF_SAMPLES = {"2-D": 512, "image": 32}  # progressive: the fixed noise the rounds are scored on
+PAIR_CHUNK = 1000  # reflow: pairs drawn per call of the teacher's ODE
 
 
 class DistillModel(nn.Module):
@@ -84,10 +92,15 @@ class DistillModel(nn.Module):
     Buffers: ``steps_done`` (the optimisation steps taken: rounds and ECT stages follow it),
     ``round``, ``round_loss`` / ``round_count`` (the summed loss and steps of each round),
     ``round_rms`` (each round's RMS distance to the teacher's samples from ``ref_noise``,
-    ``ref_teacher``: the teacher's ``distill.teacher_steps``-step DDIM samples from that noise).
+    ``ref_teacher``: the teacher's ``distill.teacher_steps``-step DDIM samples from that noise);
+    for reflow, ``pair_noise`` and ``pair_x0`` (P, ...) hold the teacher's ODE pairs (P = 0 for
+    the other methods).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, rounds: int, ref_shape: tuple):
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, *, rounds: int, ref_shape: tuple,
+        pair_shape: tuple = (0,),
+    ):  # fmt: skip
         super().__init__()
         self.student = student
         self.teacher = teacher.eval().requires_grad_(False)
@@ -100,6 +113,8 @@ class DistillModel(nn.Module):
         self.register_buffer("round_rms", torch.zeros(r, dtype=torch.float64))
         self.register_buffer("ref_noise", torch.zeros(ref_shape))
         self.register_buffer("ref_teacher", torch.zeros(ref_shape))
+        self.register_buffer("pair_noise", torch.zeros(pair_shape))
+        self.register_buffer("pair_x0", torch.zeros(pair_shape))
 
     def train(self, mode: bool = True) -> DistillModel:
         """Train the student; the teachers stay in eval mode (no dropout in the targets)."""
@@ -172,6 +187,10 @@ class DistillTask:
     def is_consistency_model(self, cfg: RunConfig) -> bool:
         return cfg.distill.method == "consistency"
 
+    @staticmethod
+    def is_reflow(cfg: RunConfig) -> bool:
+        return cfg.distill.method == "reflow"
+
     def distillable(self, teacher: RunConfig) -> str | None:
         """None if a run of config ``teacher`` can be distilled, else the name of its kind."""
         raise NotImplementedError
@@ -197,6 +216,14 @@ class DistillTask:
                 if not str(steps).isdigit():
                     raise ValueError(f"distill.sigmas: {steps!r} is not a step count")
                 consistency_times(cfg, schedule, int(steps))
+        elif self.is_reflow(cfg):
+            if cfg.diffusion.schedule != "flow":
+                raise ValueError(
+                    "reflow straightens a flow-matching model: its teacher must be a run with "
+                    f"diffusion.schedule=flow, not {cfg.diffusion.schedule!r}"
+                )
+            if cfg.model.num_classes > 0:
+                raise ValueError("reflow distils an unconditional teacher (model.num_classes=0)")
         else:
             rounds_of(cfg)
             sampling_timesteps(build_schedule(cfg), d.teacher_steps)  # the first round's grid
@@ -249,7 +276,9 @@ class DistillTask:
         student = super().build_model(cfg, data_shape, sched)  # type: ignore[misc]
         teacher = copy.deepcopy(student)
         n = REF_SAMPLES[self.data]  # type: ignore[attr-defined]
-        return DistillModel(student, teacher, rounds=rounds_of(cfg), ref_shape=(n, *data_shape))
+        pairs = cfg.distill.reflow_pairs if self.is_reflow(cfg) else 0
+        return DistillModel(student, teacher, rounds=rounds_of(cfg), ref_shape=(n, *data_shape),
+                            pair_shape=(pairs, *data_shape))  # fmt: skip
 
     def denoiser(self, cfg: RunConfig, model: nn.Module, schedule: Schedule) -> Any:
         den = diffusion_denoiser(cfg, model.student, schedule)  # type: ignore[arg-type]
@@ -272,7 +301,7 @@ class DistillTask:
         if cfg.distill.teacher is None:
             raise ValueError(
                 "a distillation run needs its teacher: difflab distill TEACHER_RUN --method "
-                "progressive|consistency --out RUN (or --set distill.teacher=RUN)"
+                "progressive|consistency|reflow --out RUN (or --set distill.teacher=RUN)"
             )
         m: Any = built.model
         teacher = self.load_teacher(cfg, m.teacher)
@@ -280,6 +309,8 @@ class DistillTask:
         if m.round_teacher is not None:
             m.round_teacher.load_state_dict(m.teacher.state_dict())
             self.reference_samples(built)
+        if self.is_reflow(cfg):
+            self.draw_pairs(built)
         frozen = with_frozen(cfg.model.frozen, TEACHER, teacher)
         new = replace(cfg, model=replace(cfg.model, frozen=frozen),
                       distill=replace(cfg.distill, teacher=teacher.path))  # fmt: skip
@@ -298,6 +329,8 @@ class DistillTask:
         cfg, m = built.cfg, built.model
         if self.is_consistency_model(cfg):
             step_loss = self.consistency_loss(built)
+        elif self.is_reflow(cfg):
+            step_loss = self.reflow_step_loss(built)
         else:
             step_loss = self.progressive_step_loss(built)
         num_classes = cfg.model.num_classes
@@ -330,6 +363,32 @@ class DistillTask:
                             generator=g, cond=cond)  # fmt: skip
 
         return ect
+
+    def reflow_step_loss(self, built: Built) -> Any:
+        """Reflow: a batch of the stored pairs (drawn with replacement), the rectified-flow loss
+        on them; the data batch only sets the batch size."""
+        m: Any = built.model
+
+        def loss(x0: Tensor, cond: Any, step: int, g: torch.Generator) -> Tensor:
+            idx = torch.randint(m.pair_x0.shape[0], (x0.shape[0],), generator=g).to(x0.device)
+            return reflow_loss(built.denoiser, m.pair_x0[idx], m.pair_noise[idx],
+                               schedule=built.schedule, generator=g)  # fmt: skip
+
+        return loss
+
+    @torch.no_grad()
+    def draw_pairs(self, built: Built) -> None:
+        """Reflow's coupling [Liu 2023, Algorithm 1]: noise seeded by ``train.seed`` and the
+        teacher's ODE solution from it (flow-heun, ``distill.reflow_steps`` steps)."""
+        m: Any = built.model
+        g = torch.Generator().manual_seed(built.cfg.train.seed + 1)
+        teacher = self.teacher_denoiser(built)
+        noise = prior_noise(built.schedule, tuple(m.pair_noise.shape), generator=g)
+        for i in range(0, noise.shape[0], PAIR_CHUNK):
+            z = noise[i : i + PAIR_CHUNK].to(built.device)
+            _, x0 = reflow_pairs(teacher, built.schedule, z, steps=built.cfg.distill.reflow_steps)
+            m.pair_noise[i : i + PAIR_CHUNK] = z
+            m.pair_x0[i : i + PAIR_CHUNK] = x0
 
     def progressive_step_loss(self, built: Built) -> Any:
         """Round r of R covers steps [r S, (r + 1) S), S = ceil(train.steps / R): its student
@@ -409,7 +468,8 @@ class DistillTask:
         if guidance is not None or classifier is not None:
             raise ValueError("a distilled student samples without guidance")
         if not self.is_consistency_model(built.cfg):  # DDIM on the rounds' trailing grid
-            options.setdefault("spacing", "trailing")
+            if not self.is_reflow(built.cfg):
+                options.setdefault("spacing", "trailing")
             return sample_with_denoiser(
                 built, b, generator=generator, cond=cond, callback=callback, sampler=sampler,
                 steps=steps, guidance=None, classifier=None, classifier_scale=1.0, **options,
@@ -430,6 +490,8 @@ class DistillTask:
     def report(self, built: Built, run_dir: Path, *, log: Any) -> dict:
         """The progressive rounds' record, then the samples' figures (and, 2-D, quality)."""
         out: dict[str, Any] = {"rounds": self.rounds_record(built, log=log)}
+        if self.is_reflow(built.cfg):
+            out["straightness"] = self.straightness_record(built, log=log)
         seed = built.cfg.train.seed
         if self.data == "2-D":  # type: ignore[attr-defined]
             traj = trajectory(built, built.cfg.sample.n, seed=seed)
@@ -438,6 +500,26 @@ class DistillTask:
         x, frames, _ = trajectory(built, 64, seed=seed)
         viz.save_image_grid(x, run_dir / "samples.png", scale=grid_scale(x))
         viz.image_trajectory_gif(frames, run_dir / "denoising.gif")
+        return out
+
+    @torch.no_grad()
+    def straightness_record(self, built: Built, *, log: Any) -> dict[str, float]:
+        """Reflow: the straightness S [Liu 2023, Eq. 8] of the teacher's and the student's flow
+        from the same noise (the reference-sample count), 20 Heun steps."""
+        m: Any = built.model
+        n = REF_SAMPLES[self.data]  # type: ignore[attr-defined]
+        g = torch.Generator().manual_seed(built.cfg.train.seed + 2)
+        noise = prior_noise(built.schedule, (n, *built.data_shape), generator=g).to(built.device)
+        was_training = m.student.training
+        m.student.eval()
+        out = {
+            "teacher": float(straightness(self.teacher_denoiser(built), built.schedule, noise,
+                                          steps=20)),
+            "student": float(straightness(built.denoiser, built.schedule, noise, steps=20)),
+        }  # fmt: skip
+        m.student.train(was_training)
+        log(f"straightness S (Liu 2023, Eq. 8; 0 = straight): teacher {out['teacher']:.4g}, "
+            f"student {out['student']:.4g}")  # fmt: skip
         return out
 
     def rounds_record(self, built: Built, *, log: Any) -> list[dict[str, Any]]:

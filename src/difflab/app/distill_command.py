@@ -1,5 +1,5 @@
-"""``difflab distill TEACHER_RUN --method progressive|consistency --out RUN``: the config of a
-distillation run (:mod:`difflab.app.distill`) made from its teacher's, trained by
+"""``difflab distill TEACHER_RUN --method progressive|consistency|reflow --out RUN``: the config
+of a distillation run (:mod:`difflab.app.distill`) made from its teacher's, trained by
 :func:`difflab.app.training.train_run` like every run (progress, checkpoints, resume).
 """
 
@@ -22,8 +22,10 @@ from difflab.data.hf import resolve_data_dir
 __all__ = ["distill_command", "distill_config", "STUDENT_STEPS"]
 
 # the student's sampling steps unless --student-steps: the last round's (progressive), the
-# run's default (consistency)
-STUDENT_STEPS = {"progressive": 1, "consistency": 2}
+# run's default (consistency), one Euler step (reflow)
+STUDENT_STEPS = {"progressive": 1, "consistency": 2, "reflow": 1}
+# the student's sampler: DDIM on the rounds' grid, consistency sampling, Euler on the flow ODE
+STUDENT_SAMPLERS = {"progressive": "ddim", "consistency": "consistency", "reflow": "flow-euler"}
 # what --resume may change: the budget, device and data location (as `difflab train --resume`)
 RESUME_FIELDS = {"train.max_minutes", "train.device", "train.steps", "data.data_dir"}
 
@@ -35,12 +37,13 @@ def distill_config(
     ``model.kind=distill``, the ``distill`` section, and a fine-tuning budget (a quarter of the
     teacher's learning rate, at most 100 warm-up steps, 2000 steps, no time limit)."""
     path = teacher_dir(teacher)
-    if method == "reflow":  # a run method once flow-matching runs (diffusion.schedule=flow) exist
-        raise ValueError(
-            "--method reflow is not a run method yet: it straightens flow-matching models, which "
-            "runs do not train; use the library, difflab.distill.reflow"
-        )
     t = frozen_config(path, role="teacher")
+    if method == "reflow" and t.diffusion.schedule != "flow":
+        raise ValueError(
+            f"--method reflow straightens a flow-matching model; {teacher} is a "
+            f"{t.diffusion.schedule!r}-schedule run (train the teacher with diffusion.schedule="
+            "flow, e.g. --preset mnist-fm)"
+        )
     progressive = method == "progressive"
     param = t.model.parameterization
     if progressive and param not in ("x0", "v"):
@@ -56,7 +59,7 @@ def distill_config(
             max_minutes=None, sample_every=0,
         ),
         sample=replace(
-            t.sample, sampler="ddim" if progressive else "consistency", steps=steps, eta=None
+            t.sample, sampler=STUDENT_SAMPLERS[method], steps=steps, eta=None
         ),
     )  # fmt: skip
     kind = kind_of(cfg)
@@ -91,7 +94,7 @@ def distill_command(args: argparse.Namespace) -> int:
     else:
         if args.teacher is None:
             raise ValueError("name the teacher: difflab distill TEACHER_RUN --method "
-                             "progressive|consistency --out RUN")  # fmt: skip
+                             "progressive|consistency|reflow --out RUN")  # fmt: skip
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = args.out or Path("runs") / f"{Path(args.teacher).name}-{args.method}-{stamp}"
         if is_diffusers_folder(teacher_dir(args.teacher)):

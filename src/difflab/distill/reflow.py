@@ -100,23 +100,27 @@ def straightness(
     integral is the trapezoid rule over the velocities at t = 1, 1 - h, ..., h (the velocity at
     t = 0 needs the noise of a noiseless point), the last interval [0, h] taking u(h).
     z_1 - z_0 is noise minus the trajectory's end. Squared norms over all dimensions; mean
-    over the batch. Returns a float64 scalar (0 for straight, constant-speed trajectories)."""
+    over the batch. The trajectory and the sums are float64; the model is called in the dtype
+    of ``noise``. Returns a float64 scalar (0 for straight, constant-speed trajectories)."""
     _check_flow(schedule)
     if steps < 2:
         raise ValueError(f"straightness needs at least 2 steps, got {steps}")
     ts = torch.linspace(1.0, 0.0, steps + 1, dtype=F64)
-    b = noise.shape[0]
+    b, dtype = noise.shape[0], noise.dtype  # the model sees the noise's dtype
     x = noise.to(F64)
     velocities = []
     for i in range(steps):
         t, s = float(ts[i]), float(ts[i + 1])
-        u = ode_velocity(model(x, torch.full((b,), t, dtype=F64), cond), schedule, t).to(F64)
+        u = ode_velocity(model(x.to(dtype), torch.full((b,), t, dtype=F64), cond), schedule, t)
+        u = u.to(F64)
         velocities.append(u)
         x_euler = x + (s - t) * u
         if s == 0:  # the step to t = 0: Euler (the velocity there is undefined)
             x = x_euler
             continue
-        u_next = ode_velocity(model(x_euler, torch.full((b,), s, dtype=F64), cond), schedule, s)
+        u_next = ode_velocity(
+            model(x_euler.to(dtype), torch.full((b,), s, dtype=F64), cond), schedule, s
+        )
         x = x + (s - t) * 0.5 * (u + u_next.to(F64))
     d = noise.to(F64) - x  # z_1 - z_0: the straight line's velocity
     h = 1.0 / steps
