@@ -496,6 +496,9 @@ PRESETS["mnist-sr"] = _derive(
 # the only difference (benchmarks/backbone_quality.py)
 PRESETS["mnist-dit"] = _derive("mnist", "mnist-dit", model={"net": "dit", "preset": "mnist-dit"})
 PRESETS["mnist-uvit"] = _derive("mnist", "mnist-uvit", model={"net": "dit", "preset": "mnist-uvit"})
+# the same with 4x4 patches: equal parameters at half the U-Net's FLOPs (a time budget's pick)
+for _name in ("mnist-dit-p4", "mnist-uvit-p4"):
+    PRESETS[_name] = _derive("mnist", _name, model={"net": "dit", "preset": _name})
 PRESETS["mnist-latent-dit"] = _derive(
     "mnist-latent", "mnist-latent-dit", model={"net": "dit", "preset": "mnist-latent-dit"}
 )
