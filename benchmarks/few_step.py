@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from _mnist import mnist_yardstick
 
 from difflab.app.runs import load_run
@@ -76,6 +77,19 @@ def score(built, sampler: str, steps: int, *, n: int, batch: int, yard, fid_ref)
     return row
 
 
+def figure(path: Path, teacher, students: dict) -> None:
+    """One row of 16 samples each: the teacher's 10-step SDE-DPM-Solver++(2M), then every
+    student in 1 and 2 steps; the same seed for every row."""
+    from difflab import viz
+
+    rows = [draw_samples(teacher, 16, sampler="dpm++2m-sde", steps=10, seed=0)]
+    for built in students.values():
+        rows += [draw_samples(built, 16, sampler=built.cfg.sample.sampler, steps=k, seed=0)
+                 for k in (1, 2)]  # fmt: skip
+    viz.save_image_grid(torch.cat(rows), path, nrow=16, scale=2)
+    print(f"figure: {path} (rows: teacher, then {', '.join(students)} in 1 and 2 steps)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("teacher", type=Path, help="a trained unconditional MNIST run")
@@ -88,6 +102,12 @@ def main() -> None:
     ap.add_argument("--fid-n", type=int, default=0, help="also Inception FID at this n (0: off)")
     ap.add_argument("--set", action="append", default=[], help="difflab distill --set options")
     ap.add_argument("--append", help="append the table to this markdown file")
+    ap.add_argument(
+        "--figure",
+        type=Path,
+        help="PNG: a row of 16 samples per model and steps "
+        "(the teacher's, then each student's in 1 and 2 steps), seed 0",
+    )
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -164,6 +184,9 @@ def main() -> None:
         )
         record("Few-step generation: distilled students (MNIST)", table, path=args.append,
                notes=notes)  # fmt: skip
+
+    if args.figure is not None:  # last: the table is kept whatever happens here
+        figure(args.figure, teacher, {m: load_run(r) for m, r in runs.items()})
 
 
 if __name__ == "__main__":

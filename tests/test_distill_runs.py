@@ -241,6 +241,21 @@ def test_reflow_trains_on_the_teachers_ode_pairs_and_samples_in_one_step(flow_te
     assert _samples(run, tmp_path, "--steps", "2").shape == (50, 2)
 
 
+def test_a_student_saved_without_pair_buffers_still_loads(runs):
+    """Runs distilled before reflow existed have no ``pair_noise`` / ``pair_x0``: they load as
+    the empty buffers of a non-reflow model, while a reflow model still needs its pairs."""
+    from difflab.app.distill import DistillModel
+
+    model = load_run(runs["progressive"]).model
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("pair_")}
+    model.load_state_dict(old)  # strict
+    net = torch.nn.Linear(2, 2)
+    reflow = DistillModel(net, net, rounds=0, ref_shape=(1, 2), pair_shape=(3, 2))
+    state = {k: v for k, v in reflow.state_dict().items() if not k.startswith("pair_")}
+    with pytest.raises(RuntimeError, match="pair_noise"):
+        reflow.load_state_dict(state)
+
+
 @pytest.mark.slow
 def test_a_reflow_run_killed_by_sigkill_resumes_bit_exactly(flow_teacher, tmp_path):
     """A real kill -9 of a ``difflab distill`` process at an arbitrary moment after its first

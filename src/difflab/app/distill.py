@@ -116,6 +116,14 @@ class DistillModel(nn.Module):
         self.register_buffer("pair_noise", torch.zeros(pair_shape))
         self.register_buffer("pair_x0", torch.zeros(pair_shape))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002
+        """Runs saved before reflow have no pair buffers: they load as the empty ones."""
+        for name in ("pair_noise", "pair_x0"):
+            own = getattr(self, name)
+            if prefix + name not in state_dict and own.numel() == 0:
+                state_dict[prefix + name] = own.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def train(self, mode: bool = True) -> DistillModel:
         """Train the student; the teachers stay in eval mode (no dropout in the targets)."""
         super().train(mode)
