@@ -60,6 +60,12 @@ RECIPES: dict[str, list[str]] = {
         "diffusion.weighting=edm",
         "diffusion.t_sampling=lognormal",
     ],  # fmt: skip
+    # flow matching (the mnist-fm preset's process), sampled as eps is by default
+    "flow": [
+        "model.parameterization=flow",
+        "diffusion.schedule=flow",
+        "diffusion.t_sampling=logit-normal",
+    ],  # fmt: skip
     "lr-1e-3": ["train.lr=1e-3"],
     "lr-4e-3": ["train.lr=4e-3"],
     "batch-32": ["train.batch_size=32"],
