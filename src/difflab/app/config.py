@@ -546,6 +546,11 @@ PRESETS["mnist-fm"] = _derive(
     diffusion=_FLOW,
     sample={"sampler": "flow-euler", "steps": 20},
 )
+# the 4x4-patch DiT trained by flow matching (SD3's pairing of a transformer with rectified
+# flow and logit-normal times [Esser 2024]); mnist-fm's recipe, so it compares with the U-Net's
+PRESETS["mnist-dit-fm"] = _derive(
+    "mnist-fm", "mnist-dit-fm", model={"net": "dit", "preset": "mnist-dit-p4"}
+)
 PRESETS["mnist-cond-fm"] = _derive(
     "mnist-fm", "mnist-cond-fm", model={"num_classes": 10, "label_dropout": 0.1}
 )
