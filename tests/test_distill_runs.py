@@ -242,8 +242,8 @@ def test_reflow_trains_on_the_teachers_ode_pairs_and_samples_in_one_step(flow_te
 
 
 def test_a_student_saved_without_pair_buffers_still_loads(runs):
-    """Runs distilled before reflow existed have no ``pair_noise`` / ``pair_x0``: they load as
-    the empty buffers of a non-reflow model, while a reflow model still needs its pairs."""
+    """Runs distilled before reflow existed have no ``pair_noise`` / ``pair_x0``, and neither
+    has a non-reflow model: they load unchanged, while a reflow model still needs its pairs."""
     from difflab.app.distill import DistillModel
 
     model = load_run(runs["progressive"]).model

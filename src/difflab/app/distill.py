@@ -93,13 +93,14 @@ class DistillModel(nn.Module):
     ``round``, ``round_loss`` / ``round_count`` (the summed loss and steps of each round),
     ``round_rms`` (each round's RMS distance to the teacher's samples from ``ref_noise``,
     ``ref_teacher``: the teacher's ``distill.teacher_steps``-step DDIM samples from that noise);
-    for reflow, ``pair_noise`` and ``pair_x0`` (P, ...) hold the teacher's ODE pairs (P = 0 for
-    the other methods).
+    for reflow (``pair_shape`` given), ``pair_noise`` and ``pair_x0`` (P, ...) hold the
+    teacher's ODE pairs; the other methods have no such buffers, so their state dicts are those
+    of runs saved before reflow existed.
     """
 
     def __init__(
         self, student: nn.Module, teacher: nn.Module, *, rounds: int, ref_shape: tuple,
-        pair_shape: tuple = (0,),
+        pair_shape: tuple | None = None,
     ):  # fmt: skip
         super().__init__()
         self.student = student
@@ -113,16 +114,9 @@ class DistillModel(nn.Module):
         self.register_buffer("round_rms", torch.zeros(r, dtype=torch.float64))
         self.register_buffer("ref_noise", torch.zeros(ref_shape))
         self.register_buffer("ref_teacher", torch.zeros(ref_shape))
-        self.register_buffer("pair_noise", torch.zeros(pair_shape))
-        self.register_buffer("pair_x0", torch.zeros(pair_shape))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002
-        """Runs saved before reflow have no pair buffers: they load as the empty ones."""
-        for name in ("pair_noise", "pair_x0"):
-            own = getattr(self, name)
-            if prefix + name not in state_dict and own.numel() == 0:
-                state_dict[prefix + name] = own.clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if pair_shape is not None:
+            self.register_buffer("pair_noise", torch.zeros(pair_shape))
+            self.register_buffer("pair_x0", torch.zeros(pair_shape))
 
     def train(self, mode: bool = True) -> DistillModel:
         """Train the student; the teachers stay in eval mode (no dropout in the targets)."""
@@ -228,7 +222,8 @@ class DistillTask:
             if cfg.diffusion.schedule != "flow":
                 raise ValueError(
                     "reflow straightens a flow-matching model: its teacher must be a run with "
-                    f"diffusion.schedule=flow, not {cfg.diffusion.schedule!r}"
+                    f"diffusion.schedule=flow, not {cfg.diffusion.schedule!r} (train the "
+                    "teacher with e.g. --preset mnist-fm)"
                 )
             if cfg.model.num_classes > 0:
                 raise ValueError("reflow distils an unconditional teacher (model.num_classes=0)")
@@ -284,9 +279,9 @@ class DistillTask:
         student = super().build_model(cfg, data_shape, sched)  # type: ignore[misc]
         teacher = copy.deepcopy(student)
         n = REF_SAMPLES[self.data]  # type: ignore[attr-defined]
-        pairs = cfg.distill.reflow_pairs if self.is_reflow(cfg) else 0
+        pairs = (cfg.distill.reflow_pairs, *data_shape) if self.is_reflow(cfg) else None
         return DistillModel(student, teacher, rounds=rounds_of(cfg), ref_shape=(n, *data_shape),
-                            pair_shape=(pairs, *data_shape))  # fmt: skip
+                            pair_shape=pairs)  # fmt: skip
 
     def denoiser(self, cfg: RunConfig, model: nn.Module, schedule: Schedule) -> Any:
         den = diffusion_denoiser(cfg, model.student, schedule)  # type: ignore[arg-type]
@@ -475,8 +470,8 @@ class DistillTask:
     ) -> Tensor:  # fmt: skip
         if guidance is not None or classifier is not None:
             raise ValueError("a distilled student samples without guidance")
-        if not self.is_consistency_model(built.cfg):  # DDIM on the rounds' trailing grid
-            if not self.is_reflow(built.cfg):
+        if not self.is_consistency_model(built.cfg):
+            if built.cfg.distill.method == "progressive":  # DDIM on the rounds' trailing grid
                 options.setdefault("spacing", "trailing")
             return sample_with_denoiser(
                 built, b, generator=generator, cond=cond, callback=callback, sampler=sampler,
@@ -513,19 +508,16 @@ class DistillTask:
     @torch.no_grad()
     def straightness_record(self, built: Built, *, log: Any) -> dict[str, float]:
         """Reflow: the straightness S [Liu 2023, Eq. 8] of the teacher's and the student's flow
-        from the same noise (the reference-sample count), 20 Heun steps."""
-        m: Any = built.model
+        from the same noise (the reference-sample count), 20 Heun steps; called by the report,
+        on the EMA weights in eval mode."""
         n = REF_SAMPLES[self.data]  # type: ignore[attr-defined]
         g = torch.Generator().manual_seed(built.cfg.train.seed + 2)
         noise = prior_noise(built.schedule, (n, *built.data_shape), generator=g).to(built.device)
-        was_training = m.student.training
-        m.student.eval()
         out = {
             "teacher": float(straightness(self.teacher_denoiser(built), built.schedule, noise,
                                           steps=20)),
             "student": float(straightness(built.denoiser, built.schedule, noise, steps=20)),
         }  # fmt: skip
-        m.student.train(was_training)
         log(f"straightness S (Liu 2023, Eq. 8; 0 = straight): teacher {out['teacher']:.4g}, "
             f"student {out['student']:.4g}")  # fmt: skip
         return out

@@ -38,12 +38,6 @@ def distill_config(
     teacher's learning rate, at most 100 warm-up steps, 2000 steps, no time limit)."""
     path = teacher_dir(teacher)
     t = frozen_config(path, role="teacher")
-    if method == "reflow" and t.diffusion.schedule != "flow":
-        raise ValueError(
-            f"--method reflow straightens a flow-matching model; {teacher} is a "
-            f"{t.diffusion.schedule!r}-schedule run (train the teacher with diffusion.schedule="
-            "flow, e.g. --preset mnist-fm)"
-        )
     progressive = method == "progressive"
     param = t.model.parameterization
     if progressive and param not in ("x0", "v"):
