@@ -5,7 +5,7 @@ default of a tutorial run as a script, trains longer on real data where it finds
 some of their text describes. This script runs each selected tutorial in its own process
 (``python tutorials/NN_name.py``, with the answers to the exercises), one after the other, with
 a time limit per tutorial, and prints (or appends to BENCHMARKS.md) a table: tutorial, mode,
-seconds, passed or the last line of its error.
+wall and CPU seconds, passed or the last line of its error.
 
     .venv/bin/python benchmarks/tutorials_full_mode.py --data-dir ../shared/data \
         --append BENCHMARKS.md
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -50,11 +51,26 @@ def _positive(text: str) -> float:
     return value
 
 
+def _child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_one(
     path: Path, *, fast: bool, timeout: float, env: dict[str, str], log_dir: Path | None = None
+) -> tuple[float, float, str]:
+    """Run one tutorial; returns (wall seconds, CPU seconds (user + sys), "passed" or a one-line
+    reason). With ``log_dir``, its printed output (the figures its text quotes) goes to
+    ``NN_name.log``. The CPU seconds are the tutorial's cost on a machine shared with other
+    jobs, where the wall seconds also count the others' time."""
+    cpu0 = _child_cpu_seconds()
+    seconds, result = _run(path, fast=fast, timeout=timeout, env=env, log_dir=log_dir)
+    return seconds, _child_cpu_seconds() - cpu0, result
+
+
+def _run(
+    path: Path, *, fast: bool, timeout: float, env: dict[str, str], log_dir: Path | None
 ) -> tuple[float, str]:
-    """Run one tutorial; returns (wall seconds, "passed" or a one-line reason). With
-    ``log_dir``, its printed output (the figures its text quotes) goes to ``NN_name.log``."""
     # unbuffered: a run stopped at the time limit still leaves what it printed in the log
     run_env = dict(env, DIFFLAB_ANSWERS="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
     if fast:
@@ -112,14 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir is not None:
         env["DIFFLAB_DATA_DIR"] = str(args.data_dir.resolve())
     mode = "fast" if args.fast else "full"
-    rows = ["| tutorial | mode | seconds | result |", "|---|---|---:|---|"]
+    rows = ["| tutorial | mode | wall seconds | CPU seconds | result |", "|---|---|---:|---:|---|"]
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.name} ({mode} mode) ...", flush=True)
-        seconds, result = run_one(
+        seconds, cpu, result = run_one(
             path, fast=args.fast, timeout=args.timeout, env=env, log_dir=args.log_dir
         )
-        print(f"    {seconds:.0f} s: {result}", flush=True)
-        rows.append(f"| `{path.name}` | {mode} | {seconds:.0f} | {result.replace('|', '/')} |")
+        print(f"    {seconds:.0f} s ({cpu:.0f} CPU s): {result}", flush=True)
+        rows.append(
+            f"| `{path.name}` | {mode} | {seconds:.0f} | {cpu:.0f} | {result.replace('|', '/')} |"
+        )
     table = "\n".join(rows)
     print(table)
     if args.append is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -103,6 +104,39 @@ def test_the_student_starts_as_the_teacher_and_keeps_it_frozen(teacher, runs):
     s = ckpt.load_checkpoint(runs["progressive"]).tensors["ema"]
     assert all(torch.equal(s[f"teacher.{k}"], v) for k, v in t.items())
     assert any(not torch.equal(s[f"student.{k}"], v) for k, v in t.items())
+
+
+@pytest.mark.parametrize("method", ["consistency", "ect"])
+def test_a_consistency_student_of_an_eps_teacher_predicts_v(teacher, runs, method):
+    """At t_max one unit of network output moves a consistency student's one-step sample by
+    sigma(T) (s - s_min) / s (a v student's x0 = alpha x - sigma v, read through
+    c_out^CM / c_out^EDM), not by the eps student's sigma(T) / alpha(T): an eps student's
+    one-step samples are its eps error amplified 1 / alpha(T) (157x on the DDPM schedule)."""
+    assert json.loads((teacher / "config.json").read_text())["model"]["parameterization"] == "eps"
+    built = load_run(runs[method])
+    assert built.cfg.model.parameterization == "v"
+
+    class Constant(torch.nn.Module):
+        def __init__(self, value: float):
+            super().__init__()
+            self.value = value
+
+        def forward(self, x, t, cond=None):
+            return torch.full_like(x, self.value)
+
+    sched = built.schedule
+    t_max = torch.full((4,), float(sched.t_max), dtype=torch.float64)
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def one_step(value: float) -> torch.Tensor:
+        den = built.kind.denoiser(built.cfg, SimpleNamespace(student=Constant(value)), sched)
+        return den(x, t_max).x0
+
+    gain = (one_step(1.0) - one_step(0.0)).abs()
+    sigma, alpha = float(sched.sigma(t_max[:1])), float(sched.alpha(t_max[:1]))
+    s, s_min = sigma / alpha, float(sched.sigma_min)
+    assert torch.allclose(gain, torch.full_like(gain, sigma * (s - s_min) / s), rtol=1e-6)
+    assert sigma / alpha > 1.2 * sigma  # the eps student's gain would differ
 
 
 def test_sampling_works_after_the_teacher_is_deleted(teacher, tmp_path):

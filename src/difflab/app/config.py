@@ -505,7 +505,9 @@ PRESETS["mnist-latent-dit"] = _derive(
 # few-step students of a trained run (difflab distill TEACHER_RUN, or difflab train --preset
 # swissroll-distill --set distill.teacher=RUN): the network, data and schedule must be the
 # teacher's. Progressive distillation 64 -> 1 DDIM steps in v-prediction [Salimans & Ho 2022];
-# consistency distillation with a Heun step of the teacher, sampled in 2 steps [Song 2023]
+# consistency distillation with a Heun step of the teacher, sampled in 2 steps [Song 2023], in
+# v-prediction like difflab distill's consistency students of an eps teacher (an eps
+# student's one-step x0 is its eps error times 1 / alpha(T) = 157)
 PRESETS["swissroll-distill"] = _derive(
     "swissroll",
     "swissroll-distill",
@@ -516,7 +518,7 @@ PRESETS["swissroll-distill"] = _derive(
 PRESETS["mnist-consistency"] = _derive(
     "mnist",
     "mnist-consistency",
-    model={"kind": "distill"},
+    model={"kind": "distill", "parameterization": "v"},
     train={"steps": 5000, "lr": 5e-4},
     sample={"sampler": "consistency", "steps": 2},
     distill={"method": "consistency"},

@@ -38,10 +38,12 @@ def distill_config(
     teacher's learning rate, at most 100 warm-up steps, 2000 steps, no time limit)."""
     path = teacher_dir(teacher)
     t = frozen_config(path, role="teacher")
-    progressive = method == "progressive"
     param = t.model.parameterization
-    if progressive and param not in ("x0", "v"):
-        param = "v"  # the paper's: eps is ill-conditioned at the 1-step student's t_max
+    if method in ("progressive", "consistency") and param not in ("x0", "v"):
+        # an eps student's x0 at t_max is its eps error times 1 / alpha(t_max) (157 for the
+        # DDPM schedule), and a one-step student's samples are that x0: progressive
+        # distillation's paper uses v, consistency models EDM's F (v is its sigma_data = 1)
+        param = "v"
     steps = student_steps or STUDENT_STEPS.get(method, 1)
     cfg = replace(
         t,
