@@ -18,6 +18,13 @@ the table (recipe, steps, images/s, FDD at both samplers, FID) is printed and, w
 ``--append``, appended to BENCHMARKS.md. Runs go to ``--run-root/<stage>-<recipe>``; a finished
 run there is scored without training again, so an interrupted race continues.
 
+A time budget needs the machine to itself. ``--steps`` / ``--confirm-steps`` give the budgets
+as step counts instead: the preset's rate measured alone (``--minutes 3`` of ``mnist`` is
+1,383 steps and 10 minutes 4,611 on the 2-core CPU of BENCHMARKS.md) applies to every recipe
+of the same cost per step (the process, the loss weighting, the learning rate, the EMA), and
+such runs may share the machine; a recipe that changes the cost of a step (batch, width,
+depth, the throughput levers) races on a time budget alone.
+
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --append BENCHMARKS.md
     # a few seconds, to check that it runs:
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --minutes 0.05 \\
@@ -25,6 +32,9 @@ run there is scored without training again, so an interrupted race continues.
         --set sample.n=16 --set 'model.unet={"base_channels": 8}'
     # where one training step of the mnist preset spends its time (torch.profiler):
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --profile
+    # the recipes of the preset's cost per step, on step budgets (may share the machine):
+    python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --steps 1383 \
+        --confirm-steps 4611 --recipes baseline,flow,v,min-snr,edm,lr-4e-3,ema-5k --ref-n 2000
     # paired timing of the throughput levers (100 steps each, interleaved, 3 repeats):
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --time-levers
 """
@@ -89,24 +99,32 @@ def parse_recipe(text: str) -> tuple[str, list[str]]:
     return name, [s for s in sets.split(";") if s]
 
 
-def train_recipe(sets: list[str], minutes: float, run_dir: Path, args: argparse.Namespace):
-    """Train the recipe for ``minutes`` into ``run_dir`` (or reuse it if finished there);
-    returns (steps, images per second of the budget)."""
+def train_recipe(
+    sets: list[str], minutes: float, run_dir: Path, args: argparse.Namespace,
+    steps: int | None = None,
+):  # fmt: skip
+    """Train the recipe for ``minutes`` into ``run_dir`` (or reuse it if finished there), or
+    for ``steps`` (no time limit: the budget converted at the preset's measured rate);
+    returns (steps, images per second of the budget, None for a step budget)."""
     cfg = apply_overrides(get_preset("mnist"), [*args.set, *sets])
     cfg = replace(
         cfg,
         data=replace(cfg.data, data_dir=str(Path(args.data_dir).resolve())),
         train=replace(
-            cfg.train, max_minutes=minutes, steps=10**9, device=args.device, seed=args.seed
+            cfg.train,
+            max_minutes=None if steps else minutes,
+            steps=steps or 10**9,
+            device=args.device,
+            seed=args.seed,
         ),  # fmt: skip
     )
     if not ckpt.is_finished(run_dir):
         train_run(cfg, run_dir, progress=False, log=lambda m: print(m, flush=True))
     info = ckpt.read_json_object(run_dir / "finished.json", missing="missing", invalid="invalid")
-    steps = int(
-        info["step"]
-    )  # images per second of the budget (finished.json's time has the report)
-    return steps, steps * cfg.train.batch_size / (minutes * 60.0)
+    # images per second of the budget (finished.json's time has the report)
+    if steps is not None:
+        return int(info["step"]), None
+    return int(info["step"]), int(info["step"]) * cfg.train.batch_size / (minutes * 60.0)
 
 
 def score(run_dir: Path, yard: Any, fid: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -114,10 +132,11 @@ def score(run_dir: Path, yard: Any, fid: Any, args: argparse.Namespace) -> dict[
     built = load_run(run_dir, device=torch.device(args.device))
     s = built.cfg.sample
     out: dict[str, Any] = {"sampler": f"{s.sampler} {s.steps}"}
-    draws = {"default": (s.sampler, s.steps), "ref": (args.ref_sampler, args.ref_steps)}
-    for key, (sampler, steps) in draws.items():
+    draws = {"default": (s.sampler, s.steps, args.n),
+             "ref": (args.ref_sampler, args.ref_steps, args.ref_n or args.n)}  # fmt: skip
+    for key, (sampler, steps, n) in draws.items():
         t0 = time.perf_counter()
-        x = draw_samples(built, args.n, sampler=sampler, steps=steps, seed=args.seed,
+        x = draw_samples(built, n, sampler=sampler, steps=steps, seed=args.seed,
                          batch_size=args.sample_batch)  # fmt: skip
         out[f"{key}_s"] = time.perf_counter() - t0
         out[f"fdd_{key}"] = frechet_digit_distance(x, yard.reference, net=yard.net)
@@ -154,8 +173,8 @@ def race(args: argparse.Namespace) -> list[dict[str, Any]]:
     yard = mnist_yardstick(args.data_dir, cache_dir=args.cache_dir, device=args.device)
     fid = _inception(args)
     rows: list[dict[str, Any]] = []
-    stages = [("race", args.minutes, names)]
-    for stage, minutes, chosen in stages:
+    stages = [("race", args.minutes, args.steps, names)]
+    for stage, minutes, budget_steps, chosen in stages:
         for name in chosen:
             try:
                 check_config(apply_overrides(get_preset("mnist"), [*args.set, *recipes[name]]))
@@ -163,8 +182,9 @@ def race(args: argparse.Namespace) -> list[dict[str, Any]]:
                 print(f"skipping {name}: {e}", flush=True)
                 continue
             run_dir = args.run_root / f"{stage}-{name}"
-            steps, img_s = train_recipe(recipes[name], minutes, run_dir, args)
-            row = {"stage": f"{minutes:g} min", "recipe": name, "sets": recipes[name],
+            steps, img_s = train_recipe(recipes[name], minutes, run_dir, args, budget_steps)
+            label = f"{minutes:g} min" + (f" ({budget_steps} steps)" if budget_steps else "")
+            row = {"stage": label, "recipe": name, "sets": recipes[name],
                    "steps": steps, "img_s": img_s, **score(run_dir, yard, fid, args)}  # fmt: skip
             print(_row(row), flush=True)
             rows.append(row)
@@ -172,21 +192,23 @@ def race(args: argparse.Namespace) -> list[dict[str, Any]]:
             ranked = sorted((r for r in rows if math.isfinite(r["fdd_default"])),
                             key=lambda r: r["fdd_default"])  # fmt: skip
             best = [r["recipe"] for r in ranked[: args.top]]
-            stages.append(("confirm", args.confirm_minutes, best))
+            stages.append(("confirm", args.confirm_minutes, args.confirm_steps, best))
     return rows
 
 
 def _row(r: dict[str, Any]) -> str:
     sets = " ".join(f"`{s}`" for s in r["sets"]) or "(preset)"
     fid = f"{r['fid']:.2f}" if "fid" in r else "-"
-    return (f"| {r['stage']} | {r['recipe']} | {sets} | {r['steps']} | {r['img_s']:.0f} | "
+    img_s = "-" if r["img_s"] is None else f"{r['img_s']:.0f}"
+    return (f"| {r['stage']} | {r['recipe']} | {sets} | {r['steps']} | {img_s} | "
             f"{r['fdd_default']:.2f} ({r['sampler']}, {r['default_s']:.0f} s) | "
             f"{r['fdd_ref']:.2f} | {fid} |")  # fmt: skip
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     head = ("| budget | recipe | overrides of `mnist` | steps | images/s | FDD, default sampler "
-            f"(time) | FDD, {args.ref_sampler} {args.ref_steps} | FID (n = {args.fid_n}) |\n"
+            f"(time) | FDD, {args.ref_sampler} {args.ref_steps} (n = {args.ref_n or args.n}) | "
+            f"FID (n = {args.fid_n}) |\n"
             "|---|---|---|---:|---:|---:|---:|---:|\n")  # fmt: skip
     return head + "\n".join(_row(r) for r in rows) + "\n"
 
@@ -275,6 +297,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", required=True, help="the four MNIST *-ubyte.gz files")
     ap.add_argument("--minutes", type=float, default=3.0, help="training budget of the race")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="the race's budget as a step count (the --minutes budget converted "
+                    "at the preset's measured rate, for recipes of its cost per step); the "
+                    "runs then take no time limit, so several can share a machine")  # fmt: skip
+    ap.add_argument("--confirm-steps", type=int, default=None,
+                    help="the confirmation runs' budget as a step count (as --steps)")  # fmt: skip
     ap.add_argument("--confirm-minutes", type=float, default=10.0,
                     help="budget of the confirmation runs (0: none)")  # fmt: skip
     ap.add_argument("--top", type=int, default=3, help="recipes confirmed at the longer budget")
@@ -284,6 +312,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000, help="samples per FDD")
     ap.add_argument("--ref-sampler", default="ddpm")
     ap.add_argument("--ref-steps", type=int, default=50)
+    ap.add_argument("--ref-n", type=int, default=0,
+                    help="samples per FDD of the reference sampler (0: --n)")  # fmt: skip
     ap.add_argument("--fid-n", type=int, default=0, help="also the Inception FID of n samples")
     ap.add_argument("--inception", help="Inception weights (default: difflab.fid.find_inception)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every run and of sampling")
