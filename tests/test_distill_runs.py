@@ -249,14 +249,25 @@ def flow_teacher(tmp_path_factory) -> Path:
     return out
 
 
-def test_reflow_trains_on_the_teachers_ode_pairs_and_samples_in_one_step(flow_teacher, tmp_path):
+def test_reflow_trains_on_the_teachers_ode_pairs_and_samples_in_one_step(
+    flow_teacher, tmp_path, monkeypatch, capsys
+):
     """The stored pairs are (noise, the teacher's 4-step flow-heun ODE solution from it): the
-    oracle is difflab.distill.reflow.reflow_pairs on the teacher run itself; the report gives
-    the straightness of both flows; the student samples with one Euler step by default."""
+    oracle is difflab.distill.reflow.reflow_pairs on the teacher run itself, on all 96 pairs
+    at once where the run drew them in chunks of 40 (the last one partial), printing a line
+    per chunk; the report gives the straightness of both flows; the student samples with one
+    Euler step by default."""
+    import difflab.app.distill as distill_task
     from difflab.distill.reflow import reflow_pairs
 
+    monkeypatch.setattr(distill_task, "PAIR_CHUNK", 40)
     run = tmp_path / "reflow"
     assert _distill(flow_teacher, run, *REFLOW) == 0
+    out = capsys.readouterr().out
+    assert "reflow: drawing 96 pairs from the teacher's ODE (4 flow-heun steps each)" in out
+    assert [line.split(",")[0] for line in out.splitlines() if " of 96 pairs" in line] == [
+        "reflow: 40 of 96 pairs", "reflow: 80 of 96 pairs", "reflow: 96 of 96 pairs"
+    ]  # fmt: skip
     tensors = ckpt.load_checkpoint(run).tensors["model"]
     noise, x0 = tensors["pair_noise"], tensors["pair_x0"]
     assert noise.shape == x0.shape == (96, 2)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ from difflab.distill.consistency import (
 )
 from difflab.distill.progressive import DISTILL_WEIGHTINGS, progressive_grids, progressive_loss
 from difflab.distill.reflow import reflow_loss, reflow_pairs, straightness
+from difflab.safe_io import say
 from difflab.sampler_table import SAMPLER_TABLE
 from difflab.samplers import SAMPLERS
 from difflab.samplers.common import ThresholdedDenoiser, prior_noise
@@ -387,11 +389,17 @@ class DistillTask:
         g = torch.Generator().manual_seed(built.cfg.train.seed + 1)
         teacher = self.teacher_denoiser(built)
         noise = prior_noise(built.schedule, tuple(m.pair_noise.shape), generator=g)
-        for i in range(0, noise.shape[0], PAIR_CHUNK):
+        n, steps = noise.shape[0], built.cfg.distill.reflow_steps
+        say(f"reflow: drawing {n:,} pairs from the teacher's ODE ({steps} flow-heun steps each)")
+        start = time.perf_counter()
+        for i in range(0, n, PAIR_CHUNK):
             z = noise[i : i + PAIR_CHUNK].to(built.device)
-            _, x0 = reflow_pairs(teacher, built.schedule, z, steps=built.cfg.distill.reflow_steps)
+            _, x0 = reflow_pairs(teacher, built.schedule, z, steps=steps)
             m.pair_noise[i : i + PAIR_CHUNK] = z
             m.pair_x0[i : i + PAIR_CHUNK] = x0
+            if n > PAIR_CHUNK:  # a line per chunk: minutes for an image teacher on a CPU
+                done = min(i + PAIR_CHUNK, n)
+                say(f"reflow: {done:,} of {n:,} pairs, {time.perf_counter() - start:.0f} s")
 
     def progressive_step_loss(self, built: Built) -> Any:
         """Round r of R covers steps [r S, (r + 1) S), S = ceil(train.steps / R): its student
