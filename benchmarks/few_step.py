@@ -4,8 +4,9 @@ students' FDD with the teacher's best samplers.
 From a teacher run (the 10-minute ``mnist`` run) this distils one student per method with
 ``difflab distill`` for ``--minutes`` each on this machine (progressive distillation 64 -> 1
 DDIM steps in v-prediction; consistency distillation with the teacher's Heun step; easy
-consistency tuning). A progressive run's rounds and an ECT run's stages divide its step count,
-so each run first times 20 steps and is given the steps that fit its budget. Then it draws
+consistency tuning; the consistency students of an eps teacher predict v too). A progressive
+run's rounds and an ECT run's stages divide its step count, so each run first times 20 steps
+and is given the steps that fit its budget. Then it draws
 ``--n`` samples (default 10,000) from the teacher with DDPM-50 and 10-step SDE-DPM-Solver++(2M)
 and from each student in 1, 2 and 4 steps, timing each call, and scores them by the Frechet
 digit distance (FDD) to the MNIST test images (``--fid-n`` adds Inception FID at that n).
