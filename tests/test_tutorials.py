@@ -200,6 +200,43 @@ MIN_ANSWERS = 2  # "Try this" exercises whose answers each tutorial checks
 NEEDS = {"11": "diffusers"}
 
 
+def test_full_mode_digits_are_random_draws_of_mnist(tmp_path, monkeypatch):
+    """``_common.load_digits`` on an MNIST folder: every training image once, in an order set by
+    the generator, and ``n_val`` distinct test images drawn at random, not the files' first
+    (MNIST's files are ordered by writer group). The fake files number their images by the
+    first pixel."""
+    import gzip
+    import struct
+
+    import numpy as np
+    import torch
+
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for prefix, n in (("train", 200), ("t10k", 100)):
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        images[:, 0, 0] = np.arange(n)
+        for kind, arr in (("images-idx3", images), ("labels-idx1", np.arange(n) % 10)):
+            header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim)
+            header += struct.pack(f">{arr.ndim}I", *arr.shape)
+            blob = gzip.compress(header + arr.astype(np.uint8).tobytes(), mtime=0)
+            (folder / f"{prefix}-{kind}-ubyte.gz").write_bytes(blob)
+    monkeypatch.delenv("DIFFLAB_FAST", raising=False)
+    monkeypatch.setenv("DIFFLAB_DATA_DIR", str(tmp_path))
+    monkeypatch.syspath_prepend(str(TUTORIAL_DIR))
+    import _common
+
+    def index(x: torch.Tensor) -> list[int]:  # [-1, 1] back to the byte in the first pixel
+        return [round(v) for v in ((x[:, 0, 0, 0] + 1) * 127.5).tolist()]
+
+    train, val, source = _common.load_digits(30, generator=torch.Generator().manual_seed(0))
+    assert source == "MNIST" and train.shape == (200, 1, 28, 28) and val.shape == (30, 1, 28, 28)
+    assert sorted(index(train)) == list(range(200)) and index(train) != list(range(200))
+    assert len(set(index(val))) == 30 and index(val) != list(range(30))
+    again = _common.load_digits(30, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], train) and torch.equal(again[1], val)
+
+
 def test_tutorials_are_found():
     assert [p.name[:2] for p in TUTORIALS[:4]] == ["01", "02", "03", "04"]
 

@@ -185,8 +185,13 @@ def digit_like_images(n: int, size: int = 16, *, generator=None):
 def load_digits(n_val: int, *, generator=None):
     """Training and held-out digit images (N, 1, H, W) in [-1, 1], and where they came from.
 
-    Full mode: MNIST (28 x 28) when :func:`data_dir` finds it (all training images, the first
-    ``n_val`` test images). Fast mode, or no MNIST: seven-segment digits
+    Full mode: MNIST (28 x 28) when :func:`data_dir` finds it: all training images in a random
+    order and ``n_val`` test images drawn at random (``generator``). MNIST's files are not in a
+    random order: the test set's first 5,000 images come from NIST's training set and are
+    cleaner than its last 5,000. On :func:`pca_frechet` fitted on the first 1,024 test images
+    the last 1,000 test images score 16.2 and the first 1,000 training images 11.8, against
+    5.1 for 1,000 training images drawn at random: ``data[:n]`` and the first test images
+    would be no fair sample or reference. Fast mode, or no MNIST: seven-segment digits
     (:func:`digit_like_images`) of 16 x 16 (fast) or 28 x 28 pixels.
     """
     import torch
@@ -198,8 +203,9 @@ def load_digits(n_val: int, *, generator=None):
         try:
             train = load_image_dataset("mnist", data_dir=folder, train=True)
             test = load_image_dataset("mnist", data_dir=folder, train=False)
-            images = train.batch(torch.arange(len(train)))[0]
-            return images, test.batch(torch.arange(n_val))[0], "MNIST"
+            order = torch.randperm(len(train), generator=generator)
+            held_out = torch.randperm(len(test), generator=generator)[:n_val]
+            return train.batch(order)[0], test.batch(held_out)[0], "MNIST"
         except (FileNotFoundError, ValueError):
             pass
     size = pick(16, 28)
