@@ -112,8 +112,8 @@ def train_recipe(
         data=replace(cfg.data, data_dir=str(Path(args.data_dir).resolve())),
         train=replace(
             cfg.train,
-            max_minutes=None if steps else minutes,
-            steps=steps or 10**9,
+            max_minutes=None if steps is not None else minutes,
+            steps=10**9 if steps is None else steps,
             device=args.device,
             seed=args.seed,
         ),  # fmt: skip
@@ -121,10 +121,11 @@ def train_recipe(
     if not ckpt.is_finished(run_dir):
         train_run(cfg, run_dir, progress=False, log=lambda m: print(m, flush=True))
     info = ckpt.read_json_object(run_dir / "finished.json", missing="missing", invalid="invalid")
+    done = int(info["step"])
+    if steps is not None:  # a step budget has no seconds of its own
+        return done, None
     # images per second of the budget (finished.json's time has the report)
-    if steps is not None:
-        return int(info["step"]), None
-    return int(info["step"]), int(info["step"]) * cfg.train.batch_size / (minutes * 60.0)
+    return done, done * cfg.train.batch_size / (minutes * 60.0)
 
 
 def score(run_dir: Path, yard: Any, fid: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -332,6 +333,11 @@ def main() -> None:
     ap.add_argument("--lever-steps", type=int, default=100)
     ap.add_argument("--lever-repeats", type=int, default=3)
     args = ap.parse_args()
+    for flag in ("steps", "confirm_steps", "ref_n"):
+        value = getattr(args, flag)
+        least = 0 if flag == "ref_n" else 1  # --ref-n 0: as --n
+        if value is not None and value < least:
+            ap.error(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
     if args.fid_n > args.n:
         ap.error(f"--fid-n ({args.fid_n}) must be at most --n ({args.n})")
     if args.profile:
