@@ -156,17 +156,24 @@ print(f"samples: scale 0 = unconditional, scale 1 = conditional to {worst:.1e}")
 # %%
 scales = [0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0]
 by_scale, stats = {}, {}
-mu_req = gmm.means[requested]
-outward = mu_req / mu_req.norm(dim=1, keepdim=True)  # unit vector from the origin to mu_y
+
+
+def guidance_stats(x: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float, float]:
+    """(share in the requested component, share within one sd of mu_y, class sd around the
+    class's own sample mean (per coordinate), mean outward shift from mu_y along the ring)."""
+    x, mu = x.double(), gmm.means[labels]
+    outward = mu / mu.norm(dim=1, keepdim=True)  # unit vector from the origin to mu_y
+    in_comp = float((torch.cdist(x, gmm.means).argmin(1) == labels).double().mean())
+    within = float(((x - mu).norm(dim=1) < STD).double().mean())
+    class_means = torch.stack([x[labels == k].mean(0) for k in range(K)])
+    spread = float((x - class_means[labels]).pow(2).mean().sqrt())
+    return in_comp, within, spread, float(((x - mu) * outward).sum(1).mean())
+
+
 for scale in scales:
     x = draw(ClassifierFreeGuidance(exact, scale=scale, null_label=NULL), requested)
     by_scale[scale] = x
-    in_comp = float((torch.cdist(x, gmm.means).argmin(1) == requested).double().mean())
-    within = float(((x - mu_req).norm(dim=1) < STD).double().mean())
-    class_means = torch.stack([x[requested == k].mean(0) for k in range(K)])
-    spread = float((x - class_means[requested]).pow(2).mean().sqrt())  # per-coordinate sd
-    shift = float(((x - mu_req) * outward).sum(1).mean())
-    stats[scale] = (in_comp, within, spread, shift)
+    stats[scale] = in_comp, within, spread, shift = guidance_stats(x, requested)
     print(
         f"scale {scale:4.2f}: in requested component {in_comp:.3f}, within 1 sd of mu_y "
         f"{within:.3f}, class sd {spread:.3f} (data: {STD}), outward shift {shift:+.3f}"
@@ -286,12 +293,7 @@ for scale in (0.0, 1.0, 3.0):
         x = sample(cfg, sched, (n_trained, 2), sampler="dpm++2m", steps=25, cond=req,
                    generator=torch.Generator().manual_seed(4))  # fmt: skip
     trained[scale] = x
-    xd, mu = x.double(), gmm.means[req]
-    in_comp = float((torch.cdist(xd, gmm.means).argmin(1) == req).double().mean())
-    within_sd = float(((xd - mu).norm(dim=1) < STD).double().mean())
-    class_means = torch.stack([xd[req == k].mean(0) for k in range(K)])
-    spread = float((xd - class_means[req]).pow(2).mean().sqrt())  # as in section 3
-    shift = float(((xd - mu) * (mu / mu.norm(dim=1, keepdim=True))).sum(1).mean())
+    in_comp, within_sd, spread, shift = guidance_stats(x, req)  # as in section 3
     RESULTS[f"trained_in_component_scale{scale:g}"] = in_comp
     RESULTS[f"trained_within_1sd_scale{scale:g}"] = within_sd
     RESULTS[f"trained_class_sd_scale{scale:g}"] = spread
