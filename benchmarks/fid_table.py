@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a sentence for below the table")
     ap.add_argument("--inception", help="weights file (default: difflab.fid.find_inception)")
     ap.add_argument("--append", help="append the table to this markdown file")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="no floor row (a table of the same n and reference has one)")  # fmt: skip
     args = ap.parse_args()
     rows = [parse_row(r) for r in args.row]
     missing = [str(run) for _, run, _, _ in rows if not (run / "config.json").is_file()]
@@ -76,15 +78,16 @@ def main() -> None:
         value = fid.fid_from_features(fid.inception_features(x, extractor), ref)
         return fdd, value, time.perf_counter() - t
 
-    real = yard.train.images[: args.n]
-    fdd, value, secs = scores(real)
-    print(f"floor: FDD {fdd:.2f}, FID {value:.2f} ({secs:.0f} s)", flush=True)
     lines = [
         f"| row | run | sampler | steps | NFE | FDD (n={args.n}) "
         f"| Inception FID (n={args.n}, reference {len(ref)}) |",
         "|---|---|---|---:|---:|---:|---:|",
-        f"| {args.n} real training images (floor) | - | - | - | - | {fdd:.2f} | {value:.2f} |",
     ]
+    if not args.no_floor:
+        fdd, value, secs = scores(yard.train.images[: args.n])
+        print(f"floor: FDD {fdd:.2f}, FID {value:.2f} ({secs:.0f} s)", flush=True)
+        lines.append(f"| {args.n} real training images (floor) | - | - | - | - | {fdd:.2f} "
+                     f"| {value:.2f} |")  # fmt: skip
     for label, run, sampler, steps in rows:
         built = load_run(run)
         sampler = sampler or built.cfg.sample.sampler

@@ -1,12 +1,14 @@
 """Flow matching against eps-DDPM and EDM on MNIST at equal training cost: FDD at 10 and 50 NFE.
 
 Give it MNIST runs of the same network trained for the same number of steps (the presets share
-the U-Net and recipe of ``mnist``, so equal steps are equal CPU minutes), e.g.::
+the U-Net and recipe of ``mnist-eps``, so equal steps are equal CPU minutes), e.g.::
 
-    difflab train --preset mnist    --out runs/cmp-eps  --steps 6000 --data-dir ../shared/data/mnist
+    difflab train --preset mnist-eps --out runs/cmp-eps --steps 6000 \\
+        --data-dir ../shared/data/mnist
     difflab train --preset mnist-fm --out runs/cmp-flow --steps 6000 --data-dir ../shared/data/mnist
-    # EDM has no MNIST preset: the mnist preset on EDM's process, preconditioning and loss
-    difflab train --preset mnist --out runs/cmp-edm --steps 6000 --data-dir ../shared/data/mnist \\
+    # EDM has no MNIST preset: the mnist-eps preset on EDM's process, preconditioning and loss
+    difflab train --preset mnist-eps --out runs/cmp-edm --steps 6000 \\
+        --data-dir ../shared/data/mnist \\
         --set diffusion.schedule=edm --set model.parameterization=edm \\
         --set diffusion.weighting=edm --set diffusion.t_sampling=lognormal
 

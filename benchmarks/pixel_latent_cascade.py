@@ -3,7 +3,7 @@
 Three ways to spend ``--minutes`` of wall-clock training on MNIST, each through ``difflab
 train``'s code path (``difflab.app.training.train_run``) with the presets' recipes:
 
-* pixel: the ``mnist`` preset for the whole budget;
+* pixel: the ``mnist-eps`` preset (eps-DDPM, as the latent and cascade stages) for the whole budget;
 * latent [Rombach 2022]: the ``mnist-ae`` autoencoder for ``--ae-share`` of the budget, then
   ``mnist-latent`` on its frozen encoder's latents for the rest;
 * cascade [Ho 2021]: the ``mnist-14`` base (14x14) for ``--base-share`` of the budget, then the
@@ -44,7 +44,7 @@ from difflab.viz import save_image_grid
 
 # row -> (diffusion stages sampled per image, [(preset, share, overrides naming the stage before)])
 RECIPES = {
-    "pixel": (1, [("mnist", 1.0, [])]),
+    "pixel": (1, [("mnist-eps", 1.0, [])]),
     "latent": (1, [("mnist-ae", "ae", []), ("mnist-latent", "rest", ["model.autoencoder={prev}"])]),
     "cascade": (2, [("mnist-14", "base", []), ("mnist-sr", "rest", ["model.base={prev}"])]),
 }

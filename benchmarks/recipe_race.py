@@ -1,10 +1,11 @@
 """The recipe race: which MNIST training recipe gives the best samples at a fixed CPU budget.
 
-Every recipe is the ``mnist`` preset with a list of ``--set`` overrides (:data:`RECIPES`: the
-process, eps / v / EDM preconditioning; min-SNR-gamma weighting; learning rate; batch size;
-width and depth; the EMA half-life; and the throughput levers channels-last and the AdamW
-kernel). Each is trained with the same seed (same initial weights and data order) for
-``--minutes`` of wall-clock time, then scored by
+Every recipe is the ``mnist-eps`` preset (the eps-DDPM recipe that ``mnist`` was before the
+race; ``mnist`` is now its winner, the ``flow`` recipe) with a list of ``--set`` overrides
+(:data:`RECIPES`: the process, eps / v / EDM preconditioning / flow matching; min-SNR-gamma
+weighting; learning rate; batch size; width and depth; the EMA half-life; and the throughput
+levers channels-last and the AdamW kernel). Each is trained with the same seed (same initial
+weights and data order) for ``--minutes`` of wall-clock time, then scored by
 
 * FDD: the Frechet digit distance of ``--n`` samples to the 10,000 MNIST test images in the
   features of difflab's cached digit classifier (:mod:`difflab.evaluation`), with the run's
@@ -16,7 +17,8 @@ kernel). Each is trained with the same seed (same initial weights and data order
 The ``--top`` best by FDD are trained again for ``--confirm-minutes`` and scored the same way;
 the table (recipe, steps, images/s, FDD at both samplers, FID) is printed and, with
 ``--append``, appended to BENCHMARKS.md. Runs go to ``--run-root/<stage>-<recipe>``; a finished
-run there is scored without training again, so an interrupted race continues.
+run there is scored without training again, and an interrupted step-budget run continues from
+its newest checkpoint, so an interrupted race continues.
 
 A time budget needs the machine to itself. ``--steps`` / ``--confirm-steps`` give the budgets
 as step counts instead: the preset's rate measured alone (``--minutes 3`` of ``mnist`` is
@@ -34,9 +36,9 @@ depth, the throughput levers) races on a time budget alone.
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --profile
     # the recipes of the preset's cost per step, on step budgets (may share the machine):
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --steps 1383 \
-        --confirm-steps 4611 --recipes baseline,flow,v,min-snr,edm,lr-4e-3,ema-5k --ref-n 2000
+        --confirm-steps 4611 --recipes baseline,flow,v,min-snr,edm,lr-4e-3,ema-5k --ref-n 1000
     # paired timing of the throughput levers (100 steps each, interleaved, 3 repeats):
-    python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --time-levers
+    python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --time-levers  # --levers a,b
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ from difflab.app.runs import check_config, load_run
 from difflab.app.sampling import draw_samples
 from difflab.app.training import train_run
 from difflab.evaluation import frechet_digit_distance
+from difflab.safe_io import atomic_write_json
 
-# name -> --set overrides of the mnist preset; a lever per line, and a few combinations
+# the recipes' base: the eps-DDPM recipe the race started from (the mnist preset is its winner)
+BASE = "mnist-eps"
+# name -> --set overrides of BASE; a lever per line, and a few combinations
 RECIPES: dict[str, list[str]] = {
     "baseline": [],
     "v": ["model.parameterization=v"],
@@ -88,6 +93,7 @@ RECIPES: dict[str, list[str]] = {
     "channels-last": ["train.channels_last=true"],
     "adamw-foreach": ["train.adamw=foreach"],
     "adamw-fused": ["train.adamw=fused"],
+    "compile": ["train.compile=true"],  # torch.compile of the network (inductor, C++ on a CPU)
 }
 
 
@@ -106,7 +112,7 @@ def train_recipe(
     """Train the recipe for ``minutes`` into ``run_dir`` (or reuse it if finished there), or
     for ``steps`` (no time limit: the budget converted at the preset's measured rate);
     returns (steps, images per second of the budget, None for a step budget)."""
-    cfg = apply_overrides(get_preset("mnist"), [*args.set, *sets])
+    cfg = apply_overrides(get_preset(BASE), [*args.set, *sets])
     cfg = replace(
         cfg,
         data=replace(cfg.data, data_dir=str(Path(args.data_dir).resolve())),
@@ -119,7 +125,13 @@ def train_recipe(
         ),  # fmt: skip
     )
     if not ckpt.is_finished(run_dir):
-        train_run(cfg, run_dir, progress=False, log=lambda m: print(m, flush=True))
+        # an interrupted step budget continues from its newest checkpoint (bit-exact); a
+        # time budget cannot be split, so its unfinished run must go first
+        resume = (run_dir / "checkpoints" / "latest").exists()
+        if resume and steps is None:
+            raise SystemExit(f"{run_dir} holds an unfinished time-budget run: delete it first")
+        train_run(cfg, run_dir, resume=resume, progress=False,
+                  log=lambda m: print(m, flush=True))  # fmt: skip
     info = ckpt.read_json_object(run_dir / "finished.json", missing="missing", invalid="invalid")
     done = int(info["step"])
     if steps is not None:  # a step budget has no seconds of its own
@@ -129,7 +141,27 @@ def train_recipe(
 
 
 def score(run_dir: Path, yard: Any, fid: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """FDD with the run's sampler and with the reference sampler; FID if asked for."""
+    """FDD with the run's sampler and with the reference sampler; FID if asked for. Kept
+    beside the run (``RUN.score.json``, with what was asked), so that a race continued or
+    split over several processes scores each finished run once."""
+    asked = {"n": args.n, "ref": [args.ref_sampler, args.ref_steps, args.ref_n or args.n],
+             "fid_n": args.fid_n, "seed": args.seed,
+             "step": _json(run_dir / "finished.json")["step"]}  # fmt: skip
+    kept = run_dir.with_name(run_dir.name + ".score.json")
+    if kept.is_file():
+        old = _json(kept)
+        if old.get("asked") == asked:
+            return old["scores"]
+    out = _score(run_dir, yard, fid, args)
+    atomic_write_json(kept, {"asked": asked, "scores": out})
+    return out
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return ckpt.read_json_object(path, missing="missing", invalid="invalid")
+
+
+def _score(run_dir: Path, yard: Any, fid: Any, args: argparse.Namespace) -> dict[str, Any]:
     built = load_run(run_dir, device=torch.device(args.device))
     s = built.cfg.sample
     out: dict[str, Any] = {"sampler": f"{s.sampler} {s.steps}"}
@@ -178,7 +210,7 @@ def race(args: argparse.Namespace) -> list[dict[str, Any]]:
     for stage, minutes, budget_steps, chosen in stages:
         for name in chosen:
             try:
-                check_config(apply_overrides(get_preset("mnist"), [*args.set, *recipes[name]]))
+                check_config(apply_overrides(get_preset(BASE), [*args.set, *recipes[name]]))
             except ValueError as e:  # a lever this version lacks: say so, race the rest
                 print(f"skipping {name}: {e}", flush=True)
                 continue
@@ -207,7 +239,7 @@ def _row(r: dict[str, Any]) -> str:
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    head = ("| budget | recipe | overrides of `mnist` | steps | images/s | FDD, default sampler "
+    head = (f"| budget | recipe | overrides of `{BASE}` | steps | images/s | FDD, default sampler "
             f"(time) | FDD, {args.ref_sampler} {args.ref_steps} (n = {args.ref_n or args.n}) | "
             f"FID (n = {args.fid_n}) |\n"
             "|---|---|---|---:|---:|---:|---:|---:|\n")  # fmt: skip
@@ -215,7 +247,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def profile_step(args: argparse.Namespace) -> None:
-    """torch.profiler over ``--profile-steps`` training steps of the mnist preset (after
+    """torch.profiler over ``--profile-steps`` training steps of the BASE preset (after
     three warm-up steps): the time of each phase of a step, then the top operators."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -245,7 +277,7 @@ def profile_step(args: argparse.Namespace) -> None:
     optimizer = sum(v for k, v in events.items() if k.startswith("Optimizer.step"))
     phases["phase: optimizer step (AdamW)"] = optimizer
     phases["phase: backward (the rest)"] = step_ms - sum(phases.values())
-    print(f"mnist preset, batch {cfg.train.batch_size}, {torch.get_num_threads()} threads, "
+    print(f"{BASE} preset, batch {cfg.train.batch_size}, {torch.get_num_threads()} threads, "
           f"{args.device}: {step_ms:.1f} ms per step ({cfg.train.batch_size / step_ms * 1e3:.0f} "
           f"images/s under the profiler)")  # fmt: skip
     for k, v in sorted(phases.items(), key=lambda kv: -kv[1]):
@@ -253,16 +285,16 @@ def profile_step(args: argparse.Namespace) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
 
 
-LEVERS = ["channels-last", "adamw-foreach", "adamw-fused"]
+LEVERS = ["channels-last", "adamw-foreach", "adamw-fused", "compile"]
 
 
 def _mnist_trainer(sets: list[str], args: argparse.Namespace) -> Any:
-    """The mnist preset's trainer with ``sets``, as ``difflab train`` builds it."""
+    """The BASE preset's trainer with ``sets``, as ``difflab train`` builds it."""
     from difflab import distributed as ddp
     from difflab.app.runs import build
     from difflab.app.training import _make_trainer  # the run's own trainer
 
-    cfg = apply_overrides(get_preset("mnist"), [*args.set, *sets])
+    cfg = apply_overrides(get_preset(BASE), [*args.set, *sets])
     cfg = replace(cfg, data=replace(cfg.data, data_dir=args.data_dir),
                   train=replace(cfg.train, device=args.device, seed=args.seed))  # fmt: skip
     torch.manual_seed(args.seed)
@@ -274,9 +306,14 @@ def time_levers(args: argparse.Namespace) -> None:
     """Paired timing of the throughput levers against the preset: ``--lever-steps`` steps of
     each in turn (the order rotated every repeat), ``--lever-repeats`` times; prints ms per
     step and each lever's time over the preset's in the same repeat."""
-    names = ["baseline", *LEVERS]
+    levers = args.levers.split(",") if args.levers else LEVERS
+    unknown = [n for n in levers if n not in LEVERS]
+    if unknown:
+        raise SystemExit(f"unknown lever {unknown[0]!r}; choose from: {', '.join(LEVERS)}")
+    names = ["baseline", *levers]
     trainers = {n: _mnist_trainer(RECIPES[n], args)[0] for n in names}
-    for tr in trainers.values():  # warm-up: allocator, oneDNN primitives, optimizer state
+    for tr in trainers.values():  # warm-up: allocator, oneDNN primitives, optimizer state,
+        # and compilation (the first step of a compiled network compiles it)
         for _ in range(5):
             tr.train_step()
     ms: dict[str, list[float]] = {n: [] for n in names}
@@ -327,10 +364,11 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--profile-rows", type=int, default=15)
     ap.add_argument("--set", action="append", default=[],
-                    help="overrides of mnist under every recipe")  # fmt: skip
+                    help=f"overrides of {BASE} under every recipe")  # fmt: skip
     ap.add_argument("--time-levers", action="store_true",
                     help="paired timing of the throughput levers instead")  # fmt: skip
     ap.add_argument("--lever-steps", type=int, default=100)
+    ap.add_argument("--levers", help="comma-separated levers to time (default: all of LEVERS)")
     ap.add_argument("--lever-repeats", type=int, default=3)
     args = ap.parse_args()
     for flag in ("steps", "confirm_steps", "ref_n"):
@@ -353,7 +391,7 @@ def main() -> None:
         from _record import record
 
         common = " ".join(f"`{s}`" for s in args.set) or "no overrides"
-        notes = (f"Every recipe is the `mnist` preset with {common} and the overrides shown, "
+        notes = (f"Every recipe is the `{BASE}` preset with {common} and the overrides shown, "
                  f"seed {args.seed}, "
                  f"trained for the budget on {args.device}; FDD of {args.n} EMA samples to the "
                  "MNIST test images (lower is better), the default sampler being the "

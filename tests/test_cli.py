@@ -42,7 +42,7 @@ def test_config_round_trip_and_overrides():
     for name, cfg in PRESETS.items():
         again = RunConfig.from_dict(json.loads(cfg.to_json()))
         assert again == cfg, name
-    cfg = apply_overrides(get_preset("mnist"), ["train.lr=3e-4", "model.learned_variance=true"])
+    cfg = apply_overrides(get_preset("mnist-eps"), ["train.lr=3e-4", "model.learned_variance=true"])
     assert cfg.train.lr == 3e-4 and cfg.model.learned_variance is True
     with pytest.raises(ValueError, match="choose one of"):
         apply_overrides(cfg, ["train.lrr=1"])

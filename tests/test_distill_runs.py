@@ -286,6 +286,37 @@ def test_reflow_trains_on_the_teachers_ode_pairs_and_samples_in_one_step(
     assert _samples(run, tmp_path, "--steps", "2").shape == (50, 2)
 
 
+@pytest.mark.parametrize("mode", ["cd", "ect"])
+def test_consistency_of_a_flow_teacher_is_refused_before_the_run_exists(
+    flow_teacher, tmp_path, capsys, mode
+):
+    """The flow schedule reaches pure noise at t = 1 (EDM sigma = inf), where Karras levels
+    and the consistency parameterisation have no finite top level: refused in one line that
+    names the methods that work, before the run directory exists (it used to fail in
+    training, after the directory was made, or give NaN samples)."""
+    out = tmp_path / "student"
+    code = _distill(flow_teacher, out, "--method", "consistency", "--consistency", mode)
+    err = _one_line_error(capsys, code)
+    assert "diffusion.schedule='flow'" in err and "reflow or progressive" in err
+    assert not out.exists()
+
+
+def test_progressive_distillation_of_a_flow_teacher_samples_in_1_and_2_steps(
+    flow_teacher, tmp_path
+):
+    """The mnist preset is a flow-matching run: progressive distillation takes it as it takes
+    an eps teacher (a v student on the teacher's schedule, two rounds 4 -> 2 -> 1)."""
+    run = tmp_path / "student"
+    assert _distill(flow_teacher, run, "--method", "progressive") == 0
+    built = load_run(run)
+    assert built.cfg.model.parameterization == "v" and built.cfg.diffusion.schedule == "flow"
+    info = json.loads((run / "finished.json").read_text())
+    assert [r["steps"] for r in info["rounds"]] == [2, 1]
+    for steps in ("1", "2"):
+        x = _samples(run, tmp_path, "--steps", steps)
+        assert x.shape == (50, 2) and np.isfinite(x).all()
+
+
 def test_a_student_saved_without_pair_buffers_still_loads(runs):
     """Runs distilled before reflow existed have no ``pair_noise`` / ``pair_x0``, and neither
     has a non-reflow model: they load unchanged, while a reflow model still needs its pairs."""

@@ -128,7 +128,7 @@ def _train(
 DISTILLED = {
     "swissroll-distill": lambda root: [f"distill.teacher={root / 'swissroll'}"],
     "mnist-consistency": lambda root: [
-        f"distill.teacher={root / 'mnist'}",
+        f"distill.teacher={root / 'mnist-eps'}",
         "sample.sampler=consistency",
     ],  # fmt: skip
 }

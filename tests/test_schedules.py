@@ -68,10 +68,10 @@ def test_ldm_scaled_linear_range_and_its_run_config():
         "diffusion.beta_start=0.00085",
         "diffusion.beta_end=0.012",
     ]
-    sched = build_schedule(apply_overrides(get_preset("mnist"), sets))
+    sched = build_schedule(apply_overrides(get_preset("mnist-eps"), sets))
     assert torch.equal(sched.betas, q)
     # one end set: the other keeps its default
-    sched = build_schedule(apply_overrides(get_preset("mnist"), ["diffusion.beta_end=0.012"]))
+    sched = build_schedule(apply_overrides(get_preset("mnist-eps"), ["diffusion.beta_end=0.012"]))
     assert float(sched.betas[0]) == pytest.approx(1e-4) and float(sched.betas[-1]) == pytest.approx(
         0.012
     )

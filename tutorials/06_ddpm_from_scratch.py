@@ -463,7 +463,7 @@ save(fig, "06_clipping.png")
 #   quality with 20-50 calls.
 # * **Engineering.** Warm-up and gradient clipping avoid early blow-ups at larger learning
 #   rates; per-step generators make runs reproducible and resumable; the CLI
-#   (`difflab train --preset mnist`) adds checkpoints, logs and sample grids.
+#   (`difflab train --preset mnist-eps`) adds checkpoints, logs and sample grids.
 
 # %%
 fig, axes = new_figure(1, 2, (10, 3.5))
@@ -504,7 +504,7 @@ grid_panels(panels, "06_samples.png", (3.3 * len(panels), 3.6))
 #   $T = 1000$) in $\hat x_0$, so samplers clip $\hat x_0$ to the data range.
 # * In fast mode the networks train for seconds: the clipped U-Net samples have the data's grey
 #   levels and stroke-like patches but are not digits yet; full mode on MNIST shows digit
-#   strokes, and good samples take hours (`difflab train --preset mnist`).
+#   strokes, and good samples take hours (`difflab train --preset mnist-eps`).
 #
 # ## Try this
 #
