@@ -398,7 +398,8 @@ def main() -> None:
                  "run's `sample.sampler`/`sample.steps`. The best "
                  f"{args.top} by FDD at the race budget are confirmed at the longer "
                  "one.")  # fmt: skip
-        record(f"Recipe race at {args.minutes:g} min", text, path=args.append, notes=notes)
+        budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
+        record(f"Recipe race at {budget} (MNIST)", text, path=args.append, notes=notes)
 
 
 if __name__ == "__main__":

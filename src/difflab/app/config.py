@@ -455,10 +455,11 @@ PRESETS["mnist-eps"] = RunConfig(
 # best of SD3's time laws at equal steps; on this schedule it is also EDM's log-normal sigma
 # with (P_mean, P_std) = (0, 1). 2-D data uses Lipman's uniform times (no perceptual middle).
 _FLOW = {"schedule": "flow", "t_sampling": "logit-normal"}
-# The mnist preset is the winner of the recipe race (benchmarks/recipe_race.py, BENCHMARKS.md,
-# "The recipe race"): mnist-eps's network, optimiser, EMA and default sampler with the flow
-# process. At 4,611 steps (10 CPU minutes) its FDD is 11.70 against eps's 21.75 (n = 10,000,
-# the default sampler), and its Inception FID is lower too (29.9 against 31.9, n = 1,000)
+# The mnist preset is the winner of the recipe race (benchmarks/recipe_race.py; BENCHMARKS.md,
+# "Recipe race at 1383 steps (MNIST)"): mnist-eps's network, optimiser, EMA and default
+# sampler with the flow process. At 4,611 steps (10 CPU minutes) its FDD is 11.70 against
+# eps's 21.75 (n = 10,000, the default sampler), and its Inception FID is lower too (29.9
+# against 31.9, n = 1,000)
 PRESETS["mnist"] = _derive(
     "mnist-eps", "mnist", model={"parameterization": "flow"}, diffusion=_FLOW
 )
