@@ -132,21 +132,21 @@ def train_recipe(
             raise SystemExit(f"{run_dir} holds an unfinished time-budget run: delete it first")
         train_run(cfg, run_dir, resume=resume, progress=False,
                   log=lambda m: print(m, flush=True))  # fmt: skip
-    info = ckpt.read_json_object(run_dir / "finished.json", missing="missing", invalid="invalid")
-    done = int(info["step"])
+    done = int(_json(run_dir / "finished.json")["step"])
     if steps is not None:  # a step budget has no seconds of its own
         return done, None
     # images per second of the budget (finished.json's time has the report)
     return done, done * cfg.train.batch_size / (minutes * 60.0)
 
 
-def score(run_dir: Path, yard: Any, fid: Any, args: argparse.Namespace) -> dict[str, Any]:
+def score(
+    run_dir: Path, step: int, yard: Any, fid: Any, args: argparse.Namespace
+) -> dict[str, Any]:
     """FDD with the run's sampler and with the reference sampler; FID if asked for. Kept
-    beside the run (``RUN.score.json``, with what was asked), so that a race continued or
-    split over several processes scores each finished run once."""
+    beside the run (``RUN.score.json``, with what was asked and the run's ``step``), so that
+    a race continued or split over several processes scores each finished run once."""
     asked = {"n": args.n, "ref": [args.ref_sampler, args.ref_steps, args.ref_n or args.n],
-             "fid_n": args.fid_n, "seed": args.seed,
-             "step": _json(run_dir / "finished.json")["step"]}  # fmt: skip
+             "fid_n": args.fid_n, "seed": args.seed, "step": step}  # fmt: skip
     kept = run_dir.with_name(run_dir.name + ".score.json")
     if kept.is_file():
         old = _json(kept)
@@ -217,8 +217,9 @@ def race(args: argparse.Namespace) -> list[dict[str, Any]]:
             run_dir = args.run_root / f"{stage}-{name}"
             steps, img_s = train_recipe(recipes[name], minutes, run_dir, args, budget_steps)
             label = f"{minutes:g} min" + (f" ({budget_steps} steps)" if budget_steps else "")
+            scores = score(run_dir, steps, yard, fid, args)
             row = {"stage": label, "recipe": name, "sets": recipes[name],
-                   "steps": steps, "img_s": img_s, **score(run_dir, yard, fid, args)}  # fmt: skip
+                   "steps": steps, "img_s": img_s, **scores}  # fmt: skip
             print(_row(row), flush=True)
             rows.append(row)
         if stage == "race" and args.top > 0 and args.confirm_minutes:

@@ -219,7 +219,7 @@ class DistillTask:
             if not math.isfinite(schedule.sigma_max):
                 # Karras levels, c_skip and c_out need a finite largest level (Song 2023: 80)
                 raise ValueError(
-                    f"a consistency model needs a schedule whose noisiest level is finite; "
+                    "a consistency model needs a schedule whose noisiest level is finite; "
                     f"diffusion.schedule={cfg.diffusion.schedule!r} ends in pure noise (EDM "
                     "sigma = inf at t = 1): distil a flow-matching teacher with --method "
                     "reflow or progressive"
