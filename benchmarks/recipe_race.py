@@ -3,8 +3,8 @@
 Every recipe is the ``mnist-eps`` preset (the eps-DDPM recipe that ``mnist`` was before the
 race; ``mnist`` is now its winner, the ``flow`` recipe) with a list of ``--set`` overrides
 (:data:`RECIPES`: the process, eps / v / EDM preconditioning / flow matching; min-SNR-gamma
-weighting; learning rate; batch size; width and depth; the EMA half-life; and the throughput
-levers channels-last and the AdamW kernel). Each is trained with the same seed (same initial
+weighting; the learning rate and its decay; batch size; width and depth; attention and dropout;
+the EMA half-life; and the throughput levers channels-last, the AdamW kernel and compile). Each is trained with the same seed (same initial
 weights and data order) for ``--minutes`` of wall-clock time, then scored by
 
 * FDD: the Frechet digit distance of ``--n`` samples to the 10,000 MNIST test images in the
@@ -83,11 +83,16 @@ RECIPES: dict[str, list[str]] = {
     ],  # fmt: skip
     "lr-1e-3": ["train.lr=1e-3"],
     "lr-4e-3": ["train.lr=4e-3"],
+    "lr-cosine": ["train.lr_decay=cosine"],  # cosine to 0 over the budget (steps or minutes)
+    "lr-4e-3-cosine": ["train.lr=4e-3", "train.lr_decay=cosine"],
     "batch-32": ["train.batch_size=32"],
     "batch-128": ["train.batch_size=128"],
     "width-24": ['model.unet={"base_channels": 24}'],
     "width-48": ['model.unet={"base_channels": 48}'],
     "depth-2": ['model.unet={"num_res_blocks": 2}'],
+    "attn-7": ['model.unet={"attention_resolutions": [7]}'],  # self-attention at the 7x7 level
+    "no-mid-attn": ['model.unet={"mid_attention": false}'],  # no attention anywhere
+    "dropout-0.1": ['model.unet={"dropout": 0.1}'],  # DDPM's CIFAR-10 rate
     "ema-5k": ["train.ema_half_life=5000"],
     "ema-50k": ["train.ema_half_life=50000"],
     "channels-last": ["train.channels_last=true"],

@@ -131,3 +131,19 @@ def test_every_image_task_trains_data_parallel(tmp_path):
                     f"model.autoencoder={tmp_path / 'ae'}")  # fmt: skip
     _check_torchrun_trains("mnist-14", tmp_path / "base", data)
     _check_torchrun_trains("mnist-sr", tmp_path / "sr", data, f"model.base={tmp_path / 'base'}")
+
+
+@pytest.mark.slow
+def test_a_time_budget_decays_the_lr_alike_on_every_rank(tmp_path):
+    """The time clock of the LR decay is the slowest rank's (one all-reduce), so the ranks
+    take the same step sizes and their weights stay identical."""
+    run = tmp_path / "run"
+    p = _torchrun("train", "--preset", "moons", "--out", str(run), "--minutes", "0.05",
+                  "--set", "train.lr_decay=cosine", steps=1_000_000)  # fmt: skip
+    out, err = p.communicate(timeout=400)
+    assert p.returncode == 0, err[-3000:]
+    info = json.loads((run / "finished.json").read_text())
+    assert info["world_size"] == 2 and info["ranks_in_sync"] is True
+    assert info["stopped_early"] == "time budget"
+    lrs = ckpt.read_metrics(run / "metrics.csv")["lr"]
+    assert lrs[-1] < 0.2 * max(lrs)

@@ -75,6 +75,30 @@ def test_lr_warmup():
     assert lr_at(0, lr=1.0, warmup_steps=0) == 1.0
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.25, 0.5, 0.9, 1.0])
+def test_lr_decay_is_the_closed_form_of_the_budget_spent(p):
+    # cosine: lr (1 + cos(pi p)) / 2 [SGDR eq. 5, eta_min = 0]; linear: lr (1 - p); after warm-up
+    assert lr_at(50, lr=2.0, warmup_steps=10, decay="cosine", progress=p) == pytest.approx(
+        (1 + math.cos(math.pi * p)), abs=1e-12
+    )
+    assert lr_at(50, lr=2.0, warmup_steps=10, decay="linear", progress=p) == pytest.approx(
+        2.0 * (1 - p), abs=1e-12
+    )
+    assert lr_at(50, lr=2.0, warmup_steps=10, decay="none", progress=p) == 2.0
+    # during warm-up the two factors multiply
+    assert lr_at(4, lr=2.0, warmup_steps=10, decay="linear", progress=p) == pytest.approx(
+        2.0 * 0.5 * (1 - p), abs=1e-12
+    )
+
+
+def test_lr_decay_values_at_its_ends_and_outside():
+    assert lr_at(99, lr=1.0, warmup_steps=0, decay="cosine", progress=0.5) == pytest.approx(0.5)
+    assert lr_at(99, lr=1.0, warmup_steps=0, decay="cosine", progress=1.7) == pytest.approx(0.0)
+    assert lr_at(99, lr=1.0, warmup_steps=0, decay="linear", progress=-0.3) == 1.0
+    with pytest.raises(KeyError):
+        lr_at(0, lr=1.0, warmup_steps=0, decay="step")
+
+
 class _LinearLoss(nn.Module):
     """loss = c . w, so dloss/dw = c exactly whatever w is."""
 

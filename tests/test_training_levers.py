@@ -12,7 +12,7 @@ import torch
 from difflab import checkpoint as ckpt
 from difflab.app.cli import main
 from difflab.posthoc_ema import list_snapshots
-from difflab.train import Trainer
+from difflab.train import Trainer, lr_at
 
 FAST = ["train.steps=60", "train.batch_size=32", "train.log_every=10", "train.ckpt_every=20",
         "train.warmup_steps=5", "model.hidden=16", "model.depth=2", "sample.n=50",
@@ -96,7 +96,8 @@ def test_difflab_ema_refuses_a_run_without_snapshots(tmp_path, capsys, one_threa
 
 
 @pytest.mark.parametrize("bad", ["train.posthoc_ema=0.05", "train.posthoc_ema=0.05,0.5",
-                                 "train.adamw=sgd", "train.posthoc_ema_keep=0"])  # fmt: skip
+                                 "train.adamw=sgd", "train.posthoc_ema_keep=0",
+                                 "train.lr_decay=step"])  # fmt: skip
 def test_bad_lever_settings_are_refused_before_the_run_directory_exists(tmp_path, capsys, bad):
     assert _train(tmp_path / "run", bad) == 2
     assert capsys.readouterr().err.count("\n") == 1
@@ -147,9 +148,9 @@ def test_resume_with_posthoc_profiles_is_bit_exact(tmp_path):
 
 def test_a_time_budgeted_run_shows_its_budget_not_its_steps(tmp_path, capsys, one_thread):
     # 0.02 min = 1.2 s of a run of a million steps: the bar must speak of the budget
-    extra = ("--minutes", "0.02", "--steps", "1000000")
+    extra = ("--minutes", "0.02")
     args = ["train", "--preset", "moons", "--out", str(tmp_path / "run"), "--device", "cpu"]
-    for s in FAST:
+    for s in (*FAST, "train.steps=1000000"):  # a --set wins over --steps
         args += ["--set", s]
     assert main([*args, *extra]) == 0
     err = capsys.readouterr().err
@@ -216,3 +217,32 @@ def test_throughput_levers_train_the_same_model_to_round_off(options, one_thread
         assert conv.is_contiguous(memory_format=torch.channels_last)
         ema_conv = next(p for p in lever.ema.model.parameters() if p.dim() == 4)
         assert ema_conv.is_contiguous()
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_a_step_budget_decays_the_lr_by_the_steps_taken_before_each_step(tmp_path, decay,
+                                                                          one_thread):  # fmt: skip
+    assert _train(tmp_path / "run", f"train.lr_decay={decay}", "train.log_every=1") == 0
+    m = ckpt.read_metrics(tmp_path / "run" / "metrics.csv")
+    # the row of step s logs the rate of step index s - 1: spent (s - 1) / 60 of the budget
+    for s, lr in zip(m["step"], m["lr"]):
+        want = lr_at(s - 1, lr=1e-3, warmup_steps=5, decay=decay, progress=(s - 1) / 60)
+        assert lr == pytest.approx(want, rel=1e-6, abs=1e-12), s
+    assert m["lr"][-1] < 1e-3 * 0.02
+
+
+def test_a_time_budget_decays_the_lr_by_the_time_spent(tmp_path, capsys, one_thread):
+    # a million steps in 3 s: the steps' clock stays near 0, so only the time can decay it
+    # (the steps as a --set: a --set wins over --steps)
+    sets = ["train.lr_decay=linear", "train.log_every=1", "train.ckpt_every=100000",
+            "train.steps=1000000"]  # fmt: skip
+    assert _train(tmp_path / "run", *sets, extra=("--minutes", "0.05")) == 0
+    m = ckpt.read_metrics(tmp_path / "run" / "metrics.csv")
+    assert len(m["step"]) > 50
+    # the rate of step s is lr (1 - spent / 3 s), spent read between the clock of step s - 1's
+    # row and that of step s's: so spent / 3 s = 1 - lr_s / lr lies between their fractions
+    el, lr = m["elapsed_s"], m["lr"]
+    for k in range(5, len(el)):  # after the 5 warm-up steps
+        spent = 1 - lr[k] / 1e-3
+        assert el[k - 1] / 3.0 - 1e-9 <= spent <= el[k] / 3.0 + 1e-9, (m["step"][k], spent)
+    assert m["lr"][-1] < 1e-3 * 0.1

@@ -20,7 +20,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["DistInfo", "init_from_env", "all_mean", "barrier", "ranks_in_sync", "shutdown"]
+__all__ = [
+    "DistInfo",
+    "init_from_env",
+    "all_mean",
+    "all_max",
+    "barrier",
+    "ranks_in_sync",
+    "shutdown",
+]
 
 
 @dataclass(frozen=True)
@@ -61,13 +69,13 @@ def all_mean(x: Tensor, info: DistInfo) -> Tensor:
     return y / info.world_size
 
 
-def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any rank (keeps early stops in step)."""
+def all_max(value: float, info: DistInfo, device: torch.device) -> float:
+    """The largest ``value`` over the ranks, on every rank (one all-reduce)."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return float(value)
+    t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return float(t.item())
 
 
 def barrier(info: DistInfo) -> None:

@@ -22,6 +22,7 @@ run faster; the EMA copies stay in the contiguous format.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -117,11 +118,24 @@ def step_generators(seed: int, step: int, rank: int = 0) -> StepGenerators:
     )
 
 
-def lr_at(step: int, *, lr: float, warmup_steps: int) -> float:
-    """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then constant (DDPM's recipe)."""
-    if warmup_steps <= 0:
-        return lr
-    return lr * min(1.0, (step + 1) / warmup_steps)
+# decay factor of the learning rate after warm-up, by the fraction p in [0, 1] of the run's
+# budget (steps or minutes) spent: none (DDPM's constant rate), cosine to zero [Loshchilov &
+# Hutter 2017, SGDR, eq. 5 with one period and eta_min = 0] or linear to zero
+LR_DECAYS: dict[str, Callable[[float], float]] = {
+    "none": lambda p: 1.0,
+    "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),
+    "linear": lambda p: 1.0 - p,
+}
+
+
+def lr_at(
+    step: int, *, lr: float, warmup_steps: int, decay: str = "none", progress: float = 0.0
+) -> float:
+    """Linear warm-up from 0 to ``lr`` over ``warmup_steps`` (DDPM's recipe), times the
+    ``decay`` factor of :data:`LR_DECAYS` at ``progress``, the fraction of the run's budget
+    spent before this step (clamped to [0, 1])."""
+    warm = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+    return lr * warm * LR_DECAYS[decay](min(max(float(progress), 0.0), 1.0))
 
 
 class Trainer:
@@ -132,6 +146,8 @@ class Trainer:
         batch_fn: ``batch_fn(step, generator) -> batch`` (any object ``loss_fn`` accepts).
         loss_fn: ``loss_fn(batch, generator) -> (loss scalar tensor, logs dict of tensors)``.
         lr, weight_decay, warmup_steps, grad_clip: optimiser settings (AdamW).
+        lr_decay: a key of :data:`LR_DECAYS`; its factor is taken at ``self.progress``, the
+            fraction of the budget spent, which the training loop sets before each step.
         ema_half_life_images: EMA half-life in images.
         ema_rampup_ratio: if set, the half-life is at most this fraction of the images seen.
         batch_size: images (or points) per step, for the EMA decay and throughput.
@@ -159,6 +175,7 @@ class Trainer:
         batch_size: int,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_decay: str = "none",
         grad_clip: float | None = 1.0,
         ema_half_life_images: float = 0.0,
         ema_rampup_ratio: float | None = None,
@@ -179,6 +196,11 @@ class Trainer:
         self.lr = float(lr)
         self.batch_size = int(batch_size)
         self.warmup_steps = int(warmup_steps)
+        if lr_decay not in LR_DECAYS:
+            choices = ", ".join(LR_DECAYS)
+            raise ValueError(f"unknown lr_decay {lr_decay!r}; choose one of: {choices}")
+        self.lr_decay = lr_decay
+        self.progress = 0.0  # fraction of the run's budget spent (set by the training loop)
         self.grad_clip = grad_clip
         self.bf16 = bool(bf16)
         self.seed = int(seed)
@@ -208,7 +230,8 @@ class Trainer:
         torch.manual_seed(gens.diffusion.initial_seed() + 3)  # dropout and other global draws
         batch = self.batch_fn(self.step, gens.data)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, lr=self.lr, warmup_steps=self.warmup_steps)
+            group["lr"] = lr_at(self.step, lr=self.lr, warmup_steps=self.warmup_steps,
+                                decay=self.lr_decay, progress=self.progress)  # fmt: skip
         self.model.train()
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss, logs = self.loss_fn(batch, gens.diffusion)

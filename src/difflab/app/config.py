@@ -106,6 +106,8 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW learning rate (after warm-up)
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 200  # linear LR warm-up
+    lr_decay: str = "none"  # after warm-up: none | cosine | linear (to 0 over the budget: the
+    # steps or, with max_minutes, the minutes, whichever runs out first)
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     ema_half_life: float = 50_000.0  # EMA half-life in examples seen (EDM convention)
     ema_rampup: float | None = 0.05  # half-life <= this fraction of the examples seen (EDM)

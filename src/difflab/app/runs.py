@@ -27,7 +27,7 @@ from difflab.safe_io import atomic_write_json, say
 from difflab.samplers import SAMPLER_OPTIONS, SAMPLERS
 from difflab.samplers.common import THRESHOLD_MODES
 from difflab.schedules import Schedule, check_choice
-from difflab.train import ADAMW_KERNELS
+from difflab.train import ADAMW_KERNELS, LR_DECAYS
 
 __all__ = [
     "CheckedConfig",
@@ -90,6 +90,7 @@ def check_config(cfg: RunConfig | CheckedConfig) -> CheckedConfig:
     schedule = build_schedule(cfg)
     resolve_device(cfg.train.device)
     check_choice("train.adamw", cfg.train.adamw, tuple(ADAMW_KERNELS))
+    check_choice("train.lr_decay", cfg.train.lr_decay, tuple(LR_DECAYS))
     if cfg.train.posthoc_ema is not None:
         parse_sigma_rels(cfg.train.posthoc_ema)
     if cfg.data.is_toy and cfg.data.downsample != 1:

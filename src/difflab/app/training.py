@@ -130,6 +130,7 @@ def _make_trainer(built: Built, dist: ddp.DistInfo) -> Trainer:
         batch_size=t.batch_size,
         weight_decay=t.weight_decay,
         warmup_steps=t.warmup_steps,
+        lr_decay=t.lr_decay,
         grad_clip=t.grad_clip or None,
         ema_half_life_images=t.ema_half_life,
         ema_rampup_ratio=t.ema_rampup,
@@ -304,9 +305,17 @@ def _train_loop(
     bar = training_bar(
         steps=t.steps, initial=trainer.step, budget_s=budget, start=start, disable=not progress
     )
+    used = 0.0  # fraction of the time budget spent, as of the last step
+
+    def spent(step: int) -> float:
+        """The fraction of the budget spent before ``step``: steps or time, whichever is
+        further (the learning-rate decay's clock)."""
+        return max(step / t.steps, used)
+
     try:
         stop.deferring = True  # from here a signal is taken at the next step boundary
         while trainer.step < t.steps:
+            trainer.progress = spent(trainer.step)
             window.add(trainer.train_step())
             step = trainer.step
             bar.update(1)
@@ -325,8 +334,9 @@ def _train_loop(
                 _progress_samples(built, trainer, run_dir, step)
             if stop.signum is not None:
                 break
-            over = budget is not None and time.perf_counter() - start > budget
-            if budget is not None and ddp.any_rank(over, dist, built.device):
+            if budget is not None:  # the time spent, the same on every rank
+                used = ddp.all_max((time.perf_counter() - start) / budget, dist, built.device)
+            if budget is not None and used > 1.0:
                 stopped_early = True
                 log(f"time budget of {t.max_minutes} min reached at step {step}")
                 break
