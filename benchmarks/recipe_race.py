@@ -4,8 +4,9 @@ Every recipe is the ``mnist-eps`` preset (the eps-DDPM recipe that ``mnist`` was
 race; ``mnist`` is now its winner, the ``flow`` recipe) with a list of ``--set`` overrides
 (:data:`RECIPES`: the process, eps / v / EDM preconditioning / flow matching; min-SNR-gamma
 weighting; the learning rate and its decay; batch size; width and depth; attention and dropout;
-the EMA half-life; and the throughput levers channels-last, the AdamW kernel and compile). Each is trained with the same seed (same initial
-weights and data order) for ``--minutes`` of wall-clock time, then scored by
+the EMA half-life; and the throughput levers channels-last, the AdamW kernel and compile).
+Each is trained with the same seed (same initial weights and data order) for ``--minutes`` of
+wall-clock time, then scored by
 
 * FDD: the Frechet digit distance of ``--n`` samples to the 10,000 MNIST test images in the
   features of difflab's cached digit classifier (:mod:`difflab.evaluation`), with the run's
@@ -37,7 +38,8 @@ depth, the throughput levers) races on a time budget alone.
     # the recipes of the preset's cost per step, on step budgets (may share the machine):
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --steps 1383 \
         --confirm-steps 4611 --recipes baseline,flow,v,min-snr,edm,lr-4e-3,ema-5k --ref-n 1000
-    # paired timing of the throughput levers (100 steps each, interleaved, 3 repeats):
+    # paired timing of the throughput levers (100 steps each, interleaved, 3 repeats; threads-1
+    # is one intra-op thread against torch's default of one per core):
     python benchmarks/recipe_race.py --data-dir ../shared/data/mnist --time-levers  # --levers a,b
 """
 
@@ -291,7 +293,10 @@ def profile_step(args: argparse.Namespace) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
 
 
-LEVERS = ["channels-last", "adamw-foreach", "adamw-fused", "compile"]
+LEVERS = ["channels-last", "adamw-foreach", "adamw-fused", "compile", "threads-1"]
+# levers that are a thread count, not a config: intra-op threads while that lever's steps run
+# (the others run with torch's default, one per core)
+LEVER_THREADS = {"threads-1": 1}
 
 
 def _mnist_trainer(sets: list[str], args: argparse.Namespace) -> Any:
@@ -317,19 +322,27 @@ def time_levers(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"unknown lever {unknown[0]!r}; choose from: {', '.join(LEVERS)}")
     names = ["baseline", *levers]
-    trainers = {n: _mnist_trainer(RECIPES[n], args)[0] for n in names}
-    for tr in trainers.values():  # warm-up: allocator, oneDNN primitives, optimizer state,
+    trainers = {n: _mnist_trainer(RECIPES.get(n, []), args)[0] for n in names}
+    default_threads = torch.get_num_threads()
+
+    def threads(n: str) -> None:
+        torch.set_num_threads(LEVER_THREADS.get(n, default_threads))
+
+    for n, tr in trainers.items():  # warm-up: allocator, oneDNN primitives, optimizer state,
         # and compilation (the first step of a compiled network compiles it)
+        threads(n)
         for _ in range(5):
             tr.train_step()
     ms: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.lever_repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
+            threads(n)
             t0 = time.perf_counter()
             for _ in range(args.lever_steps):
                 trainers[n].train_step()
             ms[n].append((time.perf_counter() - t0) * 1e3 / args.lever_steps)
+    threads("baseline")
     print("| lever | ms per step (repeats) | time / preset's, per repeat |\n|---|---|---|")
     for n in names:
         ratios = [a / b for a, b in zip(ms[n], ms["baseline"])]
