@@ -305,17 +305,12 @@ def _train_loop(
     bar = training_bar(
         steps=t.steps, initial=trainer.step, budget_s=budget, start=start, disable=not progress
     )
-    used = 0.0  # fraction of the time budget spent, as of the last step
-
-    def spent(step: int) -> float:
-        """The fraction of the budget spent before ``step``: steps or time, whichever is
-        further (the learning-rate decay's clock)."""
-        return max(step / t.steps, used)
-
+    used = 0.0  # fraction of the time budget spent, as of the last step (the same on every rank)
     try:
         stop.deferring = True  # from here a signal is taken at the next step boundary
         while trainer.step < t.steps:
-            trainer.progress = spent(trainer.step)
+            # the learning-rate decay's clock: steps or time, whichever is further
+            trainer.progress = max(trainer.step / t.steps, used)
             window.add(trainer.train_step())
             step = trainer.step
             bar.update(1)
@@ -334,12 +329,12 @@ def _train_loop(
                 _progress_samples(built, trainer, run_dir, step)
             if stop.signum is not None:
                 break
-            if budget is not None:  # the time spent, the same on every rank
+            if budget is not None:
                 used = ddp.all_max((time.perf_counter() - start) / budget, dist, built.device)
-            if budget is not None and used > 1.0:
-                stopped_early = True
-                log(f"time budget of {t.max_minutes} min reached at step {step}")
-                break
+                if used > 1.0:
+                    stopped_early = True
+                    log(f"time budget of {t.max_minutes} min reached at step {step}")
+                    break
         save()  # the model, EMA, optimizer and step of one step boundary
         if snapshots is not None:
             _posthoc_snapshot(snapshots, trainer, run_dir)
