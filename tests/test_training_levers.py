@@ -95,9 +95,27 @@ def test_difflab_ema_refuses_a_run_without_snapshots(tmp_path, capsys, one_threa
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_the_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, one_thread):
+    """`train.compile_mode` is the mode torch.compile gets ("reduce-overhead": CUDA graphs of
+    the compiled calls on a GPU). The compiler is stubbed: what is tested is the plumbing from
+    the config to `nn.Module.compile`, which a dropped argument would break silently (the
+    numerics of a compiled network are `tests/test_speed.py`'s)."""
+    import difflab.inference as inference
+
+    modes = []
+    monkeypatch.setattr(inference, "compile_unavailable", lambda device: None)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw["mode"]))
+    for mode in ("reduce-overhead", "default"):
+        sets = ["train.compile=true", f"train.compile_mode={mode}", "train.steps=2"]
+        assert _train(tmp_path / mode, *sets) == 0
+        assert modes[-1] == mode
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
+        _toy_trainer(compile_mode="fast")  # refused in direct use too, even with compile off
+
+
 @pytest.mark.parametrize("bad", ["train.posthoc_ema=0.05", "train.posthoc_ema=0.05,0.5",
                                  "train.adamw=sgd", "train.posthoc_ema_keep=0",
-                                 "train.lr_decay=step"])  # fmt: skip
+                                 "train.lr_decay=step", "train.compile_mode=fast"])  # fmt: skip
 def test_bad_lever_settings_are_refused_before_the_run_directory_exists(tmp_path, capsys, bad):
     assert _train(tmp_path / "run", bad) == 2
     assert capsys.readouterr().err.count("\n") == 1

@@ -42,8 +42,10 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "COMPILE_MODES",
     "GraphedNetwork",
     "channels_last",
+    "check_compile_mode",
     "compile_network",
     "compile_unavailable",
     "inference_context",
@@ -101,8 +103,24 @@ def is_compiled(model: nn.Module) -> bool:
     return getattr(model, "_compiled_call_impl", None) is not None
 
 
-def compile_network(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """``torch.compile`` the network in place and return it.
+# torch.compile's modes: "reduce-overhead" also records the compiled network's calls in CUDA
+# graphs on a GPU (one launch per call instead of one per kernel, what a small network needs
+# to keep a GPU busy); "max-autotune" searches kernel configurations at compile time.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str) -> None:
+    """A one-line ``ValueError`` unless ``mode`` is one of :data:`COMPILE_MODES`."""
+    if mode not in COMPILE_MODES:
+        choices = ", ".join(COMPILE_MODES)
+        raise ValueError(f"unknown compile mode {mode!r}; choose one of: {choices}")
+
+
+def compile_network(
+    model: nn.Module, device: torch.device | str, mode: str = "default"
+) -> nn.Module:
+    """``torch.compile`` the network in place (with ``mode``, one of :data:`COMPILE_MODES`)
+    and return it.
 
     In place (``nn.Module.compile``), so the parameter names, the state dict and every
     reference to the module (an optimizer, a denoiser wrapper) stay the same; compiling an
@@ -110,11 +128,12 @@ def compile_network(model: nn.Module, device: torch.device | str) -> nn.Module:
     and grad mode compiles (seconds to minutes); later calls run the compiled kernels. A
     ``ValueError`` says why when compilation is unavailable (:func:`compile_unavailable`).
     """
+    check_compile_mode(mode)
     why = compile_unavailable(device)
     if why is not None:
         raise ValueError(f"cannot compile the network: {why}")
     if not is_compiled(model):
-        model.compile()
+        model.compile(mode=mode)
     return model
 
 

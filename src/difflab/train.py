@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difflab.inference import compile_network
+from difflab.inference import check_compile_mode, compile_network
 from difflab.posthoc_ema import PowerEMA
 
 __all__ = [
@@ -163,6 +163,8 @@ class Trainer:
         rank: this process's rank in a distributed run (0 otherwise).
         compile: ``torch.compile`` the model in place (:func:`difflab.inference.compile_network`)
             after its EMA copy is made, so the EMA and the state dicts stay plain modules.
+        compile_mode: its mode, one of :data:`difflab.inference.COMPILE_MODES`
+            ("reduce-overhead": CUDA graphs of the compiled calls on a GPU).
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class Trainer:
         fused_adam: bool = False,
         rank: int = 0,
         compile: bool = False,
+        compile_mode: str = "default",
         adamw: str = "auto",
         channels_last: bool = False,
         posthoc_ema: tuple[float, ...] = (),
@@ -207,6 +210,7 @@ class Trainer:
         self.device = torch.device(device)
         self.extra_state = extra_state or {}
         self.rank = int(rank)
+        check_compile_mode(compile_mode)  # before any work, even when compile is off
         if adamw not in ADAMW_KERNELS:
             raise ValueError(f"unknown AdamW kernel {adamw!r}; choose one of: "
                              f"{', '.join(ADAMW_KERNELS)}")  # fmt: skip
@@ -219,7 +223,7 @@ class Trainer:
         if channels_last:  # after the EMA copies, which stay contiguous
             model.to(memory_format=torch.channels_last)
         if compile:
-            compile_network(model, self.device)
+            compile_network(model, self.device, mode=compile_mode)
         self.step = 0
 
     # ---- one step ---------------------------------------------------------------------------

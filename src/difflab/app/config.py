@@ -119,6 +119,8 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids during training (0 = only at the end)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the network
+    compile_mode: str = "default"  # its torch.compile mode: default | reduce-overhead (CUDA
+    # graphs of the compiled calls on a GPU) | max-autotune | max-autotune-no-cudagraphs
     channels_last: bool = False  # NHWC weights and activations while training (CPU convolutions)
     adamw: str = "auto"  # AdamW kernel: auto (fused on CUDA, for-loop elsewhere) | for-loop |
     # foreach | fused

@@ -19,6 +19,7 @@ from difflab.app.config import DataConfig, DiffusionConfig, ModelConfig, RunConf
 from difflab.app.kinds import KINDS, RunKind, kind_of
 from difflab.data.datasets import dataset
 from difflab.image_to_image import TASKS
+from difflab.inference import COMPILE_MODES
 from difflab.objectives import LOSS_TYPES, TIME_SAMPLINGS, WEIGHTINGS
 from difflab.parameterization import PARAMETERIZATIONS
 from difflab.posthoc_ema import parse_sigma_rels
@@ -91,6 +92,7 @@ def check_config(cfg: RunConfig | CheckedConfig) -> CheckedConfig:
     resolve_device(cfg.train.device)
     check_choice("train.adamw", cfg.train.adamw, tuple(ADAMW_KERNELS))
     check_choice("train.lr_decay", cfg.train.lr_decay, tuple(LR_DECAYS))
+    check_choice("train.compile_mode", cfg.train.compile_mode, COMPILE_MODES)
     if cfg.train.posthoc_ema is not None:
         parse_sigma_rels(cfg.train.posthoc_ema)
     if cfg.data.is_toy and cfg.data.downsample != 1:

@@ -141,6 +141,7 @@ def _make_trainer(built: Built, dist: ddp.DistInfo) -> Trainer:
         fused_adam=built.device.type == "cuda",
         rank=dist.rank,
         compile=t.compile,
+        compile_mode=t.compile_mode,
         adamw=t.adamw,
         channels_last=t.channels_last,
         posthoc_ema=parse_sigma_rels(t.posthoc_ema) if t.posthoc_ema is not None else (),
