@@ -1,4 +1,5 @@
-"""The code base is ruff clean (lint and format)."""
+"""The code base is ruff clean (lint and format), and the GPU-only script stays in step with
+what it calls."""
 
 import re
 import shutil
@@ -38,3 +39,25 @@ def test_python_blocks_of_the_docs_are_ruff_formatted(doc):
         proc = subprocess.run(ruff + ["format", "--diff", "-"], cwd=ROOT, input=code,
                               capture_output=True, text=True)  # fmt: skip
         assert proc.returncode == 0, f"{doc}:\n{proc.stdout}"
+
+
+def test_the_gpu_checks_call_what_exists():
+    """`benchmarks/gpu_checks.sh` runs only on a GPU, which CI never has: it must at least parse,
+    call benchmark scripts that exist with options they define, and set config keys that a
+    run accepts, or it would rot unseen until the day a GPU is lent."""
+    from difflab.app.config import apply_overrides, get_preset
+    from difflab.app.runs import check_config
+
+    script = ROOT / "benchmarks" / "gpu_checks.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text().replace("\\\n", " ")
+    calls = re.findall(r"\$py (benchmarks/\w+\.py)([^\n|]*)", text)
+    assert {c[0] for c in calls} == {"benchmarks/mnist_quality.py",
+                                     "benchmarks/speed_vs_diffusers.py"}  # fmt: skip
+    for path, args in calls:
+        source = (ROOT / path).read_text()
+        for option in re.findall(r"(--[a-z][a-z0-9-]*)", args):
+            assert f'"{option}"' in source, f"{path} has no option {option}"
+        sets = re.findall(r"--set (\S+)", args)
+        check_config(apply_overrides(get_preset("mnist"), sets))
+    assert "tests/test_speed.py -k cuda" in text
