@@ -509,13 +509,14 @@ grid_panels(panels, "13_cascade.png", (11, 2.9))
 # tiny setting augmentation helps, and the sampling level is not critical; Ho 2021 finds a
 # clear optimum at ImageNet scale, and a sweep is how it is found.
 #
-# Full mode (1000 samples at 28 x 28) printed, in the run recorded in BENCHMARKS.md
-# ("Tutorials in full mode"): without augmentation 7.63; with it 7.47, 7.48, 7.50 and 8.06 at
-# s = 0, 50, 100 and 250; bilinear 17.43. Augmentation helps a little up to s = 100, and the
-# largest level is the worst. The training digits scored 10.85 there, *worse* than the
-# samples: that run's reference was MNIST's first 256 test images and its "floor" the first
-# 1000 training images, and MNIST's files are ordered by writer group, so neither was a fair
-# sample. `load_digits` now draws both at random (its docstring gives the sizes).
+# Full mode (1000 samples at 28 x 28, held-out and training digits drawn at random) printed,
+# in the run recorded in BENCHMARKS.md ("Tutorials in full mode: 17 with the fold, and 13"):
+# without augmentation 6.27; with it 5.98, 6.04, 6.10 and 6.73 at s = 0, 50, 100 and 250;
+# bilinear 17.89; 1000 training digits 2.82 (the floor). Augmentation helps a little up to
+# s = 100 (by 0.2 to 0.3, small beside the 2.82 that two sets of real digits score at this
+# n), and the largest level is the worst, as in the first full-mode run (7.63 without, 7.47 to
+# 8.06 with), whose reference and "floor" were MNIST's first images: its files are ordered by
+# writer group, and there the training digits scored 10.85, worse than the samples.
 #
 # For scale at a real budget: BENCHMARKS.md trains a pixel model, a latent model and this
 # cascade (14 x 14 base, 28 x 28 SR stage, $s$ fixed) for the same 10 CPU minutes on MNIST, and
