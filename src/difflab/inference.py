@@ -41,11 +41,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from difflab._util import check_choice
+
 __all__ = [
     "COMPILE_MODES",
     "GraphedNetwork",
     "channels_last",
-    "check_compile_mode",
     "compile_network",
     "compile_unavailable",
     "inference_context",
@@ -109,13 +110,6 @@ def is_compiled(model: nn.Module) -> bool:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def check_compile_mode(mode: str) -> None:
-    """A one-line ``ValueError`` unless ``mode`` is one of :data:`COMPILE_MODES`."""
-    if mode not in COMPILE_MODES:
-        choices = ", ".join(COMPILE_MODES)
-        raise ValueError(f"unknown compile mode {mode!r}; choose one of: {choices}")
-
-
 def compile_network(
     model: nn.Module, device: torch.device | str, mode: str = "default"
 ) -> nn.Module:
@@ -128,7 +122,7 @@ def compile_network(
     and grad mode compiles (seconds to minutes); later calls run the compiled kernels. A
     ``ValueError`` says why when compilation is unavailable (:func:`compile_unavailable`).
     """
-    check_compile_mode(mode)
+    check_choice("compile mode", mode, COMPILE_MODES)
     why = compile_unavailable(device)
     if why is not None:
         raise ValueError(f"cannot compile the network: {why}")

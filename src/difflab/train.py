@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difflab.inference import check_compile_mode, compile_network
+from difflab._util import check_choice
+from difflab.inference import COMPILE_MODES, compile_network
 from difflab.posthoc_ema import PowerEMA
 
 __all__ = [
@@ -199,10 +200,7 @@ class Trainer:
         self.lr = float(lr)
         self.batch_size = int(batch_size)
         self.warmup_steps = int(warmup_steps)
-        if lr_decay not in LR_DECAYS:
-            choices = ", ".join(LR_DECAYS)
-            raise ValueError(f"unknown lr_decay {lr_decay!r}; choose one of: {choices}")
-        self.lr_decay = lr_decay
+        self.lr_decay = check_choice("lr_decay", lr_decay, tuple(LR_DECAYS))
         self.progress = 0.0  # fraction of the run's budget spent (set by the training loop)
         self.grad_clip = grad_clip
         self.bf16 = bool(bf16)
@@ -210,10 +208,8 @@ class Trainer:
         self.device = torch.device(device)
         self.extra_state = extra_state or {}
         self.rank = int(rank)
-        check_compile_mode(compile_mode)  # before any work, even when compile is off
-        if adamw not in ADAMW_KERNELS:
-            raise ValueError(f"unknown AdamW kernel {adamw!r}; choose one of: "
-                             f"{', '.join(ADAMW_KERNELS)}")  # fmt: skip
+        check_choice("compile mode", compile_mode, COMPILE_MODES)  # even when compile is off
+        check_choice("AdamW kernel", adamw, tuple(ADAMW_KERNELS))
         kwargs = {"fused": True} if adamw == "auto" and fused_adam else ADAMW_KERNELS[adamw]
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=self.lr, weight_decay=weight_decay, **kwargs
