@@ -83,8 +83,9 @@ print(f"{N} training images of {source}, {C}x{H}x{W}")
 # An unconditional U-Net with $\epsilon$ prediction on DDPM's linear schedule (tutorial 6),
 # trained briefly with difflab's `Trainer` (EMA weights are used below). In full mode its
 # input is folded 2 x 2 into 4 channels at 14 x 14 (`patch_size=2`, as in the `mnist-cpu`
-# U-Net): each call is then about 4x cheaper, which full mode needs, as its training and
-# edits call the network on some 600,000 images in all. Its samples are scored
+# U-Net): each call then works at a quarter of the pixels, which full mode needs, as it
+# trains on 96,000 images and its sampling and edits call the network on roughly 300,000
+# more (counted from the sections' sizes). Its samples are scored
 # by the same cheap Frechet distance as tutorials 12 and 13: Gaussians fitted to the top 16
 # principal components of the held-out digits (`_common.pca_frechet`; lower is better).
 
