@@ -14,13 +14,18 @@
 # its table to $OUT/BENCHMARKS-gpu.md, to be copied into BENCHMARKS.md with the device named.
 set -euo pipefail
 stage=${1:?usage: gpu_checks.sh tests|train|train-graphs|speed}
+case "$stage" in
+  tests|train|train-graphs|speed) ;;
+  *) echo "gpu_checks.sh: unknown stage '$stage' (tests, train, train-graphs or speed)" >&2
+     exit 2 ;;
+esac
 py=${PYTHON:-python3}
 mnist=${MNIST_DIR:-../shared/data/mnist}
 out=${OUT:-runs/gpu-checks}
-mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 table="$out/BENCHMARKS-gpu.md"
 $py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 
 case "$stage" in
@@ -39,7 +44,4 @@ case "$stage" in
   speed)
     $py benchmarks/speed_vs_diffusers.py --device cuda --batch-size 128 --sample-batch 256 \
       --nfe 50 --steps 20 --bf16 --append "$table" 2>&1 | tee "$out/speed.log" ;;
-  *)
-    echo "gpu_checks.sh: unknown stage '$stage' (tests, train, train-graphs or speed)" >&2
-    exit 2 ;;
 esac
